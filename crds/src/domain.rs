@@ -1,0 +1,117 @@
+//! Pure domain rules shared by the operator and the builder: names, keys, labels, lease maths.
+
+use std::time::Duration;
+
+use jiff::Timestamp;
+
+pub const LABEL_PIPELINE: &str = "blocksmith.io/pipeline";
+pub const LABEL_PARTITION: &str = "blocksmith.io/partition";
+pub const LABEL_PHASE: &str = "blocksmith.io/phase";
+
+/// Width of zero-padded offsets in job names and object keys: every i64 offset fits.
+const OFFSET_WIDTH: usize = 20;
+
+/// Deterministic job name: `<pipeline>-p<partition>-<start:020>`.
+pub fn job_name(pipeline: &str, partition: i32, start_offset: i64) -> String {
+    format!("{pipeline}-p{partition}-{start_offset:0OFFSET_WIDTH$}")
+}
+
+/// Object key of a block's data file, relative to the output URL's prefix.
+pub fn data_key(topic: &str, partition: i32, start: i64, end: i64) -> String {
+    format!("{}.parquet", key_stem(topic, partition, start, end))
+}
+
+/// Object key of a block's manifest: written last, create-only; the commit point.
+pub fn manifest_key(topic: &str, partition: i32, start: i64, end: i64) -> String {
+    format!("{}.json", key_stem(topic, partition, start, end))
+}
+
+fn key_stem(topic: &str, partition: i32, start: i64, end: i64) -> String {
+    format!("{topic}/{partition}/{start:0OFFSET_WIDTH$}-{end:0OFFSET_WIDTH$}")
+}
+
+/// Default consumer group of a pipeline.
+pub fn default_consumer_group(namespace: &str, name: &str) -> String {
+    format!("blocksmith-{namespace}-{name}")
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("invalid duration {0:?}: expected a number followed by ms, s, m or h (e.g. 30s, 5m)")]
+pub struct DurationError(pub String);
+
+/// Parses the `maxAge` duration format (`250ms`, `30s`, `5m`, `1h`).
+pub fn parse_duration(s: &str) -> Result<Duration, DurationError> {
+    let err = || DurationError(s.to_string());
+    let split = s.find(|c: char| !c.is_ascii_digit()).ok_or_else(err)?;
+    let (digits, unit) = s.split_at(split);
+    let n: u64 = digits.parse().map_err(|_| err())?;
+    let secs = match unit {
+        "ms" => return Ok(Duration::from_millis(n)),
+        "s" => n,
+        "m" => n.checked_mul(60).ok_or_else(err)?,
+        "h" => n.checked_mul(3600).ok_or_else(err)?,
+        _ => return Err(err()),
+    };
+    Ok(Duration::from_secs(secs))
+}
+
+/// When a lease renewed at `renew_time` for `duration_seconds` runs out.
+pub fn lease_expiry(renew_time: Timestamp, duration_seconds: i32) -> Timestamp {
+    renew_time + jiff::SignedDuration::from_secs(i64::from(duration_seconds.max(0)))
+}
+
+/// How often a holder renews: a third of the lease, so two renewals can fail before expiry.
+pub fn renew_interval(duration_seconds: i32) -> Duration {
+    Duration::from_millis((duration_seconds.max(1) as u64) * 1000 / 3)
+}
+
+/// Exponential retry backoff before attempt `next_attempt` (2, 3, ...): 5 s, 10 s, 20 s, ...
+/// capped at 5 minutes.
+pub fn retry_backoff(next_attempt: i32) -> Duration {
+    let exp = (next_attempt - 2).clamp(0, 16) as u32;
+    Duration::from_secs(5u64.saturating_mul(1 << exp).min(300))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_sort_by_offset_and_are_valid_dns_labels() {
+        let a = job_name("orders", 3, 120_000);
+        assert_eq!(a, "orders-p3-00000000000000120000");
+        assert!(job_name("orders", 3, 9) < job_name("orders", 3, 10));
+        assert_eq!(job_name("x", 0, i64::MAX).len(), "x-p0-".len() + 20);
+    }
+
+    #[test]
+    fn keys_have_padded_ranges() {
+        assert_eq!(
+            data_key("t", 1, 0, 1000),
+            "t/1/00000000000000000000-00000000000000001000.parquet"
+        );
+        assert_eq!(
+            manifest_key("t", 1, 0, 1000),
+            "t/1/00000000000000000000-00000000000000001000.json"
+        );
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("30s"), Ok(Duration::from_secs(30)));
+        assert_eq!(parse_duration("5m"), Ok(Duration::from_secs(300)));
+        assert_eq!(parse_duration("2h"), Ok(Duration::from_secs(7200)));
+        for bad in ["", "5", "m", "5d", "-5s", "5 m"] {
+            assert!(parse_duration(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn backoff_grows_and_caps() {
+        assert_eq!(retry_backoff(2), Duration::from_secs(5));
+        assert_eq!(retry_backoff(3), Duration::from_secs(10));
+        assert_eq!(retry_backoff(100), Duration::from_secs(300));
+        assert_eq!(renew_interval(30), Duration::from_secs(10));
+    }
+}

@@ -1,0 +1,304 @@
+//! `BlockPipeline`: one Kafka topic turned into blocks in one object-store location.
+
+use k8s_openapi::api::core::v1::{EnvVar, LocalObjectReference, ResourceRequirements, SecretKeySelector};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use kube::CustomResource;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+#[derive(CustomResource, Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[kube(
+    group = "blocksmith.io",
+    version = "v1alpha1",
+    kind = "BlockPipeline",
+    namespaced,
+    shortname = "bp",
+    category = "blocksmith",
+    status = "BlockPipelineStatus",
+    derive = "PartialEq",
+    printcolumn = r#"{"name":"Topic","type":"string","jsonPath":".spec.kafka.topic"}"#,
+    printcolumn = r#"{"name":"Lag","type":"integer","jsonPath":".status.lag"}"#,
+    printcolumn = r#"{"name":"Queue","type":"integer","jsonPath":".status.queueDepth"}"#,
+    printcolumn = r#"{"name":"Running","type":"integer","jsonPath":".status.runningJobs"}"#,
+    printcolumn = r#"{"name":"Failed","type":"integer","jsonPath":".status.failedJobs"}"#,
+    printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+)]
+#[serde(rename_all = "camelCase")]
+pub struct BlockPipelineSpec {
+    pub kafka: KafkaSpec,
+    #[serde(default)]
+    pub jobs: JobsSpec,
+    pub output: OutputSpec,
+    /// When set, the operator manages a builder Deployment and an HPA for this pipeline.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub builders: Option<BuildersSpec>,
+    /// Stop planning new jobs. Jobs already planned still run and are committed.
+    #[serde(default)]
+    pub suspend: bool,
+}
+
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct KafkaSpec {
+    /// Comma-separated `host:port` list.
+    #[schemars(length(min = 1))]
+    pub bootstrap_servers: String,
+    #[schemars(length(min = 1, max = 249), regex(pattern = r"^[a-zA-Z0-9._-]+$"))]
+    pub topic: String,
+    /// Consumer group whose offsets the operator commits. Must belong to this pipeline
+    /// alone: Kafka refuses the operator's commits while the group has active members.
+    /// Default: `blocksmith-<namespace>-<name>`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub consumer_group: Option<String>,
+    /// Partitions to process; default all partitions of the topic.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub partitions: Option<Vec<i32>>,
+    /// Where to start when the group has no committed offset.
+    #[serde(default)]
+    pub start_offset: StartOffset,
+    /// When the committed offset is below the partition's low watermark (retention deleted
+    /// data that was never written to a block), restart at the low watermark instead of
+    /// stopping with `OffsetOutOfRange`. Data in the gap is lost; off by default.
+    #[serde(default)]
+    pub skip_missing_data: bool,
+    #[serde(default)]
+    pub security_protocol: SecurityProtocol,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sasl: Option<SaslSpec>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<TlsSpec>,
+}
+
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum StartOffset {
+    #[default]
+    Earliest,
+    Latest,
+}
+
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum SecurityProtocol {
+    #[default]
+    Plaintext,
+    Ssl,
+    SaslPlaintext,
+    SaslSsl,
+}
+
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SaslSpec {
+    pub mechanism: SaslMechanism,
+    pub username_secret_ref: SecretKeySelector,
+    pub password_secret_ref: SecretKeySelector,
+}
+
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum SaslMechanism {
+    #[serde(rename = "PLAIN")]
+    Plain,
+    #[serde(rename = "SCRAM-SHA-256")]
+    ScramSha256,
+    #[serde(rename = "SCRAM-SHA-512")]
+    ScramSha512,
+}
+
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TlsSpec {
+    /// PEM CA bundle used to verify the brokers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_secret_ref: Option<SecretKeySelector>,
+}
+
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct JobsSpec {
+    /// Cut a job at this many offsets.
+    #[serde(default = "defaults::max_records")]
+    #[schemars(range(min = 1))]
+    pub max_records: i64,
+    /// Cut a shorter tail job once its oldest unplanned offset has waited this long
+    /// (a duration such as `30s`, `5m`, `1h`).
+    #[serde(default = "defaults::max_age")]
+    #[schemars(regex(pattern = r"^[0-9]+(ms|s|m|h)$"))]
+    pub max_age: String,
+    /// Unfinished jobs allowed per partition.
+    #[serde(default = "defaults::max_in_flight")]
+    #[schemars(range(min = 1))]
+    pub max_in_flight_per_partition: i32,
+    /// A builder that has not renewed its lease for this long loses the job.
+    #[serde(default = "defaults::lease_duration")]
+    #[schemars(range(min = 3))]
+    pub lease_duration_seconds: i32,
+    /// Attempts before a job stays `Failed` and the pipeline is `Degraded`.
+    #[serde(default = "defaults::backoff_limit")]
+    #[schemars(range(min = 1))]
+    pub backoff_limit: i32,
+    /// Delete succeeded, committed jobs this long after they finished.
+    #[serde(default = "defaults::ttl_after_succeeded")]
+    #[schemars(range(min = 0))]
+    pub ttl_seconds_after_succeeded: i32,
+    /// Keep at most this many succeeded, committed jobs per pipeline.
+    #[serde(default = "defaults::history_limit")]
+    #[schemars(range(min = 0))]
+    pub successful_jobs_history_limit: i32,
+}
+
+impl Default for JobsSpec {
+    fn default() -> Self {
+        Self {
+            max_records: defaults::max_records(),
+            max_age: defaults::max_age(),
+            max_in_flight_per_partition: defaults::max_in_flight(),
+            lease_duration_seconds: defaults::lease_duration(),
+            backoff_limit: defaults::backoff_limit(),
+            ttl_seconds_after_succeeded: defaults::ttl_after_succeeded(),
+            successful_jobs_history_limit: defaults::history_limit(),
+        }
+    }
+}
+
+mod defaults {
+    pub fn max_records() -> i64 {
+        100_000
+    }
+    pub fn max_age() -> String {
+        "5m".into()
+    }
+    pub fn max_in_flight() -> i32 {
+        4
+    }
+    pub fn lease_duration() -> i32 {
+        30
+    }
+    pub fn backoff_limit() -> i32 {
+        6
+    }
+    pub fn ttl_after_succeeded() -> i32 {
+        3600
+    }
+    pub fn history_limit() -> i32 {
+        100
+    }
+    pub fn min_replicas() -> i32 {
+        1
+    }
+    pub fn max_replicas() -> i32 {
+        10
+    }
+    pub fn target_queue_depth() -> i32 {
+        2
+    }
+}
+
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct OutputSpec {
+    /// Where blocks go: `s3://bucket/prefix`, `gs://bucket/prefix`, `az://container/prefix`
+    /// or `file:///path`.
+    #[schemars(regex(pattern = r"^(s3|gs|az|file)://.+"))]
+    pub url: String,
+    #[serde(default)]
+    pub format: BlockFormat,
+    #[serde(default)]
+    pub compression: Compression,
+    /// zstd level (1-22). Level 1 is markedly faster than the default 3 for ~1.5% more bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 22))]
+    pub compression_level: Option<i32>,
+    /// Maximum rows per Parquet row group (row groups are also cut at 64 MiB).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub row_group_size: Option<i64>,
+    /// Secret whose keys are passed to builders as environment variables
+    /// (`AWS_ACCESS_KEY_ID`, `GOOGLE_SERVICE_ACCOUNT`, `AZURE_STORAGE_ACCOUNT_KEY`, ...).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credentials_secret_ref: Option<LocalObjectReference>,
+}
+
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum BlockFormat {
+    #[default]
+    Parquet,
+}
+
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum Compression {
+    #[default]
+    Zstd,
+    Snappy,
+    None,
+}
+
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct BuildersSpec {
+    #[schemars(length(min = 1))]
+    pub image: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<ResourceRequirements>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub env: Vec<EnvVar>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service_account_name: Option<String>,
+    #[serde(default = "defaults::min_replicas")]
+    #[schemars(range(min = 0))]
+    pub min_replicas: i32,
+    #[serde(default = "defaults::max_replicas")]
+    #[schemars(range(min = 1))]
+    pub max_replicas: i32,
+    /// The HPA aims for this many claimable jobs per builder.
+    #[serde(default = "defaults::target_queue_depth")]
+    #[schemars(range(min = 1))]
+    pub target_queue_depth_per_builder: i32,
+}
+
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct BlockPipelineStatus {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    #[serde(default)]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
+    pub conditions: Vec<Condition>,
+    #[serde(default)]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["partition"]))]
+    pub partitions: Vec<PartitionStatus>,
+    /// Total lag over the pipeline's partitions (high watermark − committed offset).
+    #[serde(default)]
+    pub lag: i64,
+    /// Claimable jobs: pending and past their backoff.
+    #[serde(default)]
+    pub queue_depth: i64,
+    #[serde(default)]
+    pub running_jobs: i64,
+    /// Jobs that exhausted their retries; each one holds back its partition's commit.
+    #[serde(default)]
+    pub failed_jobs: i64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_commit_time: Option<Time>,
+}
+
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PartitionStatus {
+    pub partition: i32,
+    /// Kafka's convention: the next offset to read.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub committed_offset: Option<i64>,
+    /// End of the last planned job.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub planned_offset: Option<i64>,
+    pub high_watermark: i64,
+    pub lag: i64,
+    /// When the current unplanned tail (shorter than `maxRecords`) was first seen; a tail
+    /// job is cut once it is older than `maxAge`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tail_since: Option<Time>,
+}
