@@ -1,1 +1,116 @@
-fn main(){}
+use std::path::PathBuf;
+use std::time::Duration;
+
+use blocksmith_builder::lease::LeaseClient;
+use blocksmith_builder::metrics::{self, Metrics};
+use blocksmith_builder::reader::ReaderConfig;
+use blocksmith_builder::runner::BuildSettings;
+use blocksmith_builder::worker::Worker;
+use clap::Parser;
+use tokio_util::sync::CancellationToken;
+use tracing::info;
+
+/// blocksmith builder: claims BlockJobs, reads exactly their Kafka offset range, and writes
+/// one Parquet block (data, then a create-only manifest) per job to object storage.
+///
+/// Object-store credentials come from the usual environment variables (AWS_ACCESS_KEY_ID,
+/// AWS_SECRET_ACCESS_KEY, AWS_REGION, AWS_ENDPOINT, AWS_ALLOW_HTTP; GOOGLE_SERVICE_ACCOUNT;
+/// AZURE_STORAGE_ACCOUNT_NAME, AZURE_STORAGE_ACCOUNT_KEY, ...). The Kubernetes API is reached
+/// in-cluster or through KUBECONFIG.
+#[derive(Parser, Debug)]
+#[command(version)]
+struct Args {
+    /// Namespace whose BlockJobs this builder serves.
+    #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
+    namespace: String,
+    /// Serve only this pipeline's jobs (default: every pipeline in the namespace).
+    #[arg(long, env = "BLOCKSMITH_PIPELINE")]
+    pipeline: Option<String>,
+    /// Unique identity: the lease holder and field manager (default: host-pid-random).
+    #[arg(long, env = "BLOCKSMITH_BUILDER_ID")]
+    identity: Option<String>,
+    /// Serve /metrics, /healthz and /readyz here.
+    #[arg(long, env = "BLOCKSMITH_METRICS_ADDR", default_value = "0.0.0.0:8081")]
+    metrics_addr: std::net::SocketAddr,
+    /// Extra librdkafka properties, `key=value` (security.protocol, sasl.username, ...).
+    #[arg(
+        long = "kafka-property",
+        env = "BLOCKSMITH_KAFKA_PROPERTIES",
+        value_delimiter = ','
+    )]
+    kafka_properties: Vec<String>,
+    /// Fail the read when Kafka delivers nothing for this many seconds.
+    #[arg(long, env = "BLOCKSMITH_KAFKA_IDLE_TIMEOUT", default_value_t = 60)]
+    kafka_idle_timeout: u64,
+    /// Scratch directory for blocks being written.
+    #[arg(
+        long,
+        env = "BLOCKSMITH_WORK_DIR",
+        default_value = "/tmp/blocksmith-builder"
+    )]
+    work_dir: PathBuf,
+    /// On SIGTERM, how long the current job may still run before it is released.
+    #[arg(long, env = "BLOCKSMITH_GRACE_PERIOD", default_value_t = 25)]
+    grace_period: u64,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    blocksmith_builder::telemetry::init();
+    let args = Args::parse();
+    let client = kube::Client::try_default().await?;
+    let metrics = Metrics::default();
+    tokio::spawn(metrics::serve(args.metrics_addr, metrics.clone()));
+
+    let identity = args.identity.unwrap_or_else(|| {
+        let host = std::fs::read_to_string("/etc/hostname").unwrap_or_default();
+        format!(
+            "builder-{}-{}-{:04x}",
+            host.trim(),
+            std::process::id(),
+            rand_suffix()
+        )
+    });
+    let mut reader = ReaderConfig::new(String::new());
+    reader.idle_timeout = Duration::from_secs(args.kafka_idle_timeout);
+    for kv in &args.kafka_properties {
+        let (k, v) = kv
+            .split_once('=')
+            .ok_or_else(|| anyhow::anyhow!("--kafka-property {kv:?}: expected key=value"))?;
+        reader.extra.push((k.trim().into(), v.trim().into()));
+    }
+    let shutdown = CancellationToken::new();
+    let on_signal = shutdown.clone();
+    tokio::spawn(async move {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("SIGTERM handler");
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+        info!("shutdown requested: no new claims");
+        on_signal.cancel();
+    });
+    Worker {
+        client,
+        lease: LeaseClient::new(&identity),
+        namespace: args.namespace,
+        pipeline: args.pipeline,
+        settings: BuildSettings {
+            reader,
+            work_dir: args.work_dir,
+        },
+        metrics,
+        shutdown,
+        grace: Duration::from_secs(args.grace_period),
+    }
+    .run()
+    .await
+}
+
+fn rand_suffix() -> u16 {
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    (t.subsec_nanos() ^ std::process::id()) as u16
+}

@@ -8,7 +8,9 @@ use serde::{Deserialize, Serialize};
 use crate::pipeline::{BlockFormat, Compression};
 
 /// The job's identity is its start; its end is fixed at creation and never re-planned.
-/// The whole spec is immutable (CEL rule; the operator also never rewrites it).
+/// The whole spec is immutable: the operator never rewrites it and builders may only write
+/// status. (No CEL rule: 1.20-era API servers reject `x-kubernetes-validations` in
+/// server-side apply, and kubectl's client-side validation rejects it too.)
 #[derive(CustomResource, Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
 #[kube(
     group = "blocksmith.io",
@@ -27,7 +29,6 @@ use crate::pipeline::{BlockFormat, Compression};
     printcolumn = r#"{"name":"Attempt","type":"integer","jsonPath":".status.attempt"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
-#[schemars(extend("x-kubernetes-validations" = [{"rule": "self == oldSelf", "message": "BlockJob spec is immutable"}]))]
 #[serde(rename_all = "camelCase")]
 pub struct BlockJobSpec {
     pub pipeline: String,
@@ -41,6 +42,9 @@ pub struct BlockJobSpec {
     #[schemars(range(min = 1))]
     pub end_offset: i64,
     pub bootstrap_servers: String,
+    /// Copied from the pipeline: how long a builder's lease lasts without renewal.
+    #[schemars(range(min = 3))]
+    pub lease_duration_seconds: i32,
     /// Output settings copied from the pipeline when the job was planned, so a retry can
     /// never write different bytes under the same key.
     pub output: JobOutputSpec,
@@ -88,8 +92,8 @@ impl std::fmt::Display for JobPhase {
 #[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct BlockJobStatus {
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub phase: Option<JobPhase>,
+    #[serde(default)]
+    pub phase: JobPhase,
     /// 1-based attempt number.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub attempt: Option<i32>,
@@ -134,7 +138,7 @@ pub struct JobOutput {
 
 impl BlockJobStatus {
     pub fn phase(&self) -> JobPhase {
-        self.phase.unwrap_or_default()
+        self.phase
     }
     pub fn attempt(&self) -> i32 {
         self.attempt.unwrap_or(1)

@@ -5,7 +5,9 @@ pub mod domain;
 pub mod job;
 pub mod pipeline;
 
-pub use job::{BlockJob, BlockJobSpec, BlockJobStatus, JobLease, JobOutput, JobOutputSpec, JobPhase};
+pub use job::{
+    BlockJob, BlockJobSpec, BlockJobStatus, JobLease, JobOutput, JobOutputSpec, JobPhase,
+};
 pub use pipeline::{BlockPipeline, BlockPipelineSpec, BlockPipelineStatus, PartitionStatus};
 
 use kube::CustomResourceExt;

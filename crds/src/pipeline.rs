@@ -1,6 +1,8 @@
 //! `BlockPipeline`: one Kafka topic turned into blocks in one object-store location.
 
-use k8s_openapi::api::core::v1::{EnvVar, LocalObjectReference, ResourceRequirements, SecretKeySelector};
+use k8s_openapi::api::core::v1::{
+    EnvVar, LocalObjectReference, ResourceRequirements, SecretKeySelector,
+};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::CustomResource;
 use schemars::JsonSchema;

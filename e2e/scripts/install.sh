@@ -15,7 +15,7 @@ SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
 
 apt_packages() {
   local missing=()
-  for p in etcd-server golang-1.15-go rsync cmake openssl iproute2 python3-venv; do
+  for p in etcd-server golang-1.15-go rsync cmake openssl iproute2 python3-venv curl libcurl4-openssl-dev libssl-dev pkg-config gettext-base; do
     dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
   done
   [ ${#missing[@]} -eq 0 ] && return 0

@@ -1,1 +1,133 @@
-fn main(){}
+use std::sync::Arc;
+use std::time::Duration;
+
+use blocksmith_crds::domain::LABEL_PIPELINE;
+use blocksmith_crds::{BlockJob, BlockPipeline};
+use blocksmith_operator::leader::LeaderElector;
+use blocksmith_operator::metrics::{self, Metrics};
+use blocksmith_operator::reconcile::{Context, error_policy, reconcile};
+use clap::Parser;
+use futures::StreamExt;
+use kube::Api;
+use kube::runtime::{Controller, controller, watcher};
+use tracing::{error, info, warn};
+
+/// blocksmith operator: turns BlockPipelines into BlockJobs and commits Kafka offsets once
+/// their blocks are durable.
+#[derive(Parser, Debug)]
+#[command(version)]
+struct Args {
+    /// Serve /metrics, /healthz and /readyz here.
+    #[arg(long, env = "BLOCKSMITH_METRICS_ADDR", default_value = "0.0.0.0:8080")]
+    metrics_addr: std::net::SocketAddr,
+    /// Watch only this namespace (default: all namespaces).
+    #[arg(long, env = "BLOCKSMITH_WATCH_NAMESPACE")]
+    namespace: Option<String>,
+    /// Seconds between lag polls of an otherwise quiet pipeline.
+    #[arg(long, env = "BLOCKSMITH_POLL_INTERVAL", default_value_t = 10.0)]
+    poll_interval: f64,
+    /// Timeout of each Kafka request, in seconds.
+    #[arg(long, env = "BLOCKSMITH_KAFKA_TIMEOUT", default_value_t = 10.0)]
+    kafka_timeout: f64,
+    /// Quiet period before a reconcile runs after a change, in milliseconds, so bursts of
+    /// job status updates cause one reconcile.
+    #[arg(long, env = "BLOCKSMITH_DEBOUNCE_MS", default_value_t = 500)]
+    debounce_ms: u64,
+    /// Disable leader election (only ever run one replica then).
+    #[arg(long, env = "BLOCKSMITH_NO_LEADER_ELECTION")]
+    no_leader_election: bool,
+    /// Namespace of the leader-election Lease.
+    #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
+    lease_namespace: String,
+    #[arg(
+        long,
+        env = "BLOCKSMITH_LEASE_NAME",
+        default_value = "blocksmith-operator"
+    )]
+    lease_name: String,
+    /// Leader lease duration in seconds.
+    #[arg(long, env = "BLOCKSMITH_LEASE_DURATION", default_value_t = 15)]
+    lease_duration: u64,
+    /// This replica's identity in the Lease (default: $POD_NAME, else host-pid).
+    #[arg(long, env = "POD_NAME")]
+    identity: Option<String>,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    blocksmith_operator::telemetry::init();
+    let args = Args::parse();
+    let client = kube::Client::try_default().await?;
+    let metrics = Metrics::default();
+    tokio::spawn(metrics::serve(args.metrics_addr, metrics.clone()));
+
+    let identity = args.identity.clone().unwrap_or_else(|| {
+        let host = std::fs::read_to_string("/etc/hostname").unwrap_or_default();
+        format!("{}-{}", host.trim(), std::process::id())
+    });
+    let elector = (!args.no_leader_election).then(|| {
+        LeaderElector::new(
+            client.clone(),
+            &args.lease_namespace,
+            &args.lease_name,
+            &identity,
+            Duration::from_secs(args.lease_duration),
+        )
+    });
+    metrics.set_ready();
+    if let Some(e) = &elector {
+        info!(identity = %e.identity(), "waiting for leadership");
+        tokio::select! {
+            _ = e.acquire() => {}
+            _ = shutdown_signal() => return Ok(()),
+        }
+    }
+
+    let (pipelines, jobs) = match &args.namespace {
+        Some(ns) => (
+            Api::<BlockPipeline>::namespaced(client.clone(), ns),
+            Api::<BlockJob>::namespaced(client.clone(), ns),
+        ),
+        None => (Api::all(client.clone()), Api::all(client.clone())),
+    };
+    let ctx = Arc::new(Context::new(
+        client.clone(),
+        metrics.clone(),
+        Duration::from_secs_f64(args.poll_interval),
+        Duration::from_secs_f64(args.kafka_timeout),
+    ));
+    let controller = Controller::new(pipelines, watcher::Config::default())
+        .owns(jobs, watcher::Config::default().labels(LABEL_PIPELINE))
+        .with_config(
+            controller::Config::default().debounce(Duration::from_millis(args.debounce_ms)),
+        )
+        .shutdown_on_signal()
+        .run(reconcile, error_policy, ctx)
+        .for_each(|res| async move {
+            if let Err(e) = res {
+                warn!(error = %e, "reconcile");
+            }
+        });
+    info!("controller started");
+    match &elector {
+        Some(e) => tokio::select! {
+            _ = controller => info!("controller stopped"),
+            _ = e.hold() => {
+                // Stop writing at once: exit rather than risk a second acting replica.
+                error!("lost leadership; exiting");
+                std::process::exit(1);
+            }
+        },
+        None => controller.await,
+    }
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("SIGTERM handler");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}

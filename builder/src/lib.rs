@@ -1,0 +1,17 @@
+//! blocksmith's builder: claims BlockJobs, reads exactly their offset range from Kafka, and
+//! writes one immutable Parquet block (data, then manifest) to object storage.
+//!
+//! Pure-ish pieces: [`block`] (Parquet writer), [`manifest`]. I/O: [`reader`] (Kafka range),
+//! [`store`] (object storage), [`lease`] (claim/renew/report), [`runner`] (one block),
+//! [`worker`] (the claim loop).
+
+pub mod block;
+pub mod lease;
+pub mod manifest;
+pub mod metrics;
+pub mod reader;
+pub mod record;
+pub mod runner;
+pub mod store;
+pub mod telemetry;
+pub mod worker;

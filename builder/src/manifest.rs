@@ -1,0 +1,141 @@
+//! The block manifest: written last, create-only, it is a block's commit point.
+
+use blocksmith_crds::BlockJobSpec;
+use blocksmith_crds::pipeline::{BlockFormat, Compression};
+use serde::{Deserialize, Serialize};
+
+use crate::block::BlockStats;
+
+pub const SCHEMA_VERSION: u32 = 1;
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct Manifest {
+    pub pipeline: String,
+    pub topic: String,
+    pub partition: i32,
+    /// The job's half-open range `[startOffset, endOffset)`; records may not fill it.
+    pub start_offset: i64,
+    pub end_offset: i64,
+    pub records: i64,
+    pub first_offset: Option<i64>,
+    pub last_offset: Option<i64>,
+    /// Milliseconds since the Unix epoch.
+    pub min_timestamp: Option<i64>,
+    pub max_timestamp: Option<i64>,
+    /// Size and lowercase-hex sha256 of the data object.
+    pub bytes: u64,
+    pub sha256: String,
+    pub format: String,
+    pub compression: String,
+    pub schema_version: u32,
+}
+
+impl Manifest {
+    pub fn new(job: &BlockJobSpec, stats: &BlockStats) -> Self {
+        let format = match job.output.format {
+            BlockFormat::Parquet => "parquet",
+        };
+        let compression = match job.output.compression {
+            Compression::Zstd => "zstd",
+            Compression::Snappy => "snappy",
+            Compression::None => "none",
+        };
+        Self {
+            pipeline: job.pipeline.clone(),
+            topic: job.topic.clone(),
+            partition: job.partition,
+            start_offset: job.start_offset,
+            end_offset: job.end_offset,
+            records: stats.records,
+            first_offset: stats.first_offset,
+            last_offset: stats.last_offset,
+            min_timestamp: stats.min_timestamp_ms,
+            max_timestamp: stats.max_timestamp_ms,
+            bytes: stats.bytes,
+            sha256: stats.sha256.clone(),
+            format: format.to_owned(),
+            compression: compression.to_owned(),
+            schema_version: SCHEMA_VERSION,
+        }
+    }
+
+    /// Pretty JSON with a trailing newline; field order is fixed, so equal manifests give
+    /// equal bytes.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let mut out =
+            serde_json::to_vec_pretty(self).expect("a manifest always serializes to JSON");
+        out.push(b'\n');
+        out
+    }
+
+    pub fn from_bytes(bytes: &[u8]) -> Result<Self, serde_json::Error> {
+        serde_json::from_slice(bytes)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use blocksmith_crds::JobOutputSpec;
+
+    fn job() -> BlockJobSpec {
+        BlockJobSpec {
+            pipeline: "orders".into(),
+            topic: "orders.v1".into(),
+            partition: 3,
+            start_offset: 120_000,
+            end_offset: 130_000,
+            bootstrap_servers: "kafka:9092".into(),
+            lease_duration_seconds: 30,
+            output: JobOutputSpec {
+                url: "s3://bucket/prefix".into(),
+                format: BlockFormat::Parquet,
+                compression: Compression::Zstd,
+                compression_level: Some(1),
+                row_group_size: None,
+            },
+        }
+    }
+
+    fn stats() -> BlockStats {
+        BlockStats {
+            records: 9_998,
+            first_offset: Some(120_000),
+            last_offset: Some(129_999),
+            min_timestamp_ms: Some(1_700_000_000_000),
+            max_timestamp_ms: None,
+            bytes: 4_242,
+            sha256: "ab".repeat(32),
+        }
+    }
+
+    #[test]
+    fn manifest_json_is_stable_and_round_trips() {
+        let m = Manifest::new(&job(), &stats());
+        let bytes = m.to_bytes();
+        let text = std::str::from_utf8(&bytes).unwrap();
+        assert!(text.ends_with("}\n"));
+        assert!(text.starts_with("{\n  \"pipeline\": \"orders\",\n  \"topic\": \"orders.v1\""));
+        for field in [
+            "\"startOffset\": 120000",
+            "\"endOffset\": 130000",
+            "\"firstOffset\": 120000",
+            "\"minTimestamp\": 1700000000000",
+            "\"maxTimestamp\": null",
+            "\"format\": \"parquet\"",
+            "\"compression\": \"zstd\"",
+            "\"schemaVersion\": 1",
+        ] {
+            assert!(text.contains(field), "{field} missing from {text}");
+        }
+        assert_eq!(Manifest::from_bytes(&bytes).unwrap(), m);
+        assert_eq!(Manifest::new(&job(), &stats()).to_bytes(), bytes);
+    }
+
+    #[test]
+    fn manifest_rejects_garbage() {
+        assert!(Manifest::from_bytes(b"{\"pipeline\": \"x\"}").is_err());
+        assert!(Manifest::from_bytes(b"not json").is_err());
+    }
+}

@@ -1,0 +1,725 @@
+//! Reads exactly one offset range `[start, end)` of one Kafka partition. Blocking: run it on a
+//! blocking thread.
+
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{BorrowedMessage, Headers, Message};
+use rdkafka::{ClientConfig, ClientContext, Offset, TopicPartitionList};
+
+use crate::record::Record;
+
+/// Bound for single metadata and watermark requests.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Clone, Debug)]
+pub struct ReaderConfig {
+    pub bootstrap_servers: String,
+    /// Extra librdkafka client properties (`security.protocol`, `sasl.*`, `isolation.level`,
+    /// ...). They cannot override the settings that make the read exact (no group, no commit,
+    /// no offset reset).
+    pub extra: Vec<(String, String)>,
+    /// Longest single wait for the next record; also how often `cancel` is checked.
+    pub poll_timeout: Duration,
+    /// Give up when the position has not advanced for this long.
+    pub idle_timeout: Duration,
+}
+
+impl ReaderConfig {
+    pub fn new(bootstrap_servers: impl Into<String>) -> Self {
+        ReaderConfig {
+            bootstrap_servers: bootstrap_servers.into(),
+            extra: Vec::new(),
+            poll_timeout: Duration::from_millis(500),
+            idle_timeout: Duration::from_secs(60),
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ReadStats {
+    pub records: u64,
+    /// Bytes of keys, values and headers delivered.
+    pub bytes: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReadError {
+    #[error("invalid offset range [{start}, {end})")]
+    InvalidRange { start: i64, end: i64 },
+
+    #[error("cannot set up the Kafka consumer: {0}")]
+    Client(#[source] Box<KafkaError>),
+
+    #[error(
+        "{topic}[{partition}]: start offset {start} is no longer available (log start \
+         {}, log end {}); the records were deleted by retention or the range lies outside the log",
+        show(*low), show(*high)
+    )]
+    StartUnavailable {
+        topic: String,
+        partition: i32,
+        start: i64,
+        low: Option<i64>,
+        high: Option<i64>,
+    },
+
+    #[error("cannot reach Kafka at {bootstrap}: {source}{}", suffix(last_error))]
+    Unreachable {
+        bootstrap: String,
+        #[source]
+        source: Box<KafkaError>,
+        last_error: Option<String>,
+    },
+
+    #[error("{topic}[{partition}]: topic or partition does not exist")]
+    TopicNotFound { topic: String, partition: i32 },
+
+    #[error("{topic}[{partition}]: {source}; check the Kafka credentials and ACLs")]
+    NotAuthorized {
+        topic: String,
+        partition: i32,
+        #[source]
+        source: Box<KafkaError>,
+    },
+
+    #[error("{topic}[{partition}]: {source}")]
+    Kafka {
+        topic: String,
+        partition: i32,
+        #[source]
+        source: Box<KafkaError>,
+    },
+
+    #[error(
+        "{topic}[{partition}]: no progress for {idle:?} at offset {position} while reading up to \
+         {end}{}",
+        suffix(last_error)
+    )]
+    Stalled {
+        topic: String,
+        partition: i32,
+        position: i64,
+        end: i64,
+        idle: Duration,
+        last_error: Option<String>,
+    },
+
+    #[error("{topic}[{partition}]: read cancelled at offset {position}")]
+    Cancelled {
+        topic: String,
+        partition: i32,
+        position: i64,
+    },
+}
+
+fn suffix(last_error: &Option<String>) -> String {
+    last_error
+        .as_ref()
+        .map(|e| format!(" (last Kafka error: {e})"))
+        .unwrap_or_default()
+}
+
+fn show(offset: Option<i64>) -> String {
+    offset.map_or_else(|| "unknown".to_owned(), |o| o.to_string())
+}
+
+/// Reads `[start, end)` of `topic`/`partition`, handing each record to `on_record` in offset
+/// order. Offsets may be missing inside the range (compaction, transaction markers); the read
+/// ends when the position reaches `end`, never by counting. An error from `on_record` stops the
+/// read and is returned as is; the reader's own errors are converted with `E::from`.
+pub fn read_range<E: From<ReadError>>(
+    cfg: &ReaderConfig,
+    topic: &str,
+    partition: i32,
+    start: i64,
+    end: i64,
+    cancel: &AtomicBool,
+    mut on_record: impl FnMut(Record) -> Result<(), E>,
+) -> Result<ReadStats, E> {
+    if start < 0 || end < start {
+        return Err(ReadError::InvalidRange { start, end }.into());
+    }
+    let mut stats = ReadStats::default();
+    if start == end {
+        return Ok(stats);
+    }
+    let at = |position| Partition {
+        topic,
+        partition,
+        position,
+    };
+
+    let consumer = consumer(cfg)?;
+    // An assignment to a missing partition would just wait; ask once so it fails clearly.
+    check_partition(&consumer, cfg, topic, partition)?;
+    let mut assignment = TopicPartitionList::new();
+    assignment
+        .add_partition_offset(topic, partition, Offset::Offset(start))
+        .and_then(|()| consumer.assign(&assignment))
+        .map_err(|e| ReadError::Client(Box::new(e)))?;
+
+    // The offset after the last record (or transaction marker) consumed.
+    let mut next = start;
+    let mut last_progress = Instant::now();
+    while next < end {
+        if cancel.load(Ordering::Relaxed) {
+            return Err(at(next).cancelled().into());
+        }
+        match consumer.poll(cfg.poll_timeout) {
+            None => {}
+            Some(Ok(msg)) => {
+                let offset = msg.offset();
+                if offset >= end {
+                    break;
+                }
+                // Never hand the same offset over twice, whatever the client does.
+                if offset >= next {
+                    let record = to_record(&msg);
+                    drop(msg);
+                    stats.records += 1;
+                    stats.bytes += record_bytes(&record);
+                    on_record(record)?;
+                    next = offset + 1;
+                    last_progress = Instant::now();
+                }
+            }
+            Some(Err(KafkaError::PartitionEOF(_))) => {
+                // Markers and aborted records at the tail advance the position without
+                // delivering anything.
+                next = next.max(position(&consumer, topic, partition).unwrap_or(next));
+                if next >= end {
+                    break;
+                }
+                // EOF means everything below the log end the fetch saw has been delivered, so if
+                // that end is at or past `end`, the rest of the range holds nothing to read. The
+                // log end is queried with the consumer's isolation level (the last stable offset
+                // under read_committed). This relies on jobs being planned below the log end as
+                // seen with that isolation level: then the answer cannot run ahead of records
+                // still in flight inside the range.
+                match consumer.fetch_watermarks(topic, partition, REQUEST_TIMEOUT) {
+                    Ok((_, high)) if high >= end => break,
+                    Ok(_) => {}
+                    Err(err) => consumer.context().note(&err, "querying watermarks"),
+                }
+            }
+            Some(Err(err)) => {
+                if let Some(err) = at(next).classify(&consumer, start, err) {
+                    return Err(err.into());
+                }
+            }
+        }
+        if let Some(source) = consumer.context().fatal.lock().unwrap().take() {
+            return Err(at(next).kafka(source).into());
+        }
+        if last_progress.elapsed() >= cfg.idle_timeout {
+            let last_error = consumer.context().last_error.lock().unwrap().take();
+            return Err(at(next).stalled(end, cfg.idle_timeout, last_error).into());
+        }
+    }
+    Ok(stats)
+}
+
+fn consumer(cfg: &ReaderConfig) -> Result<BaseConsumer<ReaderContext>, ReadError> {
+    let mut config = ClientConfig::new();
+    // librdkafka refuses `assign` without a group id even though no group is joined; `extra`
+    // may name one that the Kafka ACLs allow.
+    config
+        .set("client.id", "blocksmith-builder")
+        .set("group.id", "blocksmith-builder");
+    for (key, value) in &cfg.extra {
+        config.set(key, value);
+    }
+    config
+        .set("bootstrap.servers", &cfg.bootstrap_servers)
+        .remove("group.instance.id")
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("auto.offset.reset", "error")
+        .set("enable.partition.eof", "true");
+    config
+        .create_with_context(ReaderContext::default())
+        .map_err(|e| ReadError::Client(Box::new(e)))
+}
+
+fn check_partition(
+    consumer: &BaseConsumer<ReaderContext>,
+    cfg: &ReaderConfig,
+    topic: &str,
+    partition: i32,
+) -> Result<(), ReadError> {
+    let metadata = consumer
+        .fetch_metadata(Some(topic), REQUEST_TIMEOUT.min(cfg.idle_timeout))
+        .map_err(|source| {
+            // Client errors (refused connections, TLS or SASL failures) are delivered by `poll`.
+            let _ = consumer.poll(Duration::from_millis(100));
+            ReadError::Unreachable {
+                bootstrap: cfg.bootstrap_servers.clone(),
+                source: Box::new(source),
+                last_error: consumer.context().last_error.lock().unwrap().take(),
+            }
+        })?;
+    let not_found = || ReadError::TopicNotFound {
+        topic: topic.to_owned(),
+        partition,
+    };
+    let found = metadata
+        .topics()
+        .iter()
+        .find(|t| t.name() == topic)
+        .ok_or_else(not_found)?;
+    match found.error().map(RDKafkaErrorCode::from) {
+        None => {}
+        Some(RDKafkaErrorCode::UnknownTopicOrPartition) => return Err(not_found()),
+        Some(code) => {
+            let source = KafkaError::MetadataFetch(code);
+            return Err(Partition {
+                topic,
+                partition,
+                position: 0,
+            }
+            .kafka(source));
+        }
+    }
+    if found.partitions().iter().any(|p| p.id() == partition) {
+        Ok(())
+    } else {
+        Err(not_found())
+    }
+}
+
+/// Collects the client's global errors (broker connection trouble, authentication failures),
+/// which never come back from `poll`, so a stalled or refused read can say why.
+#[derive(Default)]
+struct ReaderContext {
+    last_error: Mutex<Option<String>>,
+    fatal: Mutex<Option<KafkaError>>,
+}
+
+impl ReaderContext {
+    fn note(&self, error: &KafkaError, reason: &str) {
+        tracing::warn!(%error, reason, "Kafka client error");
+        *self.last_error.lock().unwrap() = Some(format!("{error}: {reason}"));
+    }
+}
+
+impl ClientContext for ReaderContext {
+    fn error(&self, error: KafkaError, reason: &str) {
+        self.note(&error, reason);
+        if is_auth_error(&error) || matches!(error, KafkaError::MessageConsumptionFatal(_)) {
+            *self.fatal.lock().unwrap() = Some(error);
+        }
+    }
+}
+
+impl ConsumerContext for ReaderContext {}
+
+fn is_auth_error(err: &KafkaError) -> bool {
+    matches!(
+        err.rdkafka_error_code(),
+        Some(
+            RDKafkaErrorCode::Authentication
+                | RDKafkaErrorCode::SaslAuthenticationFailed
+                | RDKafkaErrorCode::TopicAuthorizationFailed
+                | RDKafkaErrorCode::ClusterAuthorizationFailed
+        )
+    )
+}
+
+/// Where a read stands, for error reports.
+struct Partition<'a> {
+    topic: &'a str,
+    partition: i32,
+    position: i64,
+}
+
+impl Partition<'_> {
+    /// Turns a consumer error into the read's failure, or `None` for the informational errors
+    /// librdkafka recovers from by itself (those are only noted for a later stall report).
+    fn classify(
+        &self,
+        consumer: &BaseConsumer<ReaderContext>,
+        start: i64,
+        err: KafkaError,
+    ) -> Option<ReadError> {
+        let (topic, partition) = (self.topic.to_owned(), self.partition);
+        Some(match err.rdkafka_error_code() {
+            // With auto.offset.reset=error an unavailable offset surfaces as a failed reset.
+            Some(RDKafkaErrorCode::AutoOffsetReset | RDKafkaErrorCode::OffsetOutOfRange) => {
+                let watermarks = consumer
+                    .fetch_watermarks(self.topic, self.partition, REQUEST_TIMEOUT)
+                    .ok();
+                ReadError::StartUnavailable {
+                    topic,
+                    partition,
+                    start,
+                    low: watermarks.map(|w| w.0),
+                    high: watermarks.map(|w| w.1),
+                }
+            }
+            Some(
+                RDKafkaErrorCode::UnknownTopicOrPartition
+                | RDKafkaErrorCode::UnknownTopic
+                | RDKafkaErrorCode::UnknownPartition,
+            ) => ReadError::TopicNotFound { topic, partition },
+            _ if is_auth_error(&err) || matches!(err, KafkaError::MessageConsumptionFatal(_)) => {
+                self.kafka(err)
+            }
+            _ => {
+                consumer.context().note(&err, "consuming");
+                return None;
+            }
+        })
+    }
+
+    fn kafka(&self, err: KafkaError) -> ReadError {
+        let (topic, partition) = (self.topic.to_owned(), self.partition);
+        let source = Box::new(err);
+        if is_auth_error(&source) {
+            ReadError::NotAuthorized {
+                topic,
+                partition,
+                source,
+            }
+        } else {
+            ReadError::Kafka {
+                topic,
+                partition,
+                source,
+            }
+        }
+    }
+
+    fn stalled(&self, end: i64, idle: Duration, last_error: Option<String>) -> ReadError {
+        ReadError::Stalled {
+            topic: self.topic.to_owned(),
+            partition: self.partition,
+            position: self.position,
+            end,
+            idle,
+            last_error,
+        }
+    }
+
+    fn cancelled(&self) -> ReadError {
+        ReadError::Cancelled {
+            topic: self.topic.to_owned(),
+            partition: self.partition,
+            position: self.position,
+        }
+    }
+}
+
+fn position(consumer: &BaseConsumer<ReaderContext>, topic: &str, partition: i32) -> Option<i64> {
+    match consumer
+        .position()
+        .ok()?
+        .find_partition(topic, partition)?
+        .offset()
+    {
+        Offset::Offset(offset) => Some(offset),
+        _ => None,
+    }
+}
+
+fn to_record(msg: &BorrowedMessage<'_>) -> Record {
+    let headers = msg.headers().map_or_else(Vec::new, |headers| {
+        headers
+            .iter()
+            .map(|h| (h.key.to_owned(), h.value.map(<[u8]>::to_vec)))
+            .collect()
+    });
+    Record {
+        partition: msg.partition(),
+        offset: msg.offset(),
+        timestamp_ms: msg.timestamp().to_millis(),
+        key: msg.key().map(<[u8]>::to_vec),
+        value: msg.payload().map(<[u8]>::to_vec),
+        headers,
+    }
+}
+
+fn record_bytes(record: &Record) -> u64 {
+    let len = |b: &Option<Vec<u8>>| b.as_ref().map_or(0, Vec::len);
+    let headers: usize = record.headers.iter().map(|(k, v)| k.len() + len(v)).sum();
+    (len(&record.key) + len(&record.value) + headers) as u64
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::sync::atomic::AtomicBool;
+
+    use rdkafka::message::{Header, OwnedHeaders};
+    use rdkafka::mocking::MockCluster;
+    use rdkafka::producer::{BaseProducer, BaseRecord, DefaultProducerContext, Producer};
+
+    use super::*;
+
+    const TOPIC: &str = "orders";
+
+    #[derive(Debug)]
+    enum TestError {
+        Read(ReadError),
+        Handler(i64),
+    }
+
+    impl From<ReadError> for TestError {
+        fn from(err: ReadError) -> Self {
+            TestError::Read(err)
+        }
+    }
+
+    /// What the test producer writes at `offset` (the partition starts empty, so the i-th
+    /// record sent lands at offset i).
+    fn expected(offset: i64) -> Record {
+        let mut headers = vec![("seq".to_owned(), Some(offset.to_be_bytes().to_vec()))];
+        if offset % 3 == 0 {
+            headers.push(("null".to_owned(), None));
+        }
+        Record {
+            partition: 0,
+            offset,
+            timestamp_ms: Some(1_700_000_000_000 + offset * 1000),
+            key: (offset % 10 != 0).then(|| format!("key-{offset}").into_bytes()),
+            value: (offset % 7 != 0).then(|| format!("value-{offset}").repeat(3).into_bytes()),
+            headers,
+        }
+    }
+
+    fn producer(cluster: &MockCluster<'_, DefaultProducerContext>) -> BaseProducer {
+        ClientConfig::new()
+            .set("bootstrap.servers", cluster.bootstrap_servers())
+            .create()
+            .unwrap()
+    }
+
+    fn produce(producer: &BaseProducer, records: impl IntoIterator<Item = Record>) {
+        for r in records {
+            let mut headers = OwnedHeaders::new();
+            for (key, value) in &r.headers {
+                headers = headers.insert(Header {
+                    key,
+                    value: value.as_deref(),
+                });
+            }
+            let mut rec = BaseRecord::<[u8], [u8]>::to(TOPIC)
+                .partition(r.partition)
+                .timestamp(r.timestamp_ms.unwrap())
+                .headers(headers);
+            if let Some(key) = &r.key {
+                rec = rec.key(key);
+            }
+            if let Some(value) = &r.value {
+                rec = rec.payload(value);
+            }
+            producer.send(rec).map_err(|(e, _)| e).unwrap();
+            producer.poll(Duration::ZERO);
+        }
+        producer.flush(Duration::from_secs(10)).unwrap();
+    }
+
+    /// A one-broker mock cluster whose partition 0 holds offsets 0..count.
+    fn cluster_with(count: i64) -> MockCluster<'static, DefaultProducerContext> {
+        let cluster = MockCluster::new(1).unwrap();
+        cluster.create_topic(TOPIC, 1, 1).unwrap();
+        produce(&producer(&cluster), (0..count).map(expected));
+        cluster
+    }
+
+    fn config(cluster: &MockCluster<'_, DefaultProducerContext>) -> ReaderConfig {
+        ReaderConfig {
+            poll_timeout: Duration::from_millis(100),
+            idle_timeout: Duration::from_secs(10),
+            ..ReaderConfig::new(cluster.bootstrap_servers())
+        }
+    }
+
+    fn read(
+        cfg: &ReaderConfig,
+        start: i64,
+        end: i64,
+    ) -> (Vec<Record>, Result<ReadStats, TestError>) {
+        let mut got = Vec::new();
+        let cancel = AtomicBool::new(false);
+        let result = read_range(cfg, TOPIC, 0, start, end, &cancel, |r| {
+            got.push(r);
+            Ok::<_, TestError>(())
+        });
+        (got, result)
+    }
+
+    #[test]
+    fn reads_exactly_the_requested_range() {
+        let cluster = cluster_with(250);
+        let (got, result) = read(&config(&cluster), 100, 200);
+
+        let want: Vec<Record> = (100..200).map(expected).collect();
+        assert_eq!(got, want);
+        let stats = result.unwrap();
+        assert_eq!(stats.records, 100);
+        assert_eq!(stats.bytes, want.iter().map(record_bytes).sum::<u64>());
+    }
+
+    #[test]
+    fn reads_the_tail_up_to_the_high_watermark() {
+        let cluster = cluster_with(250);
+        let started = Instant::now();
+        let (got, result) = read(&config(&cluster), 200, 250);
+
+        assert_eq!(got, (200..250).map(expected).collect::<Vec<_>>());
+        assert_eq!(result.unwrap().records, 50);
+        assert!(started.elapsed() < Duration::from_secs(5));
+    }
+
+    #[test]
+    fn empty_range_reads_nothing() {
+        let cfg = ReaderConfig::new("127.0.0.1:1");
+        let (got, result) = read(&cfg, 7, 7);
+        assert!(got.is_empty());
+        assert_eq!(result.unwrap(), ReadStats::default());
+        assert!(matches!(
+            read(&cfg, 8, 7).1,
+            Err(TestError::Read(ReadError::InvalidRange { .. }))
+        ));
+    }
+
+    #[test]
+    fn range_past_the_log_end_stalls_instead_of_ending_early() {
+        let cluster = cluster_with(50);
+        let cfg = ReaderConfig {
+            idle_timeout: Duration::from_secs(1),
+            ..config(&cluster)
+        };
+        let (got, result) = read(&cfg, 40, 60);
+
+        assert_eq!(got.len(), 10);
+        match result {
+            Err(TestError::Read(ReadError::Stalled { position, end, .. })) => {
+                assert_eq!((position, end), (50, 60));
+            }
+            other => panic!("expected Stalled, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn start_below_the_log_start_is_a_clear_error() {
+        // The mock broker keeps about 5 MiB per partition and drops the oldest batches beyond
+        // that, which moves the log start the way retention does.
+        let cluster = MockCluster::new(1).unwrap();
+        cluster.create_topic(TOPIC, 1, 1).unwrap();
+        let producer = producer(&cluster);
+        let big = |offset| Record {
+            value: Some(vec![b'x'; 512 * 1024]),
+            ..expected(offset)
+        };
+        for offset in 0..16 {
+            produce(&producer, [big(offset)]);
+        }
+        let cfg = config(&cluster);
+        let (got, result) = read(&cfg, 0, 16);
+
+        assert!(got.is_empty());
+        let err = match result {
+            Err(TestError::Read(err @ ReadError::StartUnavailable { .. })) => err,
+            other => panic!("expected StartUnavailable, got {other:?}"),
+        };
+        let ReadError::StartUnavailable { low, high, .. } = &err else {
+            unreachable!()
+        };
+        assert!(low.unwrap() > 0, "{err}");
+        assert_eq!(*high, Some(16));
+        let msg = err.to_string();
+        for part in ["orders[0]", "start offset 0", "log start"] {
+            assert!(msg.contains(part), "{msg}");
+        }
+    }
+
+    #[test]
+    fn handler_error_stops_the_read() {
+        let cluster = cluster_with(250);
+        let cancel = AtomicBool::new(false);
+        let mut seen = 0;
+        let result = read_range(&config(&cluster), TOPIC, 0, 100, 200, &cancel, |r| {
+            seen += 1;
+            if r.offset == 150 {
+                Err(TestError::Handler(r.offset))
+            } else {
+                Ok(())
+            }
+        });
+        assert!(matches!(result, Err(TestError::Handler(150))));
+        assert_eq!(seen, 51);
+    }
+
+    #[test]
+    fn cancel_stops_a_waiting_read() {
+        let cluster = cluster_with(50);
+        let cfg = ReaderConfig {
+            idle_timeout: Duration::from_secs(60),
+            ..config(&cluster)
+        };
+        let cancel = Arc::new(AtomicBool::new(false));
+        let canceller = {
+            let cancel = Arc::clone(&cancel);
+            std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_millis(500));
+                cancel.store(true, Ordering::Relaxed);
+            })
+        };
+        let started = Instant::now();
+        let mut got = 0;
+        // Waits for offsets that do not exist yet until cancelled.
+        let result = read_range(&cfg, TOPIC, 0, 0, 100, &cancel, |_| {
+            got += 1;
+            Ok::<_, TestError>(())
+        });
+        canceller.join().unwrap();
+
+        assert_eq!(got, 50);
+        assert!(matches!(
+            result,
+            Err(TestError::Read(ReadError::Cancelled { position: 50, .. }))
+        ));
+        assert!(started.elapsed() < Duration::from_secs(5));
+    }
+
+    #[test]
+    fn missing_topic_is_reported() {
+        let cluster = cluster_with(1);
+        let cfg = ReaderConfig {
+            idle_timeout: Duration::from_secs(3),
+            ..config(&cluster)
+        };
+        let cancel = AtomicBool::new(false);
+        let result = read_range(&cfg, "no-such-topic", 0, 0, 10, &cancel, |_| {
+            Ok::<_, TestError>(())
+        });
+        match result {
+            Err(TestError::Read(ReadError::TopicNotFound { topic, .. })) => {
+                assert_eq!(topic, "no-such-topic")
+            }
+            other => panic!("expected TopicNotFound, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn unreachable_kafka_is_reported() {
+        let cfg = ReaderConfig {
+            idle_timeout: Duration::from_secs(2),
+            ..ReaderConfig::new("127.0.0.1:1")
+        };
+        let err = match read(&cfg, 0, 10).1 {
+            Err(TestError::Read(err @ ReadError::Unreachable { .. })) => err,
+            other => panic!("expected Unreachable, got {other:?}"),
+        };
+        let msg = err.to_string();
+        assert!(
+            msg.contains("127.0.0.1:1") && msg.contains("Connection refused"),
+            "{msg}"
+        );
+    }
+}

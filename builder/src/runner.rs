@@ -1,0 +1,115 @@
+//! Builds one block: read the job's exact range from Kafka into a local Parquet file
+//! (streaming, bounded memory), upload it, then put the manifest create-only — the commit
+//! point. Knows nothing about leases; the worker decides what to report.
+
+use std::io::BufWriter;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use blocksmith_crds::domain::{data_key, manifest_key};
+use blocksmith_crds::{BlockJobSpec, JobOutput};
+use tracing::info;
+
+use crate::block::{BlockError, BlockOptions, BlockWriter};
+use crate::manifest::Manifest;
+use crate::reader::{ReadError, ReaderConfig, read_range};
+use crate::store::{BlockStore, ManifestPut, StoreError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    #[error("reading from Kafka: {0}")]
+    Read(#[from] ReadError),
+    #[error("writing Parquet: {0}")]
+    Block(#[from] BlockError),
+    #[error("object storage: {0}")]
+    Store(#[from] StoreError),
+    #[error("local scratch file: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("cancelled")]
+    Cancelled,
+}
+
+#[derive(Clone, Debug)]
+pub struct BuildSettings {
+    /// Client properties for Kafka (security, SASL); the bootstrap servers come from the job.
+    pub reader: ReaderConfig,
+    /// Where the block is staged before upload.
+    pub work_dir: PathBuf,
+}
+
+/// What a successful build wrote.
+#[derive(Clone, Debug)]
+pub struct Built {
+    pub output: JobOutput,
+    pub manifest: ManifestPut,
+    pub read_bytes: u64,
+}
+
+pub async fn build_block(
+    job: &BlockJobSpec,
+    settings: &BuildSettings,
+    cancel: Arc<AtomicBool>,
+) -> Result<Built, BuildError> {
+    let store = BlockStore::from_url(&job.output.url)?;
+    let data = data_key(&job.topic, job.partition, job.start_offset, job.end_offset);
+    let manifest_at = manifest_key(&job.topic, job.partition, job.start_offset, job.end_offset);
+
+    std::fs::create_dir_all(&settings.work_dir)?;
+    let scratch = tempfile::NamedTempFile::new_in(&settings.work_dir)?;
+    let path = scratch.path().to_path_buf();
+    let (stats, read) = {
+        let file = scratch.reopen()?;
+        let mut reader = settings.reader.clone();
+        reader.bootstrap_servers = job.bootstrap_servers.clone();
+        let opts = BlockOptions::from_job(&job.output);
+        let job = job.clone();
+        let cancel = cancel.clone();
+        tokio::task::spawn_blocking(move || -> Result<_, BuildError> {
+            let mut writer = BlockWriter::new(BufWriter::with_capacity(1 << 20, file), &opts)?;
+            let read = read_range::<BuildError>(
+                &reader,
+                &job.topic,
+                job.partition,
+                job.start_offset,
+                job.end_offset,
+                &cancel,
+                |rec| writer.push(&rec).map_err(BuildError::from),
+            )?;
+            if cancel.load(Ordering::Relaxed) {
+                return Err(BuildError::Cancelled);
+            }
+            let (sink, stats) = writer.finish()?;
+            sink.into_inner().map_err(|e| e.into_error())?.sync_all()?;
+            Ok((stats, read))
+        })
+        .await
+        .map_err(|e| BuildError::Io(std::io::Error::other(e)))??
+    };
+    if cancel.load(Ordering::Relaxed) {
+        return Err(BuildError::Cancelled);
+    }
+    store.put_data(&data, &path, stats.bytes).await?;
+    if cancel.load(Ordering::Relaxed) {
+        return Err(BuildError::Cancelled);
+    }
+    let manifest = Manifest::new(job, &stats);
+    let put = store
+        .put_manifest(&manifest_at, manifest.to_bytes(), &stats.sha256)
+        .await?;
+    info!(
+        topic = %job.topic, partition = job.partition, start = job.start_offset, end = job.end_offset,
+        records = stats.records, bytes = stats.bytes, manifest = ?put, "block written"
+    );
+    drop(scratch);
+    Ok(Built {
+        output: JobOutput {
+            objects: vec![store.url_of(&data), store.url_of(&manifest_at)],
+            records: stats.records,
+            bytes: stats.bytes as i64,
+            sha256: stats.sha256,
+        },
+        manifest: put,
+        read_bytes: read.bytes,
+    })
+}

@@ -1,0 +1,647 @@
+//! Object storage for blocks: data objects and their create-only manifests, addressed by keys
+//! relative to the pipeline's output URL.
+
+use std::error::Error as StdError;
+use std::path::{Path as FsPath, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use object_store::aws::{AmazonS3Builder, AmazonS3ConfigKey};
+use object_store::azure::MicrosoftAzureBuilder;
+use object_store::client::{HttpError, HttpErrorKind};
+use object_store::gcp::GoogleCloudStorageBuilder;
+use object_store::local::LocalFileSystem;
+use object_store::path::Path;
+use object_store::{
+    BackoffConfig, ClientConfigKey, ObjectStore, ObjectStoreExt, PutMode, PutPayload, RetryConfig,
+    WriteMultipart,
+};
+use tokio::io::AsyncReadExt;
+use url::Url;
+
+/// Files larger than this are uploaded in parts.
+const MULTIPART_THRESHOLD: u64 = 16 * 1024 * 1024;
+const PART_SIZE: usize = 8 * 1024 * 1024;
+/// Parts uploaded concurrently: one stream is latency-bound, and memory is bounded by
+/// `(PARTS_IN_FLIGHT + 1) * PART_SIZE`.
+const PARTS_IN_FLIGHT: usize = 4;
+
+const SUPPORTED: &str =
+    "s3://bucket/prefix, gs://bucket/prefix, az://container/prefix, file:///absolute/path";
+
+/// Whether `put_manifest` wrote the manifest or found the same block already committed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ManifestPut {
+    Created,
+    AlreadyCommitted,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("unsupported output URL scheme `{scheme}` in `{url}`; supported: {SUPPORTED}")]
+    UnsupportedScheme { url: String, scheme: String },
+
+    #[error("invalid output URL `{url}`: {reason}")]
+    InvalidUrl { url: String, reason: String },
+
+    #[error("cannot configure object storage for `{url}`: {source}")]
+    Config {
+        url: String,
+        #[source]
+        source: object_store::Error,
+    },
+
+    #[error(
+        "local output directory {} does not exist or is not accessible: {source} \
+         (create it, or check that the volume is mounted)",
+        path.display()
+    )]
+    LocalRoot {
+        path: PathBuf,
+        #[source]
+        source: object_store::Error,
+    },
+
+    #[error("invalid object key `{key}`: {source}")]
+    InvalidKey {
+        key: String,
+        #[source]
+        source: object_store::path::Error,
+    },
+
+    #[error("reading {}: {source}", path.display())]
+    LocalRead {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+
+    #[error("{} changed while uploading: expected {expected} bytes, read {actual}", path.display())]
+    SizeMismatch {
+        path: PathBuf,
+        expected: u64,
+        actual: u64,
+    },
+
+    #[error("{op} {url} failed: {source}{}", hint(op, source))]
+    Backend {
+        op: &'static str,
+        url: String,
+        #[source]
+        source: object_store::Error,
+    },
+
+    #[error(
+        "REFUSING TO REPLACE COMMITTED BLOCK {key}: its manifest records sha256 {existing}, \
+         but this attempt produced {ours}. Another builder already committed different bytes \
+         for this range (a stalled builder, or a job spec that changed under the same key); \
+         the committed block was left untouched"
+    )]
+    ConflictingBlock {
+        key: String,
+        existing: String,
+        ours: String,
+    },
+
+    #[error("existing manifest {key} is unreadable ({reason}); refusing to overwrite it")]
+    CorruptManifest { key: String, reason: String },
+
+    #[error("manifest {key} was reported as existing but could not be read back; retry")]
+    ManifestVanished { key: String },
+}
+
+impl StoreError {
+    /// True when retrying the same operation later may succeed (network trouble, 5xx,
+    /// timeouts); false for misconfiguration, missing buckets, auth and precondition failures.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            StoreError::Backend { source, .. } => backend_is_transient(source),
+            StoreError::ManifestVanished { .. } => true,
+            _ => false,
+        }
+    }
+}
+
+fn hint(op: &str, err: &object_store::Error) -> &'static str {
+    use object_store::Error as E;
+    match err {
+        E::Unauthenticated { .. } | E::PermissionDenied { .. } => {
+            " (check the object-storage credentials, e.g. AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, \
+             GOOGLE_SERVICE_ACCOUNT or AZURE_STORAGE_ACCOUNT_KEY, and that they may read and \
+             write this bucket)"
+        }
+        E::NotFound { .. } if op != "download" => {
+            " (the bucket or container does not exist: create it or fix the output URL)"
+        }
+        E::NotImplemented { .. } => {
+            " (create-only puts are disabled for this store; for S3-compatible stores unset \
+             AWS_CONDITIONAL_PUT or set it to `etag`)"
+        }
+        _ => "",
+    }
+}
+
+fn backend_is_transient(err: &object_store::Error) -> bool {
+    let object_store::Error::Generic { source, .. } = err else {
+        // NotFound, PermissionDenied, Unauthenticated, Precondition, AlreadyExists, ...
+        return false;
+    };
+    let mut cause: Option<&(dyn StdError + 'static)> = Some(source.as_ref());
+    while let Some(e) = cause {
+        if let Some(http) = e.downcast_ref::<HttpError>() {
+            return matches!(
+                http.kind(),
+                HttpErrorKind::Connect
+                    | HttpErrorKind::Request
+                    | HttpErrorKind::Timeout
+                    | HttpErrorKind::Interrupted
+            );
+        }
+        if let Some(io) = e.downcast_ref::<std::io::Error>() {
+            use std::io::ErrorKind as K;
+            return matches!(
+                io.kind(),
+                K::TimedOut
+                    | K::Interrupted
+                    | K::ConnectionReset
+                    | K::ConnectionAborted
+                    | K::ConnectionRefused
+                    | K::BrokenPipe
+                    | K::UnexpectedEof
+                    | K::StorageFull
+            );
+        }
+        cause = e.source();
+    }
+    // A bare status response. object_store's retry error type is private, so the status can
+    // only be read from its message; an unrecognisable one is assumed to be a server hiccup.
+    match http_status(&source.to_string()) {
+        Some(status) => status >= 500 || status == 408 || status == 429,
+        None => true,
+    }
+}
+
+fn http_status(message: &str) -> Option<u16> {
+    let rest = &message[message.find("status code: ")? + "status code: ".len()..];
+    rest.get(..3)?.parse().ok()
+}
+
+/// One output location: a bucket (or directory) plus a key prefix.
+#[derive(Debug, Clone)]
+pub struct BlockStore {
+    store: Arc<dyn ObjectStore>,
+    prefix: Path,
+    /// The output URL without a trailing slash; object URLs are `{base_url}/{key}`.
+    base_url: String,
+}
+
+impl BlockStore {
+    /// Opens the store for `url`, configured from the usual environment variables
+    /// (`AWS_*`, `GOOGLE_*`, `AZURE_*`). Nothing is contacted yet.
+    pub fn from_url(url: &str) -> Result<BlockStore, StoreError> {
+        let parsed = Url::parse(url).map_err(|e| StoreError::InvalidUrl {
+            url: url.to_owned(),
+            reason: e.to_string(),
+        })?;
+        let config_err = |source| StoreError::Config {
+            url: url.to_owned(),
+            source,
+        };
+        let (store, prefix): (Arc<dyn ObjectStore>, Path) = match parsed.scheme() {
+            "s3" | "s3a" => (
+                Arc::new(s3_builder(url)?.build().map_err(config_err)?),
+                url_prefix(url, &parsed)?,
+            ),
+            "gs" => (
+                Arc::new(
+                    GoogleCloudStorageBuilder::from_env()
+                        .with_url(url)
+                        .with_retry(retry_config())
+                        .build()
+                        .map_err(config_err)?,
+                ),
+                url_prefix(url, &parsed)?,
+            ),
+            "az" | "abfs" | "abfss" => (
+                Arc::new(
+                    MicrosoftAzureBuilder::from_env()
+                        .with_url(url)
+                        .with_retry(retry_config())
+                        .build()
+                        .map_err(config_err)?,
+                ),
+                url_prefix(url, &parsed)?,
+            ),
+            "file" => {
+                let root = parsed.to_file_path().map_err(|()| StoreError::InvalidUrl {
+                    url: url.to_owned(),
+                    reason: "expected file:///absolute/path".to_owned(),
+                })?;
+                // A missing root is an error rather than created: like a missing bucket, it
+                // usually means a volume that is not mounted, and writing there would lose data.
+                let local = LocalFileSystem::new_with_prefix(&root)
+                    .map_err(|source| StoreError::LocalRoot { path: root, source })?
+                    // `LocalFileSystem` does not fsync by default; with this, a put returns only
+                    // once the file and the directory entries leading to it are on disk.
+                    .with_fsync(true);
+                (Arc::new(local), Path::default())
+            }
+            scheme => {
+                return Err(StoreError::UnsupportedScheme {
+                    url: url.to_owned(),
+                    scheme: scheme.to_owned(),
+                });
+            }
+        };
+        let mut base_url = parsed.clone();
+        base_url.set_query(None);
+        base_url.set_fragment(None);
+        Ok(BlockStore {
+            store,
+            prefix,
+            base_url: base_url.as_str().trim_end_matches('/').to_owned(),
+        })
+    }
+
+    /// The full URL of the object at `key`.
+    pub fn url_of(&self, key: &str) -> String {
+        format!("{}/{}", self.base_url, key.trim_start_matches('/'))
+    }
+
+    /// Uploads the local `file` (`size` bytes) to `key`, in parallel parts when it is large.
+    pub async fn put_data(&self, key: &str, file: &FsPath, size: u64) -> Result<(), StoreError> {
+        let location = self.location(key)?;
+        let backend = |source| self.backend_err("upload", key, source);
+        if size <= MULTIPART_THRESHOLD {
+            let data = tokio::fs::read(file)
+                .await
+                .map_err(|source| local_read_err(file, source))?;
+            check_size(file, size, data.len() as u64)?;
+            self.store
+                .put(&location, PutPayload::from(data))
+                .await
+                .map_err(backend)?;
+            return Ok(());
+        }
+
+        let upload = self.store.put_multipart(&location).await.map_err(backend)?;
+        let mut upload = WriteMultipart::new_with_chunk_size(upload, PART_SIZE);
+        match self.send_parts(&mut upload, key, file, size).await {
+            Ok(()) => {
+                // `finish` aborts the upload itself when completing fails.
+                upload.finish().await.map_err(backend)?;
+                Ok(())
+            }
+            Err(err) => {
+                if let Err(abort) = upload.abort().await {
+                    tracing::warn!(key, error = %abort, "aborting multipart upload failed");
+                }
+                Err(err)
+            }
+        }
+    }
+
+    async fn send_parts(
+        &self,
+        upload: &mut WriteMultipart,
+        key: &str,
+        file: &FsPath,
+        size: u64,
+    ) -> Result<(), StoreError> {
+        let mut reader = tokio::fs::File::open(file)
+            .await
+            .map_err(|source| local_read_err(file, source))?;
+        let mut sent = 0u64;
+        loop {
+            let mut part = BytesMut::with_capacity(PART_SIZE);
+            while part.len() < PART_SIZE {
+                let n = reader
+                    .read_buf(&mut part)
+                    .await
+                    .map_err(|source| local_read_err(file, source))?;
+                if n == 0 {
+                    break;
+                }
+            }
+            if part.is_empty() {
+                break;
+            }
+            sent += part.len() as u64;
+            upload
+                .wait_for_capacity(PARTS_IN_FLIGHT)
+                .await
+                .map_err(|source| self.backend_err("upload", key, source))?;
+            upload.put(part.freeze());
+        }
+        check_size(file, size, sent)
+    }
+
+    /// Commits a block by creating its manifest; never overwrites. If a manifest is already
+    /// there, the block counts as committed only when that manifest records the same data
+    /// `sha256`.
+    pub async fn put_manifest(
+        &self,
+        key: &str,
+        bytes: Vec<u8>,
+        data_sha256: &str,
+    ) -> Result<ManifestPut, StoreError> {
+        let location = self.location(key)?;
+        let put = self
+            .store
+            .put_opts(&location, PutPayload::from(bytes), PutMode::Create.into())
+            .await;
+        match put {
+            Ok(_) => Ok(ManifestPut::Created),
+            Err(object_store::Error::AlreadyExists { .. }) => {
+                let existing = match self.get(key).await {
+                    Ok(existing) => existing,
+                    // A racing create that was reported but is not visible yet.
+                    Err(StoreError::Backend {
+                        source: object_store::Error::NotFound { .. },
+                        ..
+                    }) => {
+                        return Err(StoreError::ManifestVanished {
+                            key: key.to_owned(),
+                        });
+                    }
+                    Err(err) => return Err(err),
+                };
+                let existing =
+                    manifest_sha256(&existing).map_err(|reason| StoreError::CorruptManifest {
+                        key: key.to_owned(),
+                        reason,
+                    })?;
+                if existing.eq_ignore_ascii_case(data_sha256) {
+                    Ok(ManifestPut::AlreadyCommitted)
+                } else {
+                    Err(StoreError::ConflictingBlock {
+                        key: self.url_of(key),
+                        existing,
+                        ours: data_sha256.to_owned(),
+                    })
+                }
+            }
+            Err(source) => Err(self.backend_err("create manifest", key, source)),
+        }
+    }
+
+    /// Reads a whole object.
+    pub async fn get(&self, key: &str) -> Result<Bytes, StoreError> {
+        let location = self.location(key)?;
+        let backend = |source| self.backend_err("download", key, source);
+        let result = self.store.get(&location).await.map_err(backend)?;
+        result.bytes().await.map_err(backend)
+    }
+
+    fn location(&self, key: &str) -> Result<Path, StoreError> {
+        let key_path = Path::parse(key).map_err(|source| StoreError::InvalidKey {
+            key: key.to_owned(),
+            source,
+        })?;
+        Ok(self.prefix.parts().chain(key_path.parts()).collect())
+    }
+
+    fn backend_err(&self, op: &'static str, key: &str, source: object_store::Error) -> StoreError {
+        StoreError::Backend {
+            op,
+            url: self.url_of(key),
+            source,
+        }
+    }
+}
+
+fn s3_builder(url: &str) -> Result<AmazonS3Builder, StoreError> {
+    // from_env reads AWS_ENDPOINT / AWS_ENDPOINT_URL, AWS_ALLOW_HTTP, credentials and region;
+    // requests are path-style unless AWS_VIRTUAL_HOSTED_STYLE_REQUEST is set.
+    let builder = AmazonS3Builder::from_env()
+        .with_url(url)
+        .with_retry(retry_config());
+    let endpoint = builder
+        .get_config_value(&AmazonS3ConfigKey::S3Endpoint)
+        .or_else(|| builder.get_config_value(&AmazonS3ConfigKey::Endpoint));
+    let allow_http = builder
+        .get_config_value(&AmazonS3ConfigKey::Client(ClientConfigKey::AllowHttp))
+        // The spellings object_store accepts for true.
+        .is_some_and(|v| {
+            ["1", "true", "on", "yes", "y"]
+                .iter()
+                .any(|t| v.eq_ignore_ascii_case(t))
+        });
+    if let Some(endpoint) = endpoint
+        && endpoint.starts_with("http://")
+        && !allow_http
+    {
+        return Err(StoreError::InvalidUrl {
+            url: url.to_owned(),
+            reason: format!(
+                "the S3 endpoint {endpoint} is plain http; set AWS_ALLOW_HTTP=true to allow it"
+            ),
+        });
+    }
+    Ok(builder)
+}
+
+fn retry_config() -> RetryConfig {
+    RetryConfig {
+        backoff: BackoffConfig {
+            init_backoff: Duration::from_millis(100),
+            max_backoff: Duration::from_secs(5),
+            base: 2.0,
+        },
+        max_retries: 5,
+        retry_timeout: Duration::from_secs(60),
+    }
+}
+
+fn url_prefix(url: &str, parsed: &Url) -> Result<Path, StoreError> {
+    Path::from_url_path(parsed.path()).map_err(|e| StoreError::InvalidUrl {
+        url: url.to_owned(),
+        reason: e.to_string(),
+    })
+}
+
+fn local_read_err(path: &FsPath, source: std::io::Error) -> StoreError {
+    StoreError::LocalRead {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+fn check_size(path: &FsPath, expected: u64, actual: u64) -> Result<(), StoreError> {
+    if expected == actual {
+        Ok(())
+    } else {
+        Err(StoreError::SizeMismatch {
+            path: path.to_owned(),
+            expected,
+            actual,
+        })
+    }
+}
+
+fn manifest_sha256(bytes: &[u8]) -> Result<String, String> {
+    let value: serde_json::Value =
+        serde_json::from_slice(bytes).map_err(|e| format!("not JSON: {e}"))?;
+    value
+        .get("sha256")
+        .and_then(serde_json::Value::as_str)
+        .map(str::to_owned)
+        .ok_or_else(|| "no string field `sha256`".to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn file_url(dir: &FsPath) -> String {
+        Url::from_directory_path(dir).unwrap().to_string()
+    }
+
+    fn local_store() -> (tempfile::TempDir, BlockStore) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = BlockStore::from_url(&file_url(dir.path())).unwrap();
+        (dir, store)
+    }
+
+    fn write_temp(bytes: &[u8]) -> tempfile::NamedTempFile {
+        let file = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(file.path(), bytes).unwrap();
+        file
+    }
+
+    #[tokio::test]
+    async fn put_and_get_small_object() {
+        let (dir, store) = local_store();
+        let key = "orders/3/00000000000000000000-00000000000000001000.parquet";
+        let data = b"hello blocks".to_vec();
+        let src = write_temp(&data);
+
+        store
+            .put_data(key, src.path(), data.len() as u64)
+            .await
+            .unwrap();
+
+        assert_eq!(store.get(key).await.unwrap().as_ref(), &data[..]);
+        assert_eq!(std::fs::read(dir.path().join(key)).unwrap(), data);
+        assert_eq!(store.url_of(key), format!("{}{key}", file_url(dir.path())));
+    }
+
+    #[tokio::test]
+    async fn put_large_object_in_parts() {
+        let (_dir, store) = local_store();
+        let key = "t/0/big.parquet";
+        // Not a multiple of the part size, so the last part is short.
+        let data: Vec<u8> = (0..(MULTIPART_THRESHOLD as usize + 3 * PART_SIZE / 2 + 12_345))
+            .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+            .collect();
+        let src = write_temp(&data);
+
+        store
+            .put_data(key, src.path(), data.len() as u64)
+            .await
+            .unwrap();
+
+        let got = store.get(key).await.unwrap();
+        assert_eq!(got.len(), data.len());
+        assert!(
+            got.as_ref() == &data[..],
+            "multipart upload corrupted the data"
+        );
+    }
+
+    #[tokio::test]
+    async fn put_data_rejects_a_file_of_unexpected_size() {
+        let (_dir, store) = local_store();
+        let src = write_temp(b"four");
+        let err = store.put_data("k", src.path(), 5).await.unwrap_err();
+        assert!(matches!(err, StoreError::SizeMismatch { .. }), "{err}");
+    }
+
+    #[tokio::test]
+    async fn manifest_is_create_only_and_checks_the_data_hash() {
+        let (_dir, store) = local_store();
+        let key = "orders/3/00000000000000000000-00000000000000001000.json";
+        let manifest = |sha: &str| format!(r#"{{"records":1000,"sha256":"{sha}"}}"#).into_bytes();
+
+        let first = store.put_manifest(key, manifest("aa11"), "aa11").await;
+        assert_eq!(first.unwrap(), ManifestPut::Created);
+
+        let again = store.put_manifest(key, manifest("aa11"), "aa11").await;
+        assert_eq!(again.unwrap(), ManifestPut::AlreadyCommitted);
+
+        let err = store
+            .put_manifest(key, manifest("bb22"), "bb22")
+            .await
+            .unwrap_err();
+        match &err {
+            StoreError::ConflictingBlock { existing, ours, .. } => {
+                assert_eq!((existing.as_str(), ours.as_str()), ("aa11", "bb22"));
+            }
+            other => panic!("expected ConflictingBlock, got {other}"),
+        }
+        assert!(!err.is_transient());
+        assert!(err.to_string().contains("REFUSING"), "{err}");
+        // The committed manifest is untouched.
+        assert_eq!(
+            store.get(key).await.unwrap().as_ref(),
+            &manifest("aa11")[..]
+        );
+    }
+
+    #[tokio::test]
+    async fn existing_manifest_without_hash_is_not_overwritten() {
+        let (_dir, store) = local_store();
+        store
+            .put_manifest("m.json", b"{}".to_vec(), "x")
+            .await
+            .unwrap();
+        let err = store
+            .put_manifest("m.json", b"{}".to_vec(), "x")
+            .await
+            .unwrap_err();
+        assert!(matches!(err, StoreError::CorruptManifest { .. }), "{err}");
+    }
+
+    #[test]
+    fn unknown_scheme_names_the_supported_ones() {
+        let err = BlockStore::from_url("ftp://host/blocks").unwrap_err();
+        let msg = err.to_string();
+        assert!(matches!(err, StoreError::UnsupportedScheme { .. }));
+        for scheme in ["s3://", "gs://", "az://", "file://"] {
+            assert!(msg.contains(scheme), "{msg}");
+        }
+    }
+
+    #[test]
+    fn missing_local_root_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = file_url(&dir.path().join("not-mounted"));
+        let err = BlockStore::from_url(&url).unwrap_err();
+        assert!(matches!(err, StoreError::LocalRoot { .. }), "{err}");
+    }
+
+    #[test]
+    fn s3_keys_live_under_the_url_prefix() {
+        // Building an S3 store contacts nothing.
+        let store = BlockStore::from_url("s3://bucket/some/prefix/").unwrap();
+        assert_eq!(
+            store.location("orders/3/a.parquet").unwrap().as_ref(),
+            "some/prefix/orders/3/a.parquet"
+        );
+        assert_eq!(
+            store.url_of("orders/3/a.parquet"),
+            "s3://bucket/some/prefix/orders/3/a.parquet"
+        );
+        assert!(store.location("../escape").is_err());
+    }
+
+    #[test]
+    fn status_codes_are_read_from_backend_messages() {
+        assert_eq!(
+            http_status("Server returned non-2xx status code: 503 Service Unavailable: x"),
+            Some(503)
+        );
+        assert_eq!(http_status("connection refused"), None);
+    }
+}

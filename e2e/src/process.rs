@@ -1,0 +1,85 @@
+//! Child processes that die with the test: killed on drop, output captured to a log file.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+
+pub struct Proc {
+    pub name: String,
+    child: Child,
+    pub log: PathBuf,
+}
+
+impl Proc {
+    pub fn spawn(name: &str, mut cmd: Command, log_dir: &Path) -> anyhow::Result<Proc> {
+        std::fs::create_dir_all(log_dir)?;
+        let log = log_dir.join(format!("{name}.log"));
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)?;
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(file.try_clone()?)
+            .stderr(file)
+            .spawn()
+            .map_err(|e| anyhow::anyhow!("spawning {name} ({cmd:?}): {e}"))?;
+        // Recorded in the testbed's pids dir so `e2e/testbed down` kills it even when the
+        // test process itself was killed and never ran its destructors.
+        if let Ok(dir) = std::env::var("BLOCKSMITH_TESTBED") {
+            let _ = std::fs::write(pid_file(&dir, child.id()), child.id().to_string());
+        }
+        Ok(Proc {
+            name: name.into(),
+            child,
+            log,
+        })
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// SIGKILL: the process gets no chance to clean up (a crashed pod).
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM, as Kubernetes sends on pod deletion; returns the exit status.
+    pub fn terminate(&mut self, grace: std::time::Duration) -> Option<std::process::ExitStatus> {
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.pid().to_string())
+            .status();
+        let deadline = std::time::Instant::now() + grace;
+        while std::time::Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        self.kill();
+        None
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+fn pid_file(testbed: &str, pid: u32) -> PathBuf {
+    Path::new(testbed).join("pids").join(format!("test-{pid}"))
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+        if let Ok(dir) = std::env::var("BLOCKSMITH_TESTBED") {
+            let _ = std::fs::remove_file(pid_file(&dir, self.pid()));
+        }
+    }
+}

@@ -1,0 +1,289 @@
+//! Building blocks of e2e scenarios: pipelines, operator and builder processes, waiting,
+//! reading committed offsets, acting as a builder through the API, auditing blocks.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use blocksmith_crds::domain::LABEL_PIPELINE;
+use blocksmith_crds::{BlockJob, BlockPipeline};
+use kube::api::{Api, ListParams, Patch, PatchParams};
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+use serde_json::{Value, json};
+
+use crate::Testbed;
+use crate::process::Proc;
+
+/// A pipeline manifest with test-friendly defaults; `jobs` and `output` merge over them.
+pub fn pipeline(
+    name: &str,
+    topic: &str,
+    bootstrap: &str,
+    output_url: &str,
+    jobs: Value,
+) -> BlockPipeline {
+    let mut job_settings = json!({
+        "maxRecords": 1000, "maxAge": "2s", "maxInFlightPerPartition": 1000,
+        "leaseDurationSeconds": 6, "backoffLimit": 3,
+    });
+    if let (Some(base), Value::Object(over)) = (job_settings.as_object_mut(), jobs) {
+        base.extend(over);
+    }
+    serde_json::from_value(json!({
+        "apiVersion": "blocksmith.io/v1alpha1",
+        "kind": "BlockPipeline",
+        "metadata": { "name": name },
+        "spec": {
+            "kafka": { "bootstrapServers": bootstrap, "topic": topic },
+            "jobs": job_settings,
+            "output": { "url": output_url, "compressionLevel": 1 },
+        }
+    }))
+    .expect("pipeline manifest")
+}
+
+pub async fn apply_pipeline(tb: &Testbed, ns: &str, bp: &BlockPipeline) {
+    let api: Api<BlockPipeline> = Api::namespaced(tb.client.clone(), ns);
+    let name = bp.metadata.name.clone().unwrap();
+    api.patch(
+        &name,
+        &PatchParams::apply("e2e-test").force(),
+        &Patch::Apply(bp),
+    )
+    .await
+    .expect("apply pipeline");
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+/// An operator process watching one namespace, with its leader lease in that namespace.
+pub struct Operator {
+    pub proc: Proc,
+    pub metrics_port: u16,
+}
+
+pub fn spawn_operator(tb: &Testbed, ns: &str, name: &str) -> Operator {
+    let metrics_port = free_port();
+    let mut cmd = tb.command("blocksmith-operator");
+    cmd.args([
+        "--namespace",
+        ns,
+        "--lease-namespace",
+        ns,
+        "--poll-interval",
+        "1",
+        "--lease-duration",
+        "6",
+    ])
+    .args([
+        "--metrics-addr",
+        &format!("127.0.0.1:{metrics_port}"),
+        "--identity",
+        name,
+    ])
+    .args(["--debounce-ms", "200"]);
+    Operator {
+        proc: tb.spawn(&format!("{ns}-{name}"), cmd),
+        metrics_port,
+    }
+}
+
+pub fn spawn_builder(tb: &Testbed, ns: &str, pipeline: &str, id: &str) -> Proc {
+    let mut cmd = tb.command("blocksmith-builder");
+    cmd.args(["--namespace", ns, "--pipeline", pipeline, "--identity", id])
+        .args(["--metrics-addr", &format!("127.0.0.1:{}", free_port())])
+        .args(["--grace-period", "5", "--kafka-idle-timeout", "20"])
+        .arg("--work-dir")
+        .arg(tb.dir.join("scratch").join(id));
+    tb.spawn(&format!("{ns}-{id}"), cmd)
+}
+
+/// Polls `check` until it returns `Some`, or panics after `timeout` with `what`.
+pub async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+pub async fn jobs(tb: &Testbed, ns: &str, pipeline: &str) -> Vec<BlockJob> {
+    let api: Api<BlockJob> = Api::namespaced(tb.client.clone(), ns);
+    let mut jobs = api
+        .list(&ListParams::default().labels(&format!("{LABEL_PIPELINE}={pipeline}")))
+        .await
+        .expect("list jobs")
+        .items;
+    jobs.sort_by_key(|j| (j.spec.partition, j.spec.start_offset));
+    jobs
+}
+
+pub async fn get_pipeline(tb: &Testbed, ns: &str, name: &str) -> BlockPipeline {
+    Api::<BlockPipeline>::namespaced(tb.client.clone(), ns)
+        .get(name)
+        .await
+        .expect("get pipeline")
+}
+
+/// The status and reason of a pipeline condition.
+pub fn condition(bp: &BlockPipeline, type_: &str) -> Option<(String, String, String)> {
+    bp.status
+        .as_ref()?
+        .conditions
+        .iter()
+        .find(|c| c.type_ == type_)
+        .map(|c| (c.status.clone(), c.reason.clone(), c.message.clone()))
+}
+
+/// The group's committed offsets as the broker reports them (partition → offset).
+pub fn committed_offsets(
+    bootstrap: &str,
+    group: &str,
+    topic: &str,
+    partitions: i32,
+) -> BTreeMap<i32, i64> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("group.id", group)
+        .set("enable.auto.commit", "false")
+        .create()
+        .expect("consumer");
+    let mut tpl = TopicPartitionList::new();
+    for p in 0..partitions {
+        tpl.add_partition(topic, p);
+    }
+    let got = consumer
+        .committed_offsets(tpl, Duration::from_secs(10))
+        .expect("committed offsets");
+    (0..partitions)
+        .filter_map(|p| match got.find_partition(topic, p)?.offset() {
+            Offset::Offset(o) => Some((p, o)),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Acting as a builder through the API, exactly as builders do: SSA on `blockjobs/status`.
+pub struct FakeBuilder {
+    pub api: Api<BlockJob>,
+    pub manager: String,
+}
+
+impl FakeBuilder {
+    pub fn new(tb: &Testbed, ns: &str, manager: &str) -> Self {
+        Self {
+            api: Api::namespaced(tb.client.clone(), ns),
+            manager: manager.into(),
+        }
+    }
+
+    fn body(&self, phase: &str, attempt: i32, renew: &str, extra: Value) -> Value {
+        let mut status = json!({
+            "phase": phase,
+            "attempt": attempt,
+            "startTime": "2026-01-01T00:00:00Z",
+            "lease": {
+                "holder": self.manager, "acquireTime": "2026-01-01T00:00:00Z",
+                "renewTime": renew, "leaseDurationSeconds": 6,
+            },
+        });
+        if let (Some(s), Value::Object(e)) = (status.as_object_mut(), extra) {
+            s.extend(e);
+        }
+        json!({ "apiVersion": "blocksmith.io/v1alpha1", "kind": "BlockJob", "status": status })
+    }
+
+    pub async fn claim(&self, job: &BlockJob) -> kube::Result<BlockJob> {
+        let mut body = self.body("Running", job.attempt(), &now(), json!({}));
+        body["metadata"] = json!({ "resourceVersion": job.metadata.resource_version });
+        let name = job.metadata.name.clone().unwrap();
+        self.api
+            .patch_status(
+                &name,
+                &PatchParams::apply(&self.manager).force(),
+                &Patch::Apply(body),
+            )
+            .await
+    }
+
+    pub async fn report(
+        &self,
+        job: &BlockJob,
+        attempt: i32,
+        phase: &str,
+        extra: Value,
+    ) -> kube::Result<BlockJob> {
+        let name = job.metadata.name.clone().unwrap();
+        let body = self.body(phase, attempt, &now(), extra);
+        self.api
+            .patch_status(
+                &name,
+                &PatchParams::apply(&self.manager),
+                &Patch::Apply(body),
+            )
+            .await
+    }
+
+    pub async fn succeed(&self, job: &BlockJob, attempt: i32) -> kube::Result<BlockJob> {
+        let extra = json!({
+            "completionTime": now(),
+            "output": { "objects": [], "records": job.spec.end_offset - job.spec.start_offset, "bytes": 0, "sha256": "" }
+        });
+        self.report(job, attempt, "Succeeded", extra).await
+    }
+}
+
+pub fn now() -> String {
+    jiff::Timestamp::now()
+        .round(jiff::Unit::Second)
+        .unwrap()
+        .to_string()
+}
+
+/// Runs `e2e/audit.py` over a directory of blocks; returns its JSON report and whether the
+/// audit was exact.
+pub fn audit(
+    tb: &Testbed,
+    blocks: &Path,
+    expected_csv: &Path,
+    committed: Option<&BTreeMap<i32, i64>>,
+) -> (Value, bool) {
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("audit.py");
+    let mut cmd = std::process::Command::new(&tb.python);
+    cmd.arg(script)
+        .arg("--blocks")
+        .arg(blocks)
+        .arg("--expected")
+        .arg(expected_csv);
+    if let Some(c) = committed {
+        let map: BTreeMap<String, i64> = c.iter().map(|(p, o)| (p.to_string(), *o)).collect();
+        cmd.arg("--committed")
+            .arg(serde_json::to_string(&map).unwrap());
+    }
+    let out = cmd.output().expect("run audit.py");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let report = serde_json::from_str(stdout.trim()).unwrap_or_else(|_| {
+        panic!(
+            "audit.py printed no report: {stdout}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    (report, out.status.success())
+}

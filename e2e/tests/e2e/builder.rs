@@ -1,0 +1,421 @@
+//! Operator and builder processes end to end: blocks in object storage, audited with pyarrow
+//! against what was produced, under killed builders, races and object-store outages.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use blocksmith_crds::domain::default_consumer_group;
+use blocksmith_crds::{BlockJob, JobPhase};
+use blocksmith_e2e::Testbed;
+use blocksmith_e2e::datagen::{DataSpec, Produced, ValueSizes, produce};
+use blocksmith_e2e::process::Proc;
+use blocksmith_e2e::scenario::*;
+use kube::api::{Api, Patch, PatchParams};
+use serde_json::json;
+
+async fn produce_data(tb: &Testbed, spec: DataSpec) -> Produced {
+    let bootstrap = tb.kafka_bootstrap.clone();
+    tokio::task::spawn_blocking(move || produce(&bootstrap, &spec))
+        .await
+        .unwrap()
+        .expect("produce")
+}
+
+/// Waits until every produced offset is committed, then returns the committed offsets.
+async fn wait_committed(
+    tb: &Testbed,
+    ns: &str,
+    pipeline: &str,
+    topic: &str,
+    produced: &Produced,
+    timeout: Duration,
+) -> BTreeMap<i32, i64> {
+    let group = default_consumer_group(ns, pipeline);
+    let want: BTreeMap<i32, i64> = produced
+        .partitions
+        .iter()
+        .map(|(p, (_, high))| (*p, *high))
+        .collect();
+    let partitions = want.len() as i32;
+    wait_for("everything committed", timeout, || {
+        let (b, g, t, want) = (
+            tb.kafka_bootstrap.clone(),
+            group.clone(),
+            topic.to_string(),
+            want.clone(),
+        );
+        async move {
+            let c = tokio::task::spawn_blocking(move || committed_offsets(&b, &g, &t, partitions))
+                .await
+                .unwrap();
+            (c == want).then_some(c)
+        }
+    })
+    .await
+}
+
+fn assert_exact(
+    tb: &Testbed,
+    blocks: &std::path::Path,
+    produced: &Produced,
+    committed: &BTreeMap<i32, i64>,
+) {
+    let csv = tb
+        .dir
+        .join(format!("expected-{:08x}.csv", rand::random::<u32>()));
+    produced.write_csv(&csv).unwrap();
+    let (report, exact) = audit(tb, blocks, &csv, Some(committed));
+    println!("audit: {report}");
+    assert!(exact, "audit not exact: {report}");
+    assert_eq!(
+        report["expected"].as_u64(),
+        Some(produced.total()),
+        "{report}"
+    );
+    assert_eq!(
+        report["records"].as_u64(),
+        Some(produced.total()),
+        "{report}"
+    );
+}
+
+fn blocks_dir(tb: &Testbed, test: &str) -> PathBuf {
+    tb.dir
+        .join("blocks")
+        .join(format!("{test}-{:08x}", rand::random::<u32>()))
+}
+
+#[tokio::test]
+async fn three_builders_write_every_offset_exactly_once_to_files() {
+    let tb = Testbed::get().await;
+    let ns = tb.namespace("bld-file").await;
+    let topic = tb.topic("bld-file", 8);
+    let produced = produce_data(&tb, DataSpec::new(&topic, 8, 100_000)).await;
+    let blocks = blocks_dir(&tb, "file");
+    let url = format!("file://{}", blocks.display());
+    apply_pipeline(
+        &tb,
+        &ns,
+        &pipeline(
+            "p",
+            &topic,
+            &tb.kafka_bootstrap,
+            &url,
+            json!({"maxRecords": 2500}),
+        ),
+    )
+    .await;
+    let _op = spawn_operator(&tb, &ns, "op");
+    let _builders: Vec<Proc> = (0..3)
+        .map(|i| spawn_builder(&tb, &ns, "p", &format!("b{i}")))
+        .collect();
+    let committed =
+        wait_committed(&tb, &ns, "p", &topic, &produced, Duration::from_secs(400)).await;
+    assert_exact(&tb, &blocks, &produced, &committed);
+    let all = jobs(&tb, &ns, "p").await;
+    assert!(
+        all.iter().all(|j| j.phase() == JobPhase::Succeeded),
+        "all jobs succeeded"
+    );
+}
+
+#[tokio::test]
+async fn builders_write_to_s3_including_multipart_blocks() {
+    let tb = Testbed::get().await;
+    let ns = tb.namespace("bld-s3").await;
+    let topic = tb.topic("bld-s3", 2);
+    // 2,500 records of 8 KiB per job: 20 MiB blocks, over the 16 MiB multipart threshold.
+    let spec = DataSpec {
+        value_sizes: ValueSizes::Fixed(8192),
+        ..DataSpec::new(&topic, 2, 10_000)
+    };
+    let produced = produce_data(&tb, spec).await;
+    let prefix = format!("s3-{:08x}", rand::random::<u32>());
+    let url = format!("s3://{}/{prefix}", tb.s3_bucket);
+    apply_pipeline(
+        &tb,
+        &ns,
+        &pipeline(
+            "p",
+            &topic,
+            &tb.kafka_bootstrap,
+            &url,
+            json!({"maxRecords": 2500}),
+        ),
+    )
+    .await;
+    let _op = spawn_operator(&tb, &ns, "op");
+    let _b: Vec<Proc> = (0..2)
+        .map(|i| spawn_builder(&tb, &ns, "p", &format!("b{i}")))
+        .collect();
+    let committed =
+        wait_committed(&tb, &ns, "p", &topic, &produced, Duration::from_secs(400)).await;
+    // s3s-fs keeps objects as files under its root: audit them there with pyarrow.
+    let blocks = tb.s3_root.join(&tb.s3_bucket).join(&prefix);
+    assert_exact(&tb, &blocks, &produced, &committed);
+    let big = jobs(&tb, &ns, "p")
+        .await
+        .iter()
+        .filter(|j| {
+            j.status
+                .as_ref()
+                .and_then(|s| s.output.as_ref())
+                .is_some_and(|o| o.bytes > 16 << 20)
+        })
+        .count();
+    assert!(big > 0, "some blocks went through multipart upload");
+}
+
+#[tokio::test]
+async fn a_killed_builder_loses_its_job_to_another_and_nothing_is_lost() {
+    let tb = Testbed::get().await;
+    let ns = tb.namespace("bld-kill").await;
+    let topic = tb.topic("bld-kill", 2);
+    let spec = DataSpec {
+        value_sizes: ValueSizes::Fixed(2048),
+        ..DataSpec::new(&topic, 2, 20_000)
+    };
+    let produced = produce_data(&tb, spec).await;
+    let blocks = blocks_dir(&tb, "kill");
+    let url = format!("file://{}", blocks.display());
+    apply_pipeline(
+        &tb,
+        &ns,
+        &pipeline(
+            "p",
+            &topic,
+            &tb.kafka_bootstrap,
+            &url,
+            json!({"maxRecords": 5000, "leaseDurationSeconds": 4}),
+        ),
+    )
+    .await;
+    let _op = spawn_operator(&tb, &ns, "op");
+    let mut victim = spawn_builder(&tb, &ns, "p", "victim");
+    let held = wait_for(
+        "the victim running a job",
+        Duration::from_secs(60),
+        || async {
+            jobs(&tb, &ns, "p").await.into_iter().find(|j| {
+                j.phase() == JobPhase::Running
+                    && j.status
+                        .as_ref()
+                        .and_then(|s| s.lease.as_ref())
+                        .is_some_and(|l| l.holder == "victim")
+            })
+        },
+    )
+    .await;
+    victim.kill();
+    let _rescuer = spawn_builder(&tb, &ns, "p", "rescuer");
+    let committed =
+        wait_committed(&tb, &ns, "p", &topic, &produced, Duration::from_secs(300)).await;
+    assert_exact(&tb, &blocks, &produced, &committed);
+    for j in jobs(&tb, &ns, "p").await {
+        let holder = j
+            .status
+            .as_ref()
+            .and_then(|s| s.lease.as_ref())
+            .map(|l| l.holder.clone());
+        assert_ne!(
+            holder.as_deref(),
+            Some("victim"),
+            "{:?} completed by the killed builder",
+            j.metadata.name
+        );
+    }
+    let retried = jobs(&tb, &ns, "p")
+        .await
+        .into_iter()
+        .find(|j| j.metadata.name == held.metadata.name);
+    if let Some(j) = retried {
+        assert!(j.attempt() >= 2, "the killed builder's job was retried");
+    }
+}
+
+#[tokio::test]
+async fn two_builders_racing_for_fifty_jobs_complete_each_once() {
+    let tb = Testbed::get().await;
+    let ns = tb.namespace("bld-race").await;
+    let topic = tb.topic("bld-race", 1);
+    let spec = DataSpec {
+        value_sizes: ValueSizes::Fixed(64),
+        ..DataSpec::new(&topic, 1, 5_000)
+    };
+    let produced = produce_data(&tb, spec).await;
+    let blocks = blocks_dir(&tb, "race");
+    let url = format!("file://{}", blocks.display());
+    apply_pipeline(
+        &tb,
+        &ns,
+        &pipeline(
+            "p",
+            &topic,
+            &tb.kafka_bootstrap,
+            &url,
+            json!({"maxRecords": 100}),
+        ),
+    )
+    .await;
+    let _op = spawn_operator(&tb, &ns, "op");
+    wait_for("50 jobs", Duration::from_secs(60), || async {
+        (jobs(&tb, &ns, "p").await.len() == 50).then_some(())
+    })
+    .await;
+    let a = spawn_builder(&tb, &ns, "p", "racer-a");
+    let b = spawn_builder(&tb, &ns, "p", "racer-b");
+    let committed =
+        wait_committed(&tb, &ns, "p", &topic, &produced, Duration::from_secs(300)).await;
+    assert_exact(&tb, &blocks, &produced, &committed);
+    let count = |p: &Proc, what: &str| p.log_text().matches(what).count();
+    let claims = count(&a, "\"claimed\"") + count(&b, "\"claimed\"");
+    let reports = count(&a, "\"reported\"") + count(&b, "\"reported\"");
+    assert_eq!(claims, 50, "each job claimed exactly once");
+    assert_eq!(reports, 50, "each job reported exactly once");
+    assert!(
+        count(&a, "\"reported\"") > 0 && count(&b, "\"reported\"") > 0,
+        "both builders worked"
+    );
+}
+
+#[tokio::test]
+async fn an_s3_outage_of_twenty_seconds_is_survived_exactly() {
+    let tb = Testbed::get().await;
+    let ns = tb.namespace("bld-s3down").await;
+    let topic = tb.topic("bld-s3down", 4);
+    let produced = produce_data(&tb, DataSpec::new(&topic, 4, 40_000)).await;
+
+    // A private S3 server, so stopping it does not disturb other tests.
+    let root = tb
+        .dir
+        .join(format!("s3-private-{:08x}", rand::random::<u32>()));
+    std::fs::create_dir_all(root.join("blocksmith")).unwrap();
+    let port = free_port();
+    let s3 = |tb: &Testbed| {
+        let mut cmd = std::process::Command::new(std::env::var("BLOCKSMITH_S3S_FS").unwrap());
+        cmd.args(["--host", "127.0.0.1", "--port", &port.to_string()])
+            .args(["--access-key", &std::env::var("AWS_ACCESS_KEY_ID").unwrap()])
+            .args([
+                "--secret-key",
+                &std::env::var("AWS_SECRET_ACCESS_KEY").unwrap(),
+            ])
+            .arg(&root);
+        tb.spawn(&format!("{ns}-s3"), cmd)
+    };
+    let mut server = s3(&tb);
+    let url = "s3://blocksmith/outage".to_string();
+    apply_pipeline(
+        &tb,
+        &ns,
+        &pipeline(
+            "p",
+            &topic,
+            &tb.kafka_bootstrap,
+            &url,
+            json!({"maxRecords": 2000, "backoffLimit": 8}),
+        ),
+    )
+    .await;
+    let _op = spawn_operator(&tb, &ns, "op");
+    let endpoint = format!("http://127.0.0.1:{port}");
+    let _b: Vec<Proc> = (0..2)
+        .map(|i| {
+            let id = format!("b{i}");
+            let mut cmd = tb.command("blocksmith-builder");
+            cmd.args(["--namespace", &ns, "--pipeline", "p", "--identity", &id])
+                .args(["--metrics-addr", &format!("127.0.0.1:{}", free_port())])
+                .arg("--work-dir")
+                .arg(tb.dir.join("scratch").join(&ns).join(&id))
+                .env("AWS_ENDPOINT", &endpoint);
+            tb.spawn(&format!("{ns}-{id}"), cmd)
+        })
+        .collect();
+    wait_for("some progress", Duration::from_secs(120), || async {
+        jobs(&tb, &ns, "p")
+            .await
+            .iter()
+            .any(|j| j.phase() == JobPhase::Succeeded)
+            .then_some(())
+    })
+    .await;
+    server.kill();
+    tokio::time::sleep(Duration::from_secs(20)).await;
+    server = s3(&tb);
+    let committed =
+        wait_committed(&tb, &ns, "p", &topic, &produced, Duration::from_secs(400)).await;
+    assert_exact(
+        &tb,
+        &root.join("blocksmith").join("outage"),
+        &produced,
+        &committed,
+    );
+    drop(server);
+}
+
+#[tokio::test]
+async fn a_job_run_twice_writes_byte_identical_objects() {
+    let tb = Testbed::get().await;
+    let ns = tb.namespace("bld-twice").await;
+    let topic = tb.topic("bld-twice", 1);
+    produce_data(&tb, DataSpec::new(&topic, 1, 3000)).await;
+    let blocks = blocks_dir(&tb, "twice");
+    let url = format!("file://{}", blocks.display());
+    apply_pipeline(
+        &tb,
+        &ns,
+        &pipeline(
+            "p",
+            &topic,
+            &tb.kafka_bootstrap,
+            &url,
+            json!({"maxRecords": 3000}),
+        ),
+    )
+    .await;
+    let _op = spawn_operator(&tb, &ns, "op");
+    let _b = spawn_builder(&tb, &ns, "p", "b");
+    let first = wait_for("first run", Duration::from_secs(120), || async {
+        jobs(&tb, &ns, "p")
+            .await
+            .into_iter()
+            .find(|j| j.phase() == JobPhase::Succeeded)
+    })
+    .await;
+    let name = first.metadata.name.clone().unwrap();
+    let data = blocks
+        .join(&topic)
+        .join("0")
+        .join("00000000000000000000-00000000000000003000.parquet");
+    let bytes_first = std::fs::read(&data).expect("block file");
+    let sha_first = first
+        .status
+        .as_ref()
+        .unwrap()
+        .output
+        .as_ref()
+        .unwrap()
+        .sha256
+        .clone();
+
+    // Reset by hand, as an admin would: back to Pending, lease cleared.
+    let api: Api<BlockJob> = Api::namespaced(tb.client.clone(), &ns);
+    let reset = json!({
+        "apiVersion": "blocksmith.io/v1alpha1", "kind": "BlockJob",
+        "status": { "phase": "Pending", "attempt": 2, "lease": { "holder": "", "leaseDurationSeconds": 6 } }
+    });
+    api.patch_status(
+        &name,
+        &PatchParams::apply("e2e-admin").force(),
+        &Patch::Apply(reset),
+    )
+    .await
+    .unwrap();
+    let second = wait_for("second run", Duration::from_secs(120), || async {
+        let j = api.get(&name).await.ok()?;
+        (j.phase() == JobPhase::Succeeded && j.attempt() == 2).then_some(j)
+    })
+    .await;
+    assert_eq!(second.status.unwrap().output.unwrap().sha256, sha_first);
+    assert_eq!(std::fs::read(&data).unwrap(), bytes_first, "byte-identical");
+}

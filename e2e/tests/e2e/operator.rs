@@ -1,0 +1,493 @@
+//! The operator against the real testbed, with the tests acting as builders through the API
+//! (server-side apply on `blockjobs/status`, the builders' exact contract).
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use blocksmith_crds::domain::{default_consumer_group, job_name};
+use blocksmith_crds::{BlockJob, BlockPipeline, JobPhase};
+use blocksmith_e2e::Testbed;
+use blocksmith_e2e::datagen::{DataSpec, ValueSizes, produce};
+use blocksmith_e2e::scenario::*;
+use kube::api::{Api, DeleteParams};
+use rand::SeedableRng;
+use rand::seq::SliceRandom;
+use serde_json::json;
+
+async fn produce_fixed(tb: &Testbed, topic: &str, partitions: i32, records: u64) {
+    let spec = DataSpec {
+        value_sizes: ValueSizes::Fixed(16),
+        ..DataSpec::new(topic, partitions, records)
+    };
+    let bootstrap = tb.kafka_bootstrap.clone();
+    tokio::task::spawn_blocking(move || produce(&bootstrap, &spec))
+        .await
+        .unwrap()
+        .expect("produce");
+}
+
+fn output(tb: &Testbed) -> String {
+    format!("file://{}", tb.dir.join("blocks").display())
+}
+
+async fn wait_jobs(tb: &Testbed, ns: &str, pipeline: &str, n: usize) -> Vec<BlockJob> {
+    wait_for(&format!("{n} jobs"), Duration::from_secs(60), || async {
+        let jobs = jobs(tb, ns, pipeline).await;
+        (jobs.len() == n).then_some(jobs)
+    })
+    .await
+}
+
+#[tokio::test]
+async fn plans_exactly_the_expected_jobs_and_no_more() {
+    let tb = Testbed::get().await;
+    let ns = tb.namespace("op-plan").await;
+    let topic = tb.topic("op-plan", 4);
+    produce_fixed(&tb, &topic, 4, 40_000).await;
+    apply_pipeline(
+        &tb,
+        &ns,
+        &pipeline(
+            "orders",
+            &topic,
+            &tb.kafka_bootstrap,
+            &output(&tb),
+            json!({"maxAge": "1h"}),
+        ),
+    )
+    .await;
+    let _op = spawn_operator(&tb, &ns, "op");
+
+    let planned = wait_jobs(&tb, &ns, "orders", 40).await;
+    let mut expected = Vec::new();
+    for p in 0..4 {
+        for start in (0..10_000).step_by(1000) {
+            expected.push((job_name("orders", p, start), p, start, start + 1000));
+        }
+    }
+    let got: Vec<_> = planned
+        .iter()
+        .map(|j| {
+            (
+                j.metadata.name.clone().unwrap(),
+                j.spec.partition,
+                j.spec.start_offset,
+                j.spec.end_offset,
+            )
+        })
+        .collect();
+    assert_eq!(got, expected);
+
+    // Several more reconciles (1 s poll): nothing new, nothing re-created.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let later = jobs(&tb, &ns, "orders").await;
+    let uids = |js: &[BlockJob]| {
+        js.iter()
+            .map(|j| j.metadata.uid.clone())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(uids(&later), uids(&planned));
+    let bp = get_pipeline(&tb, &ns, "orders").await;
+    let status = bp.status.expect("status");
+    assert_eq!(status.queue_depth, 40);
+    assert_eq!(status.lag, 40_000);
+    assert_eq!(
+        condition(&bp_with(status.clone()), "Ready").unwrap().0,
+        "True"
+    );
+}
+
+fn bp_with(status: blocksmith_crds::BlockPipelineStatus) -> BlockPipeline {
+    let mut bp = pipeline("x", "x", "x:1", "file:///x", json!({}));
+    bp.status = Some(status);
+    bp
+}
+
+#[tokio::test]
+async fn commits_move_only_over_contiguous_succeeded_prefixes() {
+    let tb = Testbed::get().await;
+    let ns = tb.namespace("op-commit").await;
+    let topic = tb.topic("op-commit", 2);
+    produce_fixed(&tb, &topic, 2, 10_000).await;
+    apply_pipeline(
+        &tb,
+        &ns,
+        &pipeline("p", &topic, &tb.kafka_bootstrap, &output(&tb), json!({})),
+    )
+    .await;
+    let _op = spawn_operator(&tb, &ns, "op");
+    let mut planned = wait_jobs(&tb, &ns, "p", 10).await;
+    let group = default_consumer_group(&ns, "p");
+
+    planned.shuffle(&mut rand::rngs::StdRng::seed_from_u64(7));
+    let builder = FakeBuilder::new(&tb, &ns, "fake-builder");
+    let mut done: BTreeMap<i32, Vec<i64>> = BTreeMap::new();
+    let mut last = BTreeMap::from([(0, 0i64), (1, 0i64)]);
+    for job in &planned {
+        let claimed = builder.claim(job).await.expect("claim");
+        builder.succeed(&claimed, 1).await.expect("succeed");
+        done.entry(job.spec.partition)
+            .or_default()
+            .push(job.spec.start_offset);
+        // The contiguous prefix from 0 of this partition's finished jobs.
+        let starts = &done[&job.spec.partition];
+        let mut prefix = 0;
+        while starts.contains(&prefix) {
+            prefix += 1000;
+        }
+        let expect = (job.spec.partition, prefix);
+        let bootstrap = tb.kafka_bootstrap.clone();
+        let (g, t) = (group.clone(), topic.clone());
+        let committed = wait_for(
+            &format!("commit {expect:?}"),
+            Duration::from_secs(30),
+            || {
+                let (b, g, t) = (bootstrap.clone(), g.clone(), t.clone());
+                async move {
+                    let c = tokio::task::spawn_blocking(move || committed_offsets(&b, &g, &t, 2))
+                        .await
+                        .unwrap();
+                    (c.get(&expect.0) == Some(&expect.1)).then_some(c)
+                }
+            },
+        )
+        .await;
+        for (p, o) in &committed {
+            assert!(
+                *o >= last[p],
+                "partition {p} moved backwards: {} -> {o}",
+                last[p]
+            );
+            assert_eq!(o % 1000, 0, "commits land on job boundaries");
+            last.insert(*p, *o);
+        }
+    }
+    assert_eq!(last, BTreeMap::from([(0, 5000), (1, 5000)]));
+}
+
+#[tokio::test]
+async fn an_expired_lease_returns_the_job_and_fences_the_old_holder() {
+    let tb = Testbed::get().await;
+    let ns = tb.namespace("op-lease").await;
+    let topic = tb.topic("op-lease", 1);
+    produce_fixed(&tb, &topic, 1, 1000).await;
+    apply_pipeline(
+        &tb,
+        &ns,
+        &pipeline(
+            "p",
+            &topic,
+            &tb.kafka_bootstrap,
+            &output(&tb),
+            json!({"leaseDurationSeconds": 3}),
+        ),
+    )
+    .await;
+    let _op = spawn_operator(&tb, &ns, "op");
+    let job = wait_jobs(&tb, &ns, "p", 1).await.remove(0);
+    let stale = FakeBuilder::new(&tb, &ns, "stale-builder");
+    let claimed = stale.claim(&job).await.expect("claim");
+    assert_eq!(claimed.phase(), JobPhase::Running);
+
+    // Never renewed: after 3 s the operator takes it back.
+    let reset = wait_for(
+        "the job back in Pending",
+        Duration::from_secs(30),
+        || async {
+            let j = jobs(&tb, &ns, "p").await.remove(0);
+            (j.phase() == JobPhase::Pending && j.attempt() == 2).then_some(j)
+        },
+    )
+    .await;
+    let st = reset.status.unwrap();
+    assert!(st.not_before.is_some(), "backoff before the retry");
+    assert_eq!(st.lease.unwrap().holder, "");
+
+    let err = stale
+        .succeed(&claimed, 1)
+        .await
+        .expect_err("a stale holder's report is rejected");
+    assert!(
+        matches!(&err, kube::Error::Api(e) if e.code == 409),
+        "{err}"
+    );
+    let j = jobs(&tb, &ns, "p").await.remove(0);
+    assert_eq!(j.phase(), JobPhase::Pending);
+}
+
+#[tokio::test]
+async fn a_job_failing_past_its_backoff_limit_degrades_and_holds_the_commit_until_deleted() {
+    let tb = Testbed::get().await;
+    let ns = tb.namespace("op-fail").await;
+    let topic = tb.topic("op-fail", 1);
+    produce_fixed(&tb, &topic, 1, 3000).await;
+    apply_pipeline(
+        &tb,
+        &ns,
+        &pipeline(
+            "p",
+            &topic,
+            &tb.kafka_bootstrap,
+            &output(&tb),
+            json!({"backoffLimit": 2}),
+        ),
+    )
+    .await;
+    let _op = spawn_operator(&tb, &ns, "op");
+    let planned = wait_jobs(&tb, &ns, "p", 3).await;
+    let b = FakeBuilder::new(&tb, &ns, "b");
+    let group = default_consumer_group(&ns, "p");
+
+    // Jobs 0 and 2 succeed; job 1 fails twice.
+    for j in [&planned[0], &planned[2]] {
+        let c = b.claim(j).await.unwrap();
+        b.succeed(&c, 1).await.unwrap();
+    }
+    let bad = &planned[1];
+    let c = b.claim(bad).await.unwrap();
+    b.report(&c, 1, "Failed", json!({"message": "boom 1"}))
+        .await
+        .unwrap();
+    let retry = wait_for("retry as attempt 2", Duration::from_secs(30), || async {
+        let j = jobs(&tb, &ns, "p")
+            .await
+            .into_iter()
+            .find(|j| j.metadata.name == bad.metadata.name)?;
+        (j.phase() == JobPhase::Pending && j.attempt() == 2).then_some(j)
+    })
+    .await;
+    let c = b.claim(&retry).await.unwrap();
+    b.report(&c, 2, "Failed", json!({"message": "boom 2"}))
+        .await
+        .unwrap();
+
+    let bp = wait_for("Degraded/JobFailed", Duration::from_secs(30), || async {
+        let bp = get_pipeline(&tb, &ns, "p").await;
+        (condition(&bp, "Degraded").map(|c| (c.0, c.1))
+            == Some(("True".into(), "JobFailed".into())))
+        .then_some(bp)
+    })
+    .await;
+    let (_, _, message) = condition(&bp, "Degraded").unwrap();
+    assert!(
+        message.contains("boom 2") && message.contains("held at offset 1000"),
+        "{message}"
+    );
+    assert_eq!(bp.status.as_ref().unwrap().failed_jobs, 1);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let committed = committed_offsets(&tb.kafka_bootstrap, &group, &topic, 1);
+    assert_eq!(
+        committed.get(&0),
+        Some(&1000),
+        "commit held at the failed job"
+    );
+    let j = jobs(&tb, &ns, "p")
+        .await
+        .into_iter()
+        .find(|j| j.metadata.name == bad.metadata.name)
+        .unwrap();
+    assert_eq!(j.phase(), JobPhase::Failed, "stays Failed");
+
+    // The user's retry: delete it; it comes back fresh with the same range.
+    Api::<BlockJob>::namespaced(tb.client.clone(), &ns)
+        .delete(
+            bad.metadata.name.as_deref().unwrap(),
+            &DeleteParams::default(),
+        )
+        .await
+        .unwrap();
+    let fresh = wait_for("the job re-created", Duration::from_secs(30), || async {
+        let j = jobs(&tb, &ns, "p")
+            .await
+            .into_iter()
+            .find(|j| j.metadata.name == bad.metadata.name)?;
+        (j.metadata.uid != bad.metadata.uid).then_some(j)
+    })
+    .await;
+    assert_eq!(
+        (fresh.spec.start_offset, fresh.spec.end_offset),
+        (1000, 2000)
+    );
+    assert_eq!(fresh.attempt(), 1);
+    let c = b.claim(&fresh).await.unwrap();
+    b.succeed(&c, 1).await.unwrap();
+    wait_for(
+        "commit past the retried job",
+        Duration::from_secs(30),
+        || async {
+            (committed_offsets(&tb.kafka_bootstrap, &group, &topic, 1).get(&0) == Some(&3000))
+                .then_some(())
+        },
+    )
+    .await;
+    wait_for("Degraded cleared", Duration::from_secs(30), || async {
+        let bp = get_pipeline(&tb, &ns, "p").await;
+        (condition(&bp, "Degraded")?.0 == "False").then_some(())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_restarted_operator_neither_replans_nor_regresses() {
+    let tb = Testbed::get().await;
+    let ns = tb.namespace("op-restart").await;
+    let topic = tb.topic("op-restart", 2);
+    produce_fixed(&tb, &topic, 2, 6000).await;
+    apply_pipeline(
+        &tb,
+        &ns,
+        &pipeline("p", &topic, &tb.kafka_bootstrap, &output(&tb), json!({})),
+    )
+    .await;
+    let mut op = spawn_operator(&tb, &ns, "op-1");
+    let planned = wait_jobs(&tb, &ns, "p", 6).await;
+    let b = FakeBuilder::new(&tb, &ns, "b");
+    let group = default_consumer_group(&ns, "p");
+    for j in &planned[..2] {
+        let c = b.claim(j).await.unwrap();
+        b.succeed(&c, 1).await.unwrap();
+    }
+    wait_for("first commit", Duration::from_secs(30), || async {
+        (committed_offsets(&tb.kafka_bootstrap, &group, &topic, 2).get(&0) == Some(&2000))
+            .then_some(())
+    })
+    .await;
+    op.proc.kill();
+    // Work goes on while the operator is down.
+    for j in &planned[2..4] {
+        let c = b.claim(j).await.unwrap();
+        b.succeed(&c, 1).await.unwrap();
+    }
+    let before = committed_offsets(&tb.kafka_bootstrap, &group, &topic, 2);
+    let _op2 = spawn_operator(&tb, &ns, "op-2");
+    wait_for("commit after restart", Duration::from_secs(40), || async {
+        (committed_offsets(&tb.kafka_bootstrap, &group, &topic, 2).get(&0) == Some(&3000))
+            .then_some(())
+    })
+    .await;
+    let after = committed_offsets(&tb.kafka_bootstrap, &group, &topic, 2);
+    for (p, o) in &before {
+        assert!(
+            after[p] >= *o,
+            "partition {p} regressed {o} -> {}",
+            after[p]
+        );
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let now = jobs(&tb, &ns, "p").await;
+    // Succeeded, committed jobs may be cleaned up later; every remaining job is one planned
+    // before the restart, with the same uid.
+    for j in &now {
+        let orig = planned
+            .iter()
+            .find(|o| o.metadata.name == j.metadata.name)
+            .expect("no new job");
+        assert_eq!(
+            orig.metadata.uid, j.metadata.uid,
+            "{:?} re-created",
+            j.metadata.name
+        );
+    }
+}
+
+#[tokio::test]
+async fn two_operators_elect_one_leader_and_fail_over() {
+    let tb = Testbed::get().await;
+    let ns = tb.namespace("op-leader").await;
+    let mut a = spawn_operator(&tb, &ns, "op-a");
+    let mut b = spawn_operator(&tb, &ns, "op-b");
+    let leader = wait_for("a leader", Duration::from_secs(30), || async {
+        let (la, lb) = (
+            a.proc.log_text().contains("became leader"),
+            b.proc.log_text().contains("became leader"),
+        );
+        assert!(!(la && lb), "two leaders");
+        match (la, lb) {
+            (true, false) => Some('a'),
+            (false, true) => Some('b'),
+            _ => None,
+        }
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let (dead, survivor) = if leader == 'a' {
+        (&mut a, &mut b)
+    } else {
+        (&mut b, &mut a)
+    };
+    assert!(
+        !survivor.proc.log_text().contains("became leader"),
+        "still one leader"
+    );
+    dead.proc.kill();
+    let started = std::time::Instant::now();
+    wait_for("failover", Duration::from_secs(30), || async {
+        survivor
+            .proc
+            .log_text()
+            .contains("became leader")
+            .then_some(())
+    })
+    .await;
+    // Lease is 6 s; the survivor retries every 2 s.
+    assert!(
+        started.elapsed() < Duration::from_secs(15),
+        "took {:?}",
+        started.elapsed()
+    );
+}
+
+#[tokio::test]
+async fn bad_input_is_reported_with_the_field_or_reason() {
+    let tb = Testbed::get().await;
+    let ns = tb.namespace("op-bad").await;
+    let _op = spawn_operator(&tb, &ns, "op");
+    let api: Api<BlockPipeline> = Api::namespaced(tb.client.clone(), &ns);
+
+    // Rejected by the CRD schema.
+    let bad = pipeline(
+        "schema",
+        "t",
+        "k:9092",
+        "file:///x",
+        json!({"maxAge": "5 minutes"}),
+    );
+    let err = api
+        .create(&Default::default(), &bad)
+        .await
+        .expect_err("schema rejects maxAge");
+    assert!(err.to_string().contains("maxAge"), "{err}");
+
+    // Accepted by the schema, reported by the operator.
+    let mut invalid = pipeline("invalid", "t", "k:9092", "file:///x", json!({}));
+    invalid.spec.output.compression = blocksmith_crds::pipeline::Compression::Snappy;
+    apply_pipeline(&tb, &ns, &invalid).await;
+    let (_, reason, message) = wait_for("InvalidSpec", Duration::from_secs(30), || async {
+        let c = condition(&get_pipeline(&tb, &ns, "invalid").await, "Ready")?;
+        (c.1 == "InvalidSpec").then_some(c)
+    })
+    .await;
+    assert_eq!(reason, "InvalidSpec");
+    assert!(
+        message.contains("spec.output.compressionLevel"),
+        "{message}"
+    );
+    assert!(jobs(&tb, &ns, "invalid").await.is_empty());
+
+    // A topic that does not exist.
+    let missing = pipeline(
+        "missing",
+        "no-such-topic",
+        &tb.kafka_bootstrap,
+        "file:///x",
+        json!({}),
+    );
+    apply_pipeline(&tb, &ns, &missing).await;
+    let (_, reason, message) = wait_for("TopicNotFound", Duration::from_secs(30), || async {
+        let c = condition(&get_pipeline(&tb, &ns, "missing").await, "Degraded")?;
+        (c.0 == "True").then_some(c)
+    })
+    .await;
+    assert_eq!(reason, "TopicNotFound", "{message}");
+    assert!(message.contains("no-such-topic"), "{message}");
+}

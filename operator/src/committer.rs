@@ -1,0 +1,125 @@
+//! Committing: how far a partition's consumer-group offset may move, given its jobs.
+
+/// A job's range `[start, end)` and whether its block is durable.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct JobProgress {
+    pub start: i64,
+    pub end: i64,
+    pub succeeded: bool,
+}
+
+/// The offset to commit: the end of the contiguous run of succeeded jobs starting at
+/// `committed` (Kafka's convention: the committed offset is the next offset to read).
+///
+/// Jobs may come in any order; jobs entirely below `committed` are history and ignored.
+/// A succeeded job that straddles `committed` also counts: its block holds every offset
+/// from `committed` to its end, and nothing else could ever be planned there. The result
+/// is never below `committed`, so commits never move backwards.
+pub fn next_commit(committed: i64, jobs: &[JobProgress]) -> i64 {
+    let mut done: Vec<(i64, i64)> = jobs
+        .iter()
+        .filter(|j| j.succeeded && j.end > committed)
+        .map(|j| (j.start, j.end))
+        .collect();
+    done.sort_unstable();
+    let mut cursor = committed;
+    for (start, end) in done {
+        if start > cursor {
+            break;
+        }
+        cursor = cursor.max(end);
+    }
+    cursor
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn job(start: i64, end: i64, succeeded: bool) -> JobProgress {
+        JobProgress {
+            start,
+            end,
+            succeeded,
+        }
+    }
+
+    #[test]
+    fn advances_over_contiguous_succeeded_jobs_in_any_order() {
+        let jobs = [job(200, 300, true), job(0, 100, true), job(100, 200, true)];
+        assert_eq!(next_commit(0, &jobs), 300);
+    }
+
+    #[test]
+    fn stops_at_the_first_unfinished_job() {
+        let jobs = [job(0, 100, true), job(100, 200, false), job(200, 300, true)];
+        assert_eq!(next_commit(0, &jobs), 100);
+    }
+
+    #[test]
+    fn stops_at_a_gap() {
+        let jobs = [job(0, 100, true), job(150, 200, true)];
+        assert_eq!(next_commit(0, &jobs), 100);
+    }
+
+    #[test]
+    fn ignores_history_and_never_moves_backwards() {
+        let jobs = [job(0, 100, true), job(100, 200, false)];
+        assert_eq!(next_commit(100, &jobs), 100);
+        assert_eq!(next_commit(500, &jobs), 500);
+        assert_eq!(next_commit(500, &[]), 500);
+    }
+
+    #[test]
+    fn nothing_starting_at_the_commit_keeps_it() {
+        assert_eq!(next_commit(50, &[job(100, 200, true)]), 50);
+    }
+
+    #[test]
+    fn a_succeeded_job_straddling_the_commit_counts() {
+        let jobs = [job(0, 100, true), job(100, 200, true)];
+        assert_eq!(next_commit(40, &jobs), 200);
+        assert_eq!(next_commit(40, &[job(0, 100, false)]), 40);
+    }
+
+    /// A range tiled by jobs of random lengths, and the order they finish in.
+    fn tiling() -> impl Strategy<Value = (i64, Vec<JobProgress>, Vec<usize>)> {
+        (0i64..1_000, prop::collection::vec(1i64..50, 1..30)).prop_flat_map(|(start, lengths)| {
+            let mut jobs = Vec::with_capacity(lengths.len());
+            let mut cursor = start;
+            for len in lengths {
+                jobs.push(job(cursor, cursor + len, false));
+                cursor += len;
+            }
+            let order: Vec<usize> = (0..jobs.len()).collect();
+            (Just(start), Just(jobs), Just(order).prop_shuffle())
+        })
+    }
+
+    proptest! {
+        #[test]
+        fn commit_follows_the_succeeded_prefix((start, mut jobs, order) in tiling()) {
+            let range_end = jobs.last().unwrap().end;
+            let mut committed = start;
+            for i in order {
+                jobs[i].succeeded = true;
+                let next = next_commit(committed, &jobs);
+                prop_assert!(next >= committed, "commit moved backwards");
+                prop_assert!(
+                    next == start || jobs.iter().any(|j| j.end == next),
+                    "commit {next} is not at a job boundary"
+                );
+                for j in jobs.iter().filter(|j| j.start < next) {
+                    prop_assert!(j.succeeded, "commit {next} passed unfinished job {j:?}");
+                }
+                // Maximal: the job the commit stops at has not succeeded.
+                if let Some(j) = jobs.iter().find(|j| j.start == next) {
+                    prop_assert!(!j.succeeded);
+                }
+                committed = next;
+            }
+            prop_assert_eq!(committed, range_end);
+        }
+    }
+}

@@ -1,0 +1,145 @@
+//! Pipeline status conditions in the standard shape, derived from what the reconcile found.
+
+use jiff::Timestamp;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+
+pub const READY: &str = "Ready";
+pub const PROGRESSING: &str = "Progressing";
+pub const DEGRADED: &str = "Degraded";
+pub const SUSPENDED: &str = "Suspended";
+
+/// Something wrong with a pipeline: a condition reason and a message a user can act on.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Problem {
+    pub reason: &'static str,
+    pub message: String,
+}
+
+/// What one reconcile learned about a pipeline.
+#[derive(Clone, Debug, Default)]
+pub struct Observed {
+    /// The most important problem first.
+    pub problems: Vec<Problem>,
+    pub suspended: bool,
+    pub lag: i64,
+    pub unfinished_jobs: i64,
+}
+
+/// The new condition list. `lastTransitionTime` only moves when a condition's status flips.
+pub fn conditions(
+    old: &[Condition],
+    observed: &Observed,
+    generation: Option<i64>,
+    now: Timestamp,
+) -> Vec<Condition> {
+    let first = observed.problems.first();
+    let (ready, ready_reason, ready_msg) = match first {
+        Some(p) => ("False", p.reason, p.message.clone()),
+        None => (
+            "True",
+            "Reconciled",
+            "offsets are read and committed".to_string(),
+        ),
+    };
+    let (degraded, degraded_reason, degraded_msg) = match first {
+        Some(_) => (
+            "True",
+            first.map_or("", |p| p.reason),
+            observed
+                .problems
+                .iter()
+                .map(|p| p.message.as_str())
+                .collect::<Vec<_>>()
+                .join("; "),
+        ),
+        None => ("False", "AsExpected", String::new()),
+    };
+    let (progressing, progressing_reason, progressing_msg) = if observed.suspended {
+        ("False", "Suspended", "planning is suspended".to_string())
+    } else if observed.lag > 0 || observed.unfinished_jobs > 0 {
+        (
+            "True",
+            "Building",
+            format!(
+                "{} records behind, {} jobs unfinished",
+                observed.lag, observed.unfinished_jobs
+            ),
+        )
+    } else {
+        ("False", "CaughtUp", "every offset is committed".to_string())
+    };
+    let (suspended, suspended_reason) = if observed.suspended {
+        ("True", "SuspendedBySpec")
+    } else {
+        ("False", "Active")
+    };
+    [
+        (READY, ready, ready_reason, ready_msg),
+        (
+            PROGRESSING,
+            progressing,
+            progressing_reason,
+            progressing_msg,
+        ),
+        (DEGRADED, degraded, degraded_reason, degraded_msg),
+        (SUSPENDED, suspended, suspended_reason, String::new()),
+    ]
+    .into_iter()
+    .map(|(type_, status, reason, message)| {
+        let previous = old.iter().find(|c| c.type_ == type_);
+        let last_transition_time = match previous {
+            Some(c) if c.status == status => c.last_transition_time.clone(),
+            _ => Time(now),
+        };
+        Condition {
+            type_: type_.into(),
+            status: status.into(),
+            reason: reason.into(),
+            message,
+            observed_generation: generation,
+            last_transition_time,
+        }
+    })
+    .collect()
+}
+
+/// The condition of `type_` in a list, if present.
+pub fn find<'a>(conditions: &'a [Condition], type_: &str) -> Option<&'a Condition> {
+    conditions.iter().find(|c| c.type_ == type_)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn healthy_then_degraded_keeps_and_moves_transition_times() {
+        let t0: Timestamp = "2026-01-01T00:00:00Z".parse().unwrap();
+        let t1: Timestamp = "2026-01-01T00:01:00Z".parse().unwrap();
+        let healthy = conditions(&[], &Observed::default(), Some(1), t0);
+        assert_eq!(find(&healthy, READY).unwrap().status, "True");
+        assert_eq!(find(&healthy, DEGRADED).unwrap().status, "False");
+        let again = conditions(&healthy, &Observed::default(), Some(1), t1);
+        assert_eq!(again, healthy, "nothing changed, nothing moves");
+
+        let bad = Observed {
+            problems: vec![Problem {
+                reason: "TopicNotFound",
+                message: "topic \"x\" does not exist".into(),
+            }],
+            ..Default::default()
+        };
+        let degraded = conditions(&healthy, &bad, Some(1), t1);
+        let d = find(&degraded, DEGRADED).unwrap();
+        assert_eq!(
+            (d.status.as_str(), d.reason.as_str()),
+            ("True", "TopicNotFound")
+        );
+        assert_eq!(d.last_transition_time, Time(t1));
+        assert_eq!(find(&degraded, READY).unwrap().reason, "TopicNotFound");
+        assert_eq!(
+            find(&degraded, SUSPENDED).unwrap().last_transition_time,
+            Time(t0)
+        );
+    }
+}

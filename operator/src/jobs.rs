@@ -1,0 +1,147 @@
+//! The work queue in etcd: BlockJob objects of one pipeline, written by the operator with
+//! server-side apply under its own field manager.
+
+use std::collections::BTreeMap;
+
+use blocksmith_crds::domain::{LABEL_PARTITION, LABEL_PHASE, LABEL_PIPELINE, job_name};
+use blocksmith_crds::{BlockJob, BlockJobSpec, BlockPipeline, JobOutputSpec, JobPhase};
+use jiff::Timestamp;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
+use kube::{Resource, ResourceExt};
+use serde_json::json;
+
+use crate::metrics::Metrics;
+use crate::planner::PlannedJob;
+
+pub const MANAGER: &str = "blocksmith-operator";
+
+pub struct JobStore {
+    api: Api<BlockJob>,
+    pipeline: String,
+    metrics: Metrics,
+}
+
+impl JobStore {
+    pub fn new(client: kube::Client, namespace: &str, pipeline: &str, metrics: Metrics) -> Self {
+        Self {
+            api: Api::namespaced(client, namespace),
+            pipeline: pipeline.into(),
+            metrics,
+        }
+    }
+
+    pub async fn list(&self) -> kube::Result<Vec<BlockJob>> {
+        let lp = ListParams::default().labels(&format!("{LABEL_PIPELINE}={}", self.pipeline));
+        Ok(self.api.list(&lp).await?.items)
+    }
+
+    /// Creates (or re-asserts) a job with its immutable spec, owner and labels.
+    pub async fn apply(&self, job: &BlockJob) -> kube::Result<BlockJob> {
+        self.metrics.api_write("apply_job");
+        self.api
+            .patch(
+                &job.name_any(),
+                &PatchParams::apply(MANAGER).force(),
+                &Patch::Apply(job),
+            )
+            .await
+    }
+
+    /// Takes a job back from its builder: `Pending` again at `attempt` after `not_before`, or
+    /// `Failed` for good. The forced apply takes the lease fields from the builder's field
+    /// manager, so the builder's next renewal or report conflicts; `resourceVersion` makes it
+    /// a compare-and-swap against what the decision was based on.
+    pub async fn reset(
+        &self,
+        job: &BlockJob,
+        phase: JobPhase,
+        attempt: i32,
+        not_before: Option<Timestamp>,
+        message: &str,
+    ) -> kube::Result<BlockJob> {
+        let lease_seconds = job
+            .status
+            .as_ref()
+            .and_then(|s| s.lease.as_ref())
+            .map_or(0, |l| l.lease_duration_seconds);
+        let mut status = json!({
+            "phase": phase,
+            "attempt": attempt,
+            "message": message,
+            "lease": { "holder": "", "leaseDurationSeconds": lease_seconds },
+        });
+        if let Some(t) = not_before {
+            status["notBefore"] = json!(Time(t));
+        }
+        let patch = json!({
+            "apiVersion": "blocksmith.io/v1alpha1",
+            "kind": "BlockJob",
+            "metadata": { "resourceVersion": job.resource_version() },
+            "status": status,
+        });
+        self.metrics.api_write("reset_job");
+        self.api
+            .patch_status(
+                &job.name_any(),
+                &PatchParams::apply(MANAGER).force(),
+                &Patch::Apply(patch),
+            )
+            .await
+    }
+
+    pub async fn delete(&self, name: &str) -> kube::Result<()> {
+        self.metrics.api_write("delete_job");
+        match self.api.delete(name, &DeleteParams::background()).await {
+            Ok(_) => Ok(()),
+            Err(kube::Error::Api(e)) if e.code == 404 => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+}
+
+/// The job object the operator wants for a planned range. `phase` only sets the label that
+/// lets `kubectl` and builders select jobs by phase server-side; the truth is `status.phase`.
+pub fn desired_job(bp: &BlockPipeline, spec: BlockJobSpec, phase: JobPhase) -> BlockJob {
+    let name = job_name(&spec.pipeline, spec.partition, spec.start_offset);
+    let mut job = BlockJob::new(&name, spec);
+    job.metadata.namespace = bp.namespace();
+    job.metadata.labels = Some(BTreeMap::from([
+        (LABEL_PIPELINE.to_string(), bp.name_any()),
+        (LABEL_PARTITION.to_string(), job.spec.partition.to_string()),
+        (LABEL_PHASE.to_string(), phase.to_string()),
+    ]));
+    job.metadata.owner_references = bp.controller_owner_ref(&()).map(|o| vec![o]);
+    job
+}
+
+/// The immutable spec of a newly planned job: the range plus the pipeline's output settings
+/// as they are now.
+pub fn job_spec(bp: &BlockPipeline, planned: &PlannedJob) -> BlockJobSpec {
+    let o = &bp.spec.output;
+    BlockJobSpec {
+        pipeline: bp.name_any(),
+        topic: bp.spec.kafka.topic.clone(),
+        partition: planned.partition,
+        start_offset: planned.start,
+        end_offset: planned.end,
+        bootstrap_servers: bp.spec.kafka.bootstrap_servers.clone(),
+        lease_duration_seconds: bp.spec.jobs.lease_duration_seconds,
+        output: JobOutputSpec {
+            url: o.url.clone(),
+            format: o.format,
+            compression: o.compression,
+            compression_level: o.compression_level,
+            row_group_size: o.row_group_size,
+        },
+    }
+}
+
+/// The phase label currently on a job, if any.
+pub fn phase_label(job: &BlockJob) -> Option<&str> {
+    job.meta()
+        .labels
+        .as_ref()?
+        .get(LABEL_PHASE)
+        .map(String::as_str)
+}

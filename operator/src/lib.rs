@@ -1,0 +1,18 @@
+//! blocksmith's operator: plans BlockJobs from partition lag, expires leases, retries failed
+//! jobs, and commits consumer-group offsets over the contiguous prefix of succeeded jobs.
+//!
+//! Pure decisions: [`planner`], [`committer`], [`lifecycle`], [`conditions`], [`validate`].
+//! I/O: [`kafka`] (offsets), [`jobs`] (the BlockJob queue), [`reconcile`] (one pass over a
+//! pipeline), [`leader`] (Lease-based leader election), [`metrics`] (Prometheus, probes).
+
+pub mod committer;
+pub mod conditions;
+pub mod jobs;
+pub mod kafka;
+pub mod leader;
+pub mod lifecycle;
+pub mod metrics;
+pub mod planner;
+pub mod reconcile;
+pub mod telemetry;
+pub mod validate;

@@ -1,0 +1,395 @@
+//! What the operator does to each BlockJob as time passes: expire leases, retry failures,
+//! count the queue, and clean up committed history.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use blocksmith_crds::domain::{lease_expiry, retry_backoff};
+use blocksmith_crds::{BlockJobStatus, JobPhase};
+use jiff::{SignedDuration, Timestamp};
+
+/// The operator's next step for one job.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum JobAction {
+    None,
+    /// The job is `Running` but its lease ran out (or it has none): reset it to `Pending`
+    /// with this attempt number and backoff, clearing the lease.
+    Expire {
+        next_attempt: i32,
+        not_before: Timestamp,
+    },
+    /// The job is `Running` but its lease ran out on the last allowed attempt: mark it
+    /// `Failed` (with a message saying the lease expired), clearing the lease. From then on
+    /// it is [`JobAction::Exhausted`].
+    ExpireExhausted,
+    /// The job is `Failed` with attempts left: reset it to `Pending` with this attempt
+    /// number and backoff.
+    Retry {
+        next_attempt: i32,
+        not_before: Timestamp,
+    },
+    /// The job is `Failed` with no attempts left: it stays so, holds back its partition's
+    /// commit, and the pipeline is `Degraded` until the user deletes the job (their retry).
+    Exhausted,
+}
+
+/// Decides what to do with a job. A job without status is `Pending`.
+pub fn job_action(
+    status: Option<&BlockJobStatus>,
+    backoff_limit: i32,
+    now: Timestamp,
+) -> JobAction {
+    let Some(status) = status else {
+        return JobAction::None;
+    };
+    let attempt = status.attempt();
+    let has_attempts_left = attempt < backoff_limit;
+    match status.phase() {
+        JobPhase::Pending | JobPhase::Succeeded => JobAction::None,
+        JobPhase::Running => match lease_expires_at(status) {
+            Some(expiry) if expiry > now => JobAction::None,
+            _ if has_attempts_left => JobAction::Expire {
+                next_attempt: attempt.saturating_add(1),
+                not_before: backoff_until(attempt, now),
+            },
+            _ => JobAction::ExpireExhausted,
+        },
+        JobPhase::Failed if has_attempts_left => JobAction::Retry {
+            next_attempt: attempt.saturating_add(1),
+            not_before: backoff_until(attempt, now),
+        },
+        JobPhase::Failed => JobAction::Exhausted,
+    }
+}
+
+/// When a running job's lease runs out; `None` when it has no usable lease (no holder or
+/// no renew/acquire time), which counts as already expired. A lease is expired from this
+/// instant on, so waking at it is enough.
+fn lease_expires_at(status: &BlockJobStatus) -> Option<Timestamp> {
+    let lease = status.lease.as_ref().filter(|l| !l.holder.is_empty())?;
+    let renewed = lease.renew_time.as_ref().or(lease.acquire_time.as_ref())?;
+    Some(lease_expiry(renewed.0, lease.lease_duration_seconds))
+}
+
+fn backoff_until(attempt: i32, now: Timestamp) -> Timestamp {
+    add(now, retry_backoff(attempt.saturating_add(1)))
+}
+
+fn add(t: Timestamp, d: Duration) -> Timestamp {
+    t.checked_add(d).unwrap_or(Timestamp::MAX)
+}
+
+/// Whether a builder may claim the job now: `Pending` (or no status) and past its backoff.
+pub fn is_claimable(status: Option<&BlockJobStatus>, now: Timestamp) -> bool {
+    status.is_none_or(|s| {
+        s.phase() == JobPhase::Pending && s.not_before.as_ref().is_none_or(|t| t.0 <= now)
+    })
+}
+
+/// Claimable jobs: the metric the builders' HPA scales on.
+pub fn queue_depth<'a>(
+    statuses: impl IntoIterator<Item = Option<&'a BlockJobStatus>>,
+    now: Timestamp,
+) -> usize {
+    statuses
+        .into_iter()
+        .filter(|s| is_claimable(*s, now))
+        .count()
+}
+
+/// The next time, always after `now`, at which this job needs the operator without any
+/// write to it: a running job's lease expiry, or the end of a pending job's backoff (the
+/// queue depth changes). When [`job_action`] asks to expire or retry the job, this is the
+/// `not_before` of that action, assuming the operator applies it now.
+pub fn next_wakeup(
+    status: Option<&BlockJobStatus>,
+    backoff_limit: i32,
+    now: Timestamp,
+) -> Option<Timestamp> {
+    let status = status?;
+    match job_action(Some(status), backoff_limit, now) {
+        JobAction::Expire { not_before, .. } | JobAction::Retry { not_before, .. } => {
+            return Some(not_before);
+        }
+        JobAction::ExpireExhausted | JobAction::Exhausted => return None,
+        JobAction::None => {}
+    }
+    match status.phase() {
+        JobPhase::Running => lease_expires_at(status),
+        JobPhase::Pending => status.not_before.as_ref().map(|t| t.0).filter(|t| *t > now),
+        JobPhase::Succeeded | JobPhase::Failed => None,
+    }
+}
+
+/// A succeeded job, as cleanup needs to see it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FinishedJob {
+    pub name: String,
+    pub partition: i32,
+    pub end: i64,
+    /// `None` (no `completionTime`) means unknown age: never deleted by the TTL, but first
+    /// to go when over the history limit.
+    pub completion_time: Option<Timestamp>,
+}
+
+/// Names of succeeded jobs to delete, sorted. Only jobs whose whole range is committed
+/// (`end <= committed` of their partition) are eligible: the others still hold back or
+/// explain the commit. Eligible jobs are deleted once `ttl` has passed since they
+/// completed, and beyond the newest `history_limit` (by completion time, then end).
+pub fn jobs_to_delete(
+    succeeded: &[FinishedJob],
+    committed: &BTreeMap<i32, i64>,
+    ttl: Duration,
+    history_limit: usize,
+    now: Timestamp,
+) -> Vec<String> {
+    let ttl = SignedDuration::try_from(ttl).unwrap_or(SignedDuration::MAX);
+    let (mut expired, mut kept): (Vec<&FinishedJob>, Vec<&FinishedJob>) = succeeded
+        .iter()
+        .filter(|j| committed.get(&j.partition).is_some_and(|c| j.end <= *c))
+        .partition(|j| {
+            j.completion_time
+                .is_some_and(|t| now.duration_since(t) >= ttl)
+        });
+    // Newest first; name last so the result never depends on input order.
+    kept.sort_by(|a, b| {
+        (b.completion_time, b.end, &b.name).cmp(&(a.completion_time, a.end, &a.name))
+    });
+    expired.extend(kept.into_iter().skip(history_limit));
+    let mut names: Vec<String> = expired.into_iter().map(|j| j.name.clone()).collect();
+    names.sort();
+    names
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use blocksmith_crds::JobLease;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+
+    fn t(secs: i64) -> Timestamp {
+        Timestamp::from_second(1_700_000_000 + secs).unwrap()
+    }
+
+    fn status(phase: JobPhase, attempt: i32) -> BlockJobStatus {
+        BlockJobStatus {
+            phase,
+            attempt: Some(attempt),
+            ..Default::default()
+        }
+    }
+
+    fn running(attempt: i32, renewed: i64, duration: i32) -> BlockJobStatus {
+        BlockJobStatus {
+            lease: Some(JobLease {
+                holder: "builder-0".into(),
+                acquire_time: Some(Time(t(0))),
+                renew_time: Some(Time(t(renewed))),
+                lease_duration_seconds: duration,
+            }),
+            ..status(JobPhase::Running, attempt)
+        }
+    }
+
+    fn pending_until(not_before: i64) -> BlockJobStatus {
+        BlockJobStatus {
+            not_before: Some(Time(t(not_before))),
+            ..status(JobPhase::Pending, 2)
+        }
+    }
+
+    #[test]
+    fn pending_and_succeeded_jobs_need_nothing() {
+        assert_eq!(job_action(None, 3, t(0)), JobAction::None);
+        for phase in [JobPhase::Pending, JobPhase::Succeeded] {
+            assert_eq!(
+                job_action(Some(&status(phase, 9)), 3, t(0)),
+                JobAction::None
+            );
+        }
+    }
+
+    #[test]
+    fn live_lease_needs_nothing() {
+        let s = running(1, 100, 30);
+        assert_eq!(job_action(Some(&s), 3, t(129)), JobAction::None);
+    }
+
+    #[test]
+    fn expired_lease_is_requeued_with_backoff() {
+        let s = running(1, 100, 30);
+        let expected = JobAction::Expire {
+            next_attempt: 2,
+            not_before: t(130) + retry_backoff(2),
+        };
+        assert_eq!(job_action(Some(&s), 3, t(130)), expected);
+    }
+
+    #[test]
+    fn lease_without_renewal_expires_from_its_acquire_time() {
+        let mut s = running(1, 0, 30);
+        s.lease.as_mut().unwrap().renew_time = None;
+        assert_eq!(job_action(Some(&s), 3, t(29)), JobAction::None);
+        assert!(matches!(
+            job_action(Some(&s), 3, t(30)),
+            JobAction::Expire { .. }
+        ));
+    }
+
+    #[test]
+    fn running_without_lease_info_expires_at_once() {
+        let bare = status(JobPhase::Running, 1);
+        let mut released = running(1, 100, 30);
+        released.lease.as_mut().unwrap().holder.clear();
+        for s in [bare, released] {
+            assert_eq!(
+                job_action(Some(&s), 3, t(100)),
+                JobAction::Expire {
+                    next_attempt: 2,
+                    not_before: t(100) + retry_backoff(2)
+                }
+            );
+        }
+    }
+
+    #[test]
+    fn expired_lease_on_the_last_attempt_fails_the_job() {
+        let s = running(3, 100, 30);
+        assert_eq!(job_action(Some(&s), 3, t(200)), JobAction::ExpireExhausted);
+    }
+
+    #[test]
+    fn failed_job_is_retried_until_the_backoff_limit() {
+        let failed = |attempt| status(JobPhase::Failed, attempt);
+        assert_eq!(
+            job_action(Some(&failed(2)), 3, t(0)),
+            JobAction::Retry {
+                next_attempt: 3,
+                not_before: t(0) + retry_backoff(3)
+            }
+        );
+        assert_eq!(job_action(Some(&failed(3)), 3, t(0)), JobAction::Exhausted);
+        assert_eq!(job_action(Some(&failed(4)), 3, t(0)), JobAction::Exhausted);
+    }
+
+    #[test]
+    fn only_pending_jobs_past_their_backoff_are_claimable() {
+        assert!(is_claimable(None, t(0)));
+        assert!(is_claimable(Some(&BlockJobStatus::default()), t(0)));
+        assert!(is_claimable(Some(&pending_until(10)), t(10)));
+        assert!(!is_claimable(Some(&pending_until(10)), t(9)));
+        for phase in [JobPhase::Running, JobPhase::Succeeded, JobPhase::Failed] {
+            assert!(!is_claimable(Some(&status(phase, 1)), t(0)));
+        }
+    }
+
+    #[test]
+    fn queue_depth_counts_claimable_jobs() {
+        let jobs = [
+            None,
+            Some(pending_until(10)),
+            Some(pending_until(100)),
+            Some(running(1, 0, 30)),
+            Some(status(JobPhase::Failed, 6)),
+        ];
+        assert_eq!(queue_depth(jobs.iter().map(Option::as_ref), t(50)), 2);
+    }
+
+    #[test]
+    fn wakes_up_for_lease_expiry_and_backoff() {
+        assert_eq!(next_wakeup(None, 3, t(0)), None);
+        assert_eq!(
+            next_wakeup(Some(&running(1, 100, 30)), 3, t(110)),
+            Some(t(130))
+        );
+        // Expired now: wake when the requeued job becomes claimable.
+        assert_eq!(
+            next_wakeup(Some(&running(1, 100, 30)), 3, t(130)),
+            Some(t(130) + retry_backoff(2))
+        );
+        assert_eq!(next_wakeup(Some(&running(3, 100, 30)), 3, t(130)), None);
+        assert_eq!(next_wakeup(Some(&pending_until(10)), 3, t(5)), Some(t(10)));
+        assert_eq!(next_wakeup(Some(&pending_until(10)), 3, t(10)), None);
+        assert_eq!(
+            next_wakeup(Some(&status(JobPhase::Failed, 1)), 3, t(0)),
+            Some(t(0) + retry_backoff(2))
+        );
+        assert_eq!(
+            next_wakeup(Some(&status(JobPhase::Failed, 3)), 3, t(0)),
+            None
+        );
+        assert_eq!(
+            next_wakeup(Some(&status(JobPhase::Succeeded, 1)), 3, t(0)),
+            None
+        );
+    }
+
+    fn finished(name: &str, partition: i32, end: i64, completed: Option<i64>) -> FinishedJob {
+        FinishedJob {
+            name: name.into(),
+            partition,
+            end,
+            completion_time: completed.map(t),
+        }
+    }
+
+    const HOUR: Duration = Duration::from_secs(3600);
+
+    #[test]
+    fn deletes_committed_jobs_after_the_ttl() {
+        let jobs = [
+            finished("old", 0, 100, Some(0)),
+            finished("young", 0, 200, Some(3000)),
+            finished("unknown-age", 0, 300, None),
+        ];
+        let committed = BTreeMap::from([(0, 300)]);
+        assert_eq!(
+            jobs_to_delete(&jobs, &committed, HOUR, 100, t(3600)),
+            ["old"]
+        );
+        assert_eq!(
+            jobs_to_delete(&jobs, &committed, Duration::ZERO, 100, t(3600)),
+            ["old", "young"]
+        );
+    }
+
+    #[test]
+    fn keeps_jobs_not_yet_committed() {
+        let jobs = [
+            finished("committed", 0, 100, Some(0)),
+            finished("ahead", 0, 200, Some(0)),
+            finished("unknown-partition", 1, 100, Some(0)),
+        ];
+        let committed = BTreeMap::from([(0, 150)]);
+        assert_eq!(
+            jobs_to_delete(&jobs, &committed, HOUR, 0, t(7200)),
+            ["committed"]
+        );
+        assert_eq!(
+            jobs_to_delete(&jobs, &committed, HOUR, 0, t(0)),
+            ["committed"]
+        );
+    }
+
+    #[test]
+    fn history_limit_keeps_the_newest() {
+        let jobs = [
+            finished("p0-a", 0, 100, Some(10)),
+            finished("p0-b", 0, 200, Some(30)),
+            finished("p1-a", 1, 100, Some(20)),
+            finished("p1-b", 1, 200, Some(20)),
+            finished("no-time", 1, 300, None),
+        ];
+        let committed = BTreeMap::from([(0, 200), (1, 300)]);
+        // Newest: p0-b (30), then p1-b (20, end 200), then p1-a (20, end 100), ...
+        assert_eq!(
+            jobs_to_delete(&jobs, &committed, HOUR, 2, t(100)),
+            ["no-time", "p0-a", "p1-a"]
+        );
+        assert_eq!(
+            jobs_to_delete(&jobs, &committed, HOUR, 10, t(100)),
+            [] as [&str; 0]
+        );
+        assert_eq!(jobs_to_delete(&jobs, &committed, HOUR, 0, t(100)).len(), 5);
+    }
+}

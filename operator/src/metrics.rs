@@ -1,0 +1,237 @@
+//! Prometheus metrics (`blocksmith_` prefix, units in names) and the HTTP endpoints
+//! `/metrics`, `/healthz`, `/readyz`.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PipelineLabels {
+    pub namespace: String,
+    pub pipeline: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PartitionLabels {
+    pub namespace: String,
+    pub pipeline: String,
+    pub partition: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PhaseLabels {
+    pub namespace: String,
+    pub pipeline: String,
+    pub phase: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabels {
+    pub kind: String,
+}
+
+#[derive(Clone)]
+pub struct Metrics {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    registry: Registry,
+    lag: Family<PartitionLabels, Gauge>,
+    committed: Family<PartitionLabels, Gauge>,
+    queue_depth: Family<PipelineLabels, Gauge>,
+    jobs: Family<PhaseLabels, Gauge>,
+    commits: Family<PipelineLabels, Counter>,
+    reconcile_errors: Family<KindLabels, Counter>,
+    kafka_errors: Family<PipelineLabels, Counter>,
+    api_writes: Family<KindLabels, Counter>,
+    reconcile_seconds: Histogram,
+    ready: AtomicBool,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("blocksmith");
+        let inner = Inner {
+            registry: Registry::default(),
+            lag: Family::default(),
+            committed: Family::default(),
+            queue_depth: Family::default(),
+            jobs: Family::default(),
+            commits: Family::default(),
+            reconcile_errors: Family::default(),
+            kafka_errors: Family::default(),
+            api_writes: Family::default(),
+            reconcile_seconds: Histogram::new(exponential_buckets(0.005, 2.0, 14)),
+            ready: AtomicBool::new(false),
+        };
+        registry.register(
+            "partition_lag_records",
+            "High watermark minus committed offset",
+            inner.lag.clone(),
+        );
+        registry.register(
+            "committed_offset",
+            "Committed consumer-group offset",
+            inner.committed.clone(),
+        );
+        registry.register(
+            "queue_depth_jobs",
+            "Claimable BlockJobs",
+            inner.queue_depth.clone(),
+        );
+        registry.register("jobs", "BlockJobs by phase", inner.jobs.clone());
+        registry.register("commits", "Offset commits", inner.commits.clone());
+        registry.register(
+            "reconcile_errors",
+            "Failed reconciles by error kind",
+            inner.reconcile_errors.clone(),
+        );
+        registry.register(
+            "kafka_errors",
+            "Kafka request failures",
+            inner.kafka_errors.clone(),
+        );
+        registry.register(
+            "api_writes",
+            "Kubernetes API writes by kind",
+            inner.api_writes.clone(),
+        );
+        registry.register(
+            "reconcile_duration_seconds",
+            "Reconcile duration",
+            inner.reconcile_seconds.clone(),
+        );
+        Self {
+            inner: Arc::new(Inner { registry, ..inner }),
+        }
+    }
+}
+
+impl Metrics {
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.inner.registry)
+            .expect("encode metrics");
+        out
+    }
+
+    pub fn set_ready(&self) {
+        self.inner.ready.store(true, Ordering::Relaxed);
+    }
+
+    pub fn is_ready(&self) -> bool {
+        self.inner.ready.load(Ordering::Relaxed)
+    }
+
+    pub fn api_write(&self, kind: &str) {
+        self.inner
+            .api_writes
+            .get_or_create(&KindLabels { kind: kind.into() })
+            .inc();
+    }
+
+    pub fn reconcile_error(&self, kind: &str) {
+        self.inner
+            .reconcile_errors
+            .get_or_create(&KindLabels { kind: kind.into() })
+            .inc();
+    }
+
+    pub fn observe_reconcile(&self, seconds: f64) {
+        self.inner.reconcile_seconds.observe(seconds);
+    }
+
+    pub fn kafka_error(&self, ns: &str, pipeline: &str) {
+        self.inner
+            .kafka_errors
+            .get_or_create(&pipeline_labels(ns, pipeline))
+            .inc();
+    }
+
+    pub fn commit(&self, ns: &str, pipeline: &str) {
+        self.inner
+            .commits
+            .get_or_create(&pipeline_labels(ns, pipeline))
+            .inc();
+    }
+
+    pub fn partition(
+        &self,
+        ns: &str,
+        pipeline: &str,
+        partition: i32,
+        committed: Option<i64>,
+        lag: i64,
+    ) {
+        let l = PartitionLabels {
+            namespace: ns.into(),
+            pipeline: pipeline.into(),
+            partition: partition.to_string(),
+        };
+        self.inner.lag.get_or_create(&l).set(lag);
+        if let Some(c) = committed {
+            self.inner.committed.get_or_create(&l).set(c);
+        }
+    }
+
+    pub fn queue(&self, ns: &str, pipeline: &str, depth: i64, by_phase: &[(&str, i64)]) {
+        self.inner
+            .queue_depth
+            .get_or_create(&pipeline_labels(ns, pipeline))
+            .set(depth);
+        for (phase, n) in by_phase {
+            let l = PhaseLabels {
+                namespace: ns.into(),
+                pipeline: pipeline.into(),
+                phase: (*phase).into(),
+            };
+            self.inner.jobs.get_or_create(&l).set(*n);
+        }
+    }
+
+    /// Queue depth of one pipeline as last reconciled (for the external metrics API).
+    pub fn queue_depth(&self, ns: &str, pipeline: &str) -> Option<i64> {
+        self.inner
+            .queue_depth
+            .get(&pipeline_labels(ns, pipeline))
+            .map(|g| g.get())
+    }
+}
+
+fn pipeline_labels(ns: &str, pipeline: &str) -> PipelineLabels {
+    PipelineLabels {
+        namespace: ns.into(),
+        pipeline: pipeline.into(),
+    }
+}
+
+/// Serves `/metrics`, `/healthz` and `/readyz` until the process ends.
+pub async fn serve(addr: std::net::SocketAddr, metrics: Metrics) -> anyhow::Result<()> {
+    use axum::http::StatusCode;
+    use axum::routing::get;
+    let m = metrics.clone();
+    let app = axum::Router::new()
+        .route("/metrics", get(move || async move { m.encode() }))
+        .route("/healthz", get(|| async { "ok" }))
+        .route(
+            "/readyz",
+            get(move || async move {
+                if metrics.is_ready() {
+                    (StatusCode::OK, "ready")
+                } else {
+                    (StatusCode::SERVICE_UNAVAILABLE, "starting")
+                }
+            }),
+        );
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    tracing::info!(%addr, "serving /metrics, /healthz, /readyz");
+    axum::serve(listener, app).await?;
+    Ok(())
+}

@@ -1,0 +1,672 @@
+//! Planning: which BlockJobs to create for one partition, as a pure function of its
+//! offsets, its existing jobs and the clock. Deterministic (same inputs, same ranges, so
+//! the same job names) and idempotent (planning again with the new jobs created plans
+//! nothing).
+
+use std::time::Duration;
+
+use blocksmith_crds::BlockPipelineSpec;
+use blocksmith_crds::domain::{DurationError, parse_duration};
+use blocksmith_crds::pipeline::StartOffset;
+use jiff::{SignedDuration, Timestamp};
+
+/// The pipeline settings planning depends on.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PlanPolicy {
+    /// Offsets per job; values below 1 are treated as 1.
+    pub max_records: i64,
+    /// How long a tail shorter than `max_records` may wait before it is cut anyway.
+    pub max_age: Duration,
+    /// Unfinished (not succeeded) jobs allowed per partition.
+    pub max_in_flight: usize,
+    /// Where to start when the group has no committed offset and there are no jobs.
+    pub start_offset: StartOffset,
+    /// Restart at the low watermark when the committed offset is below it.
+    pub skip_missing_data: bool,
+}
+
+impl PlanPolicy {
+    /// The policy of a pipeline; fails only on a malformed `maxAge` (→ `InvalidSpec`).
+    pub fn from_spec(spec: &BlockPipelineSpec) -> Result<Self, DurationError> {
+        Ok(Self {
+            max_records: spec.jobs.max_records,
+            max_age: parse_duration(&spec.jobs.max_age)?,
+            max_in_flight: usize::try_from(spec.jobs.max_in_flight_per_partition).unwrap_or(0),
+            start_offset: spec.kafka.start_offset,
+            skip_missing_data: spec.kafka.skip_missing_data,
+        })
+    }
+}
+
+/// What Kafka says about one partition.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PartitionOffsets {
+    pub partition: i32,
+    /// Low watermark: the first offset still stored.
+    pub low: i64,
+    /// High watermark: the next offset to be written.
+    pub high: i64,
+    /// The group's committed offset (the next offset to read); `None` when it has none.
+    pub committed: Option<i64>,
+}
+
+/// A job to create, covering `[start, end)` of `partition`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct PlannedJob {
+    pub partition: i32,
+    pub start: i64,
+    pub end: i64,
+}
+
+/// A job of the partition that already exists, in any phase.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ExistingJob {
+    pub start: i64,
+    pub end: i64,
+    pub succeeded: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum PartitionPlanError {
+    #[error(
+        "committed offset {committed} is below the low watermark {low}: retention deleted \
+         records that were never written to a block (set kafka.skipMissingData to skip them)"
+    )]
+    OffsetOutOfRange { committed: i64, low: i64 },
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PartitionPlan {
+    /// Where the partition's jobs start: the committed offset, or what the operator must
+    /// commit first (`commit_start`).
+    pub start: i64,
+    /// Jobs to create, in offset order.
+    pub new_jobs: Vec<PlannedJob>,
+    /// `Some(start)` when the group has no usable committed offset: the operator commits
+    /// it before creating jobs, so the start survives restarts.
+    pub commit_start: Option<i64>,
+    /// Existing and new jobs cover `[start, planned_offset)` without gaps. It is the end
+    /// of the last job unless the in-flight limit left a deleted job's gap unfilled.
+    pub planned_offset: i64,
+    /// When the current unplanned tail was first seen; the caller persists it and passes
+    /// it back. `None` when everything up to the high watermark is planned.
+    pub tail_since: Option<Timestamp>,
+}
+
+/// Plans one partition.
+///
+/// The start is the committed offset, or without one the smallest start of the existing
+/// jobs (the commit was lost, e.g. expired by Kafka), else the low or high watermark per
+/// `start_offset`. Only a committed offset is checked against the low watermark: jobs
+/// below it may well have succeeded before retention caught up.
+///
+/// Existing jobs ending at or before the start are history. From the start, gaps before
+/// existing jobs (a job the user deleted to retry it) are refilled in cuts of
+/// `max_records` bounded by the next job, so a deleted job comes back with the same range.
+/// After the last job, full jobs of `max_records` are cut up to the high watermark, and a
+/// shorter tail once it has waited `max_age` since `tail_since`. New jobs never overlap
+/// existing ones, and unfinished jobs never exceed `max_in_flight` (gaps are filled
+/// first: they hold back the commit).
+pub fn plan_partition(
+    p: &PartitionOffsets,
+    existing: &[ExistingJob],
+    tail_since: Option<Timestamp>,
+    now: Timestamp,
+    policy: &PlanPolicy,
+) -> Result<PartitionPlan, PartitionPlanError> {
+    let (start, commit_start) = match p.committed {
+        Some(committed) if committed >= p.low => (committed, None),
+        Some(_) if policy.skip_missing_data => (p.low, Some(p.low)),
+        Some(committed) => {
+            return Err(PartitionPlanError::OffsetOutOfRange {
+                committed,
+                low: p.low,
+            });
+        }
+        None => {
+            let start = existing
+                .iter()
+                .filter(|j| j.start < j.end)
+                .map(|j| j.start)
+                .min()
+                .unwrap_or(match policy.start_offset {
+                    StartOffset::Earliest => p.low,
+                    StartOffset::Latest => p.high,
+                });
+            (start, Some(start))
+        }
+    };
+
+    let mut live: Vec<&ExistingJob> = existing
+        .iter()
+        .filter(|j| j.start < j.end && j.end > start)
+        .collect();
+    live.sort_by_key(|j| (j.start, j.end));
+    let unfinished = live.iter().filter(|j| !j.succeeded).count();
+
+    let mut cutter = Cutter {
+        partition: p.partition,
+        max_records: policy.max_records.max(1),
+        budget: policy.max_in_flight.saturating_sub(unfinished),
+        jobs: Vec::new(),
+    };
+    // `cursor` is the end of everything planned so far; `hole` the first offset of a gap
+    // the budget could not fill.
+    let mut cursor = start;
+    let mut hole = None;
+    for job in live {
+        if job.start > cursor {
+            let reached = cutter.cut(cursor, job.start);
+            if reached < job.start {
+                hole.get_or_insert(reached);
+            }
+        }
+        cursor = cursor.max(job.end);
+    }
+
+    let full = (p.high.saturating_sub(cursor)).max(0) / cutter.max_records * cutter.max_records;
+    cursor = cutter.cut(cursor, cursor + full);
+    let max_age = SignedDuration::try_from(policy.max_age).unwrap_or(SignedDuration::MAX);
+    let seen_since = tail_since.unwrap_or(now);
+    if p.high > cursor && now.duration_since(seen_since) >= max_age {
+        cursor = cutter.cut(cursor, p.high);
+    }
+
+    Ok(PartitionPlan {
+        start,
+        new_jobs: cutter.jobs,
+        commit_start,
+        planned_offset: hole.unwrap_or(cursor),
+        tail_since: (p.high > cursor).then_some(seen_since),
+    })
+}
+
+struct Cutter {
+    partition: i32,
+    max_records: i64,
+    budget: usize,
+    jobs: Vec<PlannedJob>,
+}
+
+impl Cutter {
+    /// Cuts `[from, to)` into jobs of at most `max_records` while the in-flight budget
+    /// lasts; returns how far it got.
+    fn cut(&mut self, mut from: i64, to: i64) -> i64 {
+        while from < to && self.budget > 0 {
+            let end = to.min(from.saturating_add(self.max_records));
+            self.jobs.push(PlannedJob {
+                partition: self.partition,
+                start: from,
+                end,
+            });
+            self.budget -= 1;
+            from = end;
+        }
+        from
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::committer::{JobProgress, next_commit};
+    use proptest::prelude::*;
+
+    fn t(secs: i64) -> Timestamp {
+        Timestamp::from_second(1_700_000_000 + secs).unwrap()
+    }
+
+    fn policy(max_records: i64, max_in_flight: usize) -> PlanPolicy {
+        PlanPolicy {
+            max_records,
+            max_age: Duration::from_secs(60),
+            max_in_flight,
+            start_offset: StartOffset::Earliest,
+            skip_missing_data: false,
+        }
+    }
+
+    fn offsets(low: i64, high: i64, committed: Option<i64>) -> PartitionOffsets {
+        PartitionOffsets {
+            partition: 3,
+            low,
+            high,
+            committed,
+        }
+    }
+
+    fn ranges(plan: &PartitionPlan) -> Vec<(i64, i64)> {
+        plan.new_jobs.iter().map(|j| (j.start, j.end)).collect()
+    }
+
+    fn existing(jobs: &[(i64, i64, bool)]) -> Vec<ExistingJob> {
+        jobs.iter()
+            .map(|&(start, end, succeeded)| ExistingJob {
+                start,
+                end,
+                succeeded,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn ten_thousand_offsets_make_ten_jobs_of_a_thousand() {
+        let plan = plan_partition(
+            &offsets(0, 10_000, Some(0)),
+            &[],
+            None,
+            t(0),
+            &policy(1000, 100),
+        )
+        .unwrap();
+        let expected: Vec<_> = (0..10).map(|i| (i * 1000, (i + 1) * 1000)).collect();
+        assert_eq!(ranges(&plan), expected);
+        assert!(plan.new_jobs.iter().all(|j| j.partition == 3));
+        assert_eq!(plan.planned_offset, 10_000);
+        assert_eq!(plan.commit_start, None);
+        assert_eq!(plan.tail_since, None);
+    }
+
+    #[test]
+    fn tail_is_cut_once_it_is_older_than_max_age() {
+        let p = offsets(0, 2500, Some(0));
+        let pol = policy(1000, 100);
+        let first = plan_partition(&p, &[], None, t(0), &pol).unwrap();
+        assert_eq!(ranges(&first), [(0, 1000), (1000, 2000)]);
+        assert_eq!(first.tail_since, Some(t(0)));
+        assert_eq!(first.planned_offset, 2000);
+
+        let done = existing(&[(0, 1000, false), (1000, 2000, false)]);
+        let p = offsets(0, 2700, Some(0));
+        let early = plan_partition(&p, &done, first.tail_since, t(59), &pol).unwrap();
+        assert!(early.new_jobs.is_empty());
+        assert_eq!(early.tail_since, Some(t(0)), "kept while the tail remains");
+
+        let due = plan_partition(&p, &done, first.tail_since, t(60), &pol).unwrap();
+        assert_eq!(ranges(&due), [(2000, 2700)]);
+        assert_eq!(due.tail_since, None);
+        assert_eq!(due.planned_offset, 2700);
+    }
+
+    #[test]
+    fn zero_max_age_cuts_the_tail_at_once() {
+        let pol = PlanPolicy {
+            max_age: Duration::ZERO,
+            ..policy(1000, 100)
+        };
+        let plan = plan_partition(&offsets(0, 1500, Some(0)), &[], None, t(0), &pol).unwrap();
+        assert_eq!(ranges(&plan), [(0, 1000), (1000, 1500)]);
+        assert_eq!(plan.tail_since, None);
+    }
+
+    #[test]
+    fn without_commit_starts_at_earliest_or_latest() {
+        let p = offsets(100, 5000, None);
+        let earliest = plan_partition(&p, &[], None, t(0), &policy(1000, 100)).unwrap();
+        assert_eq!(earliest.commit_start, Some(100));
+        assert_eq!(earliest.new_jobs[0].start, 100);
+
+        let pol = PlanPolicy {
+            start_offset: StartOffset::Latest,
+            ..policy(1000, 100)
+        };
+        let latest = plan_partition(&p, &[], None, t(0), &pol).unwrap();
+        assert_eq!(latest.commit_start, Some(5000));
+        assert_eq!(latest.start, 5000);
+        assert!(latest.new_jobs.is_empty());
+        assert_eq!(latest.planned_offset, 5000);
+        assert_eq!(latest.tail_since, None);
+    }
+
+    #[test]
+    fn without_commit_existing_jobs_give_the_start() {
+        let jobs = existing(&[(3000, 4000, true), (2000, 3000, true)]);
+        let plan = plan_partition(
+            &offsets(2500, 5000, None),
+            &jobs,
+            None,
+            t(0),
+            &policy(1000, 100),
+        )
+        .unwrap();
+        assert_eq!(plan.commit_start, Some(2000));
+        assert_eq!(ranges(&plan), [(4000, 5000)]);
+    }
+
+    #[test]
+    fn committed_below_low_watermark_is_out_of_range() {
+        let p = offsets(500, 5000, Some(100));
+        assert_eq!(
+            plan_partition(&p, &[], None, t(0), &policy(1000, 100)),
+            Err(PartitionPlanError::OffsetOutOfRange {
+                committed: 100,
+                low: 500
+            })
+        );
+
+        let pol = PlanPolicy {
+            skip_missing_data: true,
+            ..policy(1000, 100)
+        };
+        let plan = plan_partition(&p, &[], None, t(0), &pol).unwrap();
+        assert_eq!(plan.commit_start, Some(500));
+        assert_eq!(plan.new_jobs[0].start, 500);
+    }
+
+    #[test]
+    fn deleted_job_is_recreated_with_the_same_range() {
+        let pol = policy(1000, 100);
+        let p = offsets(0, 4200, Some(0));
+        let first = plan_partition(&p, &[], None, t(0), &pol).unwrap();
+        let mut jobs: Vec<ExistingJob> = first
+            .new_jobs
+            .iter()
+            .map(|j| ExistingJob {
+                start: j.start,
+                end: j.end,
+                succeeded: false,
+            })
+            .collect();
+        let deleted = jobs.remove(1);
+
+        let again = plan_partition(&p, &jobs, first.tail_since, t(1), &pol).unwrap();
+        assert_eq!(ranges(&again), [(deleted.start, deleted.end)]);
+        assert_eq!(again.planned_offset, first.planned_offset);
+    }
+
+    #[test]
+    fn gap_refill_is_bounded_by_the_next_job() {
+        // The deleted job was cut with a larger max_records than today's.
+        let jobs = existing(&[(0, 1000, true), (2500, 3000, false)]);
+        let plan = plan_partition(
+            &offsets(0, 3000, Some(1000)),
+            &jobs,
+            None,
+            t(0),
+            &policy(1000, 100),
+        )
+        .unwrap();
+        assert_eq!(ranges(&plan), [(1000, 2000), (2000, 2500)]);
+        assert_eq!(plan.planned_offset, 3000);
+    }
+
+    #[test]
+    fn in_flight_limit_counts_existing_unfinished_jobs() {
+        let jobs = existing(&[(0, 1000, true), (1000, 2000, false), (2000, 3000, false)]);
+        let p = offsets(0, 10_000, Some(0));
+        let plan = plan_partition(&p, &jobs, None, t(0), &policy(1000, 3)).unwrap();
+        assert_eq!(ranges(&plan), [(3000, 4000)]);
+        assert_eq!(plan.planned_offset, 4000);
+        assert_eq!(plan.tail_since, Some(t(0)), "unplanned data is waiting");
+
+        let full = plan_partition(&p, &jobs, None, t(0), &policy(1000, 2)).unwrap();
+        assert!(full.new_jobs.is_empty());
+    }
+
+    #[test]
+    fn unfilled_gap_bounds_the_planned_offset() {
+        let jobs = existing(&[(1000, 2000, false), (3000, 4000, false)]);
+        let plan = plan_partition(
+            &offsets(0, 4000, Some(0)),
+            &jobs,
+            None,
+            t(0),
+            &policy(500, 3),
+        )
+        .unwrap();
+        assert_eq!(ranges(&plan), [(0, 500)]);
+        assert_eq!(plan.planned_offset, 500);
+    }
+
+    #[test]
+    fn history_is_ignored() {
+        let jobs = existing(&[(0, 1000, true), (1000, 2000, false)]);
+        let plan = plan_partition(
+            &offsets(0, 3000, Some(2000)),
+            &jobs,
+            None,
+            t(0),
+            &policy(1000, 1),
+        )
+        .unwrap();
+        assert_eq!(ranges(&plan), [(2000, 3000)]);
+    }
+
+    #[test]
+    fn overlapping_existing_jobs_never_get_overlapped() {
+        let jobs = existing(&[(500, 1500, false), (1000, 1200, false), (1800, 2600, true)]);
+        let plan = plan_partition(
+            &offsets(0, 4000, Some(800)),
+            &jobs,
+            None,
+            t(0),
+            &policy(1000, 100),
+        )
+        .unwrap();
+        assert_eq!(ranges(&plan), [(1500, 1800), (2600, 3600)]);
+        assert_eq!(plan.tail_since, Some(t(0)));
+    }
+
+    // --- property test: a partition's life over several planning rounds ---
+
+    #[derive(Clone, Debug)]
+    struct Round {
+        produced: i64,
+        retention: i64,
+        elapsed_secs: u64,
+        max_records: i64,
+        succeed: u64,
+        delete: u64,
+        clean_up: u64,
+        lose_commit: bool,
+    }
+
+    fn round() -> impl Strategy<Value = Round> {
+        (
+            0i64..120,
+            prop_oneof![4 => Just(0i64), 1 => 0i64..40],
+            0u64..120,
+            prop_oneof![3 => Just(None), 1 => (1i64..40).prop_map(Some)],
+            any::<u64>(),
+            prop_oneof![3 => Just(0u64), 1 => any::<u64>()],
+            any::<u64>(),
+            prop::bool::weighted(0.1),
+        )
+            .prop_map(
+                |(
+                    produced,
+                    retention,
+                    elapsed_secs,
+                    max_records,
+                    succeed,
+                    delete,
+                    clean_up,
+                    lose_commit,
+                )| Round {
+                    produced,
+                    retention,
+                    elapsed_secs,
+                    max_records: max_records.unwrap_or(0),
+                    succeed,
+                    delete,
+                    clean_up,
+                    lose_commit,
+                },
+            )
+    }
+
+    fn bit(mask: u64, i: usize) -> bool {
+        (mask >> (i % 64)) & 1 == 1
+    }
+
+    /// Checks one plan against its inputs.
+    fn check_plan(
+        p: &PartitionOffsets,
+        jobs: &[ExistingJob],
+        tail_since: Option<Timestamp>,
+        now: Timestamp,
+        pol: &PlanPolicy,
+        plan: &PartitionPlan,
+    ) -> Result<(), TestCaseError> {
+        let start = plan.start;
+        match p.committed {
+            Some(c) if c >= p.low => prop_assert_eq!((start, plan.commit_start), (c, None)),
+            Some(_) => prop_assert_eq!((start, plan.commit_start), (p.low, Some(p.low))),
+            None => prop_assert_eq!(plan.commit_start, Some(start)),
+        }
+
+        let live: Vec<ExistingJob> = jobs.iter().copied().filter(|j| j.end > start).collect();
+        let unfinished = live.iter().filter(|j| !j.succeeded).count();
+        for j in &plan.new_jobs {
+            prop_assert!(
+                j.start < j.end && j.end - j.start <= pol.max_records,
+                "{j:?}"
+            );
+            prop_assert!(
+                j.start >= start && j.end <= p.high,
+                "{j:?} outside [{start}, {})",
+                p.high
+            );
+        }
+        prop_assert!(
+            plan.new_jobs.windows(2).all(|w| w[0].start < w[1].start),
+            "not in order"
+        );
+
+        // No overlaps (so no duplicates) and no gaps up to planned_offset.
+        let mut all: Vec<(i64, i64)> = live.iter().map(|j| (j.start, j.end)).collect();
+        all.extend(plan.new_jobs.iter().map(|j| (j.start, j.end)));
+        all.sort_unstable();
+        prop_assert!(
+            all.windows(2).all(|w| w[0].1 <= w[1].0),
+            "overlap in {all:?}"
+        );
+        let mut covered = start;
+        for &(s, e) in &all {
+            if s > covered {
+                break;
+            }
+            covered = covered.max(e);
+        }
+        prop_assert_eq!(covered, plan.planned_offset, "coverage of {:?}", all);
+        let frontier = all.iter().map(|j| j.1).max().unwrap_or(start).max(start);
+
+        prop_assert!(plan.new_jobs.len() <= pol.max_in_flight.saturating_sub(unfinished));
+
+        // Tail bookkeeping.
+        if p.high > frontier {
+            prop_assert_eq!(plan.tail_since, Some(tail_since.unwrap_or(now)));
+        } else {
+            prop_assert_eq!(plan.tail_since, None);
+        }
+
+        // Liveness: with in-flight room left, everything due is planned.
+        if unfinished + plan.new_jobs.len() < pol.max_in_flight {
+            prop_assert_eq!(plan.planned_offset, frontier, "unfilled gap");
+            prop_assert!(
+                p.high - frontier < pol.max_records,
+                "full job left unplanned"
+            );
+            if let Some(since) = plan.tail_since {
+                prop_assert!(
+                    now.duration_since(since) < SignedDuration::try_from(pol.max_age).unwrap()
+                );
+            }
+        }
+
+        // Idempotent.
+        let mut with_new = jobs.to_vec();
+        with_new.extend(plan.new_jobs.iter().map(|j| ExistingJob {
+            start: j.start,
+            end: j.end,
+            succeeded: false,
+        }));
+        let again = plan_partition(p, &with_new, plan.tail_since, now, pol).unwrap();
+        prop_assert!(again.new_jobs.is_empty(), "replanned {:?}", again.new_jobs);
+        prop_assert_eq!(again.planned_offset, plan.planned_offset);
+        prop_assert_eq!(again.tail_since, plan.tail_since);
+
+        // Deterministic, whatever the order jobs are listed in.
+        let reversed: Vec<ExistingJob> = jobs.iter().rev().copied().collect();
+        prop_assert_eq!(
+            &plan_partition(p, &reversed, tail_since, now, pol).unwrap(),
+            plan
+        );
+        Ok(())
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(512))]
+
+        #[test]
+        fn planning_rounds_tile_the_partition(
+            low in 0i64..50,
+            span in 0i64..200,
+            committed in prop::option::of(0i64..250),
+            latest in any::<bool>(),
+            skip_missing_data in any::<bool>(),
+            max_in_flight in 1usize..6,
+            max_records in 1i64..40,
+            max_age_secs in 0u64..120,
+            rounds in prop::collection::vec(round(), 1..12),
+        ) {
+            let mut p = PartitionOffsets { partition: 0, low, high: low + span, committed };
+            let mut pol = PlanPolicy {
+                max_records,
+                max_age: Duration::from_secs(max_age_secs),
+                max_in_flight,
+                start_offset: if latest { StartOffset::Latest } else { StartOffset::Earliest },
+                skip_missing_data,
+            };
+            let mut jobs: Vec<ExistingJob> = Vec::new();
+            let mut tail_since = None;
+            let mut now = t(0);
+
+            for r in rounds {
+                let plan = match plan_partition(&p, &jobs, tail_since, now, &pol) {
+                    Ok(plan) => plan,
+                    Err(e) => {
+                        let c = p.committed.unwrap();
+                        prop_assert!(c < p.low && !pol.skip_missing_data);
+                        prop_assert_eq!(e, PartitionPlanError::OffsetOutOfRange { committed: c, low: p.low });
+                        break;
+                    }
+                };
+                check_plan(&p, &jobs, tail_since, now, &pol, &plan)?;
+
+                // The operator applies the plan.
+                if let Some(c) = plan.commit_start {
+                    p.committed = Some(c);
+                }
+                jobs.extend(plan.new_jobs.iter().map(|j| ExistingJob { start: j.start, end: j.end, succeeded: false }));
+                tail_since = plan.tail_since;
+
+                // Builders finish some jobs; the user deletes some unfinished ones.
+                jobs.sort_by_key(|j| j.start);
+                for (i, j) in jobs.iter_mut().enumerate() {
+                    j.succeeded |= bit(r.succeed, i);
+                }
+                let mut i = 0;
+                jobs.retain(|j| { i += 1; j.succeeded || !bit(r.delete, i) });
+
+                // The committer advances; cleanup removes some committed jobs.
+                let progress: Vec<JobProgress> = jobs.iter().map(|j| JobProgress { start: j.start, end: j.end, succeeded: j.succeeded }).collect();
+                let committed = next_commit(p.committed.unwrap(), &progress);
+                p.committed = Some(committed);
+                let mut i = 0;
+                jobs.retain(|j| { i += 1; j.end > committed || !bit(r.clean_up, i) });
+                if r.lose_commit {
+                    p.committed = None;
+                }
+
+                // Kafka and the clock move on; the spec may change.
+                p.high += r.produced;
+                p.low = (p.low + r.retention).min(p.high);
+                now += Duration::from_secs(r.elapsed_secs);
+                if r.max_records > 0 {
+                    pol.max_records = r.max_records;
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,711 @@
+//! One reconcile of one BlockPipeline: validate, look after existing jobs (lease expiry,
+//! retries, phase labels), read Kafka offsets, commit over succeeded prefixes, plan new jobs,
+//! clean up history, and report status. The decisions are the pure functions of `planner`,
+//! `committer` and `lifecycle`; this module does the I/O around them.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use blocksmith_crds::domain::default_consumer_group;
+use blocksmith_crds::pipeline::SecurityProtocol;
+use blocksmith_crds::{BlockJob, BlockPipeline, BlockPipelineStatus, JobPhase, PartitionStatus};
+use jiff::Timestamp;
+use k8s_openapi::api::core::v1::{Secret, SecretKeySelector};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use kube::api::{Api, Patch, PatchParams};
+use kube::runtime::controller::Action;
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::{Resource, ResourceExt};
+use tracing::{info, warn};
+
+use crate::committer::{JobProgress, next_commit};
+use crate::conditions::{self, Observed, Problem};
+use crate::jobs::{self, JobStore, MANAGER};
+use crate::kafka::{KafkaConnection, KafkaError, KafkaOffsets};
+use crate::lifecycle::{
+    FinishedJob, JobAction, is_claimable, job_action, jobs_to_delete, next_wakeup,
+};
+use crate::metrics::Metrics;
+use crate::planner::{
+    ExistingJob, PartitionOffsets, PartitionPlanError, PlanPolicy, plan_partition,
+};
+use crate::validate::validate;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("Kubernetes API: {0}")]
+    Kube(#[from] kube::Error),
+}
+
+impl Error {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Error::Kube(_) => "kube",
+        }
+    }
+}
+
+pub struct Context {
+    pub client: kube::Client,
+    pub metrics: Metrics,
+    pub reporter: Reporter,
+    /// How often lag is polled when nothing else wakes the pipeline.
+    pub poll_interval: Duration,
+    pub kafka_timeout: Duration,
+    kafka: Mutex<HashMap<String, (KafkaConnection, Arc<KafkaOffsets>)>>,
+}
+
+impl Context {
+    pub fn new(
+        client: kube::Client,
+        metrics: Metrics,
+        poll_interval: Duration,
+        kafka_timeout: Duration,
+    ) -> Self {
+        Self {
+            client,
+            metrics,
+            reporter: Reporter {
+                controller: MANAGER.into(),
+                instance: std::env::var("POD_NAME").ok(),
+            },
+            poll_interval,
+            kafka_timeout,
+            kafka: Mutex::default(),
+        }
+    }
+
+    /// One Kafka client per pipeline, replaced when its connection settings change.
+    fn kafka_for(&self, key: &str, conn: KafkaConnection) -> Result<Arc<KafkaOffsets>, KafkaError> {
+        let mut clients = self.kafka.lock().expect("kafka clients lock");
+        if let Some((c, client)) = clients.get(key)
+            && *c == conn
+        {
+            return Ok(client.clone());
+        }
+        let client = Arc::new(KafkaOffsets::connect(&conn, self.kafka_timeout)?);
+        clients.insert(key.to_string(), (conn, client.clone()));
+        Ok(client)
+    }
+}
+
+pub async fn reconcile(bp: Arc<BlockPipeline>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let started = std::time::Instant::now();
+    let result = reconcile_inner(&bp, &ctx).await;
+    ctx.metrics
+        .observe_reconcile(started.elapsed().as_secs_f64());
+    result
+}
+
+async fn reconcile_inner(bp: &BlockPipeline, ctx: &Context) -> Result<Action, Error> {
+    let ns = bp.namespace().unwrap_or_default();
+    let name = bp.name_any();
+    let now = Timestamp::now();
+    let old = bp.status.clone().unwrap_or_default();
+    let mut observed = Observed {
+        suspended: bp.spec.suspend,
+        ..Default::default()
+    };
+    let mut status = BlockPipelineStatus {
+        observed_generation: bp.metadata.generation,
+        last_commit_time: old.last_commit_time.clone(),
+        ..Default::default()
+    };
+
+    let policy = match validate(&bp.spec)
+        .map_err(|e| e.to_string())
+        .and_then(|()| {
+            PlanPolicy::from_spec(&bp.spec).map_err(|e| format!("spec.jobs.maxAge: {e}"))
+        }) {
+        Ok(p) => p,
+        Err(message) => {
+            warn!(namespace = %ns, pipeline = %name, %message, "invalid spec");
+            observed.problems.push(Problem {
+                reason: "InvalidSpec",
+                message,
+            });
+            status.partitions = old.partitions.clone();
+            publish_status(bp, ctx, &old, status, &observed, now).await?;
+            return Ok(Action::await_change());
+        }
+    };
+
+    let store = JobStore::new(ctx.client.clone(), &ns, &name, ctx.metrics.clone());
+    let mut wake: Option<Timestamp> = None;
+    let mut jobs = Vec::new();
+    for job in store.list().await? {
+        match tend_job(bp, &store, job, now).await? {
+            Some(job) => {
+                let backoff_limit = bp.spec.jobs.backoff_limit;
+                if let Some(t) = next_wakeup(job.status.as_ref(), backoff_limit, now) {
+                    wake = Some(wake.map_or(t, |w| w.min(t)));
+                }
+                if job_action(job.status.as_ref(), backoff_limit, now) == JobAction::Exhausted {
+                    observed.problems.push(Problem {
+                        reason: "JobFailed",
+                        message: format!(
+                            "job {} (partition {}, offsets [{}, {})) failed after {} attempts: {}; the commit of partition {} is held at offset {} until the job is deleted (which retries it)",
+                            job.name_any(),
+                            job.spec.partition,
+                            job.spec.start_offset,
+                            job.spec.end_offset,
+                            job.attempt(),
+                            job.status.as_ref().and_then(|s| s.message.clone()).unwrap_or_default(),
+                            job.spec.partition,
+                            job.spec.start_offset,
+                        ),
+                    });
+                }
+                jobs.push(job);
+            }
+            None => wake = Some(now),
+        }
+    }
+    let mut by_partition: BTreeMap<i32, Vec<&BlockJob>> = BTreeMap::new();
+    for j in &jobs {
+        by_partition.entry(j.spec.partition).or_default().push(j);
+    }
+
+    // Kafka: offsets, commits over succeeded prefixes, then planning.
+    let mut committed_now: BTreeMap<i32, i64> = BTreeMap::new();
+    match kafka_connection(bp, &ctx.client).await {
+        Err(p) => observed.problems.insert(0, p),
+        Ok(conn) => {
+            let key = format!("{ns}/{name}");
+            match read_offsets(ctx, &key, conn, bp).await {
+                Err(e) => {
+                    ctx.metrics.kafka_error(&ns, &name);
+                    warn!(namespace = %ns, pipeline = %name, error = %e, "reading Kafka offsets");
+                    observed.problems.insert(0, kafka_problem(&e));
+                    status.partitions = old.partitions.clone();
+                }
+                Ok((kafka, offsets)) => {
+                    let topic = bp.spec.kafka.topic.clone();
+                    let mut new_commits = BTreeMap::new();
+                    for po in &offsets {
+                        if let Some(c) = po.committed {
+                            let progress: Vec<JobProgress> = by_partition
+                                .get(&po.partition)
+                                .into_iter()
+                                .flatten()
+                                .map(|j| JobProgress {
+                                    start: j.spec.start_offset,
+                                    end: j.spec.end_offset,
+                                    succeeded: j.phase() == JobPhase::Succeeded,
+                                })
+                                .collect();
+                            let next = next_commit(c, &progress);
+                            if next > c {
+                                new_commits.insert(po.partition, next);
+                            }
+                        }
+                    }
+                    let mut offsets = offsets;
+                    if !new_commits.is_empty() {
+                        match commit(&kafka, &topic, new_commits.clone()).await {
+                            Ok(()) => {
+                                ctx.metrics.commit(&ns, &name);
+                                status.last_commit_time = Some(Time(now));
+                                for po in &mut offsets {
+                                    if let Some(n) = new_commits.get(&po.partition) {
+                                        po.committed = Some(*n);
+                                    }
+                                }
+                                info!(namespace = %ns, pipeline = %name, commits = ?new_commits, "committed offsets");
+                            }
+                            Err(e) => {
+                                ctx.metrics.kafka_error(&ns, &name);
+                                observed.problems.insert(0, kafka_problem(&e));
+                            }
+                        }
+                    }
+                    plan_and_create(
+                        bp,
+                        ctx,
+                        &store,
+                        &kafka,
+                        &offsets,
+                        &by_partition,
+                        &old,
+                        policy,
+                        now,
+                        &mut status,
+                        &mut observed,
+                    )
+                    .await?;
+                    for po in &offsets {
+                        if let Some(c) = po.committed {
+                            committed_now.insert(po.partition, c);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    // History: succeeded jobs below the commit, past their TTL or beyond the history limit.
+    let finished: Vec<FinishedJob> = jobs
+        .iter()
+        .filter(|j| j.phase() == JobPhase::Succeeded)
+        .map(|j| FinishedJob {
+            name: j.name_any(),
+            partition: j.spec.partition,
+            end: j.spec.end_offset,
+            completion_time: j
+                .status
+                .as_ref()
+                .and_then(|s| s.completion_time.as_ref())
+                .map(|t| t.0),
+        })
+        .collect();
+    let ttl = Duration::from_secs(bp.spec.jobs.ttl_seconds_after_succeeded.max(0) as u64);
+    let limit = bp.spec.jobs.successful_jobs_history_limit.max(0) as usize;
+    for name in jobs_to_delete(&finished, &committed_now, ttl, limit, now) {
+        store.delete(&name).await?;
+    }
+
+    // Counts and conditions.
+    let claimable = jobs
+        .iter()
+        .filter(|j| is_claimable(j.status.as_ref(), now))
+        .count() as i64;
+    let count = |phase: JobPhase| jobs.iter().filter(|j| j.phase() == phase).count() as i64;
+    status.queue_depth = claimable;
+    status.running_jobs = count(JobPhase::Running);
+    status.failed_jobs = jobs
+        .iter()
+        .filter(|j| {
+            job_action(j.status.as_ref(), bp.spec.jobs.backoff_limit, now) == JobAction::Exhausted
+        })
+        .count() as i64;
+    status.lag = status.partitions.iter().map(|p| p.lag).sum();
+    observed.lag = status.lag;
+    observed.unfinished_jobs = jobs
+        .iter()
+        .filter(|j| j.phase() != JobPhase::Succeeded)
+        .count() as i64;
+    ctx.metrics.queue(
+        &ns,
+        &name,
+        claimable,
+        &[
+            ("Pending", count(JobPhase::Pending)),
+            ("Running", status.running_jobs),
+            ("Succeeded", count(JobPhase::Succeeded)),
+            ("Failed", count(JobPhase::Failed)),
+        ],
+    );
+    for p in &status.partitions {
+        ctx.metrics
+            .partition(&ns, &name, p.partition, p.committed_offset, p.lag);
+    }
+    let problems = !observed.problems.is_empty();
+    publish_status(bp, ctx, &old, status, &observed, now).await?;
+
+    let poll = if problems {
+        ctx.poll_interval.max(Duration::from_secs(5))
+    } else {
+        ctx.poll_interval
+    };
+    let until_wake = wake
+        .map(|w| w.duration_since(now).try_into().unwrap_or(Duration::ZERO))
+        .unwrap_or(poll);
+    Ok(Action::requeue(
+        until_wake.clamp(Duration::from_millis(200), poll),
+    ))
+}
+
+/// Applies the lifecycle decision to one job and keeps its phase label in sync. Returns the
+/// job as it now is, or `None` when it changed under us (the next reconcile looks again).
+async fn tend_job(
+    bp: &BlockPipeline,
+    store: &JobStore,
+    job: BlockJob,
+    now: Timestamp,
+) -> Result<Option<BlockJob>, Error> {
+    let backoff_limit = bp.spec.jobs.backoff_limit;
+    let holder = job
+        .status
+        .as_ref()
+        .and_then(|s| s.lease.as_ref())
+        .map(|l| l.holder.clone())
+        .unwrap_or_default();
+    let last_message = job
+        .status
+        .as_ref()
+        .and_then(|s| s.message.clone())
+        .unwrap_or_default();
+    let reset = match job_action(job.status.as_ref(), backoff_limit, now) {
+        JobAction::Expire {
+            next_attempt,
+            not_before,
+        } => Some((
+            JobPhase::Pending,
+            next_attempt,
+            Some(not_before),
+            format!(
+                "lease of {holder:?} expired on attempt {}; retrying",
+                job.attempt()
+            ),
+        )),
+        JobAction::ExpireExhausted => Some((
+            JobPhase::Failed,
+            job.attempt(),
+            None,
+            format!(
+                "lease of {holder:?} expired on the last attempt ({})",
+                job.attempt()
+            ),
+        )),
+        JobAction::Retry {
+            next_attempt,
+            not_before,
+        } => Some((
+            JobPhase::Pending,
+            next_attempt,
+            Some(not_before),
+            format!("attempt {} failed: {last_message}; retrying", job.attempt()),
+        )),
+        JobAction::Exhausted | JobAction::None => None,
+    };
+    let job = match reset {
+        None => job,
+        Some((phase, attempt, not_before, message)) => {
+            info!(job = %job.name_any(), %phase, attempt, %message, "resetting job");
+            match store
+                .reset(&job, phase, attempt, not_before, &message)
+                .await
+            {
+                Ok(j) => j,
+                Err(kube::Error::Api(e)) if e.code == 409 || e.code == 404 => return Ok(None),
+                Err(e) => return Err(e.into()),
+            }
+        }
+    };
+    let phase = job.phase();
+    if jobs::phase_label(&job) != Some(phase.as_str()) {
+        let desired = jobs::desired_job(bp, job.spec.clone(), phase);
+        match store.apply(&desired).await {
+            Ok(j) => return Ok(Some(j)),
+            Err(kube::Error::Api(e)) if e.code == 404 => return Ok(None),
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(Some(job))
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn plan_and_create(
+    bp: &BlockPipeline,
+    ctx: &Context,
+    store: &JobStore,
+    kafka: &Arc<KafkaOffsets>,
+    offsets: &[PartitionOffsets],
+    by_partition: &BTreeMap<i32, Vec<&BlockJob>>,
+    old: &BlockPipelineStatus,
+    policy: PlanPolicy,
+    now: Timestamp,
+    status: &mut BlockPipelineStatus,
+    observed: &mut Observed,
+) -> Result<(), Error> {
+    let ns = bp.namespace().unwrap_or_default();
+    let name = bp.name_any();
+    let mut initial_commits = BTreeMap::new();
+    let mut new_jobs = Vec::new();
+    for po in offsets {
+        let existing: Vec<ExistingJob> = by_partition
+            .get(&po.partition)
+            .into_iter()
+            .flatten()
+            .map(|j| ExistingJob {
+                start: j.spec.start_offset,
+                end: j.spec.end_offset,
+                succeeded: j.phase() == JobPhase::Succeeded,
+            })
+            .collect();
+        let old_p = old.partitions.iter().find(|p| p.partition == po.partition);
+        let tail_since = old_p.and_then(|p| p.tail_since.as_ref()).map(|t| t.0);
+        let mut pstatus = PartitionStatus {
+            partition: po.partition,
+            committed_offset: po.committed,
+            planned_offset: existing.iter().map(|j| j.end).max(),
+            high_watermark: po.high,
+            lag: po.high - po.committed.unwrap_or(po.low),
+            tail_since: old_p.and_then(|p| p.tail_since.clone()),
+        };
+        match plan_partition(po, &existing, tail_since, now, &policy) {
+            Ok(plan) => {
+                if let Some(start) = plan.commit_start {
+                    initial_commits.insert(po.partition, start);
+                    pstatus.lag = po.high - start;
+                }
+                pstatus.planned_offset = Some(plan.planned_offset);
+                pstatus.tail_since = plan.tail_since.map(Time);
+                if !bp.spec.suspend {
+                    new_jobs.extend(plan.new_jobs);
+                }
+            }
+            Err(PartitionPlanError::OffsetOutOfRange { committed, low }) => observed.problems.push(Problem {
+                reason: "OffsetOutOfRange",
+                message: format!(
+                    "partition {}: committed offset {committed} is below the low watermark {low}: records [{committed}, {low}) were deleted by retention before they were written to a block. Set spec.kafka.skipMissingData: true to continue from {low}, accepting the loss",
+                    po.partition
+                ),
+            }),
+        }
+        status.partitions.push(pstatus);
+    }
+    if !initial_commits.is_empty() {
+        // Without a committed offset the start would move with the watermarks; make it durable
+        // before planning from it.
+        if let Err(e) = commit(kafka, &bp.spec.kafka.topic, initial_commits.clone()).await {
+            observed.problems.insert(0, kafka_problem(&e));
+            return Ok(());
+        }
+        info!(namespace = %ns, pipeline = %name, start = ?initial_commits, "committed start offsets for a new group");
+        for p in &mut status.partitions {
+            if let Some(o) = initial_commits.get(&p.partition) {
+                p.committed_offset = Some(*o);
+            }
+        }
+    }
+    if !new_jobs.is_empty() {
+        info!(namespace = %ns, pipeline = %name, jobs = new_jobs.len(), "planning jobs");
+    }
+    for planned in &new_jobs {
+        let job = jobs::desired_job(bp, jobs::job_spec(bp, planned), JobPhase::Pending);
+        store.apply(&job).await?;
+    }
+    let _ = ctx;
+    Ok(())
+}
+
+async fn read_offsets(
+    ctx: &Context,
+    key: &str,
+    conn: KafkaConnection,
+    bp: &BlockPipeline,
+) -> Result<(Arc<KafkaOffsets>, Vec<PartitionOffsets>), KafkaError> {
+    let kafka = ctx.kafka_for(key, conn)?;
+    let topic = bp.spec.kafka.topic.clone();
+    let subset = bp.spec.kafka.partitions.clone();
+    let k = kafka.clone();
+    let offsets = tokio::task::spawn_blocking(move || {
+        let partitions = k.partitions(&topic, subset.as_deref())?;
+        k.offsets(&topic, &partitions)
+    })
+    .await
+    .map_err(|e| KafkaError::Unavailable(e.to_string()))??;
+    Ok((kafka, offsets))
+}
+
+async fn commit(
+    kafka: &Arc<KafkaOffsets>,
+    topic: &str,
+    offsets: BTreeMap<i32, i64>,
+) -> Result<(), KafkaError> {
+    let k = kafka.clone();
+    let topic = topic.to_string();
+    tokio::task::spawn_blocking(move || k.commit(&topic, &offsets))
+        .await
+        .map_err(|e| KafkaError::Unavailable(e.to_string()))?
+}
+
+fn kafka_problem(e: &KafkaError) -> Problem {
+    Problem {
+        reason: e.reason(),
+        message: e.to_string(),
+    }
+}
+
+/// Connection settings with secrets resolved. A missing secret is a problem the user fixes.
+async fn kafka_connection(
+    bp: &BlockPipeline,
+    client: &kube::Client,
+) -> Result<KafkaConnection, Problem> {
+    let k = &bp.spec.kafka;
+    let ns = bp.namespace().unwrap_or_default();
+    let group = k
+        .consumer_group
+        .clone()
+        .unwrap_or_else(|| default_consumer_group(&ns, &bp.name_any()));
+    let mut properties = Vec::new();
+    let protocol = match k.security_protocol {
+        SecurityProtocol::Plaintext => "plaintext",
+        SecurityProtocol::Ssl => "ssl",
+        SecurityProtocol::SaslPlaintext => "sasl_plaintext",
+        SecurityProtocol::SaslSsl => "sasl_ssl",
+    };
+    properties.push(("security.protocol".to_string(), protocol.to_string()));
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns);
+    if let Some(sasl) = &k.sasl {
+        let mechanism = serde_json::to_value(sasl.mechanism)
+            .ok()
+            .and_then(|v| v.as_str().map(String::from))
+            .unwrap_or_default();
+        properties.push(("sasl.mechanism".into(), mechanism));
+        properties.push((
+            "sasl.username".into(),
+            secret_value(
+                &secrets,
+                &sasl.username_secret_ref,
+                "spec.kafka.sasl.usernameSecretRef",
+            )
+            .await?,
+        ));
+        properties.push((
+            "sasl.password".into(),
+            secret_value(
+                &secrets,
+                &sasl.password_secret_ref,
+                "spec.kafka.sasl.passwordSecretRef",
+            )
+            .await?,
+        ));
+    }
+    if let Some(ca) = k.tls.as_ref().and_then(|t| t.ca_secret_ref.as_ref()) {
+        properties.push((
+            "ssl.ca.pem".into(),
+            secret_value(&secrets, ca, "spec.kafka.tls.caSecretRef").await?,
+        ));
+    }
+    Ok(KafkaConnection {
+        bootstrap_servers: k.bootstrap_servers.clone(),
+        group,
+        properties,
+    })
+}
+
+async fn secret_value(
+    secrets: &Api<Secret>,
+    sel: &SecretKeySelector,
+    field: &str,
+) -> Result<String, Problem> {
+    let problem = |what: String| Problem {
+        reason: "SecretNotFound",
+        message: format!("{field}: {what}"),
+    };
+    let secret = secrets
+        .get_opt(&sel.name)
+        .await
+        .map_err(|e| problem(format!("reading secret {:?}: {e}", sel.name)))?
+        .ok_or_else(|| problem(format!("secret {:?} not found", sel.name)))?;
+    let bytes = secret
+        .data
+        .as_ref()
+        .and_then(|d| d.get(&sel.key))
+        .ok_or_else(|| problem(format!("secret {:?} has no key {:?}", sel.name, sel.key)))?;
+    String::from_utf8(bytes.0.clone()).map_err(|_| {
+        problem(format!(
+            "secret {:?} key {:?} is not UTF-8",
+            sel.name, sel.key
+        ))
+    })
+}
+
+/// Writes the status when it changed, and records Events for condition transitions.
+async fn publish_status(
+    bp: &BlockPipeline,
+    ctx: &Context,
+    old: &BlockPipelineStatus,
+    mut status: BlockPipelineStatus,
+    observed: &Observed,
+    now: Timestamp,
+) -> Result<(), Error> {
+    status.conditions =
+        conditions::conditions(&old.conditions, observed, bp.metadata.generation, now);
+    if status == *old {
+        return Ok(());
+    }
+    let ns = bp.namespace().unwrap_or_default();
+    let api: Api<BlockPipeline> = Api::namespaced(ctx.client.clone(), &ns);
+    let patch = serde_json::json!({
+        "apiVersion": "blocksmith.io/v1alpha1",
+        "kind": "BlockPipeline",
+        "status": status,
+    });
+    ctx.metrics.api_write("pipeline_status");
+    api.patch_status(
+        &bp.name_any(),
+        &PatchParams::apply(MANAGER).force(),
+        &Patch::Apply(patch),
+    )
+    .await?;
+    for event in transition_events(&old.conditions, &status.conditions) {
+        ctx.metrics.api_write("event");
+        let recorder = Recorder::new(ctx.client.clone(), ctx.reporter.clone());
+        if let Err(e) = recorder.publish(&event, &bp.object_ref(&())).await {
+            warn!(error = %e, "publishing event");
+        }
+    }
+    Ok(())
+}
+
+fn transition_events(
+    old: &[k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition],
+    new: &[k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition],
+) -> Vec<Event> {
+    let mut events = Vec::new();
+    let changed = |t: &str| {
+        let o = conditions::find(old, t);
+        let n = conditions::find(new, t)?;
+        match o {
+            Some(o) if o.status == n.status && o.reason == n.reason => None,
+            _ => Some(n.clone()),
+        }
+    };
+    if let Some(d) = changed(conditions::DEGRADED) {
+        if d.status == "True" {
+            events.push(Event {
+                type_: EventType::Warning,
+                reason: d.reason.clone(),
+                note: Some(truncate(&d.message, 1000)),
+                action: "Reconcile".into(),
+                secondary: None,
+            });
+        } else if conditions::find(old, conditions::DEGRADED).is_some() {
+            events.push(Event {
+                type_: EventType::Normal,
+                reason: "Recovered".into(),
+                note: Some("the pipeline is healthy again".into()),
+                action: "Reconcile".into(),
+                secondary: None,
+            });
+        }
+    }
+    if let Some(s) = changed(conditions::SUSPENDED)
+        && conditions::find(old, conditions::SUSPENDED).is_some()
+    {
+        let (reason, note) = if s.status == "True" {
+            ("Suspended", "planning stopped; running jobs finish")
+        } else {
+            ("Resumed", "planning resumed")
+        };
+        events.push(Event {
+            type_: EventType::Normal,
+            reason: reason.into(),
+            note: Some(note.into()),
+            action: "Reconcile".into(),
+            secondary: None,
+        });
+    }
+    events
+}
+
+fn truncate(s: &str, max: usize) -> String {
+    if s.len() <= max {
+        return s.to_string();
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &s[..end])
+}
+
+pub fn error_policy(_bp: Arc<BlockPipeline>, error: &Error, ctx: Arc<Context>) -> Action {
+    warn!(%error, "reconcile failed");
+    ctx.metrics.reconcile_error(error.kind());
+    Action::requeue(Duration::from_secs(2))
+}

@@ -1,0 +1,231 @@
+//! What the CRD schema cannot check (or old API servers ignore), checked again by the
+//! operator and reported as `InvalidSpec` with the offending field named.
+
+use blocksmith_crds::BlockPipelineSpec;
+use blocksmith_crds::domain::parse_duration;
+use blocksmith_crds::pipeline::{Compression, SecurityProtocol};
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("spec.{field}: {problem}")]
+pub struct InvalidSpec {
+    pub field: &'static str,
+    pub problem: String,
+}
+
+fn invalid(field: &'static str, problem: impl Into<String>) -> InvalidSpec {
+    InvalidSpec {
+        field,
+        problem: problem.into(),
+    }
+}
+
+pub fn validate(spec: &BlockPipelineSpec) -> Result<(), InvalidSpec> {
+    let k = &spec.kafka;
+    if k.bootstrap_servers.trim().is_empty() {
+        return Err(invalid(
+            "kafka.bootstrapServers",
+            "must name at least one host:port",
+        ));
+    }
+    if let Some(bad) = k
+        .bootstrap_servers
+        .split(',')
+        .find(|s| !s.trim().contains(':'))
+    {
+        return Err(invalid(
+            "kafka.bootstrapServers",
+            format!("{bad:?} is not host:port"),
+        ));
+    }
+    if k.topic.is_empty()
+        || !k
+            .topic
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c))
+    {
+        return Err(invalid(
+            "kafka.topic",
+            format!("{:?} is not a valid Kafka topic name", k.topic),
+        ));
+    }
+    if let Some(ps) = &k.partitions {
+        if ps.is_empty() {
+            return Err(invalid(
+                "kafka.partitions",
+                "when set, must list at least one partition",
+            ));
+        }
+        if let Some(p) = ps.iter().find(|p| **p < 0) {
+            return Err(invalid(
+                "kafka.partitions",
+                format!("partition {p} is negative"),
+            ));
+        }
+    }
+    let needs_sasl = matches!(
+        k.security_protocol,
+        SecurityProtocol::SaslPlaintext | SecurityProtocol::SaslSsl
+    );
+    if needs_sasl != k.sasl.is_some() {
+        return Err(invalid(
+            "kafka.sasl",
+            format!(
+                "securityProtocol {:?} {} sasl settings",
+                k.security_protocol,
+                if needs_sasl {
+                    "requires"
+                } else {
+                    "does not use"
+                }
+            ),
+        ));
+    }
+    let j = &spec.jobs;
+    if j.max_records < 1 {
+        return Err(invalid("jobs.maxRecords", "must be at least 1"));
+    }
+    parse_duration(&j.max_age).map_err(|e| invalid("jobs.maxAge", e.to_string()))?;
+    if j.max_in_flight_per_partition < 1 {
+        return Err(invalid(
+            "jobs.maxInFlightPerPartition",
+            "must be at least 1",
+        ));
+    }
+    if j.lease_duration_seconds < 3 {
+        return Err(invalid("jobs.leaseDurationSeconds", "must be at least 3"));
+    }
+    if j.backoff_limit < 1 {
+        return Err(invalid("jobs.backoffLimit", "must be at least 1"));
+    }
+    if j.ttl_seconds_after_succeeded < 0 || j.successful_jobs_history_limit < 0 {
+        return Err(invalid(
+            "jobs",
+            "ttlSecondsAfterSucceeded and successfulJobsHistoryLimit must not be negative",
+        ));
+    }
+    let o = &spec.output;
+    let scheme = o.url.split("://").next().unwrap_or_default();
+    if !o.url.contains("://") || !["s3", "gs", "az", "file"].contains(&scheme) {
+        return Err(invalid(
+            "output.url",
+            format!(
+                "{:?}: the scheme must be s3://, gs://, az:// or file://",
+                o.url
+            ),
+        ));
+    }
+    if o.url
+        .split("://")
+        .nth(1)
+        .is_none_or(|rest| rest.trim_matches('/').is_empty())
+    {
+        return Err(invalid(
+            "output.url",
+            format!("{:?} names no bucket or path", o.url),
+        ));
+    }
+    if let Some(level) = o.compression_level {
+        if o.compression != Compression::Zstd {
+            return Err(invalid(
+                "output.compressionLevel",
+                "only applies to zstd compression",
+            ));
+        }
+        if !(1..=22).contains(&level) {
+            return Err(invalid(
+                "output.compressionLevel",
+                format!("{level} is outside zstd's 1-22"),
+            ));
+        }
+    }
+    if o.row_group_size.is_some_and(|n| n < 1) {
+        return Err(invalid("output.rowGroupSize", "must be at least 1"));
+    }
+    if let Some(b) = &spec.builders {
+        if b.min_replicas < 0 || b.max_replicas < 1 || b.min_replicas > b.max_replicas {
+            return Err(invalid(
+                "builders",
+                format!(
+                    "need 0 <= minReplicas ({}) <= maxReplicas ({}), maxReplicas >= 1",
+                    b.min_replicas, b.max_replicas
+                ),
+            ));
+        }
+        if b.target_queue_depth_per_builder < 1 {
+            return Err(invalid(
+                "builders.targetQueueDepthPerBuilder",
+                "must be at least 1",
+            ));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec() -> BlockPipelineSpec {
+        serde_json::from_value(serde_json::json!({
+            "kafka": {"bootstrapServers": "k:9092", "topic": "orders"},
+            "output": {"url": "s3://bucket/prefix"}
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn defaults_are_valid() {
+        assert_eq!(validate(&spec()), Ok(()));
+    }
+
+    #[test]
+    fn each_rule_names_its_field() {
+        let cases: Vec<(fn(&mut BlockPipelineSpec), &str)> = vec![
+            (
+                |s| s.kafka.bootstrap_servers = "nohost".into(),
+                "kafka.bootstrapServers",
+            ),
+            (|s| s.kafka.topic = "bad topic".into(), "kafka.topic"),
+            (|s| s.kafka.partitions = Some(vec![]), "kafka.partitions"),
+            (
+                |s| s.kafka.security_protocol = SecurityProtocol::SaslSsl,
+                "kafka.sasl",
+            ),
+            (|s| s.jobs.max_records = 0, "jobs.maxRecords"),
+            (|s| s.jobs.max_age = "5 minutes".into(), "jobs.maxAge"),
+            (
+                |s| s.jobs.max_in_flight_per_partition = 0,
+                "jobs.maxInFlightPerPartition",
+            ),
+            (
+                |s| s.jobs.lease_duration_seconds = 1,
+                "jobs.leaseDurationSeconds",
+            ),
+            (|s| s.jobs.backoff_limit = 0, "jobs.backoffLimit"),
+            (|s| s.output.url = "ftp://x/y".into(), "output.url"),
+            (|s| s.output.url = "s3://".into(), "output.url"),
+            (
+                |s| s.output.compression_level = Some(30),
+                "output.compressionLevel",
+            ),
+            (
+                |s| {
+                    s.output.compression = Compression::Snappy;
+                    s.output.compression_level = Some(1)
+                },
+                "output.compressionLevel",
+            ),
+            (|s| s.output.row_group_size = Some(0), "output.rowGroupSize"),
+        ];
+        for (mutate, field) in cases {
+            let mut s = spec();
+            mutate(&mut s);
+            let err = validate(&s).expect_err(field);
+            assert_eq!(err.field, field, "{err}");
+            assert!(
+                err.to_string().starts_with(&format!("spec.{field}: ")),
+                "{err}"
+            );
+        }
+    }
+}
