@@ -1,10 +1,16 @@
 //! The builder's side of the lease protocol, all server-side apply on `blockjobs/status`
 //! under a field manager unique to this builder process.
 //!
-//! Every apply carries the full set of fields this manager owns (phase, attempt, startTime,
-//! lease), so once the operator or another builder has taken any of them with a forced
-//! apply, the next apply here conflicts (409) instead of silently writing: renewal and
-//! completion are fenced.
+//! Every write is a compare-and-swap: a forced apply carrying the `resourceVersion` of the
+//! job as this builder last saw it. When the job changed in between (a 409), the builder
+//! reads it again and retries only if it still holds the lease (same holder, same attempt,
+//! still `Running`); otherwise the lease is lost and nothing is written. So once the
+//! operator has taken a lease back, or another builder has claimed the job, this builder
+//! can no longer renew it or report on it: renewal and completion are fenced.
+//!
+//! (A plain non-forced apply is not enough: a retried job carries fields such as
+//! `message`, `completionTime` and `output` owned by whoever wrote them last, and a
+//! non-forced apply would conflict on those even while the lease is valid.)
 
 use blocksmith_crds::{BlockJob, JobOutput, JobPhase};
 use jiff::Timestamp;
@@ -40,6 +46,8 @@ pub struct Held {
     pub renew_time: Timestamp,
     pub start_time: Timestamp,
     pub lease_duration_seconds: i32,
+    /// The status message while running (kept on every renewal).
+    pub message: String,
 }
 
 #[derive(Clone)]
@@ -77,6 +85,7 @@ impl LeaseClient {
             renew_time: now,
             start_time: now,
             lease_duration_seconds,
+            message: format!("attempt {} claimed by {}", job.attempt(), self.identity),
         };
         let mut patch = self.body(&held, JobPhase::Running, json!({}));
         patch["metadata"] = json!({ "resourceVersion": job.resource_version() });
@@ -104,36 +113,44 @@ impl LeaseClient {
     }
 
     pub async fn renew(&self, client: &kube::Client, held: &mut Held) -> Result<(), LeaseError> {
-        let mut next = held.clone();
-        next.renew_time = Timestamp::now();
-        self.apply(client, &next, JobPhase::Running, json!({}))
-            .await?;
-        *held = next;
-        Ok(())
+        let previous = held.renew_time;
+        held.renew_time = Timestamp::now();
+        let body = self.body(held, JobPhase::Running, json!({}));
+        let result = self.send(client, held, body).await;
+        if result.is_err() {
+            held.renew_time = previous;
+        }
+        result
     }
 
     pub async fn complete(
         &self,
         client: &kube::Client,
-        held: &Held,
+        held: &mut Held,
         output: &JobOutput,
     ) -> Result<(), LeaseError> {
-        let extra = json!({ "completionTime": Time(Timestamp::now()), "output": output });
-        self.apply(client, held, JobPhase::Succeeded, extra).await
+        let extra = json!({
+            "completionTime": Time(Timestamp::now()),
+            "output": output,
+            "message": format!("block of {} records written", output.records),
+        });
+        let body = self.body(held, JobPhase::Succeeded, extra);
+        self.send(client, held, body).await
     }
 
     pub async fn fail(
         &self,
         client: &kube::Client,
-        held: &Held,
+        held: &mut Held,
         message: &str,
     ) -> Result<(), LeaseError> {
         let extra = json!({ "completionTime": Time(Timestamp::now()), "message": message });
-        self.apply(client, held, JobPhase::Failed, extra).await
+        let body = self.body(held, JobPhase::Failed, extra);
+        self.send(client, held, body).await
     }
 
     /// Gives a job back unfinished (shutdown): `Pending` again, no holder, same attempt.
-    pub async fn release(&self, client: &kube::Client, held: &Held) -> Result<(), LeaseError> {
+    pub async fn release(&self, client: &kube::Client, held: &mut Held) -> Result<(), LeaseError> {
         let mut body = self.body(
             held,
             JobPhase::Pending,
@@ -143,36 +160,68 @@ impl LeaseClient {
         self.send(client, held, body).await
     }
 
-    async fn apply(
-        &self,
-        client: &kube::Client,
-        held: &Held,
-        phase: JobPhase,
-        extra: Value,
-    ) -> Result<(), LeaseError> {
-        let body = self.body(held, phase, extra);
-        self.send(client, held, body).await
-    }
-
+    /// Compare-and-swap write of `body`, retried on a changed `resourceVersion` while the
+    /// job is still ours.
     async fn send(
         &self,
         client: &kube::Client,
-        held: &Held,
-        body: Value,
+        held: &mut Held,
+        mut body: Value,
     ) -> Result<(), LeaseError> {
-        let params = PatchParams::apply(&self.identity);
-        match self
-            .api(client, &held.job)
-            .patch_status(&held.job.name_any(), &params, &Patch::Apply(body))
-            .await
-        {
-            Ok(_) => Ok(()),
-            Err(kube::Error::Api(e)) if e.code == 409 || e.code == 404 => Err(LeaseError::Lost {
-                job: held.job.name_any(),
-                reason: e.message,
-            }),
-            Err(e) => Err(e.into()),
+        let api = self.api(client, &held.job);
+        let name = held.job.name_any();
+        let params = PatchParams::apply(&self.identity).force();
+        for _ in 0..5 {
+            body["metadata"] = json!({ "resourceVersion": held.job.resource_version() });
+            match api.patch_status(&name, &params, &Patch::Apply(&body)).await {
+                Ok(updated) => {
+                    held.job = updated;
+                    return Ok(());
+                }
+                Err(kube::Error::Api(e)) if e.code == 409 => {
+                    let fresh = api.get_opt(&name).await?.ok_or_else(|| LeaseError::Lost {
+                        job: name.clone(),
+                        reason: "the job was deleted".into(),
+                    })?;
+                    if let Some(reason) = self.not_ours(&fresh, held) {
+                        return Err(LeaseError::Lost { job: name, reason });
+                    }
+                    held.job = fresh;
+                }
+                Err(kube::Error::Api(e)) if e.code == 404 => {
+                    return Err(LeaseError::Lost {
+                        job: name,
+                        reason: "the job was deleted".into(),
+                    });
+                }
+                Err(e) => return Err(e.into()),
+            }
         }
+        Err(LeaseError::Lost {
+            job: name,
+            reason: "the job kept changing under us".into(),
+        })
+    }
+
+    /// Why `job` (as just read) is no longer held by this builder, if it is not.
+    fn not_ours(&self, job: &BlockJob, held: &Held) -> Option<String> {
+        let status = job.status.clone().unwrap_or_default();
+        let holder = status
+            .lease
+            .as_ref()
+            .map(|l| l.holder.clone())
+            .unwrap_or_default();
+        if holder != self.identity {
+            return Some(format!("the lease is now held by {holder:?}"));
+        }
+        if status.phase != JobPhase::Running || status.attempt() != held.attempt {
+            return Some(format!(
+                "the job is now {} at attempt {}",
+                status.phase,
+                status.attempt()
+            ));
+        }
+        None
     }
 
     fn body(&self, held: &Held, phase: JobPhase, extra: Value) -> Value {
@@ -186,6 +235,7 @@ impl LeaseClient {
                 "renewTime": Time(held.renew_time),
                 "leaseDurationSeconds": held.lease_duration_seconds,
             },
+            "message": held.message,
         });
         if let (Some(s), Value::Object(extra)) = (status.as_object_mut(), extra) {
             s.extend(extra);

@@ -5,6 +5,7 @@ use blocksmith_builder::lease::LeaseClient;
 use blocksmith_builder::metrics::{self, Metrics};
 use blocksmith_builder::reader::ReaderConfig;
 use blocksmith_builder::runner::BuildSettings;
+use blocksmith_builder::store::UploadSettings;
 use blocksmith_builder::worker::Worker;
 use clap::Parser;
 use tokio_util::sync::CancellationToken;
@@ -49,6 +50,15 @@ struct Args {
         default_value = "/tmp/blocksmith-builder"
     )]
     work_dir: PathBuf,
+    /// Upload data objects larger than this many bytes in parts.
+    #[arg(long, env = "BLOCKSMITH_MULTIPART_THRESHOLD", default_value_t = 16 << 20)]
+    multipart_threshold: u64,
+    /// Multipart part size in bytes (S3 requires at least 5 MiB).
+    #[arg(long, env = "BLOCKSMITH_PART_SIZE", default_value_t = 8 << 20)]
+    part_size: usize,
+    /// Parts uploaded concurrently.
+    #[arg(long, env = "BLOCKSMITH_PARTS_IN_FLIGHT", default_value_t = 4)]
+    parts_in_flight: usize,
     /// On SIGTERM, how long the current job may still run before it is released.
     #[arg(long, env = "BLOCKSMITH_GRACE_PERIOD", default_value_t = 25)]
     grace_period: u64,
@@ -99,6 +109,11 @@ async fn main() -> anyhow::Result<()> {
         settings: BuildSettings {
             reader,
             work_dir: args.work_dir,
+            upload: UploadSettings {
+                multipart_threshold: args.multipart_threshold,
+                part_size: args.part_size,
+                parts_in_flight: args.parts_in_flight.max(1),
+            },
         },
         metrics,
         shutdown,

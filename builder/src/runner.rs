@@ -14,7 +14,7 @@ use tracing::info;
 use crate::block::{BlockError, BlockOptions, BlockWriter};
 use crate::manifest::Manifest;
 use crate::reader::{ReadError, ReaderConfig, read_range};
-use crate::store::{BlockStore, ManifestPut, StoreError};
+use crate::store::{BlockStore, ManifestPut, StoreError, UploadSettings};
 
 #[derive(Debug, thiserror::Error)]
 pub enum BuildError {
@@ -36,6 +36,7 @@ pub struct BuildSettings {
     pub reader: ReaderConfig,
     /// Where the block is staged before upload.
     pub work_dir: PathBuf,
+    pub upload: UploadSettings,
 }
 
 /// What a successful build wrote.
@@ -51,7 +52,7 @@ pub async fn build_block(
     settings: &BuildSettings,
     cancel: Arc<AtomicBool>,
 ) -> Result<Built, BuildError> {
-    let store = BlockStore::from_url(&job.output.url)?;
+    let store = BlockStore::from_url(&job.output.url)?.with_upload(settings.upload);
     let data = data_key(&job.topic, job.partition, job.start_offset, job.end_offset);
     let manifest_at = manifest_key(&job.topic, job.partition, job.start_offset, job.end_offset);
 

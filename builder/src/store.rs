@@ -27,6 +27,24 @@ const PART_SIZE: usize = 8 * 1024 * 1024;
 /// `(PARTS_IN_FLIGHT + 1) * PART_SIZE`.
 const PARTS_IN_FLIGHT: usize = 4;
 
+/// How data objects are uploaded. S3 needs parts of at least 5 MiB (all but the last).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct UploadSettings {
+    pub multipart_threshold: u64,
+    pub part_size: usize,
+    pub parts_in_flight: usize,
+}
+
+impl Default for UploadSettings {
+    fn default() -> Self {
+        Self {
+            multipart_threshold: MULTIPART_THRESHOLD,
+            part_size: PART_SIZE,
+            parts_in_flight: PARTS_IN_FLIGHT,
+        }
+    }
+}
+
 const SUPPORTED: &str =
     "s3://bucket/prefix, gs://bucket/prefix, az://container/prefix, file:///absolute/path";
 
@@ -194,6 +212,7 @@ pub struct BlockStore {
     prefix: Path,
     /// The output URL without a trailing slash; object URLs are `{base_url}/{key}`.
     base_url: String,
+    upload: UploadSettings,
 }
 
 impl BlockStore {
@@ -261,7 +280,13 @@ impl BlockStore {
             store,
             prefix,
             base_url: base_url.as_str().trim_end_matches('/').to_owned(),
+            upload: UploadSettings::default(),
         })
+    }
+
+    pub fn with_upload(mut self, upload: UploadSettings) -> Self {
+        self.upload = upload;
+        self
     }
 
     /// The full URL of the object at `key`.
@@ -273,7 +298,7 @@ impl BlockStore {
     pub async fn put_data(&self, key: &str, file: &FsPath, size: u64) -> Result<(), StoreError> {
         let location = self.location(key)?;
         let backend = |source| self.backend_err("upload", key, source);
-        if size <= MULTIPART_THRESHOLD {
+        if size <= self.upload.multipart_threshold {
             let data = tokio::fs::read(file)
                 .await
                 .map_err(|source| local_read_err(file, source))?;
@@ -286,7 +311,7 @@ impl BlockStore {
         }
 
         let upload = self.store.put_multipart(&location).await.map_err(backend)?;
-        let mut upload = WriteMultipart::new_with_chunk_size(upload, PART_SIZE);
+        let mut upload = WriteMultipart::new_with_chunk_size(upload, self.upload.part_size);
         match self.send_parts(&mut upload, key, file, size).await {
             Ok(()) => {
                 // `finish` aborts the upload itself when completing fails.
@@ -314,8 +339,8 @@ impl BlockStore {
             .map_err(|source| local_read_err(file, source))?;
         let mut sent = 0u64;
         loop {
-            let mut part = BytesMut::with_capacity(PART_SIZE);
-            while part.len() < PART_SIZE {
+            let mut part = BytesMut::with_capacity(self.upload.part_size);
+            while part.len() < self.upload.part_size {
                 let n = reader
                     .read_buf(&mut part)
                     .await
@@ -329,7 +354,7 @@ impl BlockStore {
             }
             sent += part.len() as u64;
             upload
-                .wait_for_capacity(PARTS_IN_FLIGHT)
+                .wait_for_capacity(self.upload.parts_in_flight)
                 .await
                 .map_err(|source| self.backend_err("upload", key, source))?;
             upload.put(part.freeze());

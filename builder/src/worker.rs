@@ -176,7 +176,7 @@ impl Worker {
         // Stop renewing before the final report so the two never race.
         renewer.abort();
         let _ = renewer.await;
-        let held = held.lock().await.clone();
+        let mut held = held.lock().await.clone();
         if lost.load(Ordering::Relaxed) {
             self.metrics.lease_lost();
             warn!("lease lost while building; reporting nothing");
@@ -191,17 +191,19 @@ impl Worker {
                     started.elapsed(),
                 );
                 self.lease
-                    .complete(&self.client, &held, &built.output)
+                    .complete(&self.client, &mut held, &built.output)
                     .await
             }
             Err(BuildError::Cancelled) => {
                 info!("releasing the job unfinished");
-                self.lease.release(&self.client, &held).await
+                self.lease.release(&self.client, &mut held).await
             }
             Err(e) => {
                 self.metrics.failed(&e);
                 error!(error = %e, "job attempt failed");
-                self.lease.fail(&self.client, &held, &e.to_string()).await
+                self.lease
+                    .fail(&self.client, &mut held, &e.to_string())
+                    .await
             }
         };
         match report {

@@ -95,14 +95,19 @@ pub fn spawn_operator(tb: &Testbed, ns: &str, name: &str) -> Operator {
     }
 }
 
-pub fn spawn_builder(tb: &Testbed, ns: &str, pipeline: &str, id: &str) -> Proc {
+/// The builder command line tests use; add flags or env before spawning.
+pub fn builder_command(tb: &Testbed, ns: &str, pipeline: &str, id: &str) -> std::process::Command {
     let mut cmd = tb.command("blocksmith-builder");
     cmd.args(["--namespace", ns, "--pipeline", pipeline, "--identity", id])
         .args(["--metrics-addr", &format!("127.0.0.1:{}", free_port())])
         .args(["--grace-period", "5", "--kafka-idle-timeout", "20"])
         .arg("--work-dir")
-        .arg(tb.dir.join("scratch").join(id));
-    tb.spawn(&format!("{ns}-{id}"), cmd)
+        .arg(tb.dir.join("scratch").join(ns).join(id));
+    cmd
+}
+
+pub fn spawn_builder(tb: &Testbed, ns: &str, pipeline: &str, id: &str) -> Proc {
+    tb.spawn(&format!("{ns}-{id}"), builder_command(tb, ns, pipeline, id))
 }
 
 /// Polls `check` until it returns `Some`, or panics after `timeout` with `what`.
@@ -223,6 +228,8 @@ impl FakeBuilder {
             .await
     }
 
+    /// A compare-and-swap report, as builders make it: forced apply guarded by the
+    /// resourceVersion of `job`; on a changed job, retried only while the lease is still ours.
     pub async fn report(
         &self,
         job: &BlockJob,
@@ -231,14 +238,33 @@ impl FakeBuilder {
         extra: Value,
     ) -> kube::Result<BlockJob> {
         let name = job.metadata.name.clone().unwrap();
-        let body = self.body(phase, attempt, &now(), extra);
-        self.api
-            .patch_status(
-                &name,
-                &PatchParams::apply(&self.manager),
-                &Patch::Apply(body),
-            )
-            .await
+        let mut rv = job.metadata.resource_version.clone();
+        loop {
+            let mut body = self.body(phase, attempt, &now(), extra.clone());
+            body["metadata"] = json!({ "resourceVersion": rv });
+            match self
+                .api
+                .patch_status(
+                    &name,
+                    &PatchParams::apply(&self.manager).force(),
+                    &Patch::Apply(body),
+                )
+                .await
+            {
+                Err(kube::Error::Api(e)) if e.code == 409 => {
+                    let fresh = self.api.get(&name).await?;
+                    let st = fresh.status.clone().unwrap_or_default();
+                    let ours = st.lease.as_ref().is_some_and(|l| l.holder == self.manager)
+                        && st.phase == blocksmith_crds::JobPhase::Running
+                        && st.attempt() == attempt;
+                    if !ours {
+                        return Err(kube::Error::Api(e));
+                    }
+                    rv = fresh.metadata.resource_version;
+                }
+                other => return other,
+            }
+        }
     }
 
     pub async fn succeed(&self, job: &BlockJob, attempt: i32) -> kube::Result<BlockJob> {

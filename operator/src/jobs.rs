@@ -15,6 +15,11 @@ use crate::metrics::Metrics;
 use crate::planner::PlannedJob;
 
 pub const MANAGER: &str = "blocksmith-operator";
+/// Status writes use their own field manager: API servers before 1.22 key managedFields by
+/// manager and operation only (not subresource), so sharing one manager between object and
+/// status applies would drop the operator's ownership of status fields on every object
+/// apply — and with it the fencing of builders whose lease was taken back.
+pub const STATUS_MANAGER: &str = "blocksmith-operator-status";
 
 pub struct JobStore {
     api: Api<BlockJob>,
@@ -84,7 +89,7 @@ impl JobStore {
         self.api
             .patch_status(
                 &job.name_any(),
-                &PatchParams::apply(MANAGER).force(),
+                &PatchParams::apply(STATUS_MANAGER).force(),
                 &Patch::Apply(patch),
             )
             .await

@@ -21,7 +21,7 @@ use tracing::{info, warn};
 
 use crate::committer::{JobProgress, next_commit};
 use crate::conditions::{self, Observed, Problem};
-use crate::jobs::{self, JobStore, MANAGER};
+use crate::jobs::{self, JobStore, MANAGER, STATUS_MANAGER};
 use crate::kafka::{KafkaConnection, KafkaError, KafkaOffsets};
 use crate::lifecycle::{
     FinishedJob, JobAction, is_claimable, job_action, jobs_to_delete, next_wakeup,
@@ -628,7 +628,7 @@ async fn publish_status(
     ctx.metrics.api_write("pipeline_status");
     api.patch_status(
         &bp.name_any(),
-        &PatchParams::apply(MANAGER).force(),
+        &PatchParams::apply(STATUS_MANAGER).force(),
         &Patch::Apply(patch),
     )
     .await?;

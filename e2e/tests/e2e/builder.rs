@@ -124,11 +124,12 @@ async fn three_builders_write_every_offset_exactly_once_to_files() {
 async fn builders_write_to_s3_including_multipart_blocks() {
     let tb = Testbed::get().await;
     let ns = tb.namespace("bld-s3").await;
-    let topic = tb.topic("bld-s3", 2);
-    // 2,500 records of 8 KiB per job: 20 MiB blocks, over the 16 MiB multipart threshold.
+    let topic = tb.topic("bld-s3", 4);
+    // The mock broker keeps 5 MiB per partition, so blocks are ~4 MiB; the builders here
+    // upload anything over 1 MiB in 1 MiB parts (s3s-fs has no 5 MiB part minimum).
     let spec = DataSpec {
-        value_sizes: ValueSizes::Fixed(8192),
-        ..DataSpec::new(&topic, 2, 10_000)
+        value_sizes: ValueSizes::Fixed(2048),
+        ..DataSpec::new(&topic, 4, 8_000)
     };
     let produced = produce_data(&tb, spec).await;
     let prefix = format!("s3-{:08x}", rand::random::<u32>());
@@ -173,7 +174,7 @@ async fn a_killed_builder_loses_its_job_to_another_and_nothing_is_lost() {
     let ns = tb.namespace("bld-kill").await;
     let topic = tb.topic("bld-kill", 2);
     let spec = DataSpec {
-        value_sizes: ValueSizes::Fixed(2048),
+        value_sizes: ValueSizes::Fixed(200),
         ..DataSpec::new(&topic, 2, 20_000)
     };
     let produced = produce_data(&tb, spec).await;
@@ -322,12 +323,8 @@ async fn an_s3_outage_of_twenty_seconds_is_survived_exactly() {
     let _b: Vec<Proc> = (0..2)
         .map(|i| {
             let id = format!("b{i}");
-            let mut cmd = tb.command("blocksmith-builder");
-            cmd.args(["--namespace", &ns, "--pipeline", "p", "--identity", &id])
-                .args(["--metrics-addr", &format!("127.0.0.1:{}", free_port())])
-                .arg("--work-dir")
-                .arg(tb.dir.join("scratch").join(&ns).join(&id))
-                .env("AWS_ENDPOINT", &endpoint);
+            let mut cmd = builder_command(&tb, &ns, "p", &id);
+            cmd.env("AWS_ENDPOINT", &endpoint);
             tb.spawn(&format!("{ns}-{id}"), cmd)
         })
         .collect();
