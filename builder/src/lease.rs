@@ -30,7 +30,7 @@ pub enum LeaseError {
 }
 
 pub enum Claim {
-    Claimed(Held),
+    Claimed(Box<Held>),
     /// Someone else changed the job first and it is no longer claimable.
     Lost,
     /// The job changed (e.g. a label update) but is still claimable: read it again and retry.
@@ -95,10 +95,10 @@ impl LeaseClient {
             .patch_status(&job.name_any(), &params, &Patch::Apply(patch))
             .await
         {
-            Ok(updated) => Ok(Claim::Claimed(Held {
+            Ok(updated) => Ok(Claim::Claimed(Box::new(Held {
                 job: updated,
                 ..held
-            })),
+            }))),
             Err(kube::Error::Api(e)) if e.code == 409 => {
                 match api.get_opt(&job.name_any()).await? {
                     Some(fresh) if fresh.phase() == JobPhase::Pending => {

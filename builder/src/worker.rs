@@ -122,7 +122,7 @@ impl Worker {
                     Ok(Claim::Claimed(held)) => {
                         self.metrics.claimed();
                         let span = info_span!("job", job = %held.job.name_any(), partition = held.job.spec.partition, attempt = held.attempt);
-                        self.build(held).instrument(span).await;
+                        self.build(*held).instrument(span).await;
                         return true;
                     }
                     Ok(Claim::Stale(fresh)) => job = *fresh,

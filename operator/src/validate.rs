@@ -180,7 +180,8 @@ mod tests {
 
     #[test]
     fn each_rule_names_its_field() {
-        let cases: Vec<(fn(&mut BlockPipelineSpec), &str)> = vec![
+        type Mutation = fn(&mut BlockPipelineSpec);
+        let cases: Vec<(Mutation, &str)> = vec![
             (
                 |s| s.kafka.bootstrap_servers = "nohost".into(),
                 "kafka.bootstrapServers",

@@ -80,10 +80,15 @@ fn assert_exact(
     );
 }
 
+/// A fresh local output directory (the builder does not create a missing file:// root, as
+/// it would not create a missing bucket: it usually means a volume is not mounted).
 fn blocks_dir(tb: &Testbed, test: &str) -> PathBuf {
-    tb.dir
+    let dir = tb
+        .dir
         .join("blocks")
-        .join(format!("{test}-{:08x}", rand::random::<u32>()))
+        .join(format!("{test}-{:08x}", rand::random::<u32>()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
 }
 
 #[tokio::test]
@@ -125,8 +130,10 @@ async fn builders_write_to_s3_including_multipart_blocks() {
     let tb = Testbed::get().await;
     let ns = tb.namespace("bld-s3").await;
     let topic = tb.topic("bld-s3", 4);
-    // The mock broker keeps 5 MiB per partition, so blocks are ~4 MiB; the builders here
-    // upload anything over 1 MiB in 1 MiB parts (s3s-fs has no 5 MiB part minimum).
+    // The mock broker keeps 5 MiB per partition, so blocks are ~4 MiB and cannot reach a
+    // second 5 MiB part (s3s-fs, like S3, rejects smaller parts). The builders here take the
+    // multipart path for anything over 1 MiB; several parts in flight are covered by the
+    // builder's unit tests and the smoke test's two-part upload.
     let spec = DataSpec {
         value_sizes: ValueSizes::Fixed(2048),
         ..DataSpec::new(&topic, 4, 8_000)
@@ -142,13 +149,18 @@ async fn builders_write_to_s3_including_multipart_blocks() {
             &topic,
             &tb.kafka_bootstrap,
             &url,
-            json!({"maxRecords": 2500}),
+            json!({"maxRecords": 2000}),
         ),
     )
     .await;
     let _op = spawn_operator(&tb, &ns, "op");
     let _b: Vec<Proc> = (0..2)
-        .map(|i| spawn_builder(&tb, &ns, "p", &format!("b{i}")))
+        .map(|i| {
+            let id = format!("b{i}");
+            let mut cmd = builder_command(&tb, &ns, "p", &id);
+            cmd.args(["--multipart-threshold", "1048576"]);
+            tb.spawn(&format!("{ns}-{id}"), cmd)
+        })
         .collect();
     let committed =
         wait_committed(&tb, &ns, "p", &topic, &produced, Duration::from_secs(400)).await;
@@ -162,7 +174,7 @@ async fn builders_write_to_s3_including_multipart_blocks() {
             j.status
                 .as_ref()
                 .and_then(|s| s.output.as_ref())
-                .is_some_and(|o| o.bytes > 16 << 20)
+                .is_some_and(|o| o.bytes > 2 << 20)
         })
         .count();
     assert!(big > 0, "some blocks went through multipart upload");
@@ -194,44 +206,77 @@ async fn a_killed_builder_loses_its_job_to_another_and_nothing_is_lost() {
     .await;
     let _op = spawn_operator(&tb, &ns, "op");
     let mut victim = spawn_builder(&tb, &ns, "p", "victim");
-    let held = wait_for(
-        "the victim running a job",
-        Duration::from_secs(60),
-        || async {
-            jobs(&tb, &ns, "p").await.into_iter().find(|j| {
-                j.phase() == JobPhase::Running
-                    && j.status
-                        .as_ref()
-                        .and_then(|s| s.lease.as_ref())
-                        .is_some_and(|l| l.holder == "victim")
-            })
-        },
-    )
-    .await;
+    let running_on_victim = |j: &BlockJob| {
+        j.phase() == JobPhase::Running
+            && j.status
+                .as_ref()
+                .and_then(|s| s.lease.as_ref())
+                .is_some_and(|l| l.holder == "victim")
+    };
+    // Freeze the victim (SIGSTOP) while it holds a job, check the job is still running on it
+    // once in-flight requests have landed, then SIGKILL it: killed mid-job for sure.
+    let held = loop {
+        let job = wait_for(
+            "the victim running a job",
+            Duration::from_secs(60),
+            || async {
+                jobs(&tb, &ns, "p")
+                    .await
+                    .into_iter()
+                    .find(running_on_victim)
+            },
+        )
+        .await;
+        victim.signal("STOP");
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let now = jobs(&tb, &ns, "p")
+            .await
+            .into_iter()
+            .find(|j| j.metadata.name == job.metadata.name);
+        if let Some(now) = now.filter(running_on_victim) {
+            break now;
+        }
+        victim.signal("CONT");
+    };
     victim.kill();
     let _rescuer = spawn_builder(&tb, &ns, "p", "rescuer");
     let committed =
         wait_committed(&tb, &ns, "p", &topic, &produced, Duration::from_secs(300)).await;
     assert_exact(&tb, &blocks, &produced, &committed);
-    for j in jobs(&tb, &ns, "p").await {
-        let holder = j
-            .status
-            .as_ref()
-            .and_then(|s| s.lease.as_ref())
-            .map(|l| l.holder.clone());
-        assert_ne!(
-            holder.as_deref(),
-            Some("victim"),
-            "{:?} completed by the killed builder",
-            j.metadata.name
-        );
-    }
     let retried = jobs(&tb, &ns, "p")
         .await
         .into_iter()
-        .find(|j| j.metadata.name == held.metadata.name);
-    if let Some(j) = retried {
-        assert!(j.attempt() >= 2, "the killed builder's job was retried");
+        .find(|j| j.metadata.name == held.metadata.name)
+        .expect("the job is kept until cleanup");
+    assert_eq!(retried.phase(), JobPhase::Succeeded);
+    assert!(
+        retried.attempt() >= 2,
+        "the killed builder's job was retried"
+    );
+    let completer = retried.status.and_then(|s| s.lease).map(|l| l.holder);
+    assert_eq!(
+        completer.as_deref(),
+        Some("rescuer"),
+        "completed by the other builder"
+    );
+    // Jobs the victim finished before it was frozen are its own; none after.
+    let frozen_at = held
+        .status
+        .as_ref()
+        .and_then(|s| s.start_time.as_ref())
+        .unwrap()
+        .0;
+    for j in jobs(&tb, &ns, "p").await {
+        let st = j.status.clone().unwrap_or_default();
+        if st.completion_time.is_some_and(|t| t.0 > frozen_at) {
+            let holder = st.lease.map(|l| l.holder);
+            assert_ne!(
+                holder.as_deref(),
+                Some("victim"),
+                "{:?} completed by the killed builder",
+                j.metadata.name
+            );
+        }
     }
 }
 
