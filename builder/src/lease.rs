@@ -19,6 +19,8 @@ use kube::ResourceExt;
 use kube::api::{Api, Patch, PatchParams};
 use serde_json::{Value, json};
 
+use crate::metrics::Metrics;
+
 #[derive(Debug, thiserror::Error)]
 pub enum LeaseError {
     /// Another manager owns the job's lease fields now; this builder must stop and report
@@ -53,12 +55,14 @@ pub struct Held {
 #[derive(Clone)]
 pub struct LeaseClient {
     identity: String,
+    metrics: Metrics,
 }
 
 impl LeaseClient {
-    pub fn new(identity: &str) -> Self {
+    pub fn new(identity: &str, metrics: Metrics) -> Self {
         Self {
             identity: identity.into(),
+            metrics,
         }
     }
 
@@ -91,6 +95,7 @@ impl LeaseClient {
         patch["metadata"] = json!({ "resourceVersion": job.resource_version() });
         let api = self.api(client, job);
         let params = PatchParams::apply(&self.identity).force();
+        self.metrics.api_write("claim");
         match api
             .patch_status(&job.name_any(), &params, &Patch::Apply(patch))
             .await
@@ -173,6 +178,7 @@ impl LeaseClient {
         let params = PatchParams::apply(&self.identity).force();
         for _ in 0..5 {
             body["metadata"] = json!({ "resourceVersion": held.job.resource_version() });
+            self.metrics.api_write("status");
             match api.patch_status(&name, &params, &Patch::Apply(&body)).await {
                 Ok(updated) => {
                     held.job = updated;

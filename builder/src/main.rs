@@ -103,7 +103,7 @@ async fn main() -> anyhow::Result<()> {
     });
     Worker {
         client,
-        lease: LeaseClient::new(&identity),
+        lease: LeaseClient::new(&identity, metrics.clone()),
         namespace: args.namespace,
         pipeline: args.pipeline,
         settings: BuildSettings {

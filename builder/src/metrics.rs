@@ -13,7 +13,7 @@ use prometheus_client::registry::Registry;
 use crate::runner::BuildError;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct ErrorLabels {
+pub struct KindLabels {
     pub kind: String,
 }
 
@@ -27,12 +27,13 @@ struct Inner {
     claims: Counter,
     claim_conflicts: Counter,
     jobs_succeeded: Counter,
-    jobs_failed: Family<ErrorLabels, Counter>,
+    jobs_failed: Family<KindLabels, Counter>,
     lease_losses: Counter,
     records_written: Counter,
     bytes_written: Counter,
     bytes_read: Counter,
     job_seconds: Histogram,
+    api_writes: Family<KindLabels, Counter>,
     ready: AtomicBool,
 }
 
@@ -50,6 +51,7 @@ impl Default for Inner {
             bytes_written: Counter::default(),
             bytes_read: Counter::default(),
             job_seconds: Histogram::new(exponential_buckets(0.05, 2.0, 14)),
+            api_writes: Family::default(),
             ready: AtomicBool::new(false),
         };
         registry.register("claims", "Jobs claimed", m.claims.clone());
@@ -85,6 +87,11 @@ impl Default for Inner {
             m.bytes_read.clone(),
         );
         registry.register(
+            "api_writes",
+            "Kubernetes API writes by kind",
+            m.api_writes.clone(),
+        );
+        registry.register(
             "job_duration_seconds",
             "Time from claim to report",
             m.job_seconds.clone(),
@@ -105,6 +112,12 @@ impl Metrics {
     }
     pub fn is_ready(&self) -> bool {
         self.inner.ready.load(Ordering::Relaxed)
+    }
+    pub fn api_write(&self, kind: &str) {
+        self.inner
+            .api_writes
+            .get_or_create(&KindLabels { kind: kind.into() })
+            .inc();
     }
     pub fn claimed(&self) {
         self.inner.claims.inc();
@@ -132,7 +145,7 @@ impl Metrics {
         };
         self.inner
             .jobs_failed
-            .get_or_create(&ErrorLabels { kind: kind.into() })
+            .get_or_create(&KindLabels { kind: kind.into() })
             .inc();
     }
 }

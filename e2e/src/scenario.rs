@@ -95,14 +95,18 @@ pub fn spawn_operator(tb: &Testbed, ns: &str, name: &str) -> Operator {
     }
 }
 
-/// The builder command line tests use; add flags or env before spawning.
+/// The builder command line tests use (metrics on a free port unless `--metrics-addr` is
+/// added); add flags or env before spawning.
 pub fn builder_command(tb: &Testbed, ns: &str, pipeline: &str, id: &str) -> std::process::Command {
     let mut cmd = tb.command("blocksmith-builder");
-    cmd.args(["--namespace", ns, "--pipeline", pipeline, "--identity", id])
-        .args(["--metrics-addr", &format!("127.0.0.1:{}", free_port())])
-        .args(["--grace-period", "5", "--kafka-idle-timeout", "20"])
-        .arg("--work-dir")
-        .arg(tb.dir.join("scratch").join(ns).join(id));
+    cmd.env(
+        "BLOCKSMITH_METRICS_ADDR",
+        format!("127.0.0.1:{}", free_port()),
+    )
+    .args(["--namespace", ns, "--pipeline", pipeline, "--identity", id])
+    .args(["--grace-period", "5", "--kafka-idle-timeout", "20"])
+    .arg("--work-dir")
+    .arg(tb.dir.join("scratch").join(ns).join(id));
     cmd
 }
 
@@ -312,4 +316,28 @@ pub fn audit(
         )
     });
     (report, out.status.success())
+}
+
+/// A plain HTTP GET on loopback (metrics endpoints); returns the body.
+pub fn http_get(port: u16, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    response
+        .split_once("\r\n\r\n")
+        .map(|(_, body)| body.to_string())
+        .unwrap_or_default()
+}
+
+/// Sum of a Prometheus counter family in a text exposition, optionally only the samples
+/// whose labels contain `label` (e.g. `kind="apply_job"`).
+pub fn counter_sum(exposition: &str, name: &str, label: Option<&str>) -> f64 {
+    exposition
+        .lines()
+        .filter(|l| l.starts_with(name) && !l.starts_with('#'))
+        .filter(|l| label.is_none_or(|want| l.contains(want)))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
 }

@@ -461,3 +461,86 @@ async fn a_job_run_twice_writes_byte_identical_objects() {
     assert_eq!(second.status.unwrap().output.unwrap().sha256, sha_first);
     assert_eq!(std::fs::read(&data).unwrap(), bytes_first, "byte-identical");
 }
+
+#[tokio::test]
+async fn api_writes_per_job_lifecycle_are_counted() {
+    let tb = Testbed::get().await;
+    let ns = tb.namespace("bld-writes").await;
+    let topic = tb.topic("bld-writes", 2);
+    let spec = DataSpec {
+        value_sizes: ValueSizes::Fixed(100),
+        ..DataSpec::new(&topic, 2, 4_000)
+    };
+    let produced = produce_data(&tb, spec).await;
+    let blocks = blocks_dir(&tb, "writes");
+    let url = format!("file://{}", blocks.display());
+    let jobs_total = 20.0;
+    apply_pipeline(
+        &tb,
+        &ns,
+        &pipeline(
+            "p",
+            &topic,
+            &tb.kafka_bootstrap,
+            &url,
+            json!({"maxRecords": 200, "ttlSecondsAfterSucceeded": 0}),
+        ),
+    )
+    .await;
+    let op = spawn_operator(&tb, &ns, "op");
+    let builder_port = free_port();
+    let mut cmd = builder_command(&tb, &ns, "p", "b");
+    cmd.args(["--metrics-addr", &format!("127.0.0.1:{builder_port}")]);
+    let _b = tb.spawn(&format!("{ns}-b"), cmd);
+    wait_committed(&tb, &ns, "p", &topic, &produced, Duration::from_secs(300)).await;
+    // The whole lifecycle ends with the cleanup deleting every committed job.
+    wait_for(
+        "cleanup of committed jobs",
+        Duration::from_secs(60),
+        || async { jobs(&tb, &ns, "p").await.is_empty().then_some(()) },
+    )
+    .await;
+    let op_metrics = http_get(op.metrics_port, "/metrics");
+    let b_metrics = http_get(builder_port, "/metrics");
+    let op_job_writes = ["apply_job", "reset_job", "delete_job"]
+        .iter()
+        .map(|k| {
+            counter_sum(
+                &op_metrics,
+                "blocksmith_api_writes_total",
+                Some(&format!("kind=\"{k}\"")),
+            )
+        })
+        .sum::<f64>();
+    let status_writes = counter_sum(
+        &op_metrics,
+        "blocksmith_api_writes_total",
+        Some("kind=\"pipeline_status\""),
+    );
+    let builder_writes = counter_sum(&b_metrics, "blocksmith_builder_api_writes_total", None);
+    println!(
+        "API writes per job: operator {:.2} (create, phase labels, delete), builder {:.2} (claim, renewals, report); pipeline status writes for {jobs_total} jobs: {status_writes}",
+        op_job_writes / jobs_total,
+        builder_writes / jobs_total
+    );
+    // create + Running label + Succeeded label + delete
+    assert!(
+        op_job_writes / jobs_total <= 4.0,
+        "operator writes per job: {}",
+        op_job_writes / jobs_total
+    );
+    assert!(
+        op_job_writes / jobs_total >= 2.0,
+        "the counter counts: {op_metrics}"
+    );
+    // claim + report, plus at most one compare-and-swap retry on a label change
+    assert!(
+        builder_writes / jobs_total <= 3.0,
+        "builder writes per job: {}",
+        builder_writes / jobs_total
+    );
+    assert!(
+        builder_writes / jobs_total >= 2.0,
+        "the counter counts: {b_metrics}"
+    );
+}
