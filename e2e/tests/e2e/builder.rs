@@ -544,3 +544,66 @@ async fn api_writes_per_job_lifecycle_are_counted() {
         "the counter counts: {b_metrics}"
     );
 }
+
+#[tokio::test]
+async fn sigterm_stops_claiming_and_finishes_or_releases_the_current_job() {
+    let tb = Testbed::get().await;
+    let ns = tb.namespace("bld-term").await;
+    let topic = tb.topic("bld-term", 2);
+    let spec = DataSpec {
+        value_sizes: ValueSizes::Fixed(200),
+        ..DataSpec::new(&topic, 2, 20_000)
+    };
+    let produced = produce_data(&tb, spec).await;
+    let blocks = blocks_dir(&tb, "term");
+    let url = format!("file://{}", blocks.display());
+    apply_pipeline(
+        &tb,
+        &ns,
+        &pipeline(
+            "p",
+            &topic,
+            &tb.kafka_bootstrap,
+            &url,
+            json!({"maxRecords": 1000}),
+        ),
+    )
+    .await;
+    let _op = spawn_operator(&tb, &ns, "op");
+    let mut first = spawn_builder(&tb, &ns, "p", "first");
+    wait_for(
+        "a job running on the first builder",
+        Duration::from_secs(60),
+        || async {
+            jobs(&tb, &ns, "p").await.into_iter().find(|j| {
+                j.phase() == JobPhase::Running
+                    && j.status
+                        .as_ref()
+                        .and_then(|s| s.lease.as_ref())
+                        .is_some_and(|l| l.holder == "first")
+            })
+        },
+    )
+    .await;
+    // Grace period is 5 s (spawn_builder): it must exit cleanly well within it.
+    let status = first
+        .terminate(Duration::from_secs(15))
+        .expect("exits after SIGTERM");
+    assert!(status.success(), "clean exit: {status:?}");
+    let log = first.log_text();
+    assert!(log.contains("shutdown requested"), "{log}");
+    // Nothing is left held by the stopped builder once it is gone.
+    let left = jobs(&tb, &ns, "p").await;
+    assert!(
+        !left.iter().any(|j| j.phase() == JobPhase::Running
+            && j.status
+                .as_ref()
+                .and_then(|s| s.lease.as_ref())
+                .is_some_and(|l| l.holder == "first")),
+        "a job still held by the stopped builder"
+    );
+    let _second = spawn_builder(&tb, &ns, "p", "second");
+    let committed =
+        wait_committed(&tb, &ns, "p", &topic, &produced, Duration::from_secs(300)).await;
+    assert_exact(&tb, &blocks, &produced, &committed);
+}

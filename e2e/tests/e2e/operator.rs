@@ -491,3 +491,62 @@ async fn bad_input_is_reported_with_the_field_or_reason() {
     assert_eq!(reason, "TopicNotFound", "{message}");
     assert!(message.contains("no-such-topic"), "{message}");
 }
+
+#[tokio::test]
+async fn unreachable_kafka_degrades_and_suspend_stops_planning() {
+    let tb = Testbed::get().await;
+    let ns = tb.namespace("op-suspend").await;
+    let _op = spawn_operator(&tb, &ns, "op");
+
+    // Nothing listens on port 1.
+    apply_pipeline(
+        &tb,
+        &ns,
+        &pipeline("down", "t", "127.0.0.1:1", &output(&tb), json!({})),
+    )
+    .await;
+    let (_, reason, message) = wait_for("KafkaUnavailable", Duration::from_secs(60), || async {
+        let c = condition(&get_pipeline(&tb, &ns, "down").await, "Degraded")?;
+        (c.0 == "True").then_some(c)
+    })
+    .await;
+    assert_eq!(reason, "KafkaUnavailable", "{message}");
+
+    // Suspended: offsets are read, nothing is planned; resumed: jobs appear.
+    let topic = tb.topic("op-suspend", 1);
+    produce_fixed(&tb, &topic, 1, 2000).await;
+    let mut bp = pipeline("p", &topic, &tb.kafka_bootstrap, &output(&tb), json!({}));
+    bp.spec.suspend = true;
+    apply_pipeline(&tb, &ns, &bp).await;
+    wait_for("Suspended", Duration::from_secs(30), || async {
+        let c = condition(&get_pipeline(&tb, &ns, "p").await, "Suspended")?;
+        (c.0 == "True").then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(
+        jobs(&tb, &ns, "p").await.is_empty(),
+        "no jobs while suspended"
+    );
+    assert_eq!(get_pipeline(&tb, &ns, "p").await.status.unwrap().lag, 2000);
+    bp.spec.suspend = false;
+    apply_pipeline(&tb, &ns, &bp).await;
+    wait_jobs(&tb, &ns, "p", 2).await;
+    let events = Api::<k8s_openapi::api::events::v1::Event>::namespaced(tb.client.clone(), &ns)
+        .list(&Default::default())
+        .await
+        .unwrap();
+    let reasons: Vec<_> = events
+        .items
+        .iter()
+        .filter_map(|e| e.reason.clone())
+        .collect();
+    assert!(
+        reasons.iter().any(|r| r == "KafkaUnavailable"),
+        "events: {reasons:?}"
+    );
+    assert!(
+        reasons.iter().any(|r| r == "Resumed"),
+        "events: {reasons:?}"
+    );
+}
