@@ -70,6 +70,10 @@ pub struct Operator {
 }
 
 pub fn spawn_operator(tb: &Testbed, ns: &str, name: &str) -> Operator {
+    spawn_operator_with(tb, ns, name, &[])
+}
+
+pub fn spawn_operator_with(tb: &Testbed, ns: &str, name: &str, extra: &[&str]) -> Operator {
     let metrics_port = free_port();
     let mut cmd = tb.command("blocksmith-operator");
     cmd.args([
@@ -88,7 +92,8 @@ pub fn spawn_operator(tb: &Testbed, ns: &str, name: &str) -> Operator {
         "--identity",
         name,
     ])
-    .args(["--debounce-ms", "200"]);
+    .args(["--debounce-ms", "200"])
+    .args(extra);
     Operator {
         proc: tb.spawn(&format!("{ns}-{name}"), cmd),
         metrics_port,

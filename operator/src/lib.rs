@@ -3,10 +3,13 @@
 //!
 //! Pure decisions: [`planner`], [`committer`], [`lifecycle`], [`conditions`], [`validate`].
 //! I/O: [`kafka`] (offsets), [`jobs`] (the BlockJob queue), [`reconcile`] (one pass over a
-//! pipeline), [`leader`] (Lease-based leader election), [`metrics`] (Prometheus, probes).
+//! pipeline), [`builders`] (builder Deployment + HPA), [`external_metrics`] (queue depth
+//! for the HPA), [`leader`] (Lease-based leader election), [`metrics`] (Prometheus, probes).
 
+pub mod builders;
 pub mod committer;
 pub mod conditions;
+pub mod external_metrics;
 pub mod jobs;
 pub mod kafka;
 pub mod leader;

@@ -3,6 +3,8 @@ use std::time::Duration;
 
 use blocksmith_crds::domain::LABEL_PIPELINE;
 use blocksmith_crds::{BlockJob, BlockPipeline};
+use blocksmith_operator::builders::AutoscalingApi;
+use blocksmith_operator::external_metrics;
 use blocksmith_operator::leader::LeaderElector;
 use blocksmith_operator::metrics::{self, Metrics};
 use blocksmith_operator::reconcile::{Context, error_policy, reconcile};
@@ -20,6 +22,9 @@ struct Args {
     /// Serve /metrics, /healthz and /readyz here.
     #[arg(long, env = "BLOCKSMITH_METRICS_ADDR", default_value = "0.0.0.0:8080")]
     metrics_addr: std::net::SocketAddr,
+    /// Serve external.metrics.k8s.io/v1beta1 (TLS) here, for the builders' HPAs.
+    #[arg(long, env = "BLOCKSMITH_EXTERNAL_METRICS_ADDR")]
+    external_metrics_addr: Option<std::net::SocketAddr>,
     /// Watch only this namespace (default: all namespaces).
     #[arg(long, env = "BLOCKSMITH_WATCH_NAMESPACE")]
     namespace: Option<String>,
@@ -60,6 +65,19 @@ async fn main() -> anyhow::Result<()> {
     let client = kube::Client::try_default().await?;
     let metrics = Metrics::default();
     tokio::spawn(metrics::serve(args.metrics_addr, metrics.clone()));
+    if let Some(addr) = args.external_metrics_addr {
+        let client = client.clone();
+        tokio::spawn(async move {
+            if let Err(e) = external_metrics::serve(addr, client).await {
+                error!(error = %e, "external metrics API stopped");
+            }
+        });
+    }
+    let autoscaling = AutoscalingApi::discover(&client).await.unwrap_or_else(|e| {
+        warn!(error = %e, "discovering autoscaling API versions; assuming none");
+        AutoscalingApi::Unavailable
+    });
+    info!(?autoscaling, "HPA API");
 
     let identity = args.identity.clone().unwrap_or_else(|| {
         let host = std::fs::read_to_string("/etc/hostname").unwrap_or_default();
@@ -95,6 +113,7 @@ async fn main() -> anyhow::Result<()> {
         metrics.clone(),
         Duration::from_secs_f64(args.poll_interval),
         Duration::from_secs_f64(args.kafka_timeout),
+        autoscaling,
     ));
     let controller = Controller::new(pipelines, watcher::Config::default())
         .owns(jobs, watcher::Config::default().labels(LABEL_PIPELINE))

@@ -19,6 +19,7 @@ use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::{Resource, ResourceExt};
 use tracing::{info, warn};
 
+use crate::builders::{self, AutoscalingApi};
 use crate::committer::{JobProgress, next_commit};
 use crate::conditions::{self, Observed, Problem};
 use crate::jobs::{self, JobStore, MANAGER, STATUS_MANAGER};
@@ -54,6 +55,10 @@ pub struct Context {
     pub poll_interval: Duration,
     pub kafka_timeout: Duration,
     kafka: Mutex<HashMap<String, (KafkaConnection, Arc<KafkaOffsets>)>>,
+    /// Which HPA API the cluster serves (discovered at start-up).
+    pub autoscaling: AutoscalingApi,
+    /// What was last applied for each pipeline's builders, so unchanged specs cost no writes.
+    builders_applied: Mutex<HashMap<String, String>>,
 }
 
 impl Context {
@@ -62,6 +67,7 @@ impl Context {
         metrics: Metrics,
         poll_interval: Duration,
         kafka_timeout: Duration,
+        autoscaling: AutoscalingApi,
     ) -> Self {
         Self {
             client,
@@ -73,6 +79,8 @@ impl Context {
             poll_interval,
             kafka_timeout,
             kafka: Mutex::default(),
+            autoscaling,
+            builders_applied: Mutex::default(),
         }
     }
 
@@ -130,6 +138,10 @@ async fn reconcile_inner(bp: &BlockPipeline, ctx: &Context) -> Result<Action, Er
             return Ok(Action::await_change());
         }
     };
+
+    if let Some(problem) = reconcile_builders(bp, ctx).await? {
+        observed.problems.push(problem);
+    }
 
     let store = JobStore::new(ctx.client.clone(), &ns, &name, ctx.metrics.clone());
     let mut wake: Option<Timestamp> = None;
@@ -393,6 +405,35 @@ async fn tend_job(
         }
     }
     Ok(Some(job))
+}
+
+/// Applies the builder Deployment and HPA when what they should be has changed.
+async fn reconcile_builders(bp: &BlockPipeline, ctx: &Context) -> Result<Option<Problem>, Error> {
+    let key = format!("{}/{}", bp.namespace().unwrap_or_default(), bp.name_any());
+    let desired = serde_json::to_string(&(
+        &bp.spec.builders,
+        &bp.spec.output.credentials_secret_ref,
+        bp.metadata.uid.as_deref(),
+    ))
+    .unwrap_or_default();
+    if ctx
+        .builders_applied
+        .lock()
+        .expect("builders lock")
+        .get(&key)
+        == Some(&desired)
+    {
+        return Ok(None);
+    }
+    let problem = builders::reconcile(&ctx.client, bp, ctx.autoscaling, &ctx.metrics).await?;
+    ctx.builders_applied
+        .lock()
+        .expect("builders lock")
+        .insert(key, desired);
+    Ok(problem.map(|message| Problem {
+        reason: "AutoscalingUnavailable",
+        message,
+    }))
 }
 
 #[allow(clippy::too_many_arguments)]

@@ -1,6 +1,7 @@
 //! End-to-end tests against the real testbed (kube-apiserver + etcd, a Kafka-protocol
 //! broker, an S3 server). Run through `e2e/run-tests`, which starts the testbed.
 
+mod autoscaling;
 mod builder;
 mod operator;
 mod smoke;

@@ -1,0 +1,221 @@
+//! Builders as a Deployment per pipeline, scaled by a HorizontalPodAutoscaler on the
+//! pipeline's queue depth (an External metric served by [`crate::external_metrics`]).
+//! Both objects are owned by the pipeline and written with server-side apply.
+
+use std::collections::BTreeMap;
+
+use blocksmith_crds::BlockPipeline;
+use blocksmith_crds::domain::LABEL_PIPELINE;
+use blocksmith_crds::pipeline::BuildersSpec;
+use k8s_openapi::api::apps::v1::Deployment;
+use kube::api::{Api, ApiResource, DynamicObject, GroupVersionKind, Patch, PatchParams};
+use kube::{Resource, ResourceExt};
+use serde_json::{Value, json};
+
+use crate::jobs::MANAGER;
+use crate::metrics::Metrics;
+
+/// The external metric an HPA scales builders on; selected by `pipeline=<name>`.
+pub const QUEUE_METRIC: &str = "blocksmith-queue-depth";
+
+/// Which HPA API the cluster serves.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AutoscalingApi {
+    V2,
+    V2beta2,
+    Unavailable,
+}
+
+impl AutoscalingApi {
+    pub async fn discover(client: &kube::Client) -> kube::Result<Self> {
+        let groups = client.list_api_groups().await?;
+        let versions: Vec<String> = groups
+            .groups
+            .iter()
+            .filter(|g| g.name == "autoscaling")
+            .flat_map(|g| g.versions.iter().map(|v| v.version.clone()))
+            .collect();
+        Ok(if versions.iter().any(|v| v == "v2") {
+            AutoscalingApi::V2
+        } else if versions.iter().any(|v| v == "v2beta2") {
+            AutoscalingApi::V2beta2
+        } else {
+            AutoscalingApi::Unavailable
+        })
+    }
+
+    fn version(self) -> Option<&'static str> {
+        match self {
+            AutoscalingApi::V2 => Some("v2"),
+            AutoscalingApi::V2beta2 => Some("v2beta2"),
+            AutoscalingApi::Unavailable => None,
+        }
+    }
+}
+
+pub fn deployment_name(pipeline: &str) -> String {
+    format!("{pipeline}-builder")
+}
+
+/// The builder Deployment. Replicas are left to the HPA, except where no HPA API is served.
+pub fn deployment(bp: &BlockPipeline, b: &BuildersSpec, autoscaling: AutoscalingApi) -> Deployment {
+    let name = bp.name_any();
+    let labels = BTreeMap::from([
+        (
+            "app.kubernetes.io/name".to_string(),
+            "blocksmith-builder".to_string(),
+        ),
+        (
+            "app.kubernetes.io/managed-by".to_string(),
+            "blocksmith-operator".to_string(),
+        ),
+        (LABEL_PIPELINE.to_string(), name.clone()),
+    ]);
+    let mut env = vec![
+        json!({"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}}),
+        json!({"name": "BLOCKSMITH_BUILDER_ID", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}),
+        json!({"name": "BLOCKSMITH_PIPELINE", "value": name}),
+        json!({"name": "BLOCKSMITH_GRACE_PERIOD", "value": "50"}),
+    ];
+    env.extend(
+        b.env
+            .iter()
+            .map(|e| serde_json::to_value(e).expect("env serializes")),
+    );
+    let env_from: Vec<Value> = bp
+        .spec
+        .output
+        .credentials_secret_ref
+        .iter()
+        .map(|s| json!({"secretRef": {"name": s.name}}))
+        .collect();
+    let mut spec = json!({
+        "selector": {"matchLabels": {LABEL_PIPELINE: name, "app.kubernetes.io/name": "blocksmith-builder"}},
+        "template": {
+            "metadata": {"labels": labels},
+            "spec": {
+                "serviceAccountName": b.service_account_name.clone().unwrap_or_else(|| "blocksmith-builder".into()),
+                "terminationGracePeriodSeconds": 60,
+                "securityContext": {"runAsNonRoot": true, "seccompProfile": {"type": "RuntimeDefault"}},
+                "containers": [{
+                    "name": "builder",
+                    "image": b.image,
+                    "env": env,
+                    "envFrom": env_from,
+                    "resources": b.resources.clone().unwrap_or_default(),
+                    "ports": [{"name": "metrics", "containerPort": 8081, "protocol": "TCP"}],
+                    "livenessProbe": {"httpGet": {"path": "/healthz", "port": "metrics"}},
+                    "readinessProbe": {"httpGet": {"path": "/readyz", "port": "metrics"}},
+                    "securityContext": {
+                        "allowPrivilegeEscalation": false,
+                        "readOnlyRootFilesystem": true,
+                        "capabilities": {"drop": ["ALL"]},
+                    },
+                    "volumeMounts": [{"name": "scratch", "mountPath": "/tmp/blocksmith-builder"}],
+                }],
+                "volumes": [{"name": "scratch", "emptyDir": {}}],
+            },
+        },
+    });
+    if autoscaling == AutoscalingApi::Unavailable {
+        spec["replicas"] = json!(b.min_replicas);
+    }
+    let mut d: Deployment = serde_json::from_value(json!({
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {"name": deployment_name(&name), "namespace": bp.namespace(), "labels": labels},
+        "spec": spec,
+    }))
+    .expect("deployment manifest");
+    d.metadata.owner_references = bp.controller_owner_ref(&()).map(|o| vec![o]);
+    d
+}
+
+/// The HPA: External metric `blocksmith-queue-depth{pipeline=<name>}`, AverageValue target.
+pub fn hpa(bp: &BlockPipeline, b: &BuildersSpec, version: &str) -> Value {
+    let name = bp.name_any();
+    json!({
+        "apiVersion": format!("autoscaling/{version}"),
+        "kind": "HorizontalPodAutoscaler",
+        "metadata": {
+            "name": deployment_name(&name),
+            "namespace": bp.namespace(),
+            "labels": {LABEL_PIPELINE: name},
+            "ownerReferences": bp.controller_owner_ref(&()).map(|o| vec![o]),
+        },
+        "spec": {
+            "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": deployment_name(&name)},
+            // An HPA cannot go below one replica without the HPAScaleToZero feature gate.
+            "minReplicas": b.min_replicas.max(1),
+            "maxReplicas": b.max_replicas.max(1),
+            "metrics": [{
+                "type": "External",
+                "external": {
+                    "metric": {"name": QUEUE_METRIC, "selector": {"matchLabels": {"pipeline": name}}},
+                    "target": {"type": "AverageValue", "averageValue": b.target_queue_depth_per_builder.to_string()},
+                },
+            }],
+        },
+    })
+}
+
+/// Applies the pipeline's builder Deployment and HPA (or removes them when `spec.builders`
+/// is unset). Returns a problem message when no HPA API is served.
+pub async fn reconcile(
+    client: &kube::Client,
+    bp: &BlockPipeline,
+    autoscaling: AutoscalingApi,
+    metrics: &Metrics,
+) -> kube::Result<Option<String>> {
+    let ns = bp.namespace().unwrap_or_default();
+    let name = deployment_name(&bp.name_any());
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), &ns);
+    let hpa_api = |version: &str| {
+        let gvk = GroupVersionKind::gvk("autoscaling", version, "HorizontalPodAutoscaler");
+        Api::<DynamicObject>::namespaced_with(client.clone(), &ns, &ApiResource::from_gvk(&gvk))
+    };
+    let params = PatchParams::apply(MANAGER).force();
+    let Some(b) = &bp.spec.builders else {
+        for result in [
+            deployments
+                .delete(&name, &Default::default())
+                .await
+                .map(|_| ()),
+            match autoscaling.version() {
+                Some(v) => hpa_api(v)
+                    .delete(&name, &Default::default())
+                    .await
+                    .map(|_| ()),
+                None => Ok(()),
+            },
+        ] {
+            match result {
+                Ok(()) => metrics.api_write("delete_builders"),
+                Err(kube::Error::Api(e)) if e.code == 404 => {}
+                Err(e) => return Err(e),
+            }
+        }
+        return Ok(None);
+    };
+    metrics.api_write("apply_builders");
+    deployments
+        .patch(
+            &name,
+            &params,
+            &Patch::Apply(deployment(bp, b, autoscaling)),
+        )
+        .await?;
+    match autoscaling.version() {
+        Some(version) => {
+            metrics.api_write("apply_builders");
+            hpa_api(version)
+                .patch(&name, &params, &Patch::Apply(hpa(bp, b, version)))
+                .await?;
+            Ok(None)
+        }
+        None => Ok(Some(format!(
+            "the cluster serves neither autoscaling/v2 nor autoscaling/v2beta2: builders run at minReplicas ({})",
+            b.min_replicas
+        ))),
+    }
+}
