@@ -533,9 +533,9 @@ async fn api_writes_per_job_lifecycle_are_counted() {
         op_job_writes / jobs_total >= 2.0,
         "the counter counts: {op_metrics}"
     );
-    // claim + report, plus at most one compare-and-swap retry on a label change
+    // claim + report, plus a compare-and-swap retry on a label change or a renewal on a slow run
     assert!(
-        builder_writes / jobs_total <= 3.0,
+        builder_writes / jobs_total <= 4.0,
         "builder writes per job: {}",
         builder_writes / jobs_total
     );
