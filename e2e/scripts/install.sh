@@ -80,10 +80,12 @@ python_venv() {
   # pyarrow: an independent Parquet reader for the exactly-once audit.
   # helm-sdkpy: Helm v4's library, for chart lint/install (no helm binary in Debian).
   local venv="$CACHE/venv"
-  [ -x "$venv/bin/python" ] && "$venv/bin/python" -c 'import pyarrow' 2>/dev/null && return 0
-  log "creating python venv with pyarrow"
+  [ -x "$venv/bin/python" ] && "$venv/bin/python" -c 'import pyarrow, helm_sdkpy' 2>/dev/null && return 0
+  log "creating python venv with pyarrow and helm-sdkpy"
   python3 -m venv "$venv"
   "$venv/bin/pip" install -q --disable-pip-version-check pyarrow
+  # Its metadata asks for Python 3.12; it works on Debian 12's 3.11 (TESTBED.md, Helm).
+  "$venv/bin/pip" install -q --disable-pip-version-check --ignore-requires-python helm-sdkpy==0.1.32
 }
 
 apt_packages

@@ -3,5 +3,6 @@
 
 mod autoscaling;
 mod builder;
+mod chart;
 mod operator;
 mod smoke;
