@@ -219,3 +219,153 @@ pub async fn reconcile(
         ))),
     }
 }
+
+/// Pods with a higher cost are removed last when a ReplicaSet scales down.
+pub const DELETION_COST: &str = "controller.kubernetes.io/pod-deletion-cost";
+/// Deletion cost of a builder pod holding a job (idle pods have the default, 0).
+const BUSY_COST: &str = "1000";
+
+/// The pods whose deletion cost must change: `(pod, Some(cost))` to mark a busy pod,
+/// `(pod, None)` to clear an idle one. Builder pods hold leases under their pod name.
+pub fn deletion_cost_changes(
+    pods: &[(String, Option<String>)],
+    busy: &[&str],
+) -> Vec<(String, Option<&'static str>)> {
+    pods.iter()
+        .filter_map(|(pod, cost)| {
+            let want = busy.contains(&pod.as_str()).then_some(BUSY_COST);
+            (cost.as_deref() != want).then(|| (pod.clone(), want))
+        })
+        .collect()
+}
+
+/// Marks the pipeline's busy builder pods (holding a running job) so scale-down prefers idle
+/// ones. Writes only where a pod's mark is wrong.
+pub async fn mark_busy_pods(
+    client: &kube::Client,
+    bp: &BlockPipeline,
+    busy: &[&str],
+    metrics: &Metrics,
+) -> kube::Result<()> {
+    use k8s_openapi::api::core::v1::Pod;
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &bp.namespace().unwrap_or_default());
+    let selector = format!(
+        "{LABEL_PIPELINE}={},app.kubernetes.io/name=blocksmith-builder",
+        bp.name_any()
+    );
+    let listed = pods
+        .list(&kube::api::ListParams::default().labels(&selector))
+        .await?;
+    let current: Vec<(String, Option<String>)> = listed
+        .items
+        .iter()
+        .map(|p| (p.name_any(), p.annotations().get(DELETION_COST).cloned()))
+        .collect();
+    for (pod, cost) in deletion_cost_changes(&current, busy) {
+        let patch = json!({"metadata": {"annotations": {DELETION_COST: cost}}});
+        metrics.api_write("pod_deletion_cost");
+        match pods
+            .patch(&pod, &PatchParams::default(), &Patch::Merge(patch))
+            .await
+        {
+            Ok(_) => {}
+            Err(kube::Error::Api(e)) if e.code == 404 => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bp(builders: serde_json::Value) -> BlockPipeline {
+        let mut bp: BlockPipeline = serde_json::from_value(json!({
+            "apiVersion": "blocksmith.io/v1alpha1", "kind": "BlockPipeline",
+            "metadata": {"name": "orders", "namespace": "data", "uid": "u-1"},
+            "spec": {
+                "kafka": {"bootstrapServers": "k:9092", "topic": "orders"},
+                "output": {"url": "s3://b/p", "credentialsSecretRef": {"name": "s3"}},
+                "builders": builders,
+            }
+        }))
+        .unwrap();
+        bp.metadata.uid = Some("u-1".into());
+        bp
+    }
+
+    #[test]
+    fn deployment_leaves_replicas_to_the_hpa_unless_none_is_served() {
+        let p = bp(json!({"image": "img:1", "minReplicas": 2, "maxReplicas": 5}));
+        let b = p.spec.builders.clone().unwrap();
+        let d = deployment(&p, &b, AutoscalingApi::V2beta2);
+        let spec = d.spec.clone().unwrap();
+        assert_eq!(spec.replicas, None);
+        assert_eq!(d.metadata.name.as_deref(), Some("orders-builder"));
+        assert_eq!(d.metadata.owner_references.unwrap()[0].uid, "u-1");
+        let pod = spec.template.spec.unwrap();
+        let c = &pod.containers[0];
+        assert_eq!(c.image.as_deref(), Some("img:1"));
+        let env: Vec<_> = c.env.clone().unwrap().into_iter().map(|e| e.name).collect();
+        assert!(
+            env.contains(&"BLOCKSMITH_PIPELINE".to_string())
+                && env.contains(&"BLOCKSMITH_BUILDER_ID".to_string())
+        );
+        assert_eq!(
+            c.env_from.clone().unwrap()[0]
+                .secret_ref
+                .as_ref()
+                .unwrap()
+                .name,
+            "s3"
+        );
+        assert_eq!(
+            c.security_context
+                .as_ref()
+                .unwrap()
+                .read_only_root_filesystem,
+            Some(true)
+        );
+
+        let fixed = deployment(&p, &b, AutoscalingApi::Unavailable);
+        assert_eq!(fixed.spec.unwrap().replicas, Some(2));
+    }
+
+    #[test]
+    fn hpa_targets_the_queue_depth_per_builder() {
+        let p = bp(
+            json!({"image": "img:1", "minReplicas": 0, "maxReplicas": 5, "targetQueueDepthPerBuilder": 3}),
+        );
+        let h = hpa(&p, p.spec.builders.as_ref().unwrap(), "v2beta2");
+        assert_eq!(h["apiVersion"], "autoscaling/v2beta2");
+        assert_eq!(h["spec"]["minReplicas"], 1, "an HPA cannot scale to zero");
+        assert_eq!(h["spec"]["maxReplicas"], 5);
+        let m = &h["spec"]["metrics"][0]["external"];
+        assert_eq!(m["metric"]["name"], QUEUE_METRIC);
+        assert_eq!(m["metric"]["selector"]["matchLabels"]["pipeline"], "orders");
+        assert_eq!(
+            m["target"],
+            json!({"type": "AverageValue", "averageValue": "3"})
+        );
+        assert_eq!(h["spec"]["scaleTargetRef"]["name"], "orders-builder");
+    }
+
+    #[test]
+    fn only_wrong_deletion_costs_change() {
+        let pods = vec![
+            ("busy-marked".to_string(), Some("1000".to_string())),
+            ("busy-unmarked".to_string(), None),
+            ("idle-marked".to_string(), Some("1000".to_string())),
+            ("idle".to_string(), None),
+        ];
+        let changes = deletion_cost_changes(&pods, &["busy-marked", "busy-unmarked"]);
+        assert_eq!(
+            changes,
+            vec![
+                ("busy-unmarked".to_string(), Some("1000")),
+                ("idle-marked".to_string(), None)
+            ]
+        );
+    }
+}

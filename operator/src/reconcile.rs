@@ -256,6 +256,15 @@ async fn reconcile_inner(bp: &BlockPipeline, ctx: &Context) -> Result<Action, Er
         }
     }
 
+    if bp.spec.builders.is_some() {
+        let busy: Vec<&str> = jobs
+            .iter()
+            .filter(|j| j.phase() == JobPhase::Running)
+            .filter_map(|j| j.status.as_ref()?.lease.as_ref().map(|l| l.holder.as_str()))
+            .collect();
+        builders::mark_busy_pods(&ctx.client, bp, &busy, &ctx.metrics).await?;
+    }
+
     // History: succeeded jobs below the commit, past their TTL or beyond the history limit.
     let finished: Vec<FinishedJob> = jobs
         .iter()

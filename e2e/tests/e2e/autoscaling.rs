@@ -9,7 +9,10 @@ use blocksmith_e2e::Testbed;
 use blocksmith_e2e::datagen::{DataSpec, ValueSizes, produce};
 use blocksmith_e2e::scenario::*;
 use k8s_openapi::api::apps::v1::Deployment;
-use kube::api::{Api, ApiResource, DynamicObject, GroupVersionKind, Patch, PatchParams};
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::{
+    Api, ApiResource, DynamicObject, GroupVersionKind, ListParams, Patch, PatchParams,
+};
 use serde_json::json;
 
 const APISERVICE: &str = "v1beta1.external.metrics.k8s.io";
@@ -196,11 +199,38 @@ async fn the_hpa_scales_builders_with_the_queue() {
     })
     .await;
 
-    // Claiming jobs lowers the metric.
+    // Claiming jobs lowers the metric. One claim is made under a builder pod's name (builders
+    // in pods use their pod name as identity): that pod is marked costly to delete.
+    let pods: Api<Pod> = Api::namespaced(tb.client.clone(), &ns);
+    let pod = wait_for("builder pods", Duration::from_secs(60), || async {
+        let listed = pods
+            .list(&ListParams::default().labels("blocksmith.io/pipeline=p"))
+            .await
+            .ok()?;
+        listed.items.first().and_then(|p| p.metadata.name.clone())
+    })
+    .await;
+    let queued = jobs(&tb, &ns, "p").await;
+    FakeBuilder::new(&tb, &ns, &pod)
+        .claim(&queued[0])
+        .await
+        .unwrap();
     let fake = FakeBuilder::new(&tb, &ns, "fake");
-    for j in jobs(&tb, &ns, "p").await.iter().take(3) {
+    for j in &queued[1..3] {
         fake.claim(j).await.unwrap();
     }
+    let cost = |pods: Api<Pod>, pod: String| async move {
+        let p = pods.get(&pod).await.ok()?;
+        p.metadata
+            .annotations
+            .unwrap_or_default()
+            .get("controller.kubernetes.io/pod-deletion-cost")
+            .cloned()
+    };
+    wait_for("busy pod marked", Duration::from_secs(30), || async {
+        (cost(pods.clone(), pod.clone()).await.as_deref() == Some("1000")).then_some(())
+    })
+    .await;
     wait_for("metric = 17", Duration::from_secs(30), || async {
         (queue_metric(&ns, "p") == Some(17)).then_some(())
     })
@@ -218,6 +248,13 @@ async fn the_hpa_scales_builders_with_the_queue() {
     })
     .await;
     assert_eq!(queue_metric(&ns, "p"), Some(0));
+    wait_for("idle pod unmarked", Duration::from_secs(30), || async {
+        cost(pods.clone(), pod.clone())
+            .await
+            .is_none()
+            .then_some(())
+    })
+    .await;
     wait_for("scale-down to 1", Duration::from_secs(120), || async {
         let h = hpas.get("p-builder").await.ok()?;
         (h.data["status"]["desiredReplicas"].as_i64() == Some(1)).then_some(())

@@ -598,6 +598,7 @@ const OPERATOR_RULES: &[(&str, &str, &[&str], &str)] = &[
         &["get", "list", "watch", "create", "patch", "delete"],
         "*",
     ),
+    ("", "pods", &["list", "patch"], "*"),
     SELF_REVIEWS,
     SELF_RULES,
 ];
@@ -1279,11 +1280,16 @@ async fn operator_rbac(tb: &Testbed, operator: &kube::Client, ns: &str) {
             .await,
         "operator reads a configmap in its own namespace",
     );
+    // Pods: listed and annotated (pod-deletion-cost of busy builders), never deleted.
+    Api::<Pod>::namespaced(operator.clone(), ns)
+        .list(&ListParams::default())
+        .await
+        .expect("operator lists pods");
     assert_forbidden(
         Api::<Pod>::namespaced(operator.clone(), ns)
-            .list(&ListParams::default())
+            .delete("no-such-pod", &Default::default())
             .await,
-        "operator lists pods",
+        "operator deletes a pod",
     );
     for (verb, group, resource, namespace) in [
         ("delete", "", "namespaces", None),
