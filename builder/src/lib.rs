@@ -13,5 +13,4 @@ pub mod reader;
 pub mod record;
 pub mod runner;
 pub mod store;
-pub mod telemetry;
 pub mod worker;

@@ -66,7 +66,7 @@ struct Args {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    blocksmith_builder::telemetry::init();
+    blocksmith_runtime::init_logging();
     let args = Args::parse();
     let client = kube::Client::try_default().await?;
     let metrics = Metrics::default();

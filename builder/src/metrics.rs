@@ -34,7 +34,7 @@ struct Inner {
     bytes_read: Counter,
     job_seconds: Histogram,
     api_writes: Family<KindLabels, Counter>,
-    ready: AtomicBool,
+    ready: Arc<AtomicBool>,
 }
 
 impl Default for Inner {
@@ -52,7 +52,7 @@ impl Default for Inner {
             bytes_read: Counter::default(),
             job_seconds: Histogram::new(exponential_buckets(0.05, 2.0, 14)),
             api_writes: Family::default(),
-            ready: AtomicBool::new(false),
+            ready: Arc::new(AtomicBool::new(false)),
         };
         registry.register("claims", "Jobs claimed", m.claims.clone());
         registry.register(
@@ -152,24 +152,6 @@ impl Metrics {
 
 /// Serves `/metrics`, `/healthz` and `/readyz` until the process ends.
 pub async fn serve(addr: std::net::SocketAddr, metrics: Metrics) -> anyhow::Result<()> {
-    use axum::http::StatusCode;
-    use axum::routing::get;
     let m = metrics.clone();
-    let app = axum::Router::new()
-        .route("/metrics", get(move || async move { m.encode() }))
-        .route("/healthz", get(|| async { "ok" }))
-        .route(
-            "/readyz",
-            get(move || async move {
-                if metrics.is_ready() {
-                    (StatusCode::OK, "ready")
-                } else {
-                    (StatusCode::SERVICE_UNAVAILABLE, "starting")
-                }
-            }),
-        );
-    let listener = tokio::net::TcpListener::bind(addr).await?;
-    tracing::info!(%addr, "serving /metrics, /healthz, /readyz");
-    axum::serve(listener, app).await?;
-    Ok(())
+    blocksmith_runtime::serve_probes(addr, move || m.encode(), metrics.inner.ready.clone()).await
 }

@@ -1,12 +1,8 @@
 //! Committing: how far a partition's consumer-group offset may move, given its jobs.
 
-/// A job's range `[start, end)` and whether its block is durable.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct JobProgress {
-    pub start: i64,
-    pub end: i64,
-    pub succeeded: bool,
-}
+/// A job's range `[start, end)` and whether its block is durable: the same view of a job
+/// the planner takes.
+pub use crate::planner::ExistingJob as JobProgress;
 
 /// The offset to commit: the end of the contiguous run of succeeded jobs starting at
 /// `committed` (Kafka's convention: the committed offset is the next offset to read).

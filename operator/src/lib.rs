@@ -17,5 +17,4 @@ pub mod lifecycle;
 pub mod metrics;
 pub mod planner;
 pub mod reconcile;
-pub mod telemetry;
 pub mod validate;

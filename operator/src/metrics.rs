@@ -52,7 +52,7 @@ struct Inner {
     kafka_errors: Family<PipelineLabels, Counter>,
     api_writes: Family<KindLabels, Counter>,
     reconcile_seconds: Histogram,
-    ready: AtomicBool,
+    ready: Arc<AtomicBool>,
 }
 
 impl Default for Metrics {
@@ -69,7 +69,7 @@ impl Default for Metrics {
             kafka_errors: Family::default(),
             api_writes: Family::default(),
             reconcile_seconds: Histogram::new(exponential_buckets(0.005, 2.0, 14)),
-            ready: AtomicBool::new(false),
+            ready: Arc::new(AtomicBool::new(false)),
         };
         registry.register(
             "partition_lag_records",
@@ -214,24 +214,6 @@ fn pipeline_labels(ns: &str, pipeline: &str) -> PipelineLabels {
 
 /// Serves `/metrics`, `/healthz` and `/readyz` until the process ends.
 pub async fn serve(addr: std::net::SocketAddr, metrics: Metrics) -> anyhow::Result<()> {
-    use axum::http::StatusCode;
-    use axum::routing::get;
     let m = metrics.clone();
-    let app = axum::Router::new()
-        .route("/metrics", get(move || async move { m.encode() }))
-        .route("/healthz", get(|| async { "ok" }))
-        .route(
-            "/readyz",
-            get(move || async move {
-                if metrics.is_ready() {
-                    (StatusCode::OK, "ready")
-                } else {
-                    (StatusCode::SERVICE_UNAVAILABLE, "starting")
-                }
-            }),
-        );
-    let listener = tokio::net::TcpListener::bind(addr).await?;
-    tracing::info!(%addr, "serving /metrics, /healthz, /readyz");
-    axum::serve(listener, app).await?;
-    Ok(())
+    blocksmith_runtime::serve_probes(addr, move || m.encode(), metrics.inner.ready.clone()).await
 }

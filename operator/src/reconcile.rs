@@ -20,7 +20,7 @@ use kube::{Resource, ResourceExt};
 use tracing::{info, warn};
 
 use crate::builders::{self, AutoscalingApi};
-use crate::committer::{JobProgress, next_commit};
+use crate::committer::next_commit;
 use crate::conditions::{self, Observed, Problem};
 use crate::jobs::{self, JobStore, MANAGER, STATUS_MANAGER};
 use crate::kafka::{KafkaConnection, KafkaError, KafkaOffsets};
@@ -197,17 +197,7 @@ async fn reconcile_inner(bp: &BlockPipeline, ctx: &Context) -> Result<Action, Er
                     let mut new_commits = BTreeMap::new();
                     for po in &offsets {
                         if let Some(c) = po.committed {
-                            let progress: Vec<JobProgress> = by_partition
-                                .get(&po.partition)
-                                .into_iter()
-                                .flatten()
-                                .map(|j| JobProgress {
-                                    start: j.spec.start_offset,
-                                    end: j.spec.end_offset,
-                                    succeeded: j.phase() == JobPhase::Succeeded,
-                                })
-                                .collect();
-                            let next = next_commit(c, &progress);
+                            let next = next_commit(c, &job_ranges(&by_partition, po.partition));
                             if next > c {
                                 new_commits.insert(po.partition, next);
                             }
@@ -234,7 +224,6 @@ async fn reconcile_inner(bp: &BlockPipeline, ctx: &Context) -> Result<Action, Er
                     }
                     plan_and_create(
                         bp,
-                        ctx,
                         &store,
                         &kafka,
                         &offsets,
@@ -448,7 +437,6 @@ async fn reconcile_builders(bp: &BlockPipeline, ctx: &Context) -> Result<Option<
 #[allow(clippy::too_many_arguments)]
 async fn plan_and_create(
     bp: &BlockPipeline,
-    ctx: &Context,
     store: &JobStore,
     kafka: &Arc<KafkaOffsets>,
     offsets: &[PartitionOffsets],
@@ -464,16 +452,7 @@ async fn plan_and_create(
     let mut initial_commits = BTreeMap::new();
     let mut new_jobs = Vec::new();
     for po in offsets {
-        let existing: Vec<ExistingJob> = by_partition
-            .get(&po.partition)
-            .into_iter()
-            .flatten()
-            .map(|j| ExistingJob {
-                start: j.spec.start_offset,
-                end: j.spec.end_offset,
-                succeeded: j.phase() == JobPhase::Succeeded,
-            })
-            .collect();
+        let existing = job_ranges(by_partition, po.partition);
         let old_p = old.partitions.iter().find(|p| p.partition == po.partition);
         let tail_since = old_p.and_then(|p| p.tail_since.as_ref()).map(|t| t.0);
         let mut pstatus = PartitionStatus {
@@ -527,8 +506,22 @@ async fn plan_and_create(
         let job = jobs::desired_job(bp, jobs::job_spec(bp, planned), JobPhase::Pending);
         store.apply(&job).await?;
     }
-    let _ = ctx;
     Ok(())
+}
+
+/// The ranges of a partition's jobs and whether each is durable: what the planner and the
+/// committer decide from.
+fn job_ranges(by_partition: &BTreeMap<i32, Vec<&BlockJob>>, partition: i32) -> Vec<ExistingJob> {
+    by_partition
+        .get(&partition)
+        .into_iter()
+        .flatten()
+        .map(|j| ExistingJob {
+            start: j.spec.start_offset,
+            end: j.spec.end_offset,
+            succeeded: j.phase() == JobPhase::Succeeded,
+        })
+        .collect()
 }
 
 async fn read_offsets(
