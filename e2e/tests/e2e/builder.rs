@@ -200,7 +200,7 @@ async fn a_killed_builder_loses_its_job_to_another_and_nothing_is_lost() {
             &topic,
             &tb.kafka_bootstrap,
             &url,
-            json!({"maxRecords": 5000, "leaseDurationSeconds": 4}),
+            json!({"maxRecords": 1000, "leaseDurationSeconds": 4}),
         ),
     )
     .await;
