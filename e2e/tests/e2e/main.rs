@@ -3,6 +3,7 @@
 
 mod autoscaling;
 mod builder;
+mod chaos;
 mod chart;
 mod operator;
 mod smoke;

@@ -1,0 +1,239 @@
+//! Seeded chaos: a pipeline runs while builders are SIGKILLed, the operator is restarted,
+//! the Kafka broker is taken down and the S3 server is stopped; afterwards every produced
+//! offset must be in exactly one block.
+//!
+//! `BLOCKSMITH_CHAOS_SEEDS` (comma-separated, default `1`) and `BLOCKSMITH_CHAOS_RECORDS`
+//! (default 200,000) size the run. Each run has its own broker and S3 server, so its faults
+//! do not disturb the other tests.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use blocksmith_crds::domain::default_consumer_group;
+use blocksmith_e2e::Testbed;
+use blocksmith_e2e::broker;
+use blocksmith_e2e::datagen::{DataSpec, ValueSizes, produce};
+use blocksmith_e2e::process::Proc;
+use blocksmith_e2e::scenario::*;
+use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
+use rand::{Rng, SeedableRng};
+use serde_json::json;
+
+const PARTITIONS: i32 = 12;
+
+struct Servers {
+    broker: Proc,
+    bootstrap: String,
+    control: String,
+    s3_root: PathBuf,
+    s3_port: u16,
+}
+
+fn spawn_broker(tb: &Testbed, name: &str) -> (Proc, String, String) {
+    let ready = tb.dir.join(format!("{name}-broker.json"));
+    let mut cmd = tb.command("blocksmith-broker");
+    cmd.arg("--ready-file").arg(&ready);
+    let proc = tb.spawn(&format!("{name}-broker"), cmd);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let info: serde_json::Value = loop {
+        if let Some(v) = std::fs::read_to_string(&ready)
+            .ok()
+            .and_then(|s| serde_json::from_str(&s).ok())
+        {
+            break v;
+        }
+        assert!(Instant::now() < deadline, "private broker did not start");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let field = |k: &str| info[k].as_str().unwrap().to_string();
+    (proc, field("bootstrap"), field("control"))
+}
+
+fn spawn_s3(tb: &Testbed, name: &str, root: &std::path::Path, port: u16) -> Proc {
+    let mut cmd = std::process::Command::new(std::env::var("BLOCKSMITH_S3S_FS").unwrap());
+    cmd.args(["--host", "127.0.0.1", "--port", &port.to_string()])
+        .args(["--access-key", &std::env::var("AWS_ACCESS_KEY_ID").unwrap()])
+        .args([
+            "--secret-key",
+            &std::env::var("AWS_SECRET_ACCESS_KEY").unwrap(),
+        ])
+        .arg(root);
+    tb.spawn(&format!("{name}-s3"), cmd)
+}
+
+fn chaos_builder(tb: &Testbed, ns: &str, id: &str, s3_port: u16) -> Proc {
+    let mut cmd = builder_command(tb, ns, "p", id);
+    cmd.env("AWS_ENDPOINT", format!("http://127.0.0.1:{s3_port}"));
+    tb.spawn(&format!("{ns}-{id}"), cmd)
+}
+
+#[derive(Default, Debug)]
+struct Faults {
+    builder_kills: u32,
+    operator_restarts: u32,
+    broker_outages: u32,
+    s3_outages: u32,
+}
+
+#[tokio::test]
+async fn chaos_runs_lose_and_duplicate_nothing() {
+    let seeds: Vec<u64> = std::env::var("BLOCKSMITH_CHAOS_SEEDS")
+        .unwrap_or_else(|_| "1".into())
+        .split(',')
+        .map(|s| {
+            s.trim()
+                .parse()
+                .expect("BLOCKSMITH_CHAOS_SEEDS: comma-separated integers")
+        })
+        .collect();
+    let records: u64 = std::env::var("BLOCKSMITH_CHAOS_RECORDS")
+        .ok()
+        .map(|s| s.parse().expect("BLOCKSMITH_CHAOS_RECORDS"))
+        .unwrap_or(200_000);
+    let tb = Testbed::get().await;
+    for seed in seeds {
+        run(&tb, seed, records).await;
+    }
+}
+
+async fn run(tb: &Testbed, seed: u64, records: u64) {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let ns = tb.namespace(&format!("chaos-{seed}")).await;
+    let (broker, bootstrap, control) = spawn_broker(tb, &ns);
+    let s3_root = tb.dir.join(format!("{ns}-s3"));
+    std::fs::create_dir_all(s3_root.join("blocksmith")).unwrap();
+    let mut servers = Servers {
+        broker,
+        bootstrap,
+        control,
+        s3_port: free_port(),
+        s3_root,
+    };
+    let mut s3 = spawn_s3(tb, &ns, &servers.s3_root, servers.s3_port);
+
+    broker::create_topic(&servers.control, "chaos", PARTITIONS).unwrap();
+    let spec = DataSpec {
+        seed,
+        value_sizes: ValueSizes::Fixed(100),
+        ..DataSpec::new("chaos", PARTITIONS, records)
+    };
+    let b = servers.bootstrap.clone();
+    let produced = tokio::task::spawn_blocking(move || produce(&b, &spec))
+        .await
+        .unwrap()
+        .expect("produce");
+
+    let jobs = json!({"maxRecords": 1000, "leaseDurationSeconds": 4, "backoffLimit": 1000});
+    apply_pipeline(
+        tb,
+        &ns,
+        &pipeline(
+            "p",
+            "chaos",
+            &servers.bootstrap,
+            "s3://blocksmith/chaos",
+            jobs,
+        ),
+    )
+    .await;
+    let mut operator = spawn_operator(tb, &ns, "op-0");
+    let mut builders: Vec<Proc> = (0..3)
+        .map(|i| chaos_builder(tb, &ns, &format!("b{i}-0"), servers.s3_port))
+        .collect();
+
+    let want: BTreeMap<i32, i64> = produced
+        .partitions
+        .iter()
+        .map(|(p, (_, high))| (*p, *high))
+        .collect();
+    let group = default_consumer_group(&ns, "p");
+    let committed = |servers: &Servers| {
+        let (b, g) = (servers.bootstrap.clone(), group.clone());
+        async move {
+            tokio::task::spawn_blocking(move || committed_offsets(&b, &g, "chaos", PARTITIONS))
+                .await
+                .unwrap_or_default()
+        }
+    };
+    let mut faults = Faults::default();
+    let started = Instant::now();
+    let deadline = started + Duration::from_secs(420);
+    let mut generation = 0;
+    let mut first_faults = [0, 1, 2, 3];
+    first_faults.shuffle(&mut rng);
+    loop {
+        // Faults stop after two minutes so the run can finish.
+        if started.elapsed() < Duration::from_secs(120) {
+            tokio::time::sleep(Duration::from_millis(rng.random_range(500..2500))).await;
+            // Every kind of fault once, in a seeded order, then at random.
+            let kind = first_faults
+                .get(generation)
+                .copied()
+                .unwrap_or_else(|| rng.random_range(0..4));
+            generation += 1;
+            match kind {
+                0 => {
+                    let i = rng.random_range(0..builders.len());
+                    builders[i].kill();
+                    builders[i] =
+                        chaos_builder(tb, &ns, &format!("b{i}-{generation}"), servers.s3_port);
+                    faults.builder_kills += 1;
+                }
+                1 => {
+                    operator.proc.kill();
+                    operator = spawn_operator(tb, &ns, &format!("op-{generation}"));
+                    faults.operator_restarts += 1;
+                }
+                2 => {
+                    broker::control(&servers.control, "broker-down 1").unwrap();
+                    tokio::time::sleep(Duration::from_secs(rng.random_range(5..12))).await;
+                    broker::control(&servers.control, "broker-up 1").unwrap();
+                    faults.broker_outages += 1;
+                }
+                _ => {
+                    s3.kill();
+                    tokio::time::sleep(Duration::from_secs(rng.random_range(5..12))).await;
+                    s3 = spawn_s3(tb, &ns, &servers.s3_root, servers.s3_port);
+                    faults.s3_outages += 1;
+                }
+            }
+        } else {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+        let c = committed(&servers).await;
+        for (p, o) in &c {
+            assert!(
+                *o <= want[p],
+                "partition {p} committed {o} past its high watermark {}",
+                want[p]
+            );
+        }
+        if c == want {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "seed {seed}: not everything committed in time: {c:?} of {want:?}; faults {faults:?}"
+        );
+    }
+
+    let csv = tb.dir.join(format!("{ns}-expected.csv"));
+    produced.write_csv(&csv).unwrap();
+    let (report, exact) = audit(
+        tb,
+        &servers.s3_root.join("blocksmith").join("chaos"),
+        &csv,
+        Some(&want),
+    );
+    println!(
+        "chaos seed {seed}: {records} records, faults {faults:?}, {:.0} s; missing {} duplicated {} problems {}",
+        started.elapsed().as_secs_f64(),
+        report["missing"],
+        report["duplicated"],
+        report["problems"]
+    );
+    assert!(exact, "seed {seed}: audit not exact: {report}");
+    servers.broker.kill();
+}
