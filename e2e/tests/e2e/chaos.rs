@@ -21,7 +21,8 @@ use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use serde_json::json;
 
-const PARTITIONS: i32 = 12;
+/// The mock broker keeps ≤ 5 MiB or 100,000 records per partition: ~3.75 MB at most here.
+const RECORDS_PER_PARTITION: u64 = 25_000;
 
 struct Servers {
     broker: Proc,
@@ -100,6 +101,7 @@ async fn chaos_runs_lose_and_duplicate_nothing() {
 
 async fn run(tb: &Testbed, seed: u64, records: u64) {
     let mut rng = StdRng::seed_from_u64(seed);
+    let partitions = records.div_ceil(RECORDS_PER_PARTITION).max(12) as i32;
     let ns = tb.namespace(&format!("chaos-{seed}")).await;
     let (broker, bootstrap, control) = spawn_broker(tb, &ns);
     let s3_root = tb.dir.join(format!("{ns}-s3"));
@@ -113,11 +115,11 @@ async fn run(tb: &Testbed, seed: u64, records: u64) {
     };
     let mut s3 = spawn_s3(tb, &ns, &servers.s3_root, servers.s3_port);
 
-    broker::create_topic(&servers.control, "chaos", PARTITIONS).unwrap();
+    broker::create_topic(&servers.control, "chaos", partitions).unwrap();
     let spec = DataSpec {
         seed,
         value_sizes: ValueSizes::Fixed(100),
-        ..DataSpec::new("chaos", PARTITIONS, records)
+        ..DataSpec::new("chaos", partitions, records)
     };
     let b = servers.bootstrap.clone();
     let produced = tokio::task::spawn_blocking(move || produce(&b, &spec))
@@ -152,14 +154,14 @@ async fn run(tb: &Testbed, seed: u64, records: u64) {
     let committed = |servers: &Servers| {
         let (b, g) = (servers.bootstrap.clone(), group.clone());
         async move {
-            tokio::task::spawn_blocking(move || committed_offsets(&b, &g, "chaos", PARTITIONS))
+            tokio::task::spawn_blocking(move || committed_offsets(&b, &g, "chaos", partitions))
                 .await
                 .unwrap_or_default()
         }
     };
     let mut faults = Faults::default();
     let started = Instant::now();
-    let deadline = started + Duration::from_secs(420);
+    let deadline = started + Duration::from_secs(300 + records / 2500);
     let mut generation = 0;
     let mut first_faults = [0, 1, 2, 3];
     first_faults.shuffle(&mut rng);
