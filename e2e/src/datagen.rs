@@ -6,7 +6,7 @@
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 use std::time::Duration;
 
 use rand::rngs::StdRng;
@@ -199,16 +199,16 @@ impl ProducerContext for Delivery {
 
 /// Produces `spec.records` records and waits until every one is acknowledged.
 pub fn produce(bootstrap: &str, spec: &DataSpec) -> anyhow::Result<Produced> {
-    let context = Arc::new(Delivery {
+    let context = Delivery {
         rows: Mutex::default(),
         errors: Mutex::default(),
-    });
-    let producer: ThreadedProducer<ArcDelivery> = ClientConfig::new()
+    };
+    let producer: ThreadedProducer<Delivery> = ClientConfig::new()
         .set("bootstrap.servers", bootstrap)
         .set("enable.idempotence", "true")
         .set("linger.ms", "5")
         .set("message.max.bytes", "2000000")
-        .create_with_context(ArcDelivery(context.clone()))?;
+        .create_with_context(context)?;
     let mut rng = StdRng::seed_from_u64(spec.seed);
     let mut bytes = 0u64;
     for i in 0..spec.records {
@@ -257,6 +257,7 @@ pub fn produce(bootstrap: &str, spec: &DataSpec) -> anyhow::Result<Produced> {
         }
     }
     producer.flush(Duration::from_secs(120))?;
+    let context = producer.context();
     let errors = context.errors.lock().unwrap();
     anyhow::ensure!(
         errors.is_empty(),
@@ -277,16 +278,4 @@ pub fn produce(bootstrap: &str, spec: &DataSpec) -> anyhow::Result<Produced> {
         partitions,
         bytes,
     })
-}
-
-/// The producer needs to own its context; the caller keeps a second handle to read results.
-struct ArcDelivery(Arc<Delivery>);
-
-impl rdkafka::ClientContext for ArcDelivery {}
-
-impl ProducerContext for ArcDelivery {
-    type DeliveryOpaque = Box<ExpectedRecord>;
-    fn delivery(&self, result: &DeliveryResult<'_>, row: Box<ExpectedRecord>) {
-        self.0.delivery(result, row)
-    }
 }
