@@ -9,6 +9,14 @@ use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
 use rdkafka::error::{KafkaError as RdError, RDKafkaErrorCode};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 
+use blocksmith_crds::BlockPipeline;
+use blocksmith_crds::domain::default_consumer_group;
+use blocksmith_crds::pipeline::SecurityProtocol;
+use k8s_openapi::api::core::v1::{Secret, SecretKeySelector};
+use kube::ResourceExt;
+use kube::api::Api;
+
+use crate::conditions::Problem;
 use crate::planner::PartitionOffsets;
 
 #[derive(Debug, thiserror::Error)]
@@ -222,4 +230,89 @@ impl KafkaOffsets {
         // A sync commit can still fail per partition.
         Ok(())
     }
+}
+
+/// Connection settings with secrets resolved. A missing secret is a problem the user fixes.
+pub async fn connection(
+    bp: &BlockPipeline,
+    client: &kube::Client,
+) -> Result<KafkaConnection, Problem> {
+    let k = &bp.spec.kafka;
+    let ns = bp.namespace().unwrap_or_default();
+    let group = k
+        .consumer_group
+        .clone()
+        .unwrap_or_else(|| default_consumer_group(&ns, &bp.name_any()));
+    let mut properties = Vec::new();
+    let protocol = match k.security_protocol {
+        SecurityProtocol::Plaintext => "plaintext",
+        SecurityProtocol::Ssl => "ssl",
+        SecurityProtocol::SaslPlaintext => "sasl_plaintext",
+        SecurityProtocol::SaslSsl => "sasl_ssl",
+    };
+    properties.push(("security.protocol".to_string(), protocol.to_string()));
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns);
+    if let Some(sasl) = &k.sasl {
+        let mechanism = serde_json::to_value(sasl.mechanism)
+            .ok()
+            .and_then(|v| v.as_str().map(String::from))
+            .unwrap_or_default();
+        properties.push(("sasl.mechanism".into(), mechanism));
+        properties.push((
+            "sasl.username".into(),
+            secret_value(
+                &secrets,
+                &sasl.username_secret_ref,
+                "spec.kafka.sasl.usernameSecretRef",
+            )
+            .await?,
+        ));
+        properties.push((
+            "sasl.password".into(),
+            secret_value(
+                &secrets,
+                &sasl.password_secret_ref,
+                "spec.kafka.sasl.passwordSecretRef",
+            )
+            .await?,
+        ));
+    }
+    if let Some(ca) = k.tls.as_ref().and_then(|t| t.ca_secret_ref.as_ref()) {
+        properties.push((
+            "ssl.ca.pem".into(),
+            secret_value(&secrets, ca, "spec.kafka.tls.caSecretRef").await?,
+        ));
+    }
+    Ok(KafkaConnection {
+        bootstrap_servers: k.bootstrap_servers.clone(),
+        group,
+        properties,
+    })
+}
+
+async fn secret_value(
+    secrets: &Api<Secret>,
+    sel: &SecretKeySelector,
+    field: &str,
+) -> Result<String, Problem> {
+    let problem = |what: String| Problem {
+        reason: "SecretNotFound",
+        message: format!("{field}: {what}"),
+    };
+    let secret = secrets
+        .get_opt(&sel.name)
+        .await
+        .map_err(|e| problem(format!("reading secret {:?}: {e}", sel.name)))?
+        .ok_or_else(|| problem(format!("secret {:?} not found", sel.name)))?;
+    let bytes = secret
+        .data
+        .as_ref()
+        .and_then(|d| d.get(&sel.key))
+        .ok_or_else(|| problem(format!("secret {:?} has no key {:?}", sel.name, sel.key)))?;
+    String::from_utf8(bytes.0.clone()).map_err(|_| {
+        problem(format!(
+            "secret {:?} key {:?} is not UTF-8",
+            sel.name, sel.key
+        ))
+    })
 }

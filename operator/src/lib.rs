@@ -3,7 +3,7 @@
 //!
 //! Pure decisions: [`planner`], [`committer`], [`lifecycle`], [`conditions`], [`validate`].
 //! I/O: [`kafka`] (offsets), [`jobs`] (the BlockJob queue), [`reconcile`] (one pass over a
-//! pipeline), [`builders`] (builder Deployment + HPA), [`external_metrics`] (queue depth
+//! pipeline), [`status`] (status and Events), [`builders`] (builder Deployment + HPA), [`external_metrics`] (queue depth
 //! for the HPA), [`leader`] (Lease-based leader election), [`metrics`] (Prometheus, probes).
 
 pub mod builders;
@@ -17,4 +17,5 @@ pub mod lifecycle;
 pub mod metrics;
 pub mod planner;
 pub mod reconcile;
+pub mod status;
 pub mod validate;

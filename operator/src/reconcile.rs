@@ -7,23 +7,19 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use blocksmith_crds::domain::default_consumer_group;
-use blocksmith_crds::pipeline::SecurityProtocol;
 use blocksmith_crds::{BlockJob, BlockPipeline, BlockPipelineStatus, JobPhase, PartitionStatus};
 use jiff::Timestamp;
-use k8s_openapi::api::core::v1::{Secret, SecretKeySelector};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
-use kube::api::{Api, Patch, PatchParams};
+use kube::ResourceExt;
 use kube::runtime::controller::Action;
-use kube::runtime::events::{Event, EventType, Recorder, Reporter};
-use kube::{Resource, ResourceExt};
+use kube::runtime::events::Reporter;
 use tracing::{info, warn};
 
 use crate::builders::{self, AutoscalingApi};
 use crate::committer::next_commit;
-use crate::conditions::{self, Observed, Problem};
-use crate::jobs::{self, JobStore, MANAGER, STATUS_MANAGER};
-use crate::kafka::{KafkaConnection, KafkaError, KafkaOffsets};
+use crate::conditions::{Observed, Problem};
+use crate::jobs::{self, JobStore, MANAGER};
+use crate::kafka::{self, KafkaConnection, KafkaError, KafkaOffsets};
 use crate::lifecycle::{
     FinishedJob, JobAction, is_claimable, job_action, jobs_to_delete, next_wakeup,
 };
@@ -31,6 +27,7 @@ use crate::metrics::Metrics;
 use crate::planner::{
     ExistingJob, PartitionOffsets, PartitionPlanError, PlanPolicy, plan_partition,
 };
+use crate::status;
 use crate::validate::validate;
 
 #[derive(Debug, thiserror::Error)]
@@ -134,7 +131,7 @@ async fn reconcile_inner(bp: &BlockPipeline, ctx: &Context) -> Result<Action, Er
                 message,
             });
             status.partitions = old.partitions.clone();
-            publish_status(bp, ctx, &old, status, &observed, now).await?;
+            status::publish(bp, ctx, &old, status, &observed, now).await?;
             return Ok(Action::await_change());
         }
     };
@@ -181,7 +178,7 @@ async fn reconcile_inner(bp: &BlockPipeline, ctx: &Context) -> Result<Action, Er
 
     // Kafka: offsets, commits over succeeded prefixes, then planning.
     let mut committed_now: BTreeMap<i32, i64> = BTreeMap::new();
-    match kafka_connection(bp, &ctx.client).await {
+    match kafka::connection(bp, &ctx.client).await {
         Err(p) => observed.problems.insert(0, p),
         Ok(conn) => {
             let key = format!("{ns}/{name}");
@@ -311,7 +308,7 @@ async fn reconcile_inner(bp: &BlockPipeline, ctx: &Context) -> Result<Action, Er
             .partition(&ns, &name, p.partition, p.committed_offset, p.lag);
     }
     let problems = !observed.problems.is_empty();
-    publish_status(bp, ctx, &old, status, &observed, now).await?;
+    status::publish(bp, ctx, &old, status, &observed, now).await?;
 
     let poll = if problems {
         ctx.poll_interval.max(Duration::from_secs(5))
@@ -560,191 +557,6 @@ fn kafka_problem(e: &KafkaError) -> Problem {
         reason: e.reason(),
         message: e.to_string(),
     }
-}
-
-/// Connection settings with secrets resolved. A missing secret is a problem the user fixes.
-async fn kafka_connection(
-    bp: &BlockPipeline,
-    client: &kube::Client,
-) -> Result<KafkaConnection, Problem> {
-    let k = &bp.spec.kafka;
-    let ns = bp.namespace().unwrap_or_default();
-    let group = k
-        .consumer_group
-        .clone()
-        .unwrap_or_else(|| default_consumer_group(&ns, &bp.name_any()));
-    let mut properties = Vec::new();
-    let protocol = match k.security_protocol {
-        SecurityProtocol::Plaintext => "plaintext",
-        SecurityProtocol::Ssl => "ssl",
-        SecurityProtocol::SaslPlaintext => "sasl_plaintext",
-        SecurityProtocol::SaslSsl => "sasl_ssl",
-    };
-    properties.push(("security.protocol".to_string(), protocol.to_string()));
-    let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns);
-    if let Some(sasl) = &k.sasl {
-        let mechanism = serde_json::to_value(sasl.mechanism)
-            .ok()
-            .and_then(|v| v.as_str().map(String::from))
-            .unwrap_or_default();
-        properties.push(("sasl.mechanism".into(), mechanism));
-        properties.push((
-            "sasl.username".into(),
-            secret_value(
-                &secrets,
-                &sasl.username_secret_ref,
-                "spec.kafka.sasl.usernameSecretRef",
-            )
-            .await?,
-        ));
-        properties.push((
-            "sasl.password".into(),
-            secret_value(
-                &secrets,
-                &sasl.password_secret_ref,
-                "spec.kafka.sasl.passwordSecretRef",
-            )
-            .await?,
-        ));
-    }
-    if let Some(ca) = k.tls.as_ref().and_then(|t| t.ca_secret_ref.as_ref()) {
-        properties.push((
-            "ssl.ca.pem".into(),
-            secret_value(&secrets, ca, "spec.kafka.tls.caSecretRef").await?,
-        ));
-    }
-    Ok(KafkaConnection {
-        bootstrap_servers: k.bootstrap_servers.clone(),
-        group,
-        properties,
-    })
-}
-
-async fn secret_value(
-    secrets: &Api<Secret>,
-    sel: &SecretKeySelector,
-    field: &str,
-) -> Result<String, Problem> {
-    let problem = |what: String| Problem {
-        reason: "SecretNotFound",
-        message: format!("{field}: {what}"),
-    };
-    let secret = secrets
-        .get_opt(&sel.name)
-        .await
-        .map_err(|e| problem(format!("reading secret {:?}: {e}", sel.name)))?
-        .ok_or_else(|| problem(format!("secret {:?} not found", sel.name)))?;
-    let bytes = secret
-        .data
-        .as_ref()
-        .and_then(|d| d.get(&sel.key))
-        .ok_or_else(|| problem(format!("secret {:?} has no key {:?}", sel.name, sel.key)))?;
-    String::from_utf8(bytes.0.clone()).map_err(|_| {
-        problem(format!(
-            "secret {:?} key {:?} is not UTF-8",
-            sel.name, sel.key
-        ))
-    })
-}
-
-/// Writes the status when it changed, and records Events for condition transitions.
-async fn publish_status(
-    bp: &BlockPipeline,
-    ctx: &Context,
-    old: &BlockPipelineStatus,
-    mut status: BlockPipelineStatus,
-    observed: &Observed,
-    now: Timestamp,
-) -> Result<(), Error> {
-    status.conditions =
-        conditions::conditions(&old.conditions, observed, bp.metadata.generation, now);
-    if status == *old {
-        return Ok(());
-    }
-    let ns = bp.namespace().unwrap_or_default();
-    let api: Api<BlockPipeline> = Api::namespaced(ctx.client.clone(), &ns);
-    let patch = serde_json::json!({
-        "apiVersion": "blocksmith.io/v1alpha1",
-        "kind": "BlockPipeline",
-        "status": status,
-    });
-    ctx.metrics.api_write("pipeline_status");
-    api.patch_status(
-        &bp.name_any(),
-        &PatchParams::apply(STATUS_MANAGER).force(),
-        &Patch::Apply(patch),
-    )
-    .await?;
-    for event in transition_events(&old.conditions, &status.conditions) {
-        ctx.metrics.api_write("event");
-        let recorder = Recorder::new(ctx.client.clone(), ctx.reporter.clone());
-        if let Err(e) = recorder.publish(&event, &bp.object_ref(&())).await {
-            warn!(error = %e, "publishing event");
-        }
-    }
-    Ok(())
-}
-
-fn transition_events(
-    old: &[k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition],
-    new: &[k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition],
-) -> Vec<Event> {
-    let mut events = Vec::new();
-    let changed = |t: &str| {
-        let o = conditions::find(old, t);
-        let n = conditions::find(new, t)?;
-        match o {
-            Some(o) if o.status == n.status && o.reason == n.reason => None,
-            _ => Some(n.clone()),
-        }
-    };
-    if let Some(d) = changed(conditions::DEGRADED) {
-        if d.status == "True" {
-            events.push(Event {
-                type_: EventType::Warning,
-                reason: d.reason.clone(),
-                note: Some(truncate(&d.message, 1000)),
-                action: "Reconcile".into(),
-                secondary: None,
-            });
-        } else if conditions::find(old, conditions::DEGRADED).is_some() {
-            events.push(Event {
-                type_: EventType::Normal,
-                reason: "Recovered".into(),
-                note: Some("the pipeline is healthy again".into()),
-                action: "Reconcile".into(),
-                secondary: None,
-            });
-        }
-    }
-    if let Some(s) = changed(conditions::SUSPENDED)
-        && conditions::find(old, conditions::SUSPENDED).is_some()
-    {
-        let (reason, note) = if s.status == "True" {
-            ("Suspended", "planning stopped; running jobs finish")
-        } else {
-            ("Resumed", "planning resumed")
-        };
-        events.push(Event {
-            type_: EventType::Normal,
-            reason: reason.into(),
-            note: Some(note.into()),
-            action: "Reconcile".into(),
-            secondary: None,
-        });
-    }
-    events
-}
-
-fn truncate(s: &str, max: usize) -> String {
-    if s.len() <= max {
-        return s.to_string();
-    }
-    let mut end = max;
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    format!("{}…", &s[..end])
 }
 
 pub fn error_policy(_bp: Arc<BlockPipeline>, error: &Error, ctx: Arc<Context>) -> Action {

@@ -1,0 +1,111 @@
+//! Publishing a pipeline's status: written only when it changed, with Kubernetes Events for
+//! condition transitions.
+
+use blocksmith_crds::{BlockPipeline, BlockPipelineStatus};
+use jiff::Timestamp;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use kube::api::{Api, Patch, PatchParams};
+use kube::runtime::events::{Event, EventType, Recorder};
+use kube::{Resource, ResourceExt};
+use tracing::warn;
+
+use crate::conditions::{self, Observed};
+use crate::jobs::STATUS_MANAGER;
+use crate::reconcile::{Context, Error};
+
+/// Writes the status when it changed, and records Events for condition transitions.
+pub async fn publish(
+    bp: &BlockPipeline,
+    ctx: &Context,
+    old: &BlockPipelineStatus,
+    mut status: BlockPipelineStatus,
+    observed: &Observed,
+    now: Timestamp,
+) -> Result<(), Error> {
+    status.conditions =
+        conditions::conditions(&old.conditions, observed, bp.metadata.generation, now);
+    if status == *old {
+        return Ok(());
+    }
+    let ns = bp.namespace().unwrap_or_default();
+    let api: Api<BlockPipeline> = Api::namespaced(ctx.client.clone(), &ns);
+    let patch = serde_json::json!({
+        "apiVersion": "blocksmith.io/v1alpha1",
+        "kind": "BlockPipeline",
+        "status": status,
+    });
+    ctx.metrics.api_write("pipeline_status");
+    api.patch_status(
+        &bp.name_any(),
+        &PatchParams::apply(STATUS_MANAGER).force(),
+        &Patch::Apply(patch),
+    )
+    .await?;
+    for event in transition_events(&old.conditions, &status.conditions) {
+        ctx.metrics.api_write("event");
+        let recorder = Recorder::new(ctx.client.clone(), ctx.reporter.clone());
+        if let Err(e) = recorder.publish(&event, &bp.object_ref(&())).await {
+            warn!(error = %e, "publishing event");
+        }
+    }
+    Ok(())
+}
+
+fn transition_events(old: &[Condition], new: &[Condition]) -> Vec<Event> {
+    let mut events = Vec::new();
+    let changed = |t: &str| {
+        let o = conditions::find(old, t);
+        let n = conditions::find(new, t)?;
+        match o {
+            Some(o) if o.status == n.status && o.reason == n.reason => None,
+            _ => Some(n.clone()),
+        }
+    };
+    if let Some(d) = changed(conditions::DEGRADED) {
+        if d.status == "True" {
+            events.push(Event {
+                type_: EventType::Warning,
+                reason: d.reason.clone(),
+                note: Some(truncate(&d.message, 1000)),
+                action: "Reconcile".into(),
+                secondary: None,
+            });
+        } else if conditions::find(old, conditions::DEGRADED).is_some() {
+            events.push(Event {
+                type_: EventType::Normal,
+                reason: "Recovered".into(),
+                note: Some("the pipeline is healthy again".into()),
+                action: "Reconcile".into(),
+                secondary: None,
+            });
+        }
+    }
+    if let Some(s) = changed(conditions::SUSPENDED)
+        && conditions::find(old, conditions::SUSPENDED).is_some()
+    {
+        let (reason, note) = if s.status == "True" {
+            ("Suspended", "planning stopped; running jobs finish")
+        } else {
+            ("Resumed", "planning resumed")
+        };
+        events.push(Event {
+            type_: EventType::Normal,
+            reason: reason.into(),
+            note: Some(note.into()),
+            action: "Reconcile".into(),
+            secondary: None,
+        });
+    }
+    events
+}
+
+fn truncate(s: &str, max: usize) -> String {
+    if s.len() <= max {
+        return s.to_string();
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &s[..end])
+}
