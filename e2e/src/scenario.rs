@@ -100,6 +100,18 @@ pub fn spawn_operator_with(tb: &Testbed, ns: &str, name: &str, extra: &[&str]) -
     }
 }
 
+/// A private S3 server (s3s-fs) over `root` on `port`, with the testbed's credentials: for
+/// tests that stop and start it without disturbing the others.
+pub fn spawn_s3(tb: &Testbed, name: &str, root: &Path, port: u16) -> Proc {
+    let var = |k: &str| std::env::var(k).unwrap_or_else(|_| panic!("{k} is not set"));
+    let mut cmd = std::process::Command::new(var("BLOCKSMITH_S3S_FS"));
+    cmd.args(["--host", "127.0.0.1", "--port", &port.to_string()])
+        .args(["--access-key", &var("AWS_ACCESS_KEY_ID")])
+        .args(["--secret-key", &var("AWS_SECRET_ACCESS_KEY")])
+        .arg(root);
+    tb.spawn(name, cmd)
+}
+
 /// The builder command line tests use (metrics on a free port unless `--metrics-addr` is
 /// added); add flags or env before spawning.
 pub fn builder_command(tb: &Testbed, ns: &str, pipeline: &str, id: &str) -> std::process::Command {

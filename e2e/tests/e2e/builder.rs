@@ -80,6 +80,25 @@ fn assert_exact(
     );
 }
 
+/// Applies pipeline `p` over `topic` writing to a fresh local directory, which it returns.
+async fn file_pipeline(
+    tb: &Testbed,
+    ns: &str,
+    test: &str,
+    topic: &str,
+    jobs: serde_json::Value,
+) -> PathBuf {
+    let blocks = blocks_dir(tb, test);
+    let url = format!("file://{}", blocks.display());
+    apply_pipeline(
+        tb,
+        ns,
+        &pipeline("p", topic, &tb.kafka_bootstrap, &url, jobs),
+    )
+    .await;
+    blocks
+}
+
 /// A fresh local output directory (the builder does not create a missing file:// root, as
 /// it would not create a missing bucket: it usually means a volume is not mounted).
 fn blocks_dir(tb: &Testbed, test: &str) -> PathBuf {
@@ -97,20 +116,7 @@ async fn three_builders_write_every_offset_exactly_once_to_files() {
     let ns = tb.namespace("bld-file").await;
     let topic = tb.topic("bld-file", 8);
     let produced = produce_data(&tb, DataSpec::new(&topic, 8, 100_000)).await;
-    let blocks = blocks_dir(&tb, "file");
-    let url = format!("file://{}", blocks.display());
-    apply_pipeline(
-        &tb,
-        &ns,
-        &pipeline(
-            "p",
-            &topic,
-            &tb.kafka_bootstrap,
-            &url,
-            json!({"maxRecords": 2500}),
-        ),
-    )
-    .await;
+    let blocks = file_pipeline(&tb, &ns, "file", &topic, json!({"maxRecords": 2500})).await;
     let _op = spawn_operator(&tb, &ns, "op");
     let _builders: Vec<Proc> = (0..3)
         .map(|i| spawn_builder(&tb, &ns, "p", &format!("b{i}")))
@@ -190,18 +196,12 @@ async fn a_killed_builder_loses_its_job_to_another_and_nothing_is_lost() {
         ..DataSpec::new(&topic, 2, 20_000)
     };
     let produced = produce_data(&tb, spec).await;
-    let blocks = blocks_dir(&tb, "kill");
-    let url = format!("file://{}", blocks.display());
-    apply_pipeline(
+    let blocks = file_pipeline(
         &tb,
         &ns,
-        &pipeline(
-            "p",
-            &topic,
-            &tb.kafka_bootstrap,
-            &url,
-            json!({"maxRecords": 1000, "leaseDurationSeconds": 4}),
-        ),
+        "kill",
+        &topic,
+        json!({"maxRecords": 1000, "leaseDurationSeconds": 4}),
     )
     .await;
     let _op = spawn_operator(&tb, &ns, "op");
@@ -290,20 +290,7 @@ async fn two_builders_racing_for_fifty_jobs_complete_each_once() {
         ..DataSpec::new(&topic, 1, 5_000)
     };
     let produced = produce_data(&tb, spec).await;
-    let blocks = blocks_dir(&tb, "race");
-    let url = format!("file://{}", blocks.display());
-    apply_pipeline(
-        &tb,
-        &ns,
-        &pipeline(
-            "p",
-            &topic,
-            &tb.kafka_bootstrap,
-            &url,
-            json!({"maxRecords": 100}),
-        ),
-    )
-    .await;
+    let blocks = file_pipeline(&tb, &ns, "race", &topic, json!({"maxRecords": 100})).await;
     let _op = spawn_operator(&tb, &ns, "op");
     wait_for("50 jobs", Duration::from_secs(60), || async {
         (jobs(&tb, &ns, "p").await.len() == 50).then_some(())
@@ -338,18 +325,7 @@ async fn an_s3_outage_of_twenty_seconds_is_survived_exactly() {
         .join(format!("s3-private-{:08x}", rand::random::<u32>()));
     std::fs::create_dir_all(root.join("blocksmith")).unwrap();
     let port = free_port();
-    let s3 = |tb: &Testbed| {
-        let mut cmd = std::process::Command::new(std::env::var("BLOCKSMITH_S3S_FS").unwrap());
-        cmd.args(["--host", "127.0.0.1", "--port", &port.to_string()])
-            .args(["--access-key", &std::env::var("AWS_ACCESS_KEY_ID").unwrap()])
-            .args([
-                "--secret-key",
-                &std::env::var("AWS_SECRET_ACCESS_KEY").unwrap(),
-            ])
-            .arg(&root);
-        tb.spawn(&format!("{ns}-s3"), cmd)
-    };
-    let mut server = s3(&tb);
+    let mut server = spawn_s3(&tb, &format!("{ns}-s3"), &root, port);
     let url = "s3://blocksmith/outage".to_string();
     apply_pipeline(
         &tb,
@@ -383,7 +359,7 @@ async fn an_s3_outage_of_twenty_seconds_is_survived_exactly() {
     .await;
     server.kill();
     tokio::time::sleep(Duration::from_secs(20)).await;
-    server = s3(&tb);
+    server = spawn_s3(&tb, &format!("{ns}-s3"), &root, port);
     let committed =
         wait_committed(&tb, &ns, "p", &topic, &produced, Duration::from_secs(400)).await;
     assert_exact(
@@ -401,20 +377,7 @@ async fn a_job_run_twice_writes_byte_identical_objects() {
     let ns = tb.namespace("bld-twice").await;
     let topic = tb.topic("bld-twice", 1);
     produce_data(&tb, DataSpec::new(&topic, 1, 3000)).await;
-    let blocks = blocks_dir(&tb, "twice");
-    let url = format!("file://{}", blocks.display());
-    apply_pipeline(
-        &tb,
-        &ns,
-        &pipeline(
-            "p",
-            &topic,
-            &tb.kafka_bootstrap,
-            &url,
-            json!({"maxRecords": 3000}),
-        ),
-    )
-    .await;
+    let blocks = file_pipeline(&tb, &ns, "twice", &topic, json!({"maxRecords": 3000})).await;
     let _op = spawn_operator(&tb, &ns, "op");
     let _b = spawn_builder(&tb, &ns, "p", "b");
     let first = wait_for("first run", Duration::from_secs(120), || async {
@@ -472,21 +435,15 @@ async fn api_writes_per_job_lifecycle_are_counted() {
         ..DataSpec::new(&topic, 2, 4_000)
     };
     let produced = produce_data(&tb, spec).await;
-    let blocks = blocks_dir(&tb, "writes");
-    let url = format!("file://{}", blocks.display());
-    let jobs_total = 20.0;
-    apply_pipeline(
+    let _blocks = file_pipeline(
         &tb,
         &ns,
-        &pipeline(
-            "p",
-            &topic,
-            &tb.kafka_bootstrap,
-            &url,
-            json!({"maxRecords": 200, "ttlSecondsAfterSucceeded": 0}),
-        ),
+        "writes",
+        &topic,
+        json!({"maxRecords": 200, "ttlSecondsAfterSucceeded": 0}),
     )
     .await;
+    let jobs_total = 20.0;
     let op = spawn_operator(&tb, &ns, "op");
     let builder_port = free_port();
     let mut cmd = builder_command(&tb, &ns, "p", "b");
@@ -555,20 +512,7 @@ async fn sigterm_stops_claiming_and_finishes_or_releases_the_current_job() {
         ..DataSpec::new(&topic, 2, 20_000)
     };
     let produced = produce_data(&tb, spec).await;
-    let blocks = blocks_dir(&tb, "term");
-    let url = format!("file://{}", blocks.display());
-    apply_pipeline(
-        &tb,
-        &ns,
-        &pipeline(
-            "p",
-            &topic,
-            &tb.kafka_bootstrap,
-            &url,
-            json!({"maxRecords": 1000}),
-        ),
-    )
-    .await;
+    let blocks = file_pipeline(&tb, &ns, "term", &topic, json!({"maxRecords": 1000})).await;
     let _op = spawn_operator(&tb, &ns, "op");
     let mut first = spawn_builder(&tb, &ns, "p", "first");
     wait_for(

@@ -52,18 +52,6 @@ fn spawn_broker(tb: &Testbed, name: &str) -> (Proc, String, String) {
     (proc, field("bootstrap"), field("control"))
 }
 
-fn spawn_s3(tb: &Testbed, name: &str, root: &std::path::Path, port: u16) -> Proc {
-    let mut cmd = std::process::Command::new(std::env::var("BLOCKSMITH_S3S_FS").unwrap());
-    cmd.args(["--host", "127.0.0.1", "--port", &port.to_string()])
-        .args(["--access-key", &std::env::var("AWS_ACCESS_KEY_ID").unwrap()])
-        .args([
-            "--secret-key",
-            &std::env::var("AWS_SECRET_ACCESS_KEY").unwrap(),
-        ])
-        .arg(root);
-    tb.spawn(&format!("{name}-s3"), cmd)
-}
-
 fn chaos_builder(tb: &Testbed, ns: &str, id: &str, s3_port: u16) -> Proc {
     let mut cmd = builder_command(tb, ns, "p", id);
     cmd.env("AWS_ENDPOINT", format!("http://127.0.0.1:{s3_port}"));
@@ -113,7 +101,7 @@ async fn run(tb: &Testbed, seed: u64, records: u64) {
         s3_port: free_port(),
         s3_root,
     };
-    let mut s3 = spawn_s3(tb, &ns, &servers.s3_root, servers.s3_port);
+    let mut s3 = spawn_s3(tb, &format!("{ns}-s3"), &servers.s3_root, servers.s3_port);
 
     broker::create_topic(&servers.control, "chaos", partitions).unwrap();
     let spec = DataSpec {
@@ -197,7 +185,7 @@ async fn run(tb: &Testbed, seed: u64, records: u64) {
                 _ => {
                     s3.kill();
                     tokio::time::sleep(Duration::from_secs(rng.random_range(5..12))).await;
-                    s3 = spawn_s3(tb, &ns, &servers.s3_root, servers.s3_port);
+                    s3 = spawn_s3(tb, &format!("{ns}-s3"), &servers.s3_root, servers.s3_port);
                     faults.s3_outages += 1;
                 }
             }
