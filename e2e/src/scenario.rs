@@ -358,3 +358,27 @@ pub fn counter_sum(exposition: &str, name: &str, label: Option<&str>) -> f64 {
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
 }
+
+/// A minimal BlockJob, for tests that exercise the API contract without a pipeline.
+pub fn bare_job(name: &str) -> BlockJob {
+    serde_json::from_value(json!({
+        "apiVersion": "blocksmith.io/v1alpha1",
+        "kind": "BlockJob",
+        "metadata": { "name": name },
+        "spec": {
+            "pipeline": "p", "topic": "t", "partition": 0, "startOffset": 0, "endOffset": 10,
+            "bootstrapServers": "127.0.0.1:9092", "leaseDurationSeconds": 30,
+            "output": { "url": "file:///tmp/x", "format": "parquet", "compression": "zstd" }
+        }
+    }))
+    .expect("job manifest")
+}
+
+/// A status apply that sets only `lease.holder` (and the lease duration).
+pub fn lease_patch(holder: &str) -> Patch<Value> {
+    Patch::Apply(json!({
+        "apiVersion": "blocksmith.io/v1alpha1",
+        "kind": "BlockJob",
+        "status": { "lease": { "holder": holder, "leaseDurationSeconds": 30 } }
+    }))
+}

@@ -19,6 +19,7 @@ use std::time::Duration;
 use blocksmith_crds::{BlockJob, BlockPipeline};
 use blocksmith_e2e::Testbed;
 use blocksmith_e2e::scenario::{apply_pipeline, pipeline, wait_for};
+use blocksmith_e2e::scenario::{bare_job, lease_patch};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::authorization::v1::{SelfSubjectAccessReview, SelfSubjectRulesReview};
 use k8s_openapi::api::autoscaling::v1::HorizontalPodAutoscaler;
@@ -709,28 +710,6 @@ async fn live(client: &kube::Client, doc: &Value) -> Option<DynamicObject> {
         .unwrap_or_else(|e| panic!("get {}: {e}", describe(doc)))
 }
 
-fn job(name: &str) -> BlockJob {
-    serde_json::from_value(json!({
-        "apiVersion": "blocksmith.io/v1alpha1",
-        "kind": "BlockJob",
-        "metadata": { "name": name },
-        "spec": {
-            "pipeline": "p", "topic": "t", "partition": 0, "startOffset": 0, "endOffset": 10,
-            "bootstrapServers": "127.0.0.1:9092", "leaseDurationSeconds": 30,
-            "output": { "url": "file:///tmp/x", "format": "parquet", "compression": "zstd" }
-        }
-    }))
-    .unwrap()
-}
-
-fn lease_apply(holder: &str) -> Patch<Value> {
-    Patch::Apply(json!({
-        "apiVersion": "blocksmith.io/v1alpha1",
-        "kind": "BlockJob",
-        "status": { "lease": { "holder": holder, "leaseDurationSeconds": 30 } }
-    }))
-}
-
 #[tokio::test]
 async fn chart_installs_with_least_privilege_rbac_and_uninstalls_all_but_crds() {
     let tb = Testbed::get().await;
@@ -959,7 +938,7 @@ async fn builder_rbac(tb: &Testbed, builder: &kube::Client, other_ns: &str) {
     let name = format!("chart-rbac-{:08x}", rand::random::<u32>());
     let admin_jobs = Api::<BlockJob>::namespaced(tb.client.clone(), BUILDER_NS);
     admin_jobs
-        .create(&PostParams::default(), &job(&name))
+        .create(&PostParams::default(), &bare_job(&name))
         .await
         .expect("create job");
     let jobs = Api::<BlockJob>::namespaced(builder.clone(), BUILDER_NS);
@@ -974,7 +953,7 @@ async fn builder_rbac(tb: &Testbed, builder: &kube::Client, other_ns: &str) {
         .await
         .expect("builder watches jobs");
     let me = PatchParams::apply("chart-rbac-builder");
-    jobs.patch_status(&name, &me, &lease_apply("chart-rbac-builder"))
+    jobs.patch_status(&name, &me, &lease_patch("chart-rbac-builder"))
         .await
         .expect("builder applies blockjobs/status");
     let got = admin_jobs.get_status(&name).await.unwrap();
@@ -1006,7 +985,7 @@ async fn builder_rbac(tb: &Testbed, builder: &kube::Client, other_ns: &str) {
         "builder applies a job's spec",
     );
     assert_forbidden(
-        jobs.create(&PostParams::default(), &job(&format!("{name}-x")))
+        jobs.create(&PostParams::default(), &bare_job(&format!("{name}-x")))
             .await,
         "builder creates a job",
     );
@@ -1149,7 +1128,7 @@ async fn operator_rbac(tb: &Testbed, operator: &kube::Client, ns: &str) {
 
     // BlockJobs: create (owned by the pipeline, blockOwnerDeletion set), status, delete.
     let jobs = Api::<BlockJob>::namespaced(operator.clone(), ns);
-    let mut j = job("p-p0-00000000000000000000");
+    let mut j = bare_job("p-p0-00000000000000000000");
     j.metadata.owner_references = owner.controller_owner_ref(&()).map(|o| vec![o]);
     jobs.create(&PostParams::default(), &j)
         .await
@@ -1161,7 +1140,7 @@ async fn operator_rbac(tb: &Testbed, operator: &kube::Client, ns: &str) {
     jobs.patch_status(
         &j.metadata.name.clone().unwrap(),
         &PatchParams::apply("blocksmith-operator").force(),
-        &lease_apply("op"),
+        &lease_patch("op"),
     )
     .await
     .expect("operator applies job status");

@@ -6,7 +6,8 @@ use std::time::Duration;
 use blocksmith_crds::{BlockJob, BlockPipeline};
 use blocksmith_e2e::Testbed;
 use blocksmith_e2e::datagen::{DataSpec, produce};
-use kube::api::{Api, Patch, PatchParams, PostParams};
+use blocksmith_e2e::scenario::{bare_job, lease_patch};
+use kube::api::{Api, PatchParams, PostParams};
 use object_store::{ObjectStore, ObjectStoreExt};
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
@@ -39,44 +40,23 @@ async fn crds_are_installed_and_kubectl_lists_them() {
     );
 }
 
-fn job_json(name: &str) -> serde_json::Value {
-    serde_json::json!({
-        "apiVersion": "blocksmith.io/v1alpha1",
-        "kind": "BlockJob",
-        "metadata": { "name": name },
-        "spec": {
-            "pipeline": "p", "topic": "t", "partition": 0, "startOffset": 0, "endOffset": 10,
-            "bootstrapServers": "127.0.0.1:9092", "leaseDurationSeconds": 30,
-            "output": { "url": "file:///tmp/x", "format": "parquet", "compression": "zstd" }
-        }
-    })
-}
-
-fn lease(holder: &str) -> Patch<serde_json::Value> {
-    Patch::Apply(serde_json::json!({
-        "apiVersion": "blocksmith.io/v1alpha1",
-        "kind": "BlockJob",
-        "status": { "lease": { "holder": holder, "leaseDurationSeconds": 30 } }
-    }))
-}
-
 #[tokio::test]
 async fn server_side_apply_fences_lease_holders() {
     let tb = Testbed::get().await;
     let ns = tb.namespace("smoke-ssa").await;
     let jobs = Api::<BlockJob>::namespaced(tb.client.clone(), &ns);
-    let job: BlockJob = serde_json::from_value(job_json("j")).unwrap();
+    let job = bare_job("j");
     jobs.create(&PostParams::default(), &job)
         .await
         .expect("create job");
 
     let a = PatchParams::apply("builder-a");
     let b = PatchParams::apply("builder-b");
-    jobs.patch_status("j", &a, &lease("builder-a"))
+    jobs.patch_status("j", &a, &lease_patch("builder-a"))
         .await
         .expect("a claims");
     let err = jobs
-        .patch_status("j", &b, &lease("builder-b"))
+        .patch_status("j", &b, &lease_patch("builder-b"))
         .await
         .expect_err("b must conflict");
     assert!(
@@ -87,14 +67,14 @@ async fn server_side_apply_fences_lease_holders() {
         err.to_string().contains("builder-a"),
         "conflict names the owner: {err}"
     );
-    jobs.patch_status("j", &a, &lease("builder-a-renewed"))
+    jobs.patch_status("j", &a, &lease_patch("builder-a-renewed"))
         .await
         .expect("a renews");
-    jobs.patch_status("j", &b.clone().force(), &lease("builder-b"))
+    jobs.patch_status("j", &b.clone().force(), &lease_patch("builder-b"))
         .await
         .expect("b forces");
     let err = jobs
-        .patch_status("j", &a, &lease("builder-a-late"))
+        .patch_status("j", &a, &lease_patch("builder-a-late"))
         .await
         .expect_err("a is fenced out");
     assert!(
