@@ -21,6 +21,8 @@ pub struct Testbed {
     pub python: PathBuf,
     /// Where blocksmith's binaries are (the cargo target dir of this test binary).
     pub bin_dir: PathBuf,
+    /// The kubeconfig spawned binaries get, when not the testbed's (a private API server).
+    pub kubeconfig: Option<PathBuf>,
 }
 
 fn var(name: &str) -> String {
@@ -51,6 +53,7 @@ impl Testbed {
             s3_bucket: var("BLOCKSMITH_S3_BUCKET"),
             python: PathBuf::from(var("BLOCKSMITH_PYTHON")),
             bin_dir,
+            kubeconfig: None,
         }
     }
 
@@ -92,6 +95,9 @@ impl Testbed {
             path.display()
         );
         let mut cmd = Command::new(path);
+        if let Some(kubeconfig) = &self.kubeconfig {
+            cmd.env("KUBECONFIG", kubeconfig);
+        }
         cmd.env(
             "RUST_LOG",
             std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),

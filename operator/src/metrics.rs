@@ -68,7 +68,8 @@ impl Default for Metrics {
             reconcile_errors: Family::default(),
             kafka_errors: Family::default(),
             api_writes: Family::default(),
-            reconcile_seconds: Histogram::new(exponential_buckets(0.005, 2.0, 14)),
+            // Fine buckets (×1.5 from 1 ms to ~2 min) so p50/p99 read off them are within 25%.
+            reconcile_seconds: Histogram::new(exponential_buckets(0.001, 1.5, 30)),
             ready: Arc::new(AtomicBool::new(false)),
         };
         registry.register(

@@ -1,10 +1,10 @@
 //! Seeded chaos: a pipeline runs while builders are SIGKILLed, the operator is restarted,
-//! the Kafka broker is taken down and the S3 server is stopped; afterwards every produced
-//! offset must be in exactly one block.
+//! the Kafka broker is taken down, the S3 server is stopped and the kube-apiserver is
+//! restarted; afterwards every produced offset must be in exactly one block.
 //!
 //! `BLOCKSMITH_CHAOS_SEEDS` (comma-separated, default `1`) and `BLOCKSMITH_CHAOS_RECORDS`
-//! (default 200,000) size the run. Each run has its own broker and S3 server, so its faults
-//! do not disturb the other tests.
+//! (default 200,000) size the run. Each run has its own broker, S3 server and kube-apiserver
+//! (on the testbed's etcd), so its faults do not disturb the other tests.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use blocksmith_crds::domain::default_consumer_group;
 use blocksmith_e2e::Testbed;
+use blocksmith_e2e::apiserver::PrivateApiserver;
 use blocksmith_e2e::broker;
 use blocksmith_e2e::datagen::{DataSpec, ValueSizes, produce};
 use blocksmith_e2e::process::Proc;
@@ -64,6 +65,9 @@ struct Faults {
     operator_restarts: u32,
     broker_outages: u32,
     s3_outages: u32,
+    apiserver_restarts: u32,
+    /// Processes that exited on their own and were started again, as a Deployment would.
+    respawned: u32,
 }
 
 #[tokio::test]
@@ -87,9 +91,12 @@ async fn chaos_runs_lose_and_duplicate_nothing() {
     }
 }
 
-async fn run(tb: &Testbed, seed: u64, records: u64) {
+async fn run(shared: &Testbed, seed: u64, records: u64) {
     let mut rng = StdRng::seed_from_u64(seed);
     let partitions = records.div_ceil(RECORDS_PER_PARTITION).max(12) as i32;
+    let tag = format!("chaos-{seed}-{:06x}", rand::random::<u32>() & 0xff_ffff);
+    let (mut apiserver, tb) = PrivateApiserver::start(shared, &tag).await;
+    let tb = &tb;
     let ns = tb.namespace(&format!("chaos-{seed}")).await;
     let (broker, bootstrap, control) = spawn_broker(tb, &ns);
     let s3_root = tb.dir.join(format!("{ns}-s3"));
@@ -151,7 +158,7 @@ async fn run(tb: &Testbed, seed: u64, records: u64) {
     let started = Instant::now();
     let deadline = started + Duration::from_secs(300 + records / 2500);
     let mut generation = 0;
-    let mut first_faults = [0, 1, 2, 3];
+    let mut first_faults = [0, 1, 2, 3, 4];
     first_faults.shuffle(&mut rng);
     loop {
         // Faults stop after two minutes so the run can finish.
@@ -161,7 +168,7 @@ async fn run(tb: &Testbed, seed: u64, records: u64) {
             let kind = first_faults
                 .get(generation)
                 .copied()
-                .unwrap_or_else(|| rng.random_range(0..4));
+                .unwrap_or_else(|| rng.random_range(0..5));
             generation += 1;
             match kind {
                 0 => {
@@ -182,15 +189,31 @@ async fn run(tb: &Testbed, seed: u64, records: u64) {
                     broker::control(&servers.control, "broker-up 1").unwrap();
                     faults.broker_outages += 1;
                 }
-                _ => {
+                3 => {
                     s3.kill();
                     tokio::time::sleep(Duration::from_secs(rng.random_range(5..12))).await;
                     s3 = spawn_s3(tb, &format!("{ns}-s3"), &servers.s3_root, servers.s3_port);
                     faults.s3_outages += 1;
                 }
+                _ => {
+                    let down = Duration::from_secs(rng.random_range(3..10));
+                    apiserver.restart(tb, down).await;
+                    faults.apiserver_restarts += 1;
+                }
             }
         } else {
             tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+        // An operator that lost its leader lease while the API server was down exits.
+        if !operator.proc.is_running() {
+            operator = spawn_operator(tb, &ns, &format!("op-r{generation}"));
+            faults.respawned += 1;
+        }
+        for (i, b) in builders.iter_mut().enumerate() {
+            if !b.is_running() {
+                *b = chaos_builder(tb, &ns, &format!("b{i}-r{generation}"), servers.s3_port);
+                faults.respawned += 1;
+            }
         }
         let c = committed(&servers).await;
         for (p, o) in &c {

@@ -1,0 +1,172 @@
+//! A private kube-apiserver on the testbed's etcd under a key prefix of its own: a cluster of
+//! its own for tests that restart the API server, so the tests running beside them never
+//! notice. etcd keeps the data across restarts, as in a real control-plane restart.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::api::{Api, Patch, PatchParams};
+use kube::config::{KubeConfigOptions, Kubeconfig};
+
+use crate::Testbed;
+use crate::process::Proc;
+use crate::scenario::free_port;
+
+pub struct PrivateApiserver {
+    name: String,
+    port: u16,
+    dir: PathBuf,
+    proc: Proc,
+    client: kube::Client,
+}
+
+fn var(name: &str) -> String {
+    std::env::var(name)
+        .unwrap_or_else(|_| panic!("{name} is not set: source the env of `e2e/testbed up`"))
+}
+
+impl PrivateApiserver {
+    /// Starts the server, installs blocksmith's CRDs in it, and returns it with a copy of `tb`
+    /// whose client and spawned binaries talk to it.
+    pub async fn start(tb: &Testbed, name: &str) -> (PrivateApiserver, Testbed) {
+        let dir = tb.dir.join("private-apiservers").join(name);
+        std::fs::create_dir_all(&dir).expect("private apiserver dir");
+        let port = free_port();
+        let kubeconfig = dir.join("kubeconfig");
+        let shared =
+            std::fs::read_to_string(tb.dir.join("kubeconfig")).expect("testbed kubeconfig");
+        let server = var("BLOCKSMITH_APISERVER");
+        assert!(
+            shared.contains(&server),
+            "testbed kubeconfig names {server}"
+        );
+        std::fs::write(
+            &kubeconfig,
+            shared.replace(&server, &format!("https://127.0.0.1:{port}")),
+        )
+        .expect("write kubeconfig");
+        let config = kube::Config::from_custom_kubeconfig(
+            Kubeconfig::read_from(&kubeconfig).expect("read kubeconfig"),
+            &KubeConfigOptions::default(),
+        )
+        .await
+        .expect("kubeconfig");
+        let client = kube::Client::try_from(config).expect("client");
+        let proc = spawn(tb, name, port, &dir);
+        let server = PrivateApiserver {
+            name: name.into(),
+            port,
+            dir,
+            proc,
+            client: client.clone(),
+        };
+        server.wait_ready().await;
+        install_crds(&client).await;
+        let private = Testbed {
+            client,
+            kubeconfig: Some(kubeconfig),
+            ..tb.clone()
+        };
+        (server, private)
+    }
+
+    /// Stops the server (SIGKILL), leaves it down for `down`, starts it again on the same
+    /// port and etcd prefix, and waits until it serves.
+    pub async fn restart(&mut self, tb: &Testbed, down: Duration) {
+        self.proc.kill();
+        tokio::time::sleep(down).await;
+        self.proc = spawn(tb, &self.name, self.port, &self.dir);
+        self.wait_ready().await;
+    }
+
+    async fn wait_ready(&self) {
+        let deadline = Instant::now() + Duration::from_secs(90);
+        loop {
+            let request = http::Request::get("/readyz")
+                .body(Vec::new())
+                .expect("request");
+            match self.client.request_text(request).await {
+                Ok(body) if body.trim() == "ok" => return,
+                _ if Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(300)).await
+                }
+                other => panic!(
+                    "private kube-apiserver {} not ready after 90 s: {other:?}; log {}",
+                    self.name,
+                    self.proc.log.display()
+                ),
+            }
+        }
+    }
+}
+
+fn spawn(tb: &Testbed, name: &str, port: u16, dir: &Path) -> Proc {
+    let pki = tb.dir.join("pki");
+    let mut cmd =
+        std::process::Command::new(Path::new(&var("BLOCKSMITH_KUBE_BIN")).join("kube-apiserver"));
+    cmd.arg(format!("--etcd-servers={}", var("BLOCKSMITH_ETCD")))
+        .arg(format!("--etcd-prefix=/private-{name}"))
+        .arg(format!("--secure-port={port}"))
+        .arg("--bind-address=127.0.0.1")
+        .arg(format!("--cert-dir={}", dir.join("pki").display()))
+        .arg("--service-account-issuer=https://kubernetes.default.svc")
+        .arg(format!(
+            "--service-account-key-file={}",
+            pki.join("sa.pub").display()
+        ))
+        .arg(format!(
+            "--service-account-signing-key-file={}",
+            pki.join("sa.key").display()
+        ))
+        .arg(format!(
+            "--token-auth-file={}",
+            pki.join("tokens.csv").display()
+        ))
+        .arg("--authorization-mode=RBAC")
+        .arg("--service-cluster-ip-range=10.0.0.0/24")
+        .arg("--insecure-port=0");
+    tb.spawn(&format!("apiserver-{name}"), cmd)
+}
+
+async fn install_crds(client: &kube::Client) {
+    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../crds");
+    let mut names = Vec::new();
+    for file in ["blockpipelines.yaml", "blockjobs.yaml"] {
+        let text = std::fs::read_to_string(dir.join(file)).expect("CRD yaml");
+        let crd: CustomResourceDefinition = serde_yaml::from_str(&text).expect("CRD yaml");
+        let name = crd.metadata.name.clone().expect("CRD name");
+        crds.patch(
+            &name,
+            &PatchParams::apply("blocksmith-testbed").force(),
+            &Patch::Apply(&crd),
+        )
+        .await
+        .expect("apply CRD");
+        names.push(name);
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    for name in names {
+        loop {
+            let established = crds.get(&name).await.ok().is_some_and(|c| {
+                c.status
+                    .and_then(|s| s.conditions)
+                    .unwrap_or_default()
+                    .iter()
+                    .any(|c| c.type_ == "Established" && c.status == "True")
+            });
+            if established {
+                break;
+            }
+            assert!(Instant::now() < deadline, "CRD {name} not established");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    // Established is set before the resources are served.
+    let pipelines: Api<blocksmith_crds::BlockPipeline> = Api::all(client.clone());
+    while pipelines.list(&Default::default()).await.is_err() {
+        assert!(Instant::now() < deadline, "BlockPipelines not served");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
