@@ -694,6 +694,7 @@ mod tests {
             compression: Compression::Zstd,
             compression_level: None,
             row_group_size: None,
+            max_record_bytes: None,
         };
         assert_eq!(BlockOptions::from_job(&out), BlockOptions::default());
         out.compression_level = Some(1);

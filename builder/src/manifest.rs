@@ -94,6 +94,7 @@ mod tests {
                 compression: Compression::Zstd,
                 compression_level: Some(1),
                 row_group_size: None,
+                max_record_bytes: None,
             },
         }
     }

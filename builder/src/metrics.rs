@@ -140,6 +140,7 @@ impl Metrics {
             BuildError::Read(_) => "kafka",
             BuildError::Block(_) => "parquet",
             BuildError::Store(_) => "object_store",
+            BuildError::RecordTooLarge(_) => "record_too_large",
             BuildError::Io(_) => "io",
             BuildError::Cancelled => "cancelled",
         };

@@ -181,7 +181,7 @@ pub fn read_range<E: From<ReadError>>(
                     let record = to_record(&msg);
                     drop(msg);
                     stats.records += 1;
-                    stats.bytes += record_bytes(&record);
+                    stats.bytes += record.size_bytes();
                     on_record(record)?;
                     next = offset + 1;
                     last_progress = Instant::now();
@@ -461,12 +461,6 @@ fn to_record(msg: &BorrowedMessage<'_>) -> Record {
     }
 }
 
-fn record_bytes(record: &Record) -> u64 {
-    let len = |b: &Option<Vec<u8>>| b.as_ref().map_or(0, Vec::len);
-    let headers: usize = record.headers.iter().map(|(k, v)| k.len() + len(v)).sum();
-    (len(&record.key) + len(&record.value) + headers) as u64
-}
-
 #[cfg(test)]
 mod tests {
     use std::sync::Arc;
@@ -580,7 +574,10 @@ mod tests {
         assert_eq!(got, want);
         let stats = result.unwrap();
         assert_eq!(stats.records, 100);
-        assert_eq!(stats.bytes, want.iter().map(record_bytes).sum::<u64>());
+        assert_eq!(
+            stats.bytes,
+            want.iter().map(Record::size_bytes).sum::<u64>()
+        );
     }
 
     #[test]

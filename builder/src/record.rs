@@ -11,3 +11,118 @@ pub struct Record {
     /// Header keys in order; a header value may be null.
     pub headers: Vec<(String, Option<Vec<u8>>)>,
 }
+
+/// Records above this many bytes fail the job unless the pipeline sets
+/// `spec.output.maxRecordBytes`.
+pub const DEFAULT_MAX_RECORD_BYTES: u64 = 8 * 1024 * 1024;
+
+impl Record {
+    /// Bytes of the key, the value and the headers (keys and values).
+    pub fn size_bytes(&self) -> u64 {
+        let len = |b: &Option<Vec<u8>>| b.as_ref().map_or(0, Vec::len);
+        let headers: usize = self.headers.iter().map(|(k, v)| k.len() + len(v)).sum();
+        (len(&self.key) + len(&self.value) + headers) as u64
+    }
+}
+
+/// A record over the pipeline's record-size limit: the job cannot succeed until the limit is
+/// raised, so the message says where the record is and what to do.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "record at partition {partition} offset {offset} is {bytes} bytes, over \
+     spec.output.maxRecordBytes ({limit}); raise the limit and delete job {job} to retry"
+)]
+pub struct RecordTooLarge {
+    pub job: String,
+    pub partition: i32,
+    pub offset: i64,
+    pub bytes: u64,
+    pub limit: u64,
+}
+
+/// The record-size limit of a job: its `maxRecordBytes`, or the default when unset.
+pub fn record_limit(max_record_bytes: Option<i64>) -> u64 {
+    max_record_bytes
+        .and_then(|n| u64::try_from(n).ok())
+        .filter(|&n| n > 0)
+        .unwrap_or(DEFAULT_MAX_RECORD_BYTES)
+}
+
+/// Accepts a record of at most `limit` bytes; `job` names the job for the message.
+pub fn check_size(record: &Record, limit: u64, job: &str) -> Result<(), RecordTooLarge> {
+    let bytes = record.size_bytes();
+    if bytes <= limit {
+        return Ok(());
+    }
+    Err(RecordTooLarge {
+        job: job.to_owned(),
+        partition: record.partition,
+        offset: record.offset,
+        bytes,
+        limit,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(key: usize, value: Option<usize>, headers: &[(&str, Option<usize>)]) -> Record {
+        Record {
+            partition: 3,
+            offset: 1234,
+            timestamp_ms: None,
+            key: (key > 0).then(|| vec![0; key]),
+            value: value.map(|n| vec![1; n]),
+            headers: headers
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.map(|n| vec![2; n])))
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn size_counts_key_value_and_headers() {
+        assert_eq!(record(0, None, &[]).size_bytes(), 0);
+        assert_eq!(
+            record(3, Some(10), &[("ab", Some(4)), ("c", None)]).size_bytes(),
+            3 + 10 + 2 + 4 + 1
+        );
+    }
+
+    #[test]
+    fn records_up_to_the_limit_pass() {
+        let r = record(0, Some(100), &[]);
+        assert_eq!(check_size(&r, 100, "j"), Ok(()));
+        assert_eq!(check_size(&r, 1000, "j"), Ok(()));
+    }
+
+    #[test]
+    fn a_record_over_the_limit_names_where_it_is_and_what_to_do() {
+        let r = record(1, Some(100), &[]);
+        let err = check_size(&r, 100, "orders-p3-00000000000000001000").unwrap_err();
+        assert_eq!(
+            err,
+            RecordTooLarge {
+                job: "orders-p3-00000000000000001000".into(),
+                partition: 3,
+                offset: 1234,
+                bytes: 101,
+                limit: 100,
+            }
+        );
+        assert_eq!(
+            err.to_string(),
+            "record at partition 3 offset 1234 is 101 bytes, over spec.output.maxRecordBytes \
+             (100); raise the limit and delete job orders-p3-00000000000000001000 to retry"
+        );
+    }
+
+    #[test]
+    fn unset_or_nonsense_limits_fall_back_to_the_default() {
+        assert_eq!(record_limit(None), DEFAULT_MAX_RECORD_BYTES);
+        assert_eq!(record_limit(Some(0)), DEFAULT_MAX_RECORD_BYTES);
+        assert_eq!(record_limit(Some(-5)), DEFAULT_MAX_RECORD_BYTES);
+        assert_eq!(record_limit(Some(1)), 1);
+    }
+}

@@ -7,13 +7,14 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use blocksmith_crds::domain::{data_key, manifest_key};
+use blocksmith_crds::domain::{data_key, job_name, manifest_key};
 use blocksmith_crds::{BlockJobSpec, JobOutput};
 use tracing::info;
 
 use crate::block::{BlockError, BlockOptions, BlockWriter};
 use crate::manifest::Manifest;
 use crate::reader::{ReadError, ReaderConfig, read_range};
+use crate::record::{RecordTooLarge, check_size, record_limit};
 use crate::store::{BlockStore, ManifestPut, StoreError, UploadSettings};
 
 #[derive(Debug, thiserror::Error)]
@@ -24,6 +25,8 @@ pub enum BuildError {
     Block(#[from] BlockError),
     #[error("object storage: {0}")]
     Store(#[from] StoreError),
+    #[error(transparent)]
+    RecordTooLarge(#[from] RecordTooLarge),
     #[error("local scratch file: {0}")]
     Io(#[from] std::io::Error),
     #[error("cancelled")]
@@ -64,6 +67,8 @@ pub async fn build_block(
         let mut reader = settings.reader.clone();
         reader.bootstrap_servers = job.bootstrap_servers.clone();
         let opts = BlockOptions::from_job(&job.output);
+        let limit = record_limit(job.output.max_record_bytes);
+        let name = job_name(&job.pipeline, job.partition, job.start_offset);
         let job = job.clone();
         let cancel = cancel.clone();
         tokio::task::spawn_blocking(move || -> Result<_, BuildError> {
@@ -75,7 +80,12 @@ pub async fn build_block(
                 job.start_offset,
                 job.end_offset,
                 &cancel,
-                |rec| writer.push(&rec).map_err(BuildError::from),
+                // Checked before the record is buffered: an oversize record fails the job
+                // before anything is uploaded, so no partial block is ever written.
+                |rec| {
+                    check_size(&rec, limit, &name)?;
+                    writer.push(&rec).map_err(BuildError::from)
+                },
             )?;
             if cancel.load(Ordering::Relaxed) {
                 return Err(BuildError::Cancelled);

@@ -72,7 +72,8 @@ pub enum StoreError {
 
     #[error(
         "local output directory {} does not exist or is not accessible: {source} \
-         (create it, or check that the volume is mounted)",
+         (create it, or check that the volume is mounted; then delete the failed jobs to retry \
+         them)",
         path.display()
     )]
     LocalRoot {
@@ -147,10 +148,13 @@ fn hint(op: &str, err: &object_store::Error) -> &'static str {
         E::Unauthenticated { .. } | E::PermissionDenied { .. } => {
             " (check the object-storage credentials, e.g. AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, \
              GOOGLE_SERVICE_ACCOUNT or AZURE_STORAGE_ACCOUNT_KEY, and that they may read and \
-             write this bucket)"
+             write this bucket; builders read them from their environment (the Secret of \
+             spec.output.credentialsSecretRef) when they start, so restart them after fixing it, \
+             then delete the failed jobs to retry them)"
         }
         E::NotFound { .. } if op != "download" => {
-            " (the bucket or container does not exist: create it or fix the output URL)"
+            " (the bucket or container does not exist: create it or fix spec.output.url, then \
+             delete the failed jobs to retry them)"
         }
         E::NotImplemented { .. } => {
             " (create-only puts are disabled for this store; for S3-compatible stores unset \
@@ -659,6 +663,47 @@ mod tests {
             "s3://bucket/some/prefix/orders/3/a.parquet"
         );
         assert!(store.location("../escape").is_err());
+    }
+
+    #[test]
+    fn auth_and_missing_bucket_errors_say_what_to_fix() {
+        let source = || -> Box<dyn StdError + Send + Sync> { "403 Forbidden".into() };
+        let err = StoreError::Backend {
+            op: "upload",
+            url: "s3://bucket/p/t/0/a.parquet".into(),
+            source: object_store::Error::PermissionDenied {
+                path: "p/t/0/a.parquet".into(),
+                source: source(),
+            },
+        };
+        let msg = err.to_string();
+        assert!(!err.is_transient());
+        for want in [
+            "upload s3://bucket/p/t/0/a.parquet failed",
+            "check the object-storage credentials",
+            "spec.output.credentialsSecretRef",
+            "restart them",
+            "delete the failed jobs",
+        ] {
+            assert!(msg.contains(want), "{want}: {msg}");
+        }
+        // A missing bucket (S3's NoSuchBucket is a 404 on the upload).
+        let err = StoreError::Backend {
+            op: "upload",
+            url: "s3://no-such-bucket/p/t/0/a.parquet".into(),
+            source: object_store::Error::NotFound {
+                path: "p/t/0/a.parquet".into(),
+                source: "NoSuchBucket".into(),
+            },
+        };
+        let msg = err.to_string();
+        assert!(!err.is_transient());
+        assert!(
+            msg.contains("s3://no-such-bucket/")
+                && msg.contains("the bucket or container does not exist")
+                && msg.contains("delete the failed jobs"),
+            "{msg}"
+        );
     }
 
     #[test]

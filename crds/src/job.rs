@@ -60,6 +60,9 @@ pub struct JobOutputSpec {
     pub compression_level: Option<i32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub row_group_size: Option<i64>,
+    /// Largest record the block may hold; unset means the builder's default (8 MiB).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_record_bytes: Option<i64>,
 }
 
 #[derive(Deserialize, Serialize, Clone, Copy, Debug, Default, PartialEq, Eq, Hash, JsonSchema)]

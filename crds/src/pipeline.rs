@@ -216,6 +216,12 @@ pub struct OutputSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1))]
     pub row_group_size: Option<i64>,
+    /// Largest record (key + value + headers) a builder writes into a block. A job that
+    /// meets a bigger record fails with its partition and offset and writes nothing; raise
+    /// the limit and delete the failed job to retry it. Default 8 MiB.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub max_record_bytes: Option<i64>,
     /// Secret whose keys are passed to builders as environment variables
     /// (`AWS_ACCESS_KEY_ID`, `GOOGLE_SERVICE_ACCOUNT`, `AZURE_STORAGE_ACCOUNT_KEY`, ...).
     #[serde(default, skip_serializing_if = "Option::is_none")]

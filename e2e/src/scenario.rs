@@ -206,6 +206,88 @@ pub fn committed_offsets(
         .collect()
 }
 
+/// Commits `offsets` (partition → next offset to read) for `group` without joining it, as
+/// the operator does: e.g. to give a pipeline a committed offset before it starts.
+pub fn commit_offsets(bootstrap: &str, group: &str, topic: &str, offsets: &BTreeMap<i32, i64>) {
+    use rdkafka::consumer::CommitMode;
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("group.id", group)
+        .set("enable.auto.commit", "false")
+        .create()
+        .expect("consumer");
+    let mut tpl = TopicPartitionList::new();
+    for (p, o) in offsets {
+        tpl.add_partition_offset(topic, *p, Offset::Offset(*o))
+            .expect("offset");
+    }
+    consumer.commit(&tpl, CommitMode::Sync).expect("commit");
+}
+
+/// A partition's low and high watermarks (first offset still stored, next offset written).
+pub fn watermarks(bootstrap: &str, topic: &str, partition: i32) -> (i64, i64) {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .create()
+        .expect("consumer");
+    consumer
+        .fetch_watermarks(topic, partition, Duration::from_secs(10))
+        .expect("watermarks")
+}
+
+/// Waits until `group` has committed exactly `want` (partition → offset) on `topic`.
+pub async fn wait_all_committed(
+    tb: &Testbed,
+    group: &str,
+    topic: &str,
+    want: &BTreeMap<i32, i64>,
+    timeout: Duration,
+) -> BTreeMap<i32, i64> {
+    let partitions = want.keys().max().map_or(0, |p| p + 1);
+    wait_for(&format!("commits {want:?}"), timeout, || {
+        let (b, g, t) = (
+            tb.kafka_bootstrap.clone(),
+            group.to_string(),
+            topic.to_string(),
+        );
+        async move {
+            let c = tokio::task::spawn_blocking(move || committed_offsets(&b, &g, &t, partitions))
+                .await
+                .unwrap();
+            (c == *want).then_some(c)
+        }
+    })
+    .await
+}
+
+/// Audits the blocks under `blocks` against `produced`: every record below `committed`
+/// exactly once with equal content, nothing else; panics with the report otherwise.
+pub fn audit_exact(
+    tb: &Testbed,
+    blocks: &Path,
+    produced: &crate::datagen::Produced,
+    committed: &BTreeMap<i32, i64>,
+) -> Value {
+    let csv = tb
+        .dir
+        .join(format!("expected-{:08x}.csv", rand::random::<u32>()));
+    produced.write_csv(&csv).expect("write expected csv");
+    let (report, exact) = audit(tb, blocks, &csv, Some(committed));
+    println!("audit: {report}");
+    assert!(exact, "audit not exact: {report}");
+    assert_eq!(
+        report["expected"].as_u64(),
+        Some(produced.total()),
+        "{report}"
+    );
+    assert_eq!(
+        report["records"].as_u64(),
+        Some(produced.total()),
+        "{report}"
+    );
+    report
+}
+
 /// Acting as a builder through the API, exactly as builders do: SSA on `blockjobs/status`.
 pub struct FakeBuilder {
     pub api: Api<BlockJob>,

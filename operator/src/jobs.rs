@@ -138,6 +138,7 @@ pub fn job_spec(bp: &BlockPipeline, planned: &PlannedJob) -> BlockJobSpec {
             compression: o.compression,
             compression_level: o.compression_level,
             row_group_size: o.row_group_size,
+            max_record_bytes: o.max_record_bytes,
         },
     }
 }

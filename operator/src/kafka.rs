@@ -3,11 +3,13 @@
 //! timeouts; callers run them on the blocking pool.
 
 use std::collections::BTreeMap;
+use std::sync::Mutex;
 use std::time::Duration;
 
-use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext};
 use rdkafka::error::{KafkaError as RdError, RDKafkaErrorCode};
-use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+use rdkafka::{ClientConfig, ClientContext, Offset, TopicPartitionList};
+use tracing::warn;
 
 use blocksmith_crds::BlockPipeline;
 use blocksmith_crds::domain::default_consumer_group;
@@ -23,9 +25,22 @@ use crate::planner::PartitionOffsets;
 pub enum KafkaError {
     #[error("Kafka is unavailable: {0}")]
     Unavailable(String),
-    #[error("topic {0:?} does not exist")]
+    #[error(
+        "authentication to Kafka failed: {detail}. Check spec.kafka.securityProtocol and spec.kafka.sasl against the brokers' listener{credentials}"
+    )]
+    AuthenticationFailed {
+        detail: String,
+        /// Where the credentials come from, e.g. `, and the credentials in secret "x" (keys
+        /// "user", "password")`; empty without SASL.
+        credentials: String,
+    },
+    #[error(
+        "topic {0:?} does not exist: create it, or correct spec.kafka.topic (the operator never creates topics)"
+    )]
     TopicNotFound(String),
-    #[error("partitions {missing:?} are not in topic {topic:?} (it has {available})")]
+    #[error(
+        "partitions {missing:?} are not in topic {topic:?} (it has {available}): correct spec.kafka.partitions"
+    )]
     PartitionsNotFound {
         topic: String,
         missing: Vec<i32>,
@@ -42,6 +57,7 @@ impl KafkaError {
     pub fn reason(&self) -> &'static str {
         match self {
             KafkaError::Unavailable(_) => "KafkaUnavailable",
+            KafkaError::AuthenticationFailed { .. } => "KafkaAuthenticationFailed",
             KafkaError::TopicNotFound(_) | KafkaError::PartitionsNotFound { .. } => "TopicNotFound",
             KafkaError::CommitRefused { .. } => "CommitRefused",
         }
@@ -52,6 +68,44 @@ fn unavailable(e: RdError) -> KafkaError {
     KafkaError::Unavailable(e.to_string())
 }
 
+/// What a failed request means, given the last error librdkafka reported for the client's
+/// broker connections (`client`: its code and text). A request that failed only says
+/// "timed out"; the connection error says why (connection refused, TLS handshake, SASL
+/// authentication), so it goes into the message, and an authentication failure gets its
+/// own reason.
+pub fn classify(
+    request: &RdError,
+    client: Option<&(Option<RDKafkaErrorCode>, String)>,
+    credentials: &str,
+) -> KafkaError {
+    let is_auth = |c: Option<RDKafkaErrorCode>| {
+        matches!(
+            c,
+            Some(RDKafkaErrorCode::Authentication | RDKafkaErrorCode::SaslAuthenticationFailed)
+        )
+    };
+    if let Some((code, reason)) = client
+        && is_auth(*code)
+    {
+        return KafkaError::AuthenticationFailed {
+            detail: reason.clone(),
+            credentials: credentials.to_string(),
+        };
+    }
+    if is_auth(request.rdkafka_error_code()) {
+        return KafkaError::AuthenticationFailed {
+            detail: request.to_string(),
+            credentials: credentials.to_string(),
+        };
+    }
+    match client {
+        Some((_, reason)) => {
+            KafkaError::Unavailable(format!("{request}; last broker connection error: {reason}"))
+        }
+        None => KafkaError::Unavailable(request.to_string()),
+    }
+}
+
 /// Connection settings: bootstrap servers plus librdkafka properties (security, SASL, TLS),
 /// with secrets already resolved.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -59,11 +113,46 @@ pub struct KafkaConnection {
     pub bootstrap_servers: String,
     pub group: String,
     pub properties: Vec<(String, String)>,
+    /// Where the SASL credentials come from, for messages (empty without SASL).
+    pub credentials: String,
 }
 
+/// Keeps the last error librdkafka reported for the client's connections until a request
+/// succeeds.
+#[derive(Default)]
+pub struct ConnectionErrors {
+    last: Mutex<Option<(Option<RDKafkaErrorCode>, String)>>,
+}
+
+impl ConnectionErrors {
+    fn last(&self) -> Option<(Option<RDKafkaErrorCode>, String)> {
+        self.last.lock().expect("errors lock").clone()
+    }
+
+    fn clear(&self) {
+        *self.last.lock().expect("errors lock") = None;
+    }
+}
+
+impl ClientContext for ConnectionErrors {
+    fn error(&self, error: RdError, reason: &str) {
+        warn!(target: "librdkafka", %error, reason, "Kafka client error");
+        let code = error.rdkafka_error_code();
+        let mut last = self.last.lock().expect("errors lock");
+        // "1/1 brokers are down" follows the error that says why: keep that one.
+        if code == Some(RDKafkaErrorCode::AllBrokersDown) && last.is_some() {
+            return;
+        }
+        *last = Some((code, reason.to_string()));
+    }
+}
+
+impl ConsumerContext for ConnectionErrors {}
+
 pub struct KafkaOffsets {
-    consumer: BaseConsumer,
+    consumer: BaseConsumer<ConnectionErrors>,
     group: String,
+    credentials: String,
     timeout: Duration,
 }
 
@@ -78,20 +167,57 @@ impl KafkaOffsets {
         for (k, v) in &conn.properties {
             cfg.set(k, v);
         }
-        let consumer = cfg.create().map_err(unavailable)?;
+        let consumer = cfg
+            .create_with_context(ConnectionErrors::default())
+            .map_err(unavailable)?;
         Ok(Self {
             consumer,
             group: conn.group.clone(),
+            credentials: conn.credentials.clone(),
             timeout,
         })
     }
 
+    /// Serves the client's queued events: connection errors reach `ConnectionErrors` only
+    /// through a poll (and would otherwise pile up in the queue). The consumer has no
+    /// assignment, so no message can come.
+    fn serve_events(&self, wait: Duration) {
+        let mut wait = wait;
+        for _ in 0..1000 {
+            if self.consumer.poll(wait).is_none() {
+                break;
+            }
+            wait = Duration::ZERO;
+        }
+    }
+
+    /// A failed request, explained by the last connection error.
+    fn failed(&self, e: RdError) -> KafkaError {
+        // The connection error that failed the request reaches the queue a moment after the
+        // request's own failure: give it up to a second.
+        self.serve_events(Duration::ZERO);
+        for _ in 0..10 {
+            if self.consumer.context().last().is_some() {
+                break;
+            }
+            self.serve_events(Duration::from_millis(100));
+        }
+        classify(
+            &e,
+            self.consumer.context().last().as_ref(),
+            &self.credentials,
+        )
+    }
+
     /// The topic's partitions, or the requested subset after checking it exists.
     pub fn partitions(&self, topic: &str, subset: Option<&[i32]>) -> Result<Vec<i32>, KafkaError> {
+        self.serve_events(Duration::ZERO);
         let md = self
             .consumer
             .fetch_metadata(Some(topic), self.timeout)
-            .map_err(unavailable)?;
+            .map_err(|e| self.failed(e))?;
+        // The brokers answered: earlier connection errors are history.
+        self.consumer.context().clear();
         let t = md
             .topics()
             .iter()
@@ -154,7 +280,7 @@ impl KafkaOffsets {
         let committed = self
             .consumer
             .committed_offsets(tpl, self.timeout)
-            .map_err(unavailable)?;
+            .map_err(|e| self.failed(e))?;
         partitions
             .iter()
             .map(|p| {
@@ -188,7 +314,7 @@ impl KafkaOffsets {
         let res = self
             .consumer
             .offsets_for_times(tpl, self.timeout)
-            .map_err(unavailable)?;
+            .map_err(|e| self.failed(e))?;
         partitions
             .iter()
             .map(|p| {
@@ -225,7 +351,7 @@ impl KafkaOffsets {
                     group: self.group.clone(),
                     reason: e.to_string(),
                 },
-                _ => unavailable(e),
+                _ => self.failed(e),
             })?;
         // A sync commit can still fail per partition.
         Ok(())
@@ -252,7 +378,9 @@ pub async fn connection(
     };
     properties.push(("security.protocol".to_string(), protocol.to_string()));
     let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns);
+    let mut credentials = String::new();
     if let Some(sasl) = &k.sasl {
+        credentials = credentials_description(&sasl.username_secret_ref, &sasl.password_secret_ref);
         let mechanism = serde_json::to_value(sasl.mechanism)
             .ok()
             .and_then(|v| v.as_str().map(String::from))
@@ -287,7 +415,24 @@ pub async fn connection(
         bootstrap_servers: k.bootstrap_servers.clone(),
         group,
         properties,
+        credentials,
     })
+}
+
+/// `, and the credentials in secret "kafka" (keys "username", "password")`, naming both
+/// secrets when they differ.
+pub fn credentials_description(user: &SecretKeySelector, password: &SecretKeySelector) -> String {
+    if user.name == password.name {
+        format!(
+            ", and the credentials in secret {:?} (keys {:?}, {:?})",
+            user.name, user.key, password.key
+        )
+    } else {
+        format!(
+            ", and the credentials in secrets {:?} (key {:?}) and {:?} (key {:?})",
+            user.name, user.key, password.name, password.key
+        )
+    }
 }
 
 async fn secret_value(
@@ -315,4 +460,149 @@ async fn secret_value(
             sel.name, sel.key
         ))
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn selector(name: &str, key: &str) -> SecretKeySelector {
+        SecretKeySelector {
+            name: name.into(),
+            key: key.into(),
+            ..Default::default()
+        }
+    }
+
+    fn timed_out() -> RdError {
+        RdError::MetadataFetch(RDKafkaErrorCode::OperationTimedOut)
+    }
+
+    #[test]
+    fn an_authentication_error_names_the_settings_and_the_secret() {
+        let creds = credentials_description(
+            &selector("kafka-creds", "username"),
+            &selector("kafka-creds", "password"),
+        );
+        let client = (
+            Some(RDKafkaErrorCode::Authentication),
+            "SASL authentication error: Authentication failed: Invalid username or password"
+                .to_string(),
+        );
+        let e = classify(&timed_out(), Some(&client), &creds);
+        assert_eq!(e.reason(), "KafkaAuthenticationFailed");
+        let message = e.to_string();
+        for want in [
+            "authentication to Kafka failed",
+            "Invalid username or password",
+            "spec.kafka.sasl",
+            r#"secret "kafka-creds" (keys "username", "password")"#,
+        ] {
+            assert!(message.contains(want), "{want:?} not in {message:?}");
+        }
+    }
+
+    #[test]
+    fn two_secrets_are_both_named() {
+        let creds = credentials_description(&selector("u", "user"), &selector("p", "pass"));
+        assert_eq!(
+            creds,
+            r#", and the credentials in secrets "u" (key "user") and "p" (key "pass")"#
+        );
+    }
+
+    #[test]
+    fn other_failures_are_unavailable_with_the_connection_error() {
+        let e = classify(&timed_out(), None, "");
+        assert_eq!(e.reason(), "KafkaUnavailable");
+        let client = (
+            Some(RDKafkaErrorCode::BrokerTransportFailure),
+            "127.0.0.1:1/bootstrap: Connect to ipv4#127.0.0.1:1 failed: Connection refused"
+                .to_string(),
+        );
+        let e = classify(&timed_out(), Some(&client), "");
+        assert_eq!(e.reason(), "KafkaUnavailable");
+        assert!(e.to_string().contains("Connection refused"), "{e}");
+        // A request that itself failed authentication.
+        let e = classify(
+            &RdError::MetadataFetch(RDKafkaErrorCode::SaslAuthenticationFailed),
+            None,
+            "",
+        );
+        assert_eq!(e.reason(), "KafkaAuthenticationFailed");
+    }
+
+    fn conn(bootstrap: &str, properties: &[(&str, &str)]) -> KafkaConnection {
+        KafkaConnection {
+            bootstrap_servers: bootstrap.into(),
+            group: "g".into(),
+            properties: properties
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            credentials: credentials_description(
+                &selector("kafka-creds", "username"),
+                &selector("kafka-creds", "password"),
+            ),
+        }
+    }
+
+    #[test]
+    fn an_unreachable_broker_is_reported_with_the_connection_error() {
+        let k = KafkaOffsets::connect(&conn("127.0.0.1:1", &[]), Duration::from_secs(3)).unwrap();
+        let e = k.partitions("t", None).unwrap_err();
+        assert_eq!(e.reason(), "KafkaUnavailable");
+        let message = e.to_string();
+        assert!(
+            message.contains("127.0.0.1:1") && message.contains("Connection refused"),
+            "{message}"
+        );
+    }
+
+    #[test]
+    fn sasl_against_a_broker_without_it_is_an_authentication_failure() {
+        // librdkafka's mock cluster has no SASL: the handshake fails with the error code a
+        // rejected password gets (`__AUTHENTICATION`).
+        let cluster = rdkafka::mocking::MockCluster::new(1).unwrap();
+        let k = KafkaOffsets::connect(
+            &conn(
+                &cluster.bootstrap_servers(),
+                &[
+                    ("security.protocol", "sasl_plaintext"),
+                    ("sasl.mechanism", "PLAIN"),
+                    ("sasl.username", "u"),
+                    ("sasl.password", "p"),
+                ],
+            ),
+            Duration::from_secs(3),
+        )
+        .unwrap();
+        let e = k.partitions("t", None).unwrap_err();
+        assert_eq!(e.reason(), "KafkaAuthenticationFailed", "{e}");
+        let message = e.to_string();
+        assert!(
+            message.contains("SASL Handshake not supported by broker")
+                && message.contains(r#"secret "kafka-creds""#),
+            "{message}"
+        );
+    }
+
+    #[test]
+    fn topic_messages_say_what_to_do() {
+        let e = KafkaError::TopicNotFound("orders".into());
+        assert!(
+            e.to_string()
+                .contains("create it, or correct spec.kafka.topic"),
+            "{e}"
+        );
+        let e = KafkaError::PartitionsNotFound {
+            topic: "orders".into(),
+            missing: vec![7],
+            available: 4,
+        };
+        assert!(
+            e.to_string().contains("correct spec.kafka.partitions"),
+            "{e}"
+        );
+    }
 }

@@ -12,7 +12,7 @@ use clap::Parser;
 use futures::StreamExt;
 use kube::Api;
 use kube::runtime::{Controller, controller, watcher};
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 /// blocksmith operator: turns BlockPipelines into BlockJobs and commits Kafka offsets once
 /// their blocks are durable.
@@ -123,8 +123,14 @@ async fn main() -> anyhow::Result<()> {
         .shutdown_on_signal()
         .run(reconcile, error_policy, ctx)
         .for_each(|res| async move {
-            if let Err(e) = res {
-                warn!(error = %e, "reconcile");
+            match res {
+                // A job event for a pipeline that was just deleted (its jobs are being
+                // garbage-collected): nothing to do, nothing wrong.
+                Err(controller::Error::ObjectNotFound(obj)) => {
+                    debug!(object = %obj, "pipeline gone; ignoring an event of its jobs");
+                }
+                Err(e) => warn!(error = %e, "reconcile"),
+                Ok(_) => {}
             }
         });
     info!("controller started");

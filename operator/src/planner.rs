@@ -85,6 +85,10 @@ pub struct PartitionPlan {
     /// `Some(start)` when the group has no usable committed offset: the operator commits
     /// it before creating jobs, so the start survives restarts.
     pub commit_start: Option<i64>,
+    /// `Some((committed, low))` when `skip_missing_data` let planning skip offsets
+    /// `[committed, low)` that retention deleted before they were written to a block: the
+    /// caller tells the user once the new start is committed.
+    pub skipped: Option<(i64, i64)>,
     /// Existing and new jobs cover `[start, planned_offset)` without gaps. It is the end
     /// of the last job unless the in-flight limit left a deleted job's gap unfilled.
     pub planned_offset: i64,
@@ -114,9 +118,13 @@ pub fn plan_partition(
     now: Timestamp,
     policy: &PlanPolicy,
 ) -> Result<PartitionPlan, PartitionPlanError> {
+    let mut skipped = None;
     let (start, commit_start) = match p.committed {
         Some(committed) if committed >= p.low => (committed, None),
-        Some(_) if policy.skip_missing_data => (p.low, Some(p.low)),
+        Some(committed) if policy.skip_missing_data => {
+            skipped = Some((committed, p.low));
+            (p.low, Some(p.low))
+        }
         Some(committed) => {
             return Err(PartitionPlanError::OffsetOutOfRange {
                 committed,
@@ -176,6 +184,7 @@ pub fn plan_partition(
         start,
         new_jobs: cutter.jobs,
         commit_start,
+        skipped,
         planned_offset: hole.unwrap_or(cursor),
         tail_since: (p.high > cursor).then_some(seen_since),
     })
@@ -350,7 +359,19 @@ mod tests {
         };
         let plan = plan_partition(&p, &[], None, t(0), &pol).unwrap();
         assert_eq!(plan.commit_start, Some(500));
+        assert_eq!(
+            plan.skipped,
+            Some((100, 500)),
+            "the skipped range is reported"
+        );
         assert_eq!(plan.new_jobs[0].start, 500);
+
+        // Once the new start is committed, nothing more is skipped (reported once).
+        let after = plan_partition(&offsets(500, 5000, Some(500)), &[], None, t(0), &pol).unwrap();
+        assert_eq!((after.commit_start, after.skipped), (None, None));
+        // Without a committed offset, starting at a watermark skips nothing.
+        let fresh = plan_partition(&offsets(500, 5000, None), &[], None, t(0), &pol).unwrap();
+        assert_eq!(fresh.skipped, None);
     }
 
     #[test]
@@ -510,9 +531,14 @@ mod tests {
     ) -> Result<(), TestCaseError> {
         let start = plan.start;
         match p.committed {
-            Some(c) if c >= p.low => prop_assert_eq!((start, plan.commit_start), (c, None)),
-            Some(_) => prop_assert_eq!((start, plan.commit_start), (p.low, Some(p.low))),
-            None => prop_assert_eq!(plan.commit_start, Some(start)),
+            Some(c) if c >= p.low => {
+                prop_assert_eq!((start, plan.commit_start, plan.skipped), (c, None, None))
+            }
+            Some(c) => prop_assert_eq!(
+                (start, plan.commit_start, plan.skipped),
+                (p.low, Some(p.low), Some((c, p.low)))
+            ),
+            None => prop_assert_eq!((plan.commit_start, plan.skipped), (Some(start), None)),
         }
 
         let live: Vec<ExistingJob> = jobs.iter().copied().filter(|j| j.end > start).collect();

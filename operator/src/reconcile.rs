@@ -28,7 +28,7 @@ use crate::planner::{
     ExistingJob, PartitionOffsets, PartitionPlanError, PlanPolicy, plan_partition,
 };
 use crate::status;
-use crate::validate::validate;
+use crate::validate::{validate, validate_topic_unchanged};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -143,7 +143,20 @@ async fn reconcile_inner(bp: &BlockPipeline, ctx: &Context) -> Result<Action, Er
     let store = JobStore::new(ctx.client.clone(), &ns, &name, ctx.metrics.clone());
     let mut wake: Option<Timestamp> = None;
     let mut jobs = Vec::new();
-    for job in store.list().await? {
+    let listed = store.list().await?;
+    let topics = listed.iter().map(|j| j.spec.topic.as_str());
+    if let Err(e) = validate_topic_unchanged(&name, &bp.spec, topics) {
+        let message = e.to_string();
+        warn!(namespace = %ns, pipeline = %name, %message, "invalid spec");
+        observed.problems.push(Problem {
+            reason: "InvalidSpec",
+            message,
+        });
+        status.partitions = old.partitions.clone();
+        status::publish(bp, ctx, &old, status, &observed, now).await?;
+        return Ok(Action::await_change());
+    }
+    for job in listed {
         match tend_job(bp, &store, job, now).await? {
             Some(job) => {
                 let backoff_limit = bp.spec.jobs.backoff_limit;
@@ -221,6 +234,7 @@ async fn reconcile_inner(bp: &BlockPipeline, ctx: &Context) -> Result<Action, Er
                     }
                     plan_and_create(
                         bp,
+                        ctx,
                         &store,
                         &kafka,
                         &offsets,
@@ -434,6 +448,7 @@ async fn reconcile_builders(bp: &BlockPipeline, ctx: &Context) -> Result<Option<
 #[allow(clippy::too_many_arguments)]
 async fn plan_and_create(
     bp: &BlockPipeline,
+    ctx: &Context,
     store: &JobStore,
     kafka: &Arc<KafkaOffsets>,
     offsets: &[PartitionOffsets],
@@ -447,6 +462,7 @@ async fn plan_and_create(
     let ns = bp.namespace().unwrap_or_default();
     let name = bp.name_any();
     let mut initial_commits = BTreeMap::new();
+    let mut skipped = Vec::new();
     let mut new_jobs = Vec::new();
     for po in offsets {
         let existing = job_ranges(by_partition, po.partition);
@@ -465,6 +481,9 @@ async fn plan_and_create(
                 if let Some(start) = plan.commit_start {
                     initial_commits.insert(po.partition, start);
                     pstatus.lag = po.high - start;
+                }
+                if let Some((from, to)) = plan.skipped {
+                    skipped.push((po.partition, from, to));
                 }
                 pstatus.planned_offset = Some(plan.planned_offset);
                 pstatus.tail_since = plan.tail_since.map(Time);
@@ -489,7 +508,14 @@ async fn plan_and_create(
             observed.problems.insert(0, kafka_problem(&e));
             return Ok(());
         }
-        info!(namespace = %ns, pipeline = %name, start = ?initial_commits, "committed start offsets for a new group");
+        info!(namespace = %ns, pipeline = %name, start = ?initial_commits, "committed start offsets");
+        // The skip is durable now: tell the user once, as the next plan starts at `to`.
+        let mut events = Vec::new();
+        for (partition, from, to) in skipped {
+            warn!(namespace = %ns, pipeline = %name, partition, from, to, "skipped offsets deleted by retention (spec.kafka.skipMissingData)");
+            events.push(status::skipped_data_event(partition, from, to));
+        }
+        status::record(bp, ctx, events).await;
         for p in &mut status.partitions {
             if let Some(o) = initial_commits.get(&p.partition) {
                 p.committed_offset = Some(*o);

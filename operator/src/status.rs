@@ -41,14 +41,39 @@ pub async fn publish(
         &Patch::Apply(patch),
     )
     .await?;
-    for event in transition_events(&old.conditions, &status.conditions) {
+    record(
+        bp,
+        ctx,
+        transition_events(&old.conditions, &status.conditions),
+    )
+    .await;
+    Ok(())
+}
+
+/// Publishes Events on the pipeline; a failure to publish is logged, never fatal.
+pub async fn record(bp: &BlockPipeline, ctx: &Context, events: Vec<Event>) {
+    for event in events {
         ctx.metrics.api_write("event");
         let recorder = Recorder::new(ctx.client.clone(), ctx.reporter.clone());
         if let Err(e) = recorder.publish(&event, &bp.object_ref(&())).await {
             warn!(error = %e, "publishing event");
         }
     }
-    Ok(())
+}
+
+/// The Warning a user gets when `spec.kafka.skipMissingData` let the pipeline continue past
+/// offsets `[committed, low)` that retention deleted before they were written to a block.
+pub fn skipped_data_event(partition: i32, committed: i64, low: i64) -> Event {
+    Event {
+        type_: EventType::Warning,
+        reason: "SkippedMissingData".into(),
+        note: Some(format!(
+            "partition {partition}: offsets [{committed}, {low}) ({} records) were deleted by retention before they were written to a block; continuing from offset {low} because spec.kafka.skipMissingData is true. Those records are lost",
+            low - committed
+        )),
+        action: "Plan".into(),
+        secondary: None,
+    }
 }
 
 fn transition_events(old: &[Condition], new: &[Condition]) -> Vec<Event> {
@@ -108,4 +133,27 @@ fn truncate(s: &str, max: usize) -> String {
         end -= 1;
     }
     format!("{}…", &s[..end])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn skipped_data_event_names_the_partition_range_and_setting() {
+        let e = skipped_data_event(3, 100, 2600);
+        assert_eq!(e.type_, EventType::Warning);
+        assert_eq!(e.reason, "SkippedMissingData");
+        let note = e.note.unwrap();
+        for want in [
+            "partition 3",
+            "[100, 2600)",
+            "2500 records",
+            "continuing from offset 2600",
+            "spec.kafka.skipMissingData",
+        ] {
+            assert!(note.contains(want), "{want:?} not in {note:?}");
+        }
+        assert!(note.len() <= 1024, "Event notes are limited to 1 KiB");
+    }
 }

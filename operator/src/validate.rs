@@ -70,12 +70,16 @@ pub fn validate(spec: &BlockPipelineSpec) -> Result<(), InvalidSpec> {
         return Err(invalid(
             "kafka.sasl",
             format!(
-                "securityProtocol {:?} {} sasl settings",
-                k.security_protocol,
+                "securityProtocol {} {}",
+                // As the user wrote it (SASL_SSL), not the Rust name.
+                serde_json::to_value(k.security_protocol)
+                    .ok()
+                    .and_then(|v| v.as_str().map(String::from))
+                    .unwrap_or_default(),
                 if needs_sasl {
-                    "requires"
+                    "requires spec.kafka.sasl (mechanism and credentials secrets)"
                 } else {
-                    "does not use"
+                    "does not use spec.kafka.sasl: set securityProtocol to SASL_PLAINTEXT or SASL_SSL, or remove sasl"
                 }
             ),
         ));
@@ -141,6 +145,9 @@ pub fn validate(spec: &BlockPipelineSpec) -> Result<(), InvalidSpec> {
     if o.row_group_size.is_some_and(|n| n < 1) {
         return Err(invalid("output.rowGroupSize", "must be at least 1"));
     }
+    if o.max_record_bytes.is_some_and(|n| n < 1) {
+        return Err(invalid("output.maxRecordBytes", "must be at least 1"));
+    }
     if let Some(b) = &spec.builders {
         if b.min_replicas < 0 || b.max_replicas < 1 || b.min_replicas > b.max_replicas {
             return Err(invalid(
@@ -159,6 +166,42 @@ pub fn validate(spec: &BlockPipelineSpec) -> Result<(), InvalidSpec> {
         }
     }
     Ok(())
+}
+
+/// The pipeline's existing jobs must read the topic the spec names. A job's range is an
+/// offset range of its topic: the committer and the planner would otherwise take another
+/// topic's jobs as covering this topic's offsets, committing offsets that were never
+/// written and skipping them. So a changed topic stops committing and planning until the
+/// spec is changed back or the old topic's jobs are gone. `job_topics` is the topic of each
+/// existing job.
+pub fn validate_topic_unchanged<'a>(
+    pipeline: &str,
+    spec: &BlockPipelineSpec,
+    job_topics: impl IntoIterator<Item = &'a str>,
+) -> Result<(), InvalidSpec> {
+    let topic = spec.kafka.topic.as_str();
+    let mut others: Vec<&str> = job_topics.into_iter().filter(|t| *t != topic).collect();
+    if others.is_empty() {
+        return Ok(());
+    }
+    let jobs = others.len();
+    others.sort_unstable();
+    others.dedup();
+    let others = others
+        .iter()
+        .map(|t| format!("{t:?}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    Err(invalid(
+        "kafka.topic",
+        format!(
+            "changed to {topic:?} while {jobs} job(s) of topic {others} exist; one topic's \
+             offsets cannot be committed for another, so nothing is committed or planned. Set \
+             it back, or create a new pipeline for {topic:?}. To move this pipeline anyway, \
+             delete its jobs (kubectl delete blockjobs -l blocksmith.io/pipeline={pipeline}); \
+             offsets of {others} not committed by then are never written"
+        ),
+    ))
 }
 
 #[cfg(test)]
@@ -217,6 +260,10 @@ mod tests {
                 "output.compressionLevel",
             ),
             (|s| s.output.row_group_size = Some(0), "output.rowGroupSize"),
+            (
+                |s| s.output.max_record_bytes = Some(0),
+                "output.maxRecordBytes",
+            ),
         ];
         for (mutate, field) in cases {
             let mut s = spec();
@@ -228,5 +275,40 @@ mod tests {
                 "{err}"
             );
         }
+    }
+
+    #[test]
+    fn sasl_messages_use_the_protocol_as_written_in_the_spec() {
+        let mut s = spec();
+        s.kafka.security_protocol = SecurityProtocol::SaslSsl;
+        let err = validate(&s).unwrap_err().to_string();
+        assert!(
+            err.starts_with("spec.kafka.sasl: securityProtocol SASL_SSL requires spec.kafka.sasl"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn jobs_of_another_topic_stop_the_pipeline_with_the_way_out() {
+        let s = spec();
+        assert_eq!(validate_topic_unchanged("p", &s, []), Ok(()));
+        assert_eq!(
+            validate_topic_unchanged("p", &s, ["orders", "orders"]),
+            Ok(())
+        );
+        let err =
+            validate_topic_unchanged("p", &s, ["orders", "payments", "payments"]).unwrap_err();
+        assert_eq!(err.field, "kafka.topic");
+        let msg = err.to_string();
+        assert!(
+            msg.starts_with("spec.kafka.topic: changed to \"orders\""),
+            "{msg}"
+        );
+        assert!(msg.contains("2 job(s) of topic \"payments\""), "{msg}");
+        assert!(msg.contains("create a new pipeline"), "{msg}");
+        assert!(
+            msg.contains("kubectl delete blockjobs -l blocksmith.io/pipeline=p)"),
+            "{msg}"
+        );
     }
 }

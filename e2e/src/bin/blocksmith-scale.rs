@@ -145,8 +145,17 @@ async fn run_scale(
     let expected = partitions as i64 * jobs_per_partition;
 
     // Planning: from the operator's start until every job exists (its queue depth says so).
-    let writes_before = operator_writes(metrics_port);
     let started = Instant::now();
+    while std::net::TcpStream::connect(("127.0.0.1", metrics_port)).is_err() {
+        if !operator.running() || started.elapsed() > Duration::from_secs(30) {
+            bail!(
+                "operator metrics not served; see {}",
+                operator.log.display()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let writes_before = operator_writes(metrics_port);
     loop {
         let depth = pipelines
             .get_status("scale")

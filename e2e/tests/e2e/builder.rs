@@ -14,7 +14,7 @@ use blocksmith_e2e::scenario::*;
 use kube::api::{Api, Patch, PatchParams};
 use serde_json::json;
 
-async fn produce_data(tb: &Testbed, spec: DataSpec) -> Produced {
+pub(crate) async fn produce_data(tb: &Testbed, spec: DataSpec) -> Produced {
     let bootstrap = tb.kafka_bootstrap.clone();
     tokio::task::spawn_blocking(move || produce(&bootstrap, &spec))
         .await
@@ -23,7 +23,7 @@ async fn produce_data(tb: &Testbed, spec: DataSpec) -> Produced {
 }
 
 /// Waits until every produced offset is committed, then returns the committed offsets.
-async fn wait_committed(
+pub(crate) async fn wait_committed(
     tb: &Testbed,
     ns: &str,
     pipeline: &str,
@@ -55,7 +55,7 @@ async fn wait_committed(
     .await
 }
 
-fn assert_exact(
+pub(crate) fn assert_exact(
     tb: &Testbed,
     blocks: &std::path::Path,
     produced: &Produced,
@@ -101,7 +101,7 @@ async fn file_pipeline(
 
 /// A fresh local output directory (the builder does not create a missing file:// root, as
 /// it would not create a missing bucket: it usually means a volume is not mounted).
-fn blocks_dir(tb: &Testbed, test: &str) -> PathBuf {
+pub(crate) fn blocks_dir(tb: &Testbed, test: &str) -> PathBuf {
     let dir = tb
         .dir
         .join("blocks")

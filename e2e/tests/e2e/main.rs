@@ -2,6 +2,8 @@
 //! broker, an S3 server). Run through `e2e/run-tests`, which starts the testbed.
 
 mod autoscaling;
+mod bad_input_kafka;
+mod bad_input_output;
 mod builder;
 mod chaos;
 mod chart;

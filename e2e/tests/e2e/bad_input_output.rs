@@ -1,0 +1,817 @@
+//! Bad output settings and specs changed under a running pipeline, end to end: each case must
+//! end in a condition, job message or Event a user can act on (naming the field, bucket,
+//! offset or job), and nothing may be lost or written twice — audited over the blocks real
+//! builder processes wrote, with the group's committed offsets.
+//!
+//! An unknown output scheme (`ftp://`, rejected by the schema) and a URL naming no bucket
+//! (`InvalidSpec` on `spec.output.url`, nothing planned or committed) are covered with the
+//! other invalid specs in `bad_input_kafka.rs`.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use blocksmith_crds::domain::{default_consumer_group, job_name};
+use blocksmith_crds::{BlockJob, BlockPipeline, JobPhase};
+use blocksmith_e2e::Testbed;
+use blocksmith_e2e::datagen::{DataSpec, Produced, ValueSizes};
+use blocksmith_e2e::process::Proc;
+use blocksmith_e2e::scenario::*;
+use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::api::events::v1::Event;
+use kube::api::{Api, DeleteParams, Patch, PatchParams};
+use serde_json::{Value, json};
+
+use crate::builder::{assert_exact, blocks_dir, produce_data, wait_committed};
+
+/// `bp` with `output` fields merged over its own.
+fn with_output(bp: BlockPipeline, output: Value) -> BlockPipeline {
+    let mut v = serde_json::to_value(&bp).unwrap();
+    if let (Some(o), Value::Object(over)) = (v["spec"]["output"].as_object_mut(), output) {
+        for (k, val) in over {
+            if val.is_null() {
+                o.remove(&k);
+            } else {
+                o.insert(k, val);
+            }
+        }
+    }
+    serde_json::from_value(v).expect("pipeline")
+}
+
+/// Both productions into the same topic as one: offsets of the second follow the first.
+fn merge(mut a: Produced, b: Produced) -> Produced {
+    for (p, (n, high)) in b.partitions {
+        let e = a.partitions.entry(p).or_insert((0, 0));
+        e.0 += n;
+        e.1 = e.1.max(high);
+    }
+    a.records.extend(b.records);
+    a.records.sort();
+    a.bytes += b.bytes;
+    a
+}
+
+fn fixed(topic: &str, partitions: i32, records: u64, size: usize, seed: u64) -> DataSpec {
+    DataSpec {
+        value_sizes: ValueSizes::Fixed(size),
+        seed,
+        ..DataSpec::new(topic, partitions, records)
+    }
+}
+
+async fn committed(tb: &Testbed, ns: &str, topic: &str, partitions: i32) -> BTreeMap<i32, i64> {
+    let (b, g, t) = (
+        tb.kafka_bootstrap.clone(),
+        default_consumer_group(ns, "p"),
+        topic.to_string(),
+    );
+    tokio::task::spawn_blocking(move || committed_offsets(&b, &g, &t, partitions))
+        .await
+        .unwrap()
+}
+
+/// Waits for `Degraded=True` with `reason`; returns its message.
+async fn wait_degraded(tb: &Testbed, ns: &str, reason: &str, timeout: Duration) -> String {
+    wait_for(&format!("Degraded/{reason}"), timeout, || async {
+        let (status, r, message) = condition(&get_pipeline(tb, ns, "p").await, "Degraded")?;
+        (status == "True" && r == reason).then_some(message)
+    })
+    .await
+}
+
+/// The notes of the Warning Events with `reason` on the pipeline.
+async fn warnings(tb: &Testbed, ns: &str, reason: &str) -> Vec<String> {
+    Api::<Event>::namespaced(tb.client.clone(), ns)
+        .list(&Default::default())
+        .await
+        .expect("list events")
+        .items
+        .into_iter()
+        .filter(|e| e.reason.as_deref() == Some(reason) && e.type_.as_deref() == Some("Warning"))
+        .filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("p"))
+        .filter_map(|e| e.note)
+        .collect()
+}
+
+fn message(j: &BlockJob) -> String {
+    j.status
+        .as_ref()
+        .and_then(|s| s.message.clone())
+        .unwrap_or_default()
+}
+
+/// Failed for good: failed on the last attempt the backoff limit allows.
+fn exhausted(j: &BlockJob, backoff_limit: i32) -> bool {
+    j.phase() == JobPhase::Failed && j.attempt() == backoff_limit
+}
+
+/// Waits until every job of the pipeline (`n` of them) failed on its last attempt.
+async fn wait_all_failed(tb: &Testbed, ns: &str, n: usize, backoff_limit: i32) -> Vec<BlockJob> {
+    wait_for(
+        &format!("{n} jobs Failed"),
+        Duration::from_secs(120),
+        || async {
+            let js = jobs(tb, ns, "p").await;
+            (js.len() == n && js.iter().all(|j| exhausted(j, backoff_limit))).then_some(js)
+        },
+    )
+    .await
+}
+
+/// The user's retry: delete the failed jobs; the operator re-creates them at attempt 1.
+async fn delete_failed(tb: &Testbed, ns: &str) -> Vec<String> {
+    let api: Api<BlockJob> = Api::namespaced(tb.client.clone(), ns);
+    let mut deleted = Vec::new();
+    for j in jobs(tb, ns, "p").await {
+        if j.phase() == JobPhase::Failed {
+            let name = j.metadata.name.clone().unwrap();
+            api.delete(&name, &DeleteParams::default()).await.unwrap();
+            deleted.push(name);
+        }
+    }
+    deleted
+}
+
+/// Every file under `dir`, relative to it.
+fn files(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let path = e.path();
+            if path.is_dir() {
+                stack.push(path);
+            } else {
+                out.push(path.strip_prefix(dir).unwrap().to_path_buf());
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+/// Every manifest under `dir` has its data object beside it (the audit checks the sha256
+/// of each data object against its manifest).
+fn assert_manifests_have_data(dir: &Path) {
+    for f in files(dir) {
+        if f.extension().is_some_and(|e| e == "json") {
+            let data = dir.join(f.with_extension("parquet"));
+            assert!(data.exists(), "manifest {} without its data", f.display());
+        }
+    }
+}
+
+/// A builder whose environment holds the keys of `secret`, as the operator's builder
+/// Deployment gets them (`envFrom` of `spec.output.credentialsSecretRef`).
+async fn spawn_builder_with_secret(tb: &Testbed, ns: &str, id: &str, secret: &str) -> Proc {
+    let s = Api::<Secret>::namespaced(tb.client.clone(), ns)
+        .get(secret)
+        .await
+        .expect("secret");
+    let mut cmd = builder_command(tb, ns, "p", id);
+    for (k, v) in s.data.unwrap_or_default() {
+        cmd.env(k, String::from_utf8(v.0).unwrap());
+    }
+    tb.spawn(&format!("{ns}-{id}"), cmd)
+}
+
+async fn apply_secret(tb: &Testbed, ns: &str, name: &str, data: Value) {
+    let secret: Secret = serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "Secret",
+        "metadata": { "name": name },
+        "stringData": data,
+    }))
+    .unwrap();
+    Api::<Secret>::namespaced(tb.client.clone(), ns)
+        .patch(
+            name,
+            &PatchParams::apply("e2e-test").force(),
+            &Patch::Apply(&secret),
+        )
+        .await
+        .expect("apply secret");
+}
+
+fn error_lines(log: &str) -> Vec<&str> {
+    log.lines()
+        .filter(|l| l.contains("\"level\":\"ERROR\""))
+        .collect()
+}
+
+#[tokio::test]
+async fn wrong_object_store_credentials_fail_the_jobs_hold_the_commit_and_a_fix_writes_everything_once()
+ {
+    let tb = Testbed::get().await;
+    let ns = tb.namespace("bio-creds").await;
+    let topic = tb.topic("bio-creds", 2);
+    let produced = produce_data(&tb, fixed(&topic, 2, 2000, 100, 1)).await;
+
+    // A private S3 server with the testbed's credentials; the pipeline's Secret has the
+    // right access key but a wrong secret key.
+    let root = tb
+        .dir
+        .join(format!("s3-creds-{:08x}", rand::random::<u32>()));
+    std::fs::create_dir_all(root.join("blocksmith")).unwrap();
+    let port = free_port();
+    let _s3 = spawn_s3(&tb, &format!("{ns}-s3"), &root, port);
+    let access_key = std::env::var("AWS_ACCESS_KEY_ID").unwrap();
+    let secret_key = std::env::var("AWS_SECRET_ACCESS_KEY").unwrap();
+    let creds = |secret: &str| {
+        json!({
+            "AWS_ACCESS_KEY_ID": access_key,
+            "AWS_SECRET_ACCESS_KEY": secret,
+            "AWS_ENDPOINT": format!("http://127.0.0.1:{port}"),
+            "AWS_ALLOW_HTTP": "true",
+        })
+    };
+    apply_secret(&tb, &ns, "s3", creds("not-the-secret-key")).await;
+    let bp = with_output(
+        pipeline(
+            "p",
+            &topic,
+            &tb.kafka_bootstrap,
+            "s3://blocksmith/creds",
+            json!({"maxRecords": 500, "backoffLimit": 2}),
+        ),
+        json!({"credentialsSecretRef": {"name": "s3"}}),
+    );
+    apply_pipeline(&tb, &ns, &bp).await;
+    let _op = spawn_operator(&tb, &ns, "op");
+    let mut builder = spawn_builder_with_secret(&tb, &ns, "b1", "s3").await;
+
+    let failed = wait_all_failed(&tb, &ns, 4, 2).await;
+    for j in &failed {
+        let m = message(j);
+        assert!(
+            m.contains("s3://blocksmith/creds/")
+                && m.contains("check the object-storage credentials")
+                && m.contains("credentialsSecretRef"),
+            "{m}"
+        );
+    }
+    println!("job message: {}", message(&failed[0]));
+    let degraded = wait_degraded(&tb, &ns, "JobFailed", Duration::from_secs(30)).await;
+    assert!(
+        degraded.contains("check the object-storage credentials")
+            && degraded.contains("held at offset 0"),
+        "{degraded}"
+    );
+    let events = warnings(&tb, &ns, "JobFailed").await;
+    assert!(
+        events.iter().any(|n| n.contains("credentials")),
+        "{events:?}"
+    );
+    assert_eq!(
+        committed(&tb, &ns, &topic, 2).await,
+        BTreeMap::from([(0, 0), (1, 0)]),
+        "the commit holds at the failed jobs"
+    );
+    assert!(
+        files(&root.join("blocksmith")).is_empty(),
+        "nothing written"
+    );
+
+    // The fix: correct the Secret, restart the builders (they read it at start-up), delete
+    // the failed jobs.
+    apply_secret(&tb, &ns, "s3", creds(&secret_key)).await;
+    let status = builder.terminate(Duration::from_secs(15)).expect("exits");
+    assert!(status.success(), "{status:?}");
+    let _builder = spawn_builder_with_secret(&tb, &ns, "b2", "s3").await;
+    assert_eq!(delete_failed(&tb, &ns).await.len(), 4);
+    let c = wait_committed(&tb, &ns, "p", &topic, &produced, Duration::from_secs(120)).await;
+    assert_exact(&tb, &root.join("blocksmith").join("creds"), &produced, &c);
+    assert!(
+        jobs(&tb, &ns, "p")
+            .await
+            .iter()
+            .all(|j| j.phase() == JobPhase::Succeeded && j.attempt() == 1)
+    );
+    wait_for("Degraded cleared", Duration::from_secs(30), || async {
+        (condition(&get_pipeline(&tb, &ns, "p").await, "Degraded")?.0 == "False").then_some(())
+    })
+    .await;
+}
+
+/// The file-system twin of a missing bucket. (The testbed's S3 server, s3s-fs, creates a
+/// missing bucket on PutObject instead of answering NoSuchBucket as S3 does, so the S3
+/// message — `... failed: ... (the bucket or container does not exist: create it or fix
+/// spec.output.url, then delete the failed jobs to retry them)` — is checked by the
+/// builder's unit tests.)
+#[tokio::test]
+async fn a_missing_output_location_fails_the_jobs_naming_it_and_creating_it_then_retrying_writes_everything_once()
+ {
+    let tb = Testbed::get().await;
+    let ns = tb.namespace("bio-missing").await;
+    let topic = tb.topic("bio-missing", 2);
+    let produced = produce_data(&tb, fixed(&topic, 2, 2000, 100, 1)).await;
+    let location = tb
+        .dir
+        .join("blocks")
+        .join(format!("not-mounted-{:08x}", rand::random::<u32>()));
+    apply_pipeline(
+        &tb,
+        &ns,
+        &pipeline(
+            "p",
+            &topic,
+            &tb.kafka_bootstrap,
+            &format!("file://{}", location.display()),
+            json!({"maxRecords": 500, "backoffLimit": 2}),
+        ),
+    )
+    .await;
+    let _op = spawn_operator(&tb, &ns, "op");
+    let _builder = spawn_builder(&tb, &ns, "p", "b");
+
+    let failed = wait_all_failed(&tb, &ns, 4, 2).await;
+    let named = format!("{} does not exist", location.display());
+    for j in &failed {
+        let m = message(j);
+        assert!(
+            m.contains(&named) && m.contains("create it") && m.contains("delete the failed jobs"),
+            "{m}"
+        );
+    }
+    println!("job message: {}", message(&failed[0]));
+    let degraded = wait_degraded(&tb, &ns, "JobFailed", Duration::from_secs(30)).await;
+    assert!(
+        degraded.contains(&named) && degraded.contains("held at offset 0"),
+        "{degraded}"
+    );
+    assert!(
+        warnings(&tb, &ns, "JobFailed")
+            .await
+            .iter()
+            .any(|n| n.contains(&named)),
+        "a JobFailed Event naming the location"
+    );
+    assert_eq!(
+        committed(&tb, &ns, &topic, 2).await,
+        BTreeMap::from([(0, 0), (1, 0)]),
+        "the commit holds at the failed jobs"
+    );
+    assert!(!location.exists(), "not created behind the user's back");
+
+    // The fix: create it, delete the failed jobs.
+    std::fs::create_dir_all(&location).unwrap();
+    assert_eq!(delete_failed(&tb, &ns).await.len(), 4);
+    let c = wait_committed(&tb, &ns, "p", &topic, &produced, Duration::from_secs(120)).await;
+    assert_exact(&tb, &location, &produced, &c);
+}
+
+#[tokio::test]
+async fn a_record_over_max_record_bytes_fails_its_job_writes_nothing_and_a_raised_limit_writes_it_once()
+ {
+    let tb = Testbed::get().await;
+    let ns = tb.namespace("bio-big").await;
+    let topic = tb.topic("bio-big", 1);
+    // Offsets [0, 1500) and [1501, 3000) of ~100 bytes, offset 1500 of over 5000 bytes.
+    let small = produce_data(&tb, fixed(&topic, 1, 1500, 100, 1)).await;
+    let big = produce_data(&tb, fixed(&topic, 1, 1, 5000, 2)).await;
+    let rest = produce_data(&tb, fixed(&topic, 1, 1499, 100, 3)).await;
+    assert_eq!(big.records[0].offset, 1500);
+    let produced = merge(merge(small, big), rest);
+    let blocks = blocks_dir(&tb, "big");
+    let url = format!("file://{}", blocks.display());
+    let bp = |limit: i64| {
+        with_output(
+            pipeline(
+                "p",
+                &topic,
+                &tb.kafka_bootstrap,
+                &url,
+                json!({"maxRecords": 1000, "backoffLimit": 2}),
+            ),
+            json!({"maxRecordBytes": limit}),
+        )
+    };
+    apply_pipeline(&tb, &ns, &bp(1000)).await;
+    let _op = spawn_operator(&tb, &ns, "op");
+    let _builder = spawn_builder(&tb, &ns, "p", "b");
+
+    let bad = job_name("p", 0, 1000);
+    let failed = wait_for("the job Failed", Duration::from_secs(120), || async {
+        jobs(&tb, &ns, "p")
+            .await
+            .into_iter()
+            .find(|j| j.metadata.name.as_deref() == Some(&bad) && exhausted(j, 2))
+    })
+    .await;
+    let m = message(&failed);
+    let expected = format!(
+        "record at partition 0 offset 1500 is {} bytes, over spec.output.maxRecordBytes \
+         (1000); raise the limit and delete job {bad} to retry",
+        failed_record_bytes(&m)
+    );
+    assert!(m.contains(&expected), "{m}");
+    assert!(failed_record_bytes(&m) >= 5000, "{m}");
+    let degraded = wait_degraded(&tb, &ns, "JobFailed", Duration::from_secs(30)).await;
+    assert!(
+        degraded.contains(&expected) && degraded.contains("held at offset 1000"),
+        "{degraded}"
+    );
+    assert!(
+        warnings(&tb, &ns, "JobFailed")
+            .await
+            .iter()
+            .any(|n| n.contains("maxRecordBytes")),
+        "a JobFailed Event"
+    );
+    // The jobs around it succeed; the commit holds at the failed job's start.
+    wait_for("the other jobs", Duration::from_secs(60), || async {
+        let js = jobs(&tb, &ns, "p").await;
+        (js.iter()
+            .filter(|j| j.phase() == JobPhase::Succeeded)
+            .count()
+            == 2)
+            .then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        committed(&tb, &ns, &topic, 1).await,
+        BTreeMap::from([(0, 1000)])
+    );
+    // No partial block: nothing at all for the failed range.
+    let written = files(&blocks);
+    assert_eq!(
+        written.len(),
+        4,
+        "two blocks, data and manifest: {written:?}"
+    );
+    assert!(
+        !written
+            .iter()
+            .any(|f| f.to_string_lossy().contains("00000000000000001000-")),
+        "{written:?}"
+    );
+
+    // Raise the limit, delete the job: re-created under the new limit, written once.
+    apply_pipeline(&tb, &ns, &bp(8192)).await;
+    wait_for("the new spec observed", Duration::from_secs(30), || async {
+        let bp = get_pipeline(&tb, &ns, "p").await;
+        (bp.status?.observed_generation == bp.metadata.generation).then_some(())
+    })
+    .await;
+    assert_eq!(delete_failed(&tb, &ns).await, vec![bad.clone()]);
+    let c = wait_committed(&tb, &ns, "p", &topic, &produced, Duration::from_secs(120)).await;
+    assert_exact(&tb, &blocks, &produced, &c);
+    let retried = jobs(&tb, &ns, "p")
+        .await
+        .into_iter()
+        .find(|j| j.metadata.name.as_deref() == Some(&bad))
+        .unwrap();
+    assert_eq!(
+        (retried.spec.start_offset, retried.spec.end_offset),
+        (1000, 2000)
+    );
+    assert_eq!(retried.spec.output.max_record_bytes, Some(8192));
+    assert_eq!(retried.attempt(), 1);
+}
+
+/// The size a `record ... is N bytes` message reports.
+fn failed_record_bytes(message: &str) -> u64 {
+    message
+        .split(" is ")
+        .nth(1)
+        .and_then(|s| s.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no size in {message:?}"))
+}
+
+#[tokio::test]
+async fn deleting_a_pipeline_mid_run_collects_its_jobs_and_leaves_builders_idle_and_blocks_whole() {
+    let tb = Testbed::get().await;
+    let ns = tb.namespace("bio-delete").await;
+    let topic = tb.topic("bio-delete", 4);
+    let produced = produce_data(&tb, fixed(&topic, 4, 40_000, 200, 1)).await;
+    let blocks = blocks_dir(&tb, "delete");
+    apply_pipeline(
+        &tb,
+        &ns,
+        &pipeline(
+            "p",
+            &topic,
+            &tb.kafka_bootstrap,
+            &format!("file://{}", blocks.display()),
+            json!({"maxRecords": 1000}),
+        ),
+    )
+    .await;
+    let mut op = spawn_operator(&tb, &ns, "op");
+    let mut builders: Vec<Proc> = (0..2)
+        .map(|i| spawn_builder(&tb, &ns, "p", &format!("b{i}")))
+        .collect();
+    // Jobs take tens of milliseconds here: freeze b0 (SIGSTOP) while it holds one, so the
+    // pipeline is surely deleted under a job in progress.
+    let holds = |j: &BlockJob| {
+        j.phase() == JobPhase::Running
+            && j.status
+                .as_ref()
+                .and_then(|s| s.lease.as_ref())
+                .is_some_and(|l| l.holder == "b0")
+    };
+    loop {
+        let job = wait_for("b0 running a job", Duration::from_secs(60), || async {
+            jobs(&tb, &ns, "p").await.into_iter().find(holds)
+        })
+        .await;
+        builders[0].signal("STOP");
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let now = jobs(&tb, &ns, "p")
+            .await
+            .into_iter()
+            .find(|j| j.metadata.name == job.metadata.name);
+        if now.as_ref().is_some_and(holds) {
+            break;
+        }
+        builders[0].signal("CONT");
+    }
+    let op_log_at = op.proc.log_text().len();
+    let logs_at: Vec<usize> = builders.iter().map(|b| b.log_text().len()).collect();
+
+    // What `kubectl delete bp p` does: background deletion; the garbage collector of
+    // kube-controller-manager deletes the jobs it owns.
+    Api::<BlockPipeline>::namespaced(tb.client.clone(), &ns)
+        .delete("p", &DeleteParams::background())
+        .await
+        .expect("delete pipeline");
+    wait_for(
+        "the jobs garbage-collected",
+        Duration::from_secs(60),
+        || async { jobs(&tb, &ns, "p").await.is_empty().then_some(()) },
+    )
+    .await;
+    let group_at = committed(&tb, &ns, &topic, 4).await;
+    builders[0].signal("CONT");
+
+    // The builders notice at their next renewal (2 s), drop the job, and idle: running,
+    // no errors, and quiet.
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    let quiet_from: Vec<usize> = builders.iter().map(|b| b.log_text().len()).collect();
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    for (i, b) in builders.iter_mut().enumerate() {
+        assert!(b.is_running(), "builder {i} exited");
+        let log = b.log_text();
+        let after = &log[logs_at[i]..];
+        assert!(error_lines(after).is_empty(), "{:?}", error_lines(after));
+        let idle = &log[quiet_from[i]..];
+        assert!(
+            idle.lines().count() <= 2,
+            "builder {i} keeps logging while idle:\n{idle}"
+        );
+    }
+    let b0 = builders[0].log_text()[logs_at[0]..].to_string();
+    assert!(
+        b0.contains("the job was deleted"),
+        "b0 noticed its job was deleted:\n{b0}"
+    );
+    // The operator keeps running and writes nothing for the gone pipeline: no new commits.
+    assert!(op.proc.is_running(), "operator exited");
+    let op_after = op.proc.log_text()[op_log_at..].to_string();
+    assert!(error_lines(&op_after).is_empty(), "{op_after}");
+    assert!(
+        !op_after.contains("not found in local store"),
+        "events of the deleted pipeline's jobs are not reconcile errors:\n{op_after}"
+    );
+    assert_eq!(committed(&tb, &ns, &topic, 4).await, group_at);
+    assert!(
+        jobs(&tb, &ns, "p").await.is_empty(),
+        "nothing re-created the jobs"
+    );
+    // SIGTERM ends them cleanly.
+    for b in &mut builders {
+        let status = b.terminate(Duration::from_secs(15)).expect("exits");
+        assert!(status.success(), "{status:?}");
+    }
+
+    // Whatever was written is whole: every manifest has its data with the same sha256, no
+    // offset twice, and the committed prefix complete.
+    assert_manifests_have_data(&blocks);
+    let csv = tb
+        .dir
+        .join(format!("expected-{:08x}.csv", rand::random::<u32>()));
+    produced.write_csv(&csv).unwrap();
+    let (report, exact) = audit(&tb, &blocks, &csv, Some(&group_at));
+    println!("audit after deletion: {report} (committed {group_at:?})");
+    assert!(exact, "{report}");
+    assert_eq!(report["duplicated"], 0, "{report}");
+    assert!(report["blocks"].as_u64().unwrap() >= 2, "{report}");
+}
+
+#[tokio::test]
+async fn changing_max_records_compression_and_url_mid_run_applies_to_new_jobs_only() {
+    let tb = Testbed::get().await;
+    let ns = tb.namespace("bio-change").await;
+    let topic = tb.topic("bio-change", 2);
+    let first = produce_data(&tb, fixed(&topic, 2, 20_000, 100, 1)).await;
+    let blocks = blocks_dir(&tb, "change");
+    std::fs::create_dir_all(blocks.join("a")).unwrap();
+    std::fs::create_dir_all(blocks.join("b")).unwrap();
+    let url_a = format!("file://{}", blocks.join("a").display());
+    let url_b = format!("file://{}", blocks.join("b").display());
+    let before = pipeline(
+        "p",
+        &topic,
+        &tb.kafka_bootstrap,
+        &url_a,
+        json!({"maxRecords": 500}),
+    );
+    apply_pipeline(&tb, &ns, &before).await;
+    let _op = spawn_operator(&tb, &ns, "op");
+    let _builder = spawn_builder(&tb, &ns, "p", "b");
+    let planned = wait_for(
+        "40 jobs planned, the run under way",
+        Duration::from_secs(60),
+        || async {
+            let js = jobs(&tb, &ns, "p").await;
+            (js.len() == 40 && js.iter().any(|j| j.phase() == JobPhase::Succeeded)).then_some(js)
+        },
+    )
+    .await;
+    assert!(
+        planned.iter().any(|j| j.phase() != JobPhase::Succeeded),
+        "changed while jobs are still to run"
+    );
+
+    let after = with_output(
+        pipeline(
+            "p",
+            &topic,
+            &tb.kafka_bootstrap,
+            &url_b,
+            json!({"maxRecords": 1500}),
+        ),
+        json!({"compression": "snappy", "compressionLevel": null}),
+    );
+    apply_pipeline(&tb, &ns, &after).await;
+    wait_for("the new spec observed", Duration::from_secs(30), || async {
+        let bp = get_pipeline(&tb, &ns, "p").await;
+        (bp.status?.observed_generation == bp.metadata.generation).then_some(())
+    })
+    .await;
+    let second = produce_data(&tb, fixed(&topic, 2, 6000, 100, 2)).await;
+    let produced = merge(first, second);
+    let c = wait_committed(&tb, &ns, "p", &topic, &produced, Duration::from_secs(180)).await;
+    assert_eq!(c, BTreeMap::from([(0, 13_000), (1, 13_000)]));
+
+    let all = jobs(&tb, &ns, "p").await;
+    for j in &planned {
+        let now = all
+            .iter()
+            .find(|n| n.metadata.name == j.metadata.name)
+            .expect("planned job kept");
+        assert_eq!(now.spec, j.spec, "a planned job keeps its range and output");
+        assert_eq!(now.spec.end_offset - now.spec.start_offset, 500);
+        assert_eq!(now.spec.output.url, url_a);
+    }
+    let new: Vec<_> = all
+        .iter()
+        .filter(|j| j.spec.start_offset >= 10_000)
+        .map(|j| {
+            (
+                j.spec.partition,
+                j.spec.start_offset,
+                j.spec.end_offset,
+                j.spec.output.url.clone(),
+                j.spec.output.compression,
+            )
+        })
+        .collect();
+    let snappy = blocksmith_crds::pipeline::Compression::Snappy;
+    let want: Vec<_> = (0..2)
+        .flat_map(|p| {
+            [(10_000, 11_500), (11_500, 13_000)]
+                .map(|(s, e)| (p, s, e, url_b.clone(), snappy))
+                .to_vec()
+        })
+        .collect();
+    assert_eq!(new, want, "new jobs use the new size and output");
+    assert_eq!(all.len(), 44);
+    // Every offset exactly once over both locations.
+    assert_exact(&tb, &blocks, &produced, &c);
+    assert_eq!(files(&blocks.join("a")).len(), 80);
+    assert_eq!(files(&blocks.join("b")).len(), 8);
+}
+
+#[tokio::test]
+async fn changing_the_topic_mid_run_is_invalid_and_never_commits_one_topics_jobs_to_another() {
+    let tb = Testbed::get().await;
+    let ns = tb.namespace("bio-topic").await;
+    let old_topic = tb.topic("bio-topic-old", 1);
+    let new_topic = tb.topic("bio-topic-new", 1);
+    let old_data = produce_data(&tb, fixed(&old_topic, 1, 3000, 100, 1)).await;
+    let new_data = produce_data(&tb, fixed(&new_topic, 1, 2000, 100, 2)).await;
+    let blocks = blocks_dir(&tb, "topic");
+    let url = format!("file://{}", blocks.display());
+    let on = |topic: &str| {
+        pipeline(
+            "p",
+            topic,
+            &tb.kafka_bootstrap,
+            &url,
+            json!({"maxRecords": 1000}),
+        )
+    };
+    apply_pipeline(&tb, &ns, &on(&old_topic)).await;
+    let _op = spawn_operator(&tb, &ns, "op");
+    wait_for("3 jobs planned", Duration::from_secs(60), || async {
+        (jobs(&tb, &ns, "p").await.len() == 3).then_some(())
+    })
+    .await;
+
+    // Changed while the old topic's jobs are still to run.
+    apply_pipeline(&tb, &ns, &on(&new_topic)).await;
+    let (_, reason, message) = wait_for("InvalidSpec", Duration::from_secs(30), || async {
+        let c = condition(&get_pipeline(&tb, &ns, "p").await, "Ready")?;
+        (c.1 == "InvalidSpec").then_some(c)
+    })
+    .await;
+    assert_eq!(reason, "InvalidSpec");
+    assert!(
+        message.starts_with("spec.kafka.topic: ")
+            && message.contains(&format!("3 job(s) of topic {old_topic:?}"))
+            && message.contains("create a new pipeline"),
+        "{message}"
+    );
+    assert!(
+        warnings(&tb, &ns, "InvalidSpec")
+            .await
+            .iter()
+            .any(|n| n.contains("spec.kafka.topic")),
+        "an InvalidSpec Event"
+    );
+    // The builder still builds the old topic's jobs (they name their topic), but nothing
+    // is committed to either topic while the spec says otherwise.
+    let _builder = spawn_builder(&tb, &ns, "p", "b");
+    wait_for("old jobs built", Duration::from_secs(120), || async {
+        jobs(&tb, &ns, "p")
+            .await
+            .iter()
+            .all(|j| j.phase() == JobPhase::Succeeded)
+            .then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(
+        committed(&tb, &ns, &new_topic, 1).await.is_empty(),
+        "nothing committed for the new topic"
+    );
+    assert_eq!(
+        committed(&tb, &ns, &old_topic, 1).await,
+        BTreeMap::from([(0, 0)])
+    );
+    assert_eq!(jobs(&tb, &ns, "p").await.len(), 3, "nothing planned");
+
+    // Set back: the old topic's work is committed, exactly once.
+    apply_pipeline(&tb, &ns, &on(&old_topic)).await;
+    let c = wait_committed(
+        &tb,
+        &ns,
+        "p",
+        &old_topic,
+        &old_data,
+        Duration::from_secs(60),
+    )
+    .await;
+    assert_exact(&tb, &blocks.join(&old_topic), &old_data, &c);
+
+    // Moving the pipeline on purpose: change the topic, delete the old jobs as the message
+    // says; the new topic is then written from its start, exactly once.
+    apply_pipeline(&tb, &ns, &on(&new_topic)).await;
+    wait_for("InvalidSpec again", Duration::from_secs(30), || async {
+        let c = condition(&get_pipeline(&tb, &ns, "p").await, "Ready")?;
+        (c.1 == "InvalidSpec").then_some(())
+    })
+    .await;
+    let api: Api<BlockJob> = Api::namespaced(tb.client.clone(), &ns);
+    api.delete_collection(
+        &DeleteParams::default(),
+        &kube::api::ListParams::default().labels("blocksmith.io/pipeline=p"),
+    )
+    .await
+    .unwrap();
+    let c = wait_committed(
+        &tb,
+        &ns,
+        "p",
+        &new_topic,
+        &new_data,
+        Duration::from_secs(120),
+    )
+    .await;
+    assert_exact(&tb, &blocks.join(&new_topic), &new_data, &c);
+    assert!(
+        jobs(&tb, &ns, "p")
+            .await
+            .iter()
+            .all(|j| j.spec.topic == new_topic)
+    );
+    let started = Instant::now();
+    wait_for("Ready again", Duration::from_secs(30), || async {
+        (condition(&get_pipeline(&tb, &ns, "p").await, "Ready")?.0 == "True").then_some(())
+    })
+    .await;
+    println!("ready {:?} after the last commit", started.elapsed());
+}
