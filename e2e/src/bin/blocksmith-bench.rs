@@ -1,10 +1,15 @@
 //! Builder throughput against a bare rdkafka consume loop, in one run on the same data.
 //!
 //! The parent starts librdkafka's in-process mock cluster, produces each scenario with the e2e
-//! data generator, then re-executes itself once per mode so each mode's peak RSS is its own:
+//! data generator, then re-executes itself per mode so each process's peak RSS is its own:
 //! `--mode raw` reads every job range with a `BaseConsumer` and only touches the bytes;
 //! `--mode builder` calls the builder library's `build_block` for every range, writing Parquet
 //! to a `file://` directory. Jobs run one after another, as in one builder worker.
+//!
+//! For each `--builders` count N, N processes of a mode run at once, each over a disjoint share
+//! of the jobs (dealt round-robin, as N builders claiming from the queue would split them), and
+//! the run's throughput is all their records over the wall time from the first process's start
+//! to the last one's finish.
 //!
 //! The mock broker keeps at most 5 MiB or 100,000 records per partition, so scenarios spread
 //! their data over many small partitions (checked: a partition that lost records fails).
@@ -60,6 +65,10 @@ struct Args {
     /// Where the builder's scratch files and `file://` output go [default: the temp dir].
     #[arg(long)]
     dir: Option<PathBuf>,
+    /// Builders working at once: for each count N, N builder processes (and, separately, N raw
+    /// consumer processes) run concurrently, each over a disjoint share of the jobs.
+    #[arg(long, value_delimiter = ',', default_value = "1,2,4")]
+    builders: Vec<usize>,
 
     // Set by the parent for its children.
     #[arg(long, value_enum, hide = true)]
@@ -121,6 +130,35 @@ struct Measured {
     /// User + system CPU time of the whole process.
     cpu_seconds: f64,
     peak_rss_kib: u64,
+    /// Wall-clock start and end of the jobs, in seconds since the Unix epoch, so the parent can
+    /// span concurrent processes.
+    #[serde(default)]
+    started_unix: f64,
+    #[serde(default)]
+    finished_unix: f64,
+}
+
+/// One run of a mode with N processes at once, summed over the processes.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+struct Run {
+    processes: usize,
+    /// Sums over the processes, except `seconds` (first start to last finish) and
+    /// `peak_rss_kib` (the largest process's).
+    #[serde(flatten)]
+    total: Measured,
+    /// Each process's own wall time.
+    process_seconds: Vec<f64>,
+    /// CPU time of the parent, i.e. the mock broker, during the run.
+    broker_cpu_seconds: f64,
+    /// 1-minute load average just before the run.
+    load_before: f64,
+}
+
+impl Run {
+    fn rate(&self) -> f64 {
+        self.total.per_second(self.total.records)
+    }
 }
 
 impl Measured {
@@ -167,11 +205,23 @@ fn scenarios(args: &Args) -> Vec<Scenario> {
     }
 }
 
+/// Rows of the report: one scenario's runs, per builder count, raw and builder, each sorted by
+/// wall time.
+struct Row {
+    sc: Scenario,
+    counts: Vec<(usize, [Vec<Run>; 2])>,
+}
+
 fn parent(args: &Args) -> anyhow::Result<()> {
+    let mut counts: Vec<usize> = args.builders.iter().map(|&n| n.max(1)).collect();
+    counts.sort_unstable();
+    counts.dedup();
+    let load_start = load_average()?;
     // Kept alive until every child has finished.
     let cluster = MockCluster::new(1)?;
     let bootstrap = cluster.bootstrap_servers();
     let mut rows = Vec::new();
+    let mut max_load = load_start;
     for sc in scenarios(args) {
         let topic = format!("bench-{}", sc.name);
         cluster.create_topic(&topic, sc.partitions, 1)?;
@@ -192,27 +242,81 @@ fn parent(args: &Args) -> anyhow::Result<()> {
             produced.bytes as f64 / MB,
             started.elapsed().as_secs_f64()
         );
-        let ranges = log_ranges(&bootstrap, &topic, sc.partitions)?;
-        let mut runs = [Vec::new(), Vec::new()];
+        let jobs = split_jobs(
+            &log_ranges(&bootstrap, &topic, sc.partitions)?,
+            sc.job_records,
+        );
+        let mut runs: Vec<[Vec<Run>; 2]> = counts.iter().map(|_| Default::default()).collect();
         for _ in 0..args.repeat.max(1) {
-            for (mode, runs) in [Mode::Raw, Mode::Builder].into_iter().zip(&mut runs) {
-                runs.push(run_child(mode, &bootstrap, &topic, &ranges, &sc, args)?);
+            for (&n, runs) in counts.iter().zip(&mut runs) {
+                for (mode, runs) in [Mode::Raw, Mode::Builder].into_iter().zip(runs) {
+                    let run = run_group(mode, n, &bootstrap, &topic, &jobs, &sc, args)?;
+                    max_load = max_load.max(run.load_before);
+                    runs.push(run);
+                }
             }
         }
-        let [raw, builder] = runs.map(|mut runs| {
-            runs.sort_by(|a, b| a.seconds.total_cmp(&b.seconds));
-            runs
-        });
-        let read = |m: &Measured| (m.records, m.bytes_in);
+        let runs: Vec<[Vec<Run>; 2]> = runs
+            .into_iter()
+            .map(|modes| {
+                modes.map(|mut runs| {
+                    runs.sort_by(|a, b| a.total.seconds.total_cmp(&b.total.seconds));
+                    runs
+                })
+            })
+            .collect();
+        let read = |r: &Run| (r.total.records, r.total.bytes_in, r.total.jobs);
+        let all: Vec<&Run> = runs.iter().flatten().flatten().collect();
         ensure!(
-            raw.iter().chain(&builder).all(|m| read(m) == read(&raw[0])),
-            "{}: runs read different data: raw {raw:?}, builder {builder:?}",
+            all.iter().all(|r| read(r) == read(all[0])),
+            "{}: runs read different data: {all:?}",
             sc.name
         );
-        rows.push((sc, raw, builder));
+        rows.push(Row {
+            sc,
+            counts: counts.iter().copied().zip(runs).collect(),
+        });
     }
-    report(&rows, args);
+    let load = Load {
+        start: load_start,
+        max: max_load,
+        end: load_average()?,
+    };
+    report(&rows, args, &load);
     Ok(())
+}
+
+struct Load {
+    start: f64,
+    max: f64,
+    end: f64,
+}
+
+/// The 1-minute load average.
+fn load_average() -> anyhow::Result<f64> {
+    let loadavg = std::fs::read_to_string("/proc/loadavg")?;
+    Ok(loadavg
+        .split_whitespace()
+        .next()
+        .context("/proc/loadavg")?
+        .parse()?)
+}
+
+/// The ranges split into jobs of at most `job_records`.
+fn split_jobs(ranges: &[Range], job_records: i64) -> Vec<Range> {
+    let step = job_records.max(1);
+    ranges
+        .iter()
+        .flat_map(|r| {
+            (r.start..r.end)
+                .step_by(step as usize)
+                .map(move |start| Range {
+                    partition: r.partition,
+                    start,
+                    end: (start + step).min(r.end),
+                })
+        })
+        .collect()
 }
 
 /// Every partition's whole log, checking that the mock broker dropped nothing.
@@ -238,64 +342,110 @@ fn log_ranges(bootstrap: &str, topic: &str, partitions: i32) -> anyhow::Result<V
         .collect()
 }
 
-fn run_child(
+/// Runs `n` processes of `mode` at once, job `i` going to process `i % n`.
+fn run_group(
     mode: Mode,
+    n: usize,
     bootstrap: &str,
     topic: &str,
-    ranges: &[Range],
+    jobs: &[Range],
     sc: &Scenario,
     args: &Args,
-) -> anyhow::Result<Measured> {
+) -> anyhow::Result<Run> {
+    // One output location for all builders of the run, as they would share a bucket.
     let dir = match &args.dir {
         Some(parent) => tempfile::tempdir_in(parent)?,
         None => tempfile::tempdir()?,
     };
-    let ranges: Vec<_> = ranges
-        .iter()
-        .map(|r| format!("{}:{}-{}", r.partition, r.start, r.end))
-        .collect();
-    let mut cmd = Command::new(std::env::current_exe()?);
-    cmd.arg("--mode")
-        .arg(mode.to_possible_value().expect("not skipped").get_name())
-        .args(["--bootstrap", bootstrap, "--topic", topic])
-        .arg(format!("--ranges={}", ranges.join(",")))
-        .arg(format!("--job-records={}", sc.job_records))
-        .arg("--out-dir")
-        .arg(dir.path());
-    if let Some(level) = args.zstd_level {
-        cmd.arg(format!("--zstd-level={level}"));
+    let load_before = load_average()?;
+    let broker_cpu = cpu_seconds()?;
+    let mut children = Vec::new();
+    for i in 0..n {
+        let share: Vec<_> = jobs
+            .iter()
+            .skip(i)
+            .step_by(n)
+            .map(|r| format!("{}:{}-{}", r.partition, r.start, r.end))
+            .collect();
+        if share.is_empty() {
+            continue;
+        }
+        let mut cmd = Command::new(std::env::current_exe()?);
+        cmd.arg("--mode")
+            .arg(mode.to_possible_value().expect("not skipped").get_name())
+            .args(["--bootstrap", bootstrap, "--topic", topic])
+            .arg(format!("--ranges={}", share.join(",")))
+            .arg(format!("--job-records={}", sc.job_records))
+            .arg("--out-dir")
+            .arg(dir.path());
+        if let Some(level) = args.zstd_level {
+            cmd.arg(format!("--zstd-level={level}"));
+        }
+        children.push(
+            cmd.stdout(Stdio::piped())
+                .stderr(Stdio::inherit())
+                .spawn()
+                .with_context(|| format!("starting {mode:?} child"))?,
+        );
     }
-    let out = cmd.stderr(Stdio::inherit()).output()?;
-    ensure!(out.status.success(), "{mode:?} child: {}", out.status);
-    let stdout = String::from_utf8(out.stdout)?;
-    let last = stdout.lines().last().context("child printed nothing")?;
-    let measured: Measured = serde_json::from_str(last)?;
+    let mut processes = Vec::new();
+    for child in children {
+        let out = child.wait_with_output()?;
+        ensure!(out.status.success(), "{mode:?} child: {}", out.status);
+        let stdout = String::from_utf8(out.stdout)?;
+        let last = stdout.lines().last().context("child printed nothing")?;
+        processes.push(serde_json::from_str::<Measured>(last)?);
+    }
+    let broker_cpu_seconds = cpu_seconds()? - broker_cpu;
+    let started = processes
+        .iter()
+        .map(|m| m.started_unix)
+        .fold(f64::MAX, f64::min);
+    let finished = processes
+        .iter()
+        .map(|m| m.finished_unix)
+        .fold(0.0, f64::max);
+    let total = Measured {
+        jobs: processes.iter().map(|m| m.jobs).sum(),
+        records: processes.iter().map(|m| m.records).sum(),
+        bytes_in: processes.iter().map(|m| m.bytes_in).sum(),
+        bytes_out: processes.iter().map(|m| m.bytes_out).sum(),
+        seconds: finished - started,
+        stream_seconds: processes.iter().map(|m| m.stream_seconds).sum(),
+        close_seconds: processes.iter().map(|m| m.close_seconds).sum(),
+        cpu_seconds: processes.iter().map(|m| m.cpu_seconds).sum(),
+        peak_rss_kib: processes.iter().map(|m| m.peak_rss_kib).max().unwrap_or(0),
+        started_unix: started,
+        finished_unix: finished,
+    };
     eprintln!(
-        "{}: {mode:?} read {} records in {:.2} s",
-        sc.name, measured.records, measured.seconds
+        "{}: {n} × {mode:?} read {} records in {:.2} s (load {load_before:.1})",
+        sc.name, total.records, total.seconds
     );
-    Ok(measured)
+    Ok(Run {
+        processes: processes.len(),
+        process_seconds: processes.iter().map(|m| round2(m.seconds)).collect(),
+        total,
+        broker_cpu_seconds,
+        load_before,
+    })
 }
 
 fn child(mode: Mode, args: &Args) -> anyhow::Result<()> {
     let bootstrap = args.bootstrap.as_deref().context("--bootstrap")?;
     let topic = args.topic.as_deref().context("--topic")?;
     let step = args.job_records.context("--job-records")?.max(1);
-    let mut jobs = Vec::new();
+    let mut ranges = Vec::new();
     for range in &args.ranges {
         let (partition, rest) = range.split_once(':').context("--ranges")?;
         let (start, end) = rest.split_once('-').context("--ranges")?;
-        let (partition, end) = (partition.parse()?, end.parse()?);
-        jobs.extend(
-            (start.parse()?..end)
-                .step_by(step as usize)
-                .map(|start| Range {
-                    partition,
-                    start,
-                    end: (start + step).min(end),
-                }),
-        );
+        ranges.push(Range {
+            partition: partition.parse()?,
+            start: start.parse()?,
+            end: end.parse()?,
+        });
     }
+    let jobs = split_jobs(&ranges, step);
     let mut measured = match mode {
         Mode::Raw => consume_raw(bootstrap, topic, &jobs)?,
         Mode::Builder => {
@@ -303,11 +453,20 @@ fn child(mode: Mode, args: &Args) -> anyhow::Result<()> {
             build_blocks(bootstrap, topic, &jobs, out_dir, args.zstd_level)?
         }
     };
+    // `seconds` runs from the first job's start to the last one's end.
+    measured.finished_unix = unix_seconds();
+    measured.started_unix = measured.finished_unix - measured.seconds;
     measured.jobs = jobs.len();
     measured.peak_rss_kib = peak_rss_kib()?;
     measured.cpu_seconds = cpu_seconds()?;
     println!("{}", serde_json::to_string(&measured)?);
     Ok(())
+}
+
+fn unix_seconds() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
 }
 
 fn build_blocks(
@@ -343,6 +502,7 @@ fn build_blocks(
                 compression: Compression::Zstd,
                 compression_level: zstd_level,
                 row_group_size: None,
+                max_record_bytes: None,
             },
         };
         let built = runtime.block_on(build_block(&spec, &settings, cancel.clone()))?;
@@ -423,14 +583,16 @@ fn peak_rss_kib() -> anyhow::Result<u64> {
 }
 
 /// The median run of runs sorted by wall time.
-fn median(runs: &[Measured]) -> &Measured {
+fn median(runs: &[Run]) -> &Run {
     &runs[runs.len() / 2]
 }
 
-fn seconds(runs: &[Measured]) -> Vec<f64> {
-    runs.iter()
-        .map(|m| (m.seconds * 100.0).round() / 100.0)
-        .collect()
+fn round2(x: f64) -> f64 {
+    (x * 100.0).round() / 100.0
+}
+
+fn seconds(runs: &[Run]) -> Vec<f64> {
+    runs.iter().map(|r| round2(r.total.seconds)).collect()
 }
 
 /// User + system time from `/proc/self/stat` (fields 14 and 15, in USER_HZ = 100 ticks/s).
@@ -448,67 +610,90 @@ fn cpu_seconds() -> anyhow::Result<f64> {
     Ok((ticks(11)? + ticks(12)?) as f64 / 100.0)
 }
 
-fn report(rows: &[(Scenario, Vec<Measured>, Vec<Measured>)], args: &Args) {
-    let ratio = |raw: &[Measured], builder: &[Measured]| {
-        let rate = |runs| median(runs).per_second(median(runs).records);
-        rate(builder) / rate(raw)
-    };
+fn report(rows: &[Row], args: &Args, load: &Load) {
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let base = rows.first().map_or(1, |row| row.counts[0].0);
     println!(
-        "MB = 10^6 bytes; in = key + value + header bytes read; out = Parquet bytes written; \
-         CPU s = user + system time of the mode's own process (the mock broker runs in the \
-         parent); peak RSS = its VmHWM; median of {} runs by wall time\n",
+        "MB = 10^6 bytes; in = key + value + header bytes read; out = Parquet bytes written. \
+         N processes of a mode run at once over disjoint shares of the jobs; wall s = first \
+         start to last finish; records/s and MB/s = all N processes' totals over that wall \
+         time. CPU s = user + system time summed over the N processes; broker CPU s = the \
+         parent's (the mock broker's) during the run; peak RSS = the largest process's VmHWM. \
+         ×N={base} = records/s over the same mode's with N = {base}; builder/raw = builder \
+         records/s over raw records/s at the same N. Median of {} runs by wall time.\n",
         args.repeat.max(1)
     );
     println!(
-        "| scenario | mode | records | jobs | MB in | MB out | wall s | records/s | MB/s in \
-         | MB/s out | CPU s | peak RSS MiB |"
+        "This machine has {cores} cores, shared by the N processes and the mock broker (and \
+         anything else running): throughput cannot scale beyond ~{cores}× here; N > {cores} \
+         can only overlap waits (fsync, fetch latency), not add CPU. Load average (1 min): \
+         {:.1} at the start, {:.1} at most before a run, {:.1} at the end.\n",
+        load.start, load.max, load.end
     );
-    println!("|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|");
-    for (sc, raw, builder) in rows {
-        for (mode, runs) in [("raw", raw), ("builder", builder)] {
-            let m = median(runs);
-            let out = |v: f64| match mode {
-                "raw" => "-".to_owned(),
-                _ => format!("{:.1}", v / MB),
-            };
-            println!(
-                "| {} | {mode} | {} | {} | {:.1} | {} | {:.2} | {:.0} | {:.1} | {} | {:.2} | {:.0} |",
-                sc.name,
-                m.records,
-                m.jobs,
-                m.bytes_in as f64 / MB,
-                out(m.bytes_out as f64),
-                m.seconds,
-                m.per_second(m.records),
-                m.per_second(m.bytes_in) / MB,
-                out(m.per_second(m.bytes_out)),
-                m.cpu_seconds,
-                m.peak_rss_kib as f64 / 1024.0,
-            );
+    println!(
+        "| scenario | N | mode | records | jobs | MB in | MB out | wall s | records/s | MB/s in \
+         | MB/s out | ×N={base} | builder/raw | CPU s | broker CPU s | peak RSS MiB |"
+    );
+    println!("|---|--:|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|");
+    for row in rows {
+        let base = &row.counts[0].1;
+        for (n, modes) in &row.counts {
+            for (i, (mode, runs)) in ["raw", "builder"].into_iter().zip(modes).enumerate() {
+                let r = median(runs);
+                let m = &r.total;
+                let out = |v: f64| match mode {
+                    "raw" => "-".to_owned(),
+                    _ => format!("{:.1}", v / MB),
+                };
+                let vs_raw = match mode {
+                    "raw" => "-".to_owned(),
+                    _ => format!("{:.2}", r.rate() / median(&modes[0]).rate()),
+                };
+                println!(
+                    "| {} | {n} | {mode} | {} | {} | {:.1} | {} | {:.2} | {:.0} | {:.1} | {} \
+                     | {:.2} | {vs_raw} | {:.2} | {:.2} | {:.0} |",
+                    row.sc.name,
+                    m.records,
+                    m.jobs,
+                    m.bytes_in as f64 / MB,
+                    out(m.bytes_out as f64),
+                    m.seconds,
+                    r.rate(),
+                    m.per_second(m.bytes_in) / MB,
+                    out(m.per_second(m.bytes_out)),
+                    r.rate() / median(&base[i]).rate(),
+                    m.cpu_seconds,
+                    r.broker_cpu_seconds,
+                    m.peak_rss_kib as f64 / 1024.0,
+                );
+            }
         }
     }
     println!();
-    for (sc, raw, builder) in rows {
+    for Row { sc, counts } in rows {
         println!(
-            "{}: {:?} values, {} partitions × {} records, jobs of {}; wall s raw {:?}, \
-             builder {:?}; builder/raw records/s = {:.2}",
-            sc.name,
-            sc.values,
-            sc.partitions,
-            sc.records_per_partition,
-            sc.job_records,
-            seconds(raw),
-            seconds(builder),
-            ratio(raw, builder)
+            "{}: {:?} values, {} partitions × {} records, jobs of {}",
+            sc.name, sc.values, sc.partitions, sc.records_per_partition, sc.job_records,
         );
-        let m = median(raw);
-        println!(
-            "  raw per job: {:.1} ms first to last record, {:.1} ms closing the consumer, \
-             {:.1} ms creating it and waiting for the first record",
-            1e3 * m.stream_seconds / m.jobs as f64,
-            1e3 * m.close_seconds / m.jobs as f64,
-            1e3 * (m.seconds - m.stream_seconds - m.close_seconds) / m.jobs as f64,
-        );
+        for (n, [raw, builder]) in counts {
+            let m = &median(raw).total;
+            println!(
+                "  N={n}: wall s raw {:?}, builder {:?}; median's per-process s raw {:?}, \
+                 builder {:?}; raw per job: {:.1} ms first to last record, {:.1} ms closing the \
+                 consumer, {:.1} ms creating it and waiting for the first record",
+                seconds(raw),
+                seconds(builder),
+                median(raw).process_seconds,
+                median(builder).process_seconds,
+                1e3 * m.stream_seconds / m.jobs as f64,
+                1e3 * m.close_seconds / m.jobs as f64,
+                // Per process: its wall time minus streaming and closing.
+                1e3 * (median(raw).process_seconds.iter().sum::<f64>()
+                    - m.stream_seconds
+                    - m.close_seconds)
+                    / m.jobs as f64,
+            );
+        }
     }
     let command: Vec<String> = std::iter::once("target/release/blocksmith-bench".into())
         .chain(std::env::args().skip(1))
@@ -519,7 +704,21 @@ fn report(rows: &[(Scenario, Vec<Measured>, Vec<Measured>)], args: &Args) {
     );
     let json: Vec<_> = rows
         .iter()
-        .map(|(sc, raw, builder)| {
+        .map(|Row { sc, counts }| {
+            let counts: Vec<_> = counts
+                .iter()
+                .map(|(n, [raw, builder])| {
+                    serde_json::json!({
+                        "builders": n,
+                        "raw": median(raw),
+                        "builder": median(builder),
+                        "rawSeconds": seconds(raw),
+                        "builderSeconds": seconds(builder),
+                        "builderOverRawRecordsPerSecond":
+                            median(builder).rate() / median(raw).rate(),
+                    })
+                })
+                .collect();
             serde_json::json!({
                 "scenario": sc.name,
                 "values": format!("{:?}", sc.values),
@@ -528,11 +727,9 @@ fn report(rows: &[(Scenario, Vec<Measured>, Vec<Measured>)], args: &Args) {
                 "jobRecords": sc.job_records,
                 "zstdLevel": args.zstd_level,
                 "dir": args.dir,
-                "raw": median(raw),
-                "builder": median(builder),
-                "rawSeconds": seconds(raw),
-                "builderSeconds": seconds(builder),
-                "builderOverRawRecordsPerSecond": ratio(raw, builder),
+                "cores": cores,
+                "loadAverage": [load.start, load.max, load.end],
+                "runs": counts,
             })
         })
         .collect();
