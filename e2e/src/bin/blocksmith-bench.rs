@@ -625,8 +625,9 @@ fn report(rows: &[Row], args: &Args, load: &Load) {
     );
     println!(
         "This machine has {cores} cores, shared by the N processes and the mock broker (and \
-         anything else running): throughput cannot scale beyond ~{cores}× here; N > {cores} \
-         can only overlap waits (fsync, fetch latency), not add CPU. Load average (1 min): \
+         anything else running): CPU-bound work cannot scale beyond ~{cores}× here, and \
+         N > {cores} adds no CPU; a mode that waits (fsync, fetch latency) can gain more by \
+         overlapping its waits. Load average (1 min): \
          {:.1} at the start, {:.1} at most before a run, {:.1} at the end.\n",
         load.start, load.max, load.end
     );
