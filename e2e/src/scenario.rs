@@ -431,7 +431,7 @@ pub fn http_get(port: u16, path: &str) -> String {
 }
 
 /// Sum of a Prometheus counter family in a text exposition, optionally only the samples
-/// whose labels contain `label` (e.g. `kind="apply_job"`).
+/// whose labels contain `label` (e.g. `kind="create_job"`).
 pub fn counter_sum(exposition: &str, name: &str, label: Option<&str>) -> f64 {
     exposition
         .lines()

@@ -1,5 +1,9 @@
-//! The work queue in etcd: BlockJob objects of one pipeline, written by the operator with
-//! server-side apply under its own field manager.
+//! The work queue in etcd: BlockJob objects of one pipeline, read from the operator's watch
+//! cache and written under its own field manager.
+//!
+//! The cache may lag the API server. Every write is therefore safe against a stale read:
+//! jobs are created, never applied over (a re-planned range that already exists is a 409,
+//! not a changed range), and updates carry the `resourceVersion` they were decided from.
 
 use std::collections::BTreeMap;
 
@@ -7,7 +11,8 @@ use blocksmith_crds::domain::{LABEL_PARTITION, LABEL_PHASE, LABEL_PIPELINE, job_
 use blocksmith_crds::{BlockJob, BlockJobSpec, BlockPipeline, JobOutputSpec, JobPhase};
 use jiff::Timestamp;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
-use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
+use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
+use kube::runtime::reflector::Store;
 use kube::{Resource, ResourceExt};
 use serde_json::json;
 
@@ -23,32 +28,76 @@ pub const STATUS_MANAGER: &str = "blocksmith-operator-status";
 
 pub struct JobStore {
     api: Api<BlockJob>,
+    cache: Store<BlockJob>,
+    namespace: String,
     pipeline: String,
     metrics: Metrics,
 }
 
 impl JobStore {
-    pub fn new(client: kube::Client, namespace: &str, pipeline: &str, metrics: Metrics) -> Self {
+    pub fn new(
+        client: kube::Client,
+        cache: Store<BlockJob>,
+        namespace: &str,
+        pipeline: &str,
+        metrics: Metrics,
+    ) -> Self {
         Self {
             api: Api::namespaced(client, namespace),
+            cache,
+            namespace: namespace.into(),
             pipeline: pipeline.into(),
             metrics,
         }
     }
 
-    pub async fn list(&self) -> kube::Result<Vec<BlockJob>> {
-        let lp = ListParams::default().labels(&format!("{LABEL_PIPELINE}={}", self.pipeline));
-        Ok(self.api.list(&lp).await?.items)
+    /// The pipeline's jobs as the watch cache has them (no API request: a LIST of 10,000
+    /// jobs takes seconds).
+    pub fn cached(&self) -> Vec<BlockJob> {
+        self.cache
+            .state()
+            .iter()
+            .filter(|j| {
+                j.metadata.namespace.as_deref() == Some(self.namespace.as_str())
+                    && j.labels().get(LABEL_PIPELINE) == Some(&self.pipeline)
+            })
+            .map(|j| BlockJob::clone(j))
+            .collect()
     }
 
-    /// Creates (or re-asserts) a job with its immutable spec, owner and labels.
-    pub async fn apply(&self, job: &BlockJob) -> kube::Result<BlockJob> {
-        self.metrics.api_write("apply_job");
+    /// Creates a planned job. `Ok(None)` when it already exists: the cache had not seen it
+    /// yet, and the existing job (whatever its range) stays as it is.
+    pub async fn create(&self, job: &BlockJob) -> kube::Result<Option<BlockJob>> {
+        self.metrics.api_write("create_job");
+        let pp = PostParams {
+            field_manager: Some(MANAGER.into()),
+            ..Default::default()
+        };
+        match self.api.create(&pp, job).await {
+            Ok(j) => Ok(Some(j)),
+            Err(kube::Error::Api(e)) if e.code == 409 => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Sets a job's labels (its phase label) if it is still the version `job` was read at.
+    pub async fn relabel(&self, job: &BlockJob, desired: &BlockJob) -> kube::Result<BlockJob> {
+        self.metrics.api_write("label_job");
+        let patch = json!({
+            "apiVersion": "blocksmith.io/v1alpha1",
+            "kind": "BlockJob",
+            "metadata": {
+                "resourceVersion": job.resource_version(),
+                "labels": desired.metadata.labels,
+                "ownerReferences": desired.metadata.owner_references,
+            },
+            "spec": desired.spec,
+        });
         self.api
             .patch(
                 &job.name_any(),
                 &PatchParams::apply(MANAGER).force(),
-                &Patch::Apply(job),
+                &Patch::Apply(patch),
             )
             .await
     }

@@ -13,6 +13,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::ResourceExt;
 use kube::runtime::controller::Action;
 use kube::runtime::events::Reporter;
+use kube::runtime::reflector::Store;
 use tracing::{info, warn};
 
 use crate::builders::{self, AutoscalingApi};
@@ -46,6 +47,8 @@ impl Error {
 
 pub struct Context {
     pub client: kube::Client,
+    /// Every BlockJob the operator watches, kept current by a reflector.
+    pub jobs: Store<BlockJob>,
     pub metrics: Metrics,
     pub reporter: Reporter,
     /// How often lag is polled when nothing else wakes the pipeline.
@@ -61,6 +64,7 @@ pub struct Context {
 impl Context {
     pub fn new(
         client: kube::Client,
+        jobs: Store<BlockJob>,
         metrics: Metrics,
         poll_interval: Duration,
         kafka_timeout: Duration,
@@ -68,6 +72,7 @@ impl Context {
     ) -> Self {
         Self {
             client,
+            jobs,
             metrics,
             reporter: Reporter {
                 controller: MANAGER.into(),
@@ -140,10 +145,16 @@ async fn reconcile_inner(bp: &BlockPipeline, ctx: &Context) -> Result<Action, Er
         observed.problems.push(problem);
     }
 
-    let store = JobStore::new(ctx.client.clone(), &ns, &name, ctx.metrics.clone());
+    let store = JobStore::new(
+        ctx.client.clone(),
+        ctx.jobs.clone(),
+        &ns,
+        &name,
+        ctx.metrics.clone(),
+    );
     let mut wake: Option<Timestamp> = None;
     let mut jobs = Vec::new();
-    let listed = store.list().await?;
+    let listed = store.cached();
     let topics = listed.iter().map(|j| j.spec.topic.as_str());
     if let Err(e) = validate_topic_unchanged(&name, &bp.spec, topics) {
         let message = e.to_string();
@@ -232,7 +243,7 @@ async fn reconcile_inner(bp: &BlockPipeline, ctx: &Context) -> Result<Action, Er
                             }
                         }
                     }
-                    plan_and_create(
+                    let outcome = plan_and_create(
                         bp,
                         ctx,
                         &store,
@@ -246,6 +257,9 @@ async fn reconcile_inner(bp: &BlockPipeline, ctx: &Context) -> Result<Action, Er
                         &mut observed,
                     )
                     .await?;
+                    if outcome == PlanOutcome::CacheBehind {
+                        wake = Some(now);
+                    }
                     for po in &offsets {
                         if let Some(c) = po.committed {
                             committed_now.insert(po.partition, c);
@@ -407,9 +421,13 @@ async fn tend_job(
     let phase = job.phase();
     if jobs::phase_label(&job) != Some(phase.as_str()) {
         let desired = jobs::desired_job(bp, job.spec.clone(), phase);
-        match store.apply(&desired).await {
+        match store.relabel(&job, &desired).await {
             Ok(j) => return Ok(Some(j)),
-            Err(kube::Error::Api(e)) if e.code == 404 => return Ok(None),
+            // Changed or deleted since the cache saw it (or never there: a resourceVersion
+            // on an apply never creates).
+            Err(kube::Error::Api(e)) if e.code == 409 || e.code == 404 || e.code == 422 => {
+                return Ok(None);
+            }
             Err(e) => return Err(e.into()),
         }
     }
@@ -458,7 +476,7 @@ async fn plan_and_create(
     now: Timestamp,
     status: &mut BlockPipelineStatus,
     observed: &mut Observed,
-) -> Result<(), Error> {
+) -> Result<PlanOutcome, Error> {
     let ns = bp.namespace().unwrap_or_default();
     let name = bp.name_any();
     let mut initial_commits = BTreeMap::new();
@@ -506,7 +524,7 @@ async fn plan_and_create(
         // before planning from it.
         if let Err(e) = commit(kafka, &bp.spec.kafka.topic, initial_commits.clone()).await {
             observed.problems.insert(0, kafka_problem(&e));
-            return Ok(());
+            return Ok(PlanOutcome::Done);
         }
         info!(namespace = %ns, pipeline = %name, start = ?initial_commits, "committed start offsets");
         // The skip is durable now: tell the user once, as the next plan starts at `to`.
@@ -527,9 +545,19 @@ async fn plan_and_create(
     }
     for planned in &new_jobs {
         let job = jobs::desired_job(bp, jobs::job_spec(bp, planned), JobPhase::Pending);
-        store.apply(&job).await?;
+        if store.create(&job).await?.is_none() {
+            // The watch cache is behind what was created before; plan again once it caught up.
+            info!(namespace = %ns, pipeline = %name, job = %job.name_any(), "job exists already; job cache behind, planning again shortly");
+            return Ok(PlanOutcome::CacheBehind);
+        }
     }
-    Ok(())
+    Ok(PlanOutcome::Done)
+}
+
+#[derive(PartialEq)]
+enum PlanOutcome {
+    Done,
+    CacheBehind,
 }
 
 /// The ranges of a partition's jobs and whether each is durable: what the planner and the

@@ -459,7 +459,7 @@ async fn api_writes_per_job_lifecycle_are_counted() {
     .await;
     let op_metrics = http_get(op.metrics_port, "/metrics");
     let b_metrics = http_get(builder_port, "/metrics");
-    let op_job_writes = ["apply_job", "reset_job", "delete_job"]
+    let op_job_writes = ["create_job", "label_job", "reset_job", "delete_job"]
         .iter()
         .map(|k| {
             counter_sum(
