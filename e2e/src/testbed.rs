@@ -36,13 +36,17 @@ impl Testbed {
         let client = kube::Client::try_default()
             .await
             .expect("kube client from KUBECONFIG");
-        let exe = std::env::current_exe().expect("test binary path");
-        // target/<profile>/deps/<test> → target/<profile>
-        let bin_dir = exe
-            .parent()
-            .and_then(|p| p.parent())
-            .expect("target dir")
-            .to_path_buf();
+        // target/<profile>/deps/<test> → target/<profile>, unless BLOCKSMITH_BIN_DIR names a
+        // copy (so long runs are not disturbed by rebuilds).
+        let bin_dir = match std::env::var_os("BLOCKSMITH_BIN_DIR") {
+            Some(dir) => PathBuf::from(dir),
+            None => std::env::current_exe()
+                .expect("test binary path")
+                .parent()
+                .and_then(|p| p.parent())
+                .expect("target dir")
+                .to_path_buf(),
+        };
         Testbed {
             client,
             dir: PathBuf::from(var("BLOCKSMITH_TESTBED")),

@@ -10,8 +10,8 @@ use blocksmith_operator::metrics::{self, Metrics};
 use blocksmith_operator::reconcile::{Context, error_policy, reconcile};
 use clap::Parser;
 use futures::StreamExt;
-use kube::Api;
 use kube::runtime::{Controller, WatchStreamExt, controller, reflector, watcher};
+use kube::{Api, ResourceExt};
 use tracing::{debug, error, info, warn};
 
 /// blocksmith operator: turns BlockPipelines into BlockJobs and commits Kafka offsets once
@@ -116,9 +116,11 @@ async fn main() -> anyhow::Result<()> {
         watcher(
             jobs.clone(),
             watcher::Config::default().labels(LABEL_PIPELINE),
-        ),
+        )
+        .default_backoff()
+        // Not needed for decisions, and most of a job's size.
+        .modify(|job| job.managed_fields_mut().clear()),
     )
-    .default_backoff()
     .for_each(|event| async move {
         if let Err(e) = event {
             warn!(error = %e, "watching BlockJobs");
