@@ -40,6 +40,15 @@ struct Args {
         value_delimiter = ','
     )]
     kafka_properties: Vec<String>,
+    /// SASL username (the operator sets it from spec.kafka.sasl.usernameSecretRef).
+    #[arg(long, env = "BLOCKSMITH_KAFKA_SASL_USERNAME", hide_env_values = true)]
+    kafka_sasl_username: Option<String>,
+    /// SASL password (from spec.kafka.sasl.passwordSecretRef).
+    #[arg(long, env = "BLOCKSMITH_KAFKA_SASL_PASSWORD", hide_env_values = true)]
+    kafka_sasl_password: Option<String>,
+    /// PEM CA bundle for the brokers (from spec.kafka.tls.caSecretRef).
+    #[arg(long, env = "BLOCKSMITH_KAFKA_SSL_CA_PEM", hide_env_values = true)]
+    kafka_ssl_ca_pem: Option<String>,
     /// Fail the read when Kafka delivers nothing for this many seconds.
     #[arg(long, env = "BLOCKSMITH_KAFKA_IDLE_TIMEOUT", default_value_t = 60)]
     kafka_idle_timeout: u64,
@@ -64,10 +73,32 @@ struct Args {
     grace_period: u64,
 }
 
+/// librdkafka properties from `--kafka-property` and the credential flags.
+fn kafka_properties(args: &Args) -> anyhow::Result<Vec<(String, String)>> {
+    let mut properties = Vec::new();
+    for kv in &args.kafka_properties {
+        let (k, v) = kv
+            .split_once('=')
+            .ok_or_else(|| anyhow::anyhow!("--kafka-property {kv:?}: expected key=value"))?;
+        properties.push((k.trim().into(), v.trim().into()));
+    }
+    for (key, value) in [
+        ("sasl.username", &args.kafka_sasl_username),
+        ("sasl.password", &args.kafka_sasl_password),
+        ("ssl.ca.pem", &args.kafka_ssl_ca_pem),
+    ] {
+        if let Some(v) = value {
+            properties.push((key.into(), v.clone()));
+        }
+    }
+    Ok(properties)
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     blocksmith_runtime::init_logging();
     let args = Args::parse();
+    let kafka = kafka_properties(&args)?;
     let client = kube::Client::try_default().await?;
     let metrics = Metrics::default();
     tokio::spawn(metrics::serve(args.metrics_addr, metrics.clone()));
@@ -83,12 +114,7 @@ async fn main() -> anyhow::Result<()> {
     });
     let mut reader = ReaderConfig::new(String::new());
     reader.idle_timeout = Duration::from_secs(args.kafka_idle_timeout);
-    for kv in &args.kafka_properties {
-        let (k, v) = kv
-            .split_once('=')
-            .ok_or_else(|| anyhow::anyhow!("--kafka-property {kv:?}: expected key=value"))?;
-        reader.extra.push((k.trim().into(), v.trim().into()));
-    }
+    reader.extra = kafka;
     let shutdown = CancellationToken::new();
     let on_signal = shutdown.clone();
     tokio::spawn(async move {
@@ -128,4 +154,38 @@ fn rand_suffix() -> u16 {
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap_or_default();
     (t.subsec_nanos() ^ std::process::id()) as u16
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn credentials_flags_become_librdkafka_properties() {
+        let args = Args::parse_from([
+            "blocksmith-builder",
+            "--namespace",
+            "n",
+            "--pipeline",
+            "p",
+            "--kafka-property",
+            "security.protocol=sasl_ssl,sasl.mechanism=PLAIN",
+            "--kafka-sasl-username",
+            "u",
+            "--kafka-sasl-password",
+            "secret",
+        ]);
+        assert_eq!(
+            kafka_properties(&args).unwrap(),
+            [
+                ("security.protocol", "sasl_ssl"),
+                ("sasl.mechanism", "PLAIN"),
+                ("sasl.username", "u"),
+                ("sasl.password", "secret"),
+            ]
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+        );
+        let bad = Args::parse_from(["blocksmith-builder", "--kafka-property", "novalue"]);
+        assert!(kafka_properties(&bad).is_err());
+    }
 }

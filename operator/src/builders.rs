@@ -6,13 +6,15 @@ use std::collections::BTreeMap;
 
 use blocksmith_crds::BlockPipeline;
 use blocksmith_crds::domain::LABEL_PIPELINE;
-use blocksmith_crds::pipeline::BuildersSpec;
+use blocksmith_crds::pipeline::{BuildersSpec, KafkaSpec};
 use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::SecretKeySelector;
 use kube::api::{Api, ApiResource, DynamicObject, GroupVersionKind, Patch, PatchParams};
 use kube::{Resource, ResourceExt};
 use serde_json::{Value, json};
 
 use crate::jobs::MANAGER;
+use crate::kafka::{sasl_mechanism, security_protocol};
 use crate::metrics::Metrics;
 
 /// The external metric an HPA scales builders on; selected by `pipeline=<name>`.
@@ -57,6 +59,37 @@ pub fn deployment_name(pipeline: &str) -> String {
     format!("{pipeline}-builder")
 }
 
+/// The pipeline's Kafka security settings for its builders: librdkafka properties as a value,
+/// credentials and CA as references to their Secrets (never copied into the Deployment).
+/// `builders.env`, added after, can override any of them.
+fn kafka_env(k: &KafkaSpec) -> Vec<Value> {
+    let from_secret = |name: &str, s: &SecretKeySelector| json!({"name": name, "valueFrom": {"secretKeyRef": {"name": s.name, "key": s.key}}});
+    let mut properties = vec![format!(
+        "security.protocol={}",
+        security_protocol(k.security_protocol)
+    )];
+    let mut env = Vec::new();
+    if let Some(sasl) = &k.sasl {
+        properties.push(format!("sasl.mechanism={}", sasl_mechanism(sasl.mechanism)));
+        env.push(from_secret(
+            "BLOCKSMITH_KAFKA_SASL_USERNAME",
+            &sasl.username_secret_ref,
+        ));
+        env.push(from_secret(
+            "BLOCKSMITH_KAFKA_SASL_PASSWORD",
+            &sasl.password_secret_ref,
+        ));
+    }
+    if let Some(ca) = k.tls.as_ref().and_then(|t| t.ca_secret_ref.as_ref()) {
+        env.push(from_secret("BLOCKSMITH_KAFKA_SSL_CA_PEM", ca));
+    }
+    env.insert(
+        0,
+        json!({"name": "BLOCKSMITH_KAFKA_PROPERTIES", "value": properties.join(",")}),
+    );
+    env
+}
+
 /// The builder Deployment. Replicas are left to the HPA, except where no HPA API is served.
 pub fn deployment(bp: &BlockPipeline, b: &BuildersSpec, autoscaling: AutoscalingApi) -> Deployment {
     let name = bp.name_any();
@@ -77,6 +110,7 @@ pub fn deployment(bp: &BlockPipeline, b: &BuildersSpec, autoscaling: Autoscaling
         json!({"name": "BLOCKSMITH_PIPELINE", "value": name}),
         json!({"name": "BLOCKSMITH_GRACE_PERIOD", "value": "50"}),
     ];
+    env.extend(kafka_env(&bp.spec.kafka));
     env.extend(
         b.env
             .iter()
@@ -293,6 +327,57 @@ mod tests {
         .unwrap();
         bp.metadata.uid = Some("u-1".into());
         bp
+    }
+
+    #[test]
+    fn builders_get_the_kafka_security_settings_with_credentials_by_reference() {
+        let mut p = bp(json!({"image": "img:1"}));
+        p.spec.kafka = serde_json::from_value(json!({
+            "bootstrapServers": "k:9093", "topic": "orders", "securityProtocol": "SASL_SSL",
+            "sasl": {
+                "mechanism": "SCRAM-SHA-512",
+                "usernameSecretRef": {"name": "kafka", "key": "user"},
+                "passwordSecretRef": {"name": "kafka", "key": "pass"},
+            },
+            "tls": {"caSecretRef": {"name": "kafka-ca", "key": "ca.pem"}},
+        }))
+        .unwrap();
+        let b = p.spec.builders.clone().unwrap();
+        let d = serde_json::to_value(deployment(&p, &b, AutoscalingApi::V2)).unwrap();
+        let env = &d["spec"]["template"]["spec"]["containers"][0]["env"];
+        let var = |name: &str| {
+            env.as_array()
+                .unwrap()
+                .iter()
+                .find(|e| e["name"] == name)
+                .cloned()
+                .unwrap_or_else(|| panic!("{name} missing from {env}"))
+        };
+        assert_eq!(
+            var("BLOCKSMITH_KAFKA_PROPERTIES")["value"],
+            "security.protocol=sasl_ssl,sasl.mechanism=SCRAM-SHA-512"
+        );
+        assert_eq!(
+            var("BLOCKSMITH_KAFKA_SASL_USERNAME")["valueFrom"]["secretKeyRef"],
+            json!({"name": "kafka", "key": "user"})
+        );
+        assert_eq!(
+            var("BLOCKSMITH_KAFKA_SASL_PASSWORD")["valueFrom"]["secretKeyRef"],
+            json!({"name": "kafka", "key": "pass"})
+        );
+        assert_eq!(
+            var("BLOCKSMITH_KAFKA_SSL_CA_PEM")["valueFrom"]["secretKeyRef"],
+            json!({"name": "kafka-ca", "key": "ca.pem"})
+        );
+        // A plaintext pipeline gets only the protocol.
+        let plain = bp(json!({"image": "img:1"}));
+        let env = kafka_env(&plain.spec.kafka);
+        assert_eq!(
+            env,
+            vec![
+                json!({"name": "BLOCKSMITH_KAFKA_PROPERTIES", "value": "security.protocol=plaintext"})
+            ]
+        );
     }
 
     #[test]

@@ -13,7 +13,7 @@ use tracing::warn;
 
 use blocksmith_crds::BlockPipeline;
 use blocksmith_crds::domain::default_consumer_group;
-use blocksmith_crds::pipeline::SecurityProtocol;
+use blocksmith_crds::pipeline::{SaslMechanism, SecurityProtocol};
 use k8s_openapi::api::core::v1::{Secret, SecretKeySelector};
 use kube::ResourceExt;
 use kube::api::Api;
@@ -359,6 +359,24 @@ impl KafkaOffsets {
 }
 
 /// Connection settings with secrets resolved. A missing secret is a problem the user fixes.
+/// librdkafka's `security.protocol` value.
+pub fn security_protocol(p: SecurityProtocol) -> &'static str {
+    match p {
+        SecurityProtocol::Plaintext => "plaintext",
+        SecurityProtocol::Ssl => "ssl",
+        SecurityProtocol::SaslPlaintext => "sasl_plaintext",
+        SecurityProtocol::SaslSsl => "sasl_ssl",
+    }
+}
+
+/// librdkafka's `sasl.mechanism` value (the spec's spelling: `PLAIN`, `SCRAM-SHA-256`, ...).
+pub fn sasl_mechanism(m: SaslMechanism) -> String {
+    serde_json::to_value(m)
+        .ok()
+        .and_then(|v| v.as_str().map(String::from))
+        .unwrap_or_default()
+}
+
 pub async fn connection(
     bp: &BlockPipeline,
     client: &kube::Client,
@@ -370,22 +388,15 @@ pub async fn connection(
         .clone()
         .unwrap_or_else(|| default_consumer_group(&ns, &bp.name_any()));
     let mut properties = Vec::new();
-    let protocol = match k.security_protocol {
-        SecurityProtocol::Plaintext => "plaintext",
-        SecurityProtocol::Ssl => "ssl",
-        SecurityProtocol::SaslPlaintext => "sasl_plaintext",
-        SecurityProtocol::SaslSsl => "sasl_ssl",
-    };
-    properties.push(("security.protocol".to_string(), protocol.to_string()));
+    properties.push((
+        "security.protocol".to_string(),
+        security_protocol(k.security_protocol).to_string(),
+    ));
     let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns);
     let mut credentials = String::new();
     if let Some(sasl) = &k.sasl {
         credentials = credentials_description(&sasl.username_secret_ref, &sasl.password_secret_ref);
-        let mechanism = serde_json::to_value(sasl.mechanism)
-            .ok()
-            .and_then(|v| v.as_str().map(String::from))
-            .unwrap_or_default();
-        properties.push(("sasl.mechanism".into(), mechanism));
+        properties.push(("sasl.mechanism".into(), sasl_mechanism(sasl.mechanism)));
         properties.push((
             "sasl.username".into(),
             secret_value(

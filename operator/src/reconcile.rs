@@ -440,6 +440,11 @@ async fn reconcile_builders(bp: &BlockPipeline, ctx: &Context) -> Result<Option<
     let desired = serde_json::to_string(&(
         &bp.spec.builders,
         &bp.spec.output.credentials_secret_ref,
+        (
+            &bp.spec.kafka.security_protocol,
+            &bp.spec.kafka.sasl,
+            &bp.spec.kafka.tls,
+        ),
         bp.metadata.uid.as_deref(),
     ))
     .unwrap_or_default();
