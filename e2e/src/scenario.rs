@@ -14,6 +14,7 @@ use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use serde_json::{Value, json};
 
 use crate::Testbed;
+use crate::datagen::{DataSpec, Produced, produce};
 use crate::process::Proc;
 
 /// A pipeline manifest with test-friendly defaults; `jobs` and `output` merge over them.
@@ -131,6 +132,42 @@ pub fn spawn_builder(tb: &Testbed, ns: &str, pipeline: &str, id: &str) -> Proc {
     tb.spawn(&format!("{ns}-{id}"), builder_command(tb, ns, pipeline, id))
 }
 
+/// `n` builders of `pipeline`, `b0` to `b{n-1}`.
+pub fn spawn_builders(tb: &Testbed, ns: &str, pipeline: &str, n: usize) -> Vec<Proc> {
+    (0..n)
+        .map(|i| spawn_builder(tb, ns, pipeline, &format!("b{i}")))
+        .collect()
+}
+
+/// A fresh local output directory (the builder does not create a missing file:// root, as
+/// it would not create a missing bucket: it usually means a volume is not mounted).
+pub fn blocks_dir(tb: &Testbed, test: &str) -> PathBuf {
+    let dir = tb
+        .dir
+        .join("blocks")
+        .join(format!("{test}-{:08x}", rand::random::<u32>()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// Produces `spec` to the testbed's broker (on a blocking thread).
+pub async fn produce_data(tb: &Testbed, spec: DataSpec) -> Produced {
+    let bootstrap = tb.kafka_bootstrap.clone();
+    tokio::task::spawn_blocking(move || produce(&bootstrap, &spec))
+        .await
+        .unwrap()
+        .expect("produce")
+}
+
+/// Partition → offset after its last produced record: what a complete run commits.
+pub fn high_watermarks(produced: &Produced) -> BTreeMap<i32, i64> {
+    produced
+        .partitions
+        .iter()
+        .map(|(p, (_, high))| (*p, *high))
+        .collect()
+}
+
 /// Polls `check` until it returns `Some`, or panics after `timeout` with `what`.
 pub async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
 where
@@ -178,6 +215,76 @@ pub fn condition(bp: &BlockPipeline, type_: &str) -> Option<(String, String, Str
         .map(|c| (c.status.clone(), c.reason.clone(), c.message.clone()))
 }
 
+/// Waits until pipeline `name`'s condition `type_` has `status` and `reason`; returns its
+/// message.
+pub async fn wait_condition(
+    tb: &Testbed,
+    ns: &str,
+    name: &str,
+    type_: &str,
+    status: &str,
+    reason: &str,
+    timeout: Duration,
+) -> String {
+    let mut last = None;
+    let found = tokio::time::timeout(timeout, async {
+        loop {
+            let c = condition(&get_pipeline(tb, ns, name).await, type_);
+            if let Some((s, r, m)) = &c
+                && s == status
+                && r == reason
+            {
+                return m.clone();
+            }
+            last = c;
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    })
+    .await;
+    found.unwrap_or_else(|_| {
+        panic!("{ns}/{name}: no {type_}={status}/{reason} within {timeout:?}; last: {last:?}")
+    })
+}
+
+/// (type, reason, note) of the Events on pipeline `pipeline`.
+pub async fn pipeline_events(
+    tb: &Testbed,
+    ns: &str,
+    pipeline: &str,
+) -> Vec<(String, String, String)> {
+    Api::<k8s_openapi::api::events::v1::Event>::namespaced(tb.client.clone(), ns)
+        .list(&Default::default())
+        .await
+        .expect("list events")
+        .items
+        .into_iter()
+        .filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(pipeline))
+        .map(|e| {
+            (
+                e.type_.unwrap_or_default(),
+                e.reason.unwrap_or_default(),
+                e.note.unwrap_or_default(),
+            )
+        })
+        .collect()
+}
+
+/// Waits up to 30 s for an Event on `pipeline` with `reason`; returns its note.
+pub async fn wait_event(tb: &Testbed, ns: &str, pipeline: &str, reason: &str) -> String {
+    wait_for(
+        &format!("a {reason} Event on {pipeline}"),
+        Duration::from_secs(30),
+        || async {
+            pipeline_events(tb, ns, pipeline)
+                .await
+                .into_iter()
+                .find(|(_, r, _)| r == reason)
+                .map(|(_, _, note)| note)
+        },
+    )
+    .await
+}
+
 /// The group's committed offsets as the broker reports them (partition → offset).
 pub fn committed_offsets(
     bootstrap: &str,
@@ -204,6 +311,19 @@ pub fn committed_offsets(
             _ => None,
         })
         .collect()
+}
+
+/// [`committed_offsets`] on a blocking thread.
+pub async fn group_offsets(
+    bootstrap: &str,
+    group: &str,
+    topic: &str,
+    partitions: i32,
+) -> BTreeMap<i32, i64> {
+    let (b, g, t) = (bootstrap.to_string(), group.to_string(), topic.to_string());
+    tokio::task::spawn_blocking(move || committed_offsets(&b, &g, &t, partitions))
+        .await
+        .unwrap()
 }
 
 /// Commits `offsets` (partition → next offset to read) for `group` without joining it, as
@@ -244,18 +364,9 @@ pub async fn wait_all_committed(
     timeout: Duration,
 ) -> BTreeMap<i32, i64> {
     let partitions = want.keys().max().map_or(0, |p| p + 1);
-    wait_for(&format!("commits {want:?}"), timeout, || {
-        let (b, g, t) = (
-            tb.kafka_bootstrap.clone(),
-            group.to_string(),
-            topic.to_string(),
-        );
-        async move {
-            let c = tokio::task::spawn_blocking(move || committed_offsets(&b, &g, &t, partitions))
-                .await
-                .unwrap();
-            (c == *want).then_some(c)
-        }
+    wait_for(&format!("commits {want:?}"), timeout, || async {
+        let c = group_offsets(&tb.kafka_bootstrap, group, topic, partitions).await;
+        (c == *want).then_some(c)
     })
     .await
 }
@@ -265,7 +376,7 @@ pub async fn wait_all_committed(
 pub fn audit_exact(
     tb: &Testbed,
     blocks: &Path,
-    produced: &crate::datagen::Produced,
+    produced: &Produced,
     committed: &BTreeMap<i32, i64>,
 ) -> Value {
     let csv = tb

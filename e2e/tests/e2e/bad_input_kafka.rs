@@ -4,132 +4,21 @@
 //! commit is shown not to have moved.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
 use std::time::Duration;
 
 use blocksmith_crds::BlockPipeline;
 use blocksmith_crds::domain::default_consumer_group;
 use blocksmith_crds::pipeline::SecurityProtocol;
 use blocksmith_e2e::Testbed;
-use blocksmith_e2e::datagen::{DataSpec, Produced, ValueSizes, produce};
-use blocksmith_e2e::process::Proc;
+use blocksmith_e2e::datagen::{DataSpec, ValueSizes};
 use blocksmith_e2e::scenario::*;
 use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::Secret;
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use serde_json::{Value, json};
 
-async fn produce_records(tb: &Testbed, spec: DataSpec) -> Produced {
-    let bootstrap = tb.kafka_bootstrap.clone();
-    tokio::task::spawn_blocking(move || produce(&bootstrap, &spec))
-        .await
-        .unwrap()
-        .expect("produce")
-}
-
-/// A fresh local output directory for one test.
-fn blocks_dir(tb: &Testbed, test: &str) -> PathBuf {
-    let dir = tb
-        .dir
-        .join("blocks")
-        .join(format!("{test}-{:08x}", rand::random::<u32>()));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
-
 fn file_url(dir: &std::path::Path) -> String {
     format!("file://{}", dir.display())
-}
-
-/// Waits until pipeline `name`'s condition `type_` has `status` and `reason`; returns its
-/// message.
-async fn wait_condition(
-    tb: &Testbed,
-    ns: &str,
-    name: &str,
-    type_: &str,
-    status: &str,
-    reason: &str,
-    timeout: Duration,
-) -> String {
-    let mut last = None;
-    let found = tokio::time::timeout(timeout, async {
-        loop {
-            let c = condition(&get_pipeline(tb, ns, name).await, type_);
-            if let Some((s, r, m)) = &c
-                && s == status
-                && r == reason
-            {
-                return m.clone();
-            }
-            last = c;
-            tokio::time::sleep(Duration::from_millis(250)).await;
-        }
-    })
-    .await;
-    found.unwrap_or_else(|_| {
-        panic!("{ns}/{name}: no {type_}={status}/{reason} within {timeout:?}; last: {last:?}")
-    })
-}
-
-/// (pipeline, type, reason, note) of the namespace's Events.
-async fn events(tb: &Testbed, ns: &str) -> Vec<(String, String, String, String)> {
-    Api::<k8s_openapi::api::events::v1::Event>::namespaced(tb.client.clone(), ns)
-        .list(&Default::default())
-        .await
-        .expect("list events")
-        .items
-        .into_iter()
-        .map(|e| {
-            (
-                e.regarding.and_then(|r| r.name).unwrap_or_default(),
-                e.type_.unwrap_or_default(),
-                e.reason.unwrap_or_default(),
-                e.note.unwrap_or_default(),
-            )
-        })
-        .collect()
-}
-
-/// Waits for an Event on `pipeline` with `reason`; returns its note.
-async fn wait_event(tb: &Testbed, ns: &str, pipeline: &str, reason: &str) -> String {
-    wait_for(
-        &format!("a {reason} Event on {pipeline}"),
-        Duration::from_secs(30),
-        || async {
-            events(tb, ns)
-                .await
-                .into_iter()
-                .find(|(p, _, r, _)| p == pipeline && r == reason)
-                .map(|(_, _, _, note)| note)
-        },
-    )
-    .await
-}
-
-async fn committed(tb: &Testbed, group: &str, topic: &str, partitions: i32) -> BTreeMap<i32, i64> {
-    let (b, g, t) = (
-        tb.kafka_bootstrap.clone(),
-        group.to_string(),
-        topic.to_string(),
-    );
-    tokio::task::spawn_blocking(move || committed_offsets(&b, &g, &t, partitions))
-        .await
-        .unwrap()
-}
-
-fn builders(tb: &Testbed, ns: &str, n: usize) -> Vec<Proc> {
-    (0..n)
-        .map(|i| spawn_builder(tb, ns, "p", &format!("b{i}")))
-        .collect()
-}
-
-fn high_watermarks(produced: &Produced) -> BTreeMap<i32, i64> {
-    produced
-        .partitions
-        .iter()
-        .map(|(p, (_, high))| (*p, *high))
-        .collect()
 }
 
 /// `kubectl apply` of a manifest; returns (succeeded, stderr).
@@ -189,7 +78,7 @@ async fn invalid_specs_are_rejected_by_the_schema_or_reported_with_the_field() {
     let ns = tb.namespace("bad-spec").await;
     let topic = tb.topic("bad-spec", 1);
     // Real data on a real broker: a pipeline that slipped through would plan and commit.
-    produce_records(
+    produce_data(
         &tb,
         DataSpec {
             value_sizes: ValueSizes::Fixed(16),
@@ -435,7 +324,9 @@ async fn invalid_specs_are_rejected_by_the_schema_or_reported_with_the_field() {
         assert!(jobs(&tb, &ns, name).await.is_empty(), "{name} planned jobs");
         let group = default_consumer_group(&ns, name);
         assert!(
-            committed(&tb, &group, &topic, 1).await.is_empty(),
+            group_offsets(&tb.kafka_bootstrap, &group, &topic, 1)
+                .await
+                .is_empty(),
             "{name} committed"
         );
     }
@@ -501,7 +392,7 @@ async fn a_missing_topic_is_reported_until_it_is_created_then_everything_is_writ
     )
     .await;
     let _op = spawn_operator(&tb, &ns, "op");
-    let _builders = builders(&tb, &ns, 2);
+    let _builders = spawn_builders(&tb, &ns, "p", 2);
 
     let message = wait_condition(
         &tb,
@@ -525,7 +416,7 @@ async fn a_missing_topic_is_reported_until_it_is_created_then_everything_is_writ
     assert!(jobs(&tb, &ns, "p").await.is_empty(), "nothing planned");
 
     blocksmith_e2e::broker::create_topic(&tb.kafka_control, &topic, 2).unwrap();
-    let produced = produce_records(&tb, DataSpec::new(&topic, 2, 6000)).await;
+    let produced = produce_data(&tb, DataSpec::new(&topic, 2, 6000)).await;
     wait_condition(
         &tb,
         &ns,
@@ -559,7 +450,7 @@ async fn partitions_added_to_the_pipeline_mid_run_are_written_exactly_once() {
     let tb = Testbed::get().await;
     let ns = tb.namespace("more-parts").await;
     let topic = tb.topic("more-parts", 4);
-    let mut produced = produce_records(
+    let mut produced = produce_data(
         &tb,
         DataSpec {
             value_sizes: ValueSizes::Fixed(100),
@@ -598,15 +489,15 @@ async fn partitions_added_to_the_pipeline_mid_run_are_written_exactly_once() {
 
     bp.spec.kafka.partitions = Some(vec![0, 1]);
     apply_pipeline(&tb, &ns, &bp).await;
-    let _builders = builders(&tb, &ns, 2);
+    let _builders = spawn_builders(&tb, &ns, "p", 2);
     let group = default_consumer_group(&ns, "p");
     // Mid-run: once the first blocks of partitions 0 and 1 are committed.
     wait_for("first commits", Duration::from_secs(60), || async {
-        let c = committed(&tb, &group, &topic, 4).await;
+        let c = group_offsets(&tb.kafka_bootstrap, &group, &topic, 4).await;
         (c.get(&0).is_some_and(|o| *o > 0) && c.get(&1).is_some_and(|o| *o > 0)).then_some(())
     })
     .await;
-    let before = committed(&tb, &group, &topic, 4).await;
+    let before = group_offsets(&tb.kafka_bootstrap, &group, &topic, 4).await;
     assert!(
         !before.contains_key(&2) && !before.contains_key(&3),
         "partitions outside the list untouched: {before:?}"
@@ -614,7 +505,7 @@ async fn partitions_added_to_the_pipeline_mid_run_are_written_exactly_once() {
     bp.spec.kafka.partitions = Some(vec![0, 1, 2, 3]);
     apply_pipeline(&tb, &ns, &bp).await;
     // And more data to every partition while it runs.
-    let more = produce_records(
+    let more = produce_data(
         &tb,
         DataSpec {
             value_sizes: ValueSizes::Fixed(100),
@@ -657,7 +548,7 @@ async fn a_commit_below_the_low_watermark_stops_until_skipping_is_allowed() {
     let ns = tb.namespace("retention").await;
     let topic = tb.topic("retention", 1);
     // The mock broker keeps 5 MiB per partition: ~10 MiB pushes the low watermark up.
-    let mut produced = produce_records(
+    let mut produced = produce_data(
         &tb,
         DataSpec {
             value_sizes: ValueSizes::Fixed(200),
@@ -684,7 +575,7 @@ async fn a_commit_below_the_low_watermark_stops_until_skipping_is_allowed() {
             .unwrap();
     }
     assert_eq!(
-        committed(&tb, &group, &topic, 1).await,
+        group_offsets(&tb.kafka_bootstrap, &group, &topic, 1).await,
         BTreeMap::from([(0, 0)])
     );
 
@@ -698,7 +589,7 @@ async fn a_commit_below_the_low_watermark_stops_until_skipping_is_allowed() {
     );
     apply_pipeline(&tb, &ns, &bp).await;
     let _op = spawn_operator(&tb, &ns, "op");
-    let _builders = builders(&tb, &ns, 2);
+    let _builders = spawn_builders(&tb, &ns, "p", 2);
     let message = wait_condition(
         &tb,
         &ns,
@@ -719,7 +610,7 @@ async fn a_commit_below_the_low_watermark_stops_until_skipping_is_allowed() {
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert!(jobs(&tb, &ns, "p").await.is_empty(), "nothing planned");
     assert_eq!(
-        committed(&tb, &group, &topic, 1).await,
+        group_offsets(&tb.kafka_bootstrap, &group, &topic, 1).await,
         BTreeMap::from([(0, 0)]),
         "the commit did not move"
     );
@@ -755,10 +646,10 @@ async fn a_commit_below_the_low_watermark_stops_until_skipping_is_allowed() {
     produced.records.retain(|r| r.offset >= low);
     assert_eq!(produced.total() as i64, high - low);
     audit_exact(&tb, &blocks, &produced, &commits);
-    let skipped = events(&tb, &ns)
+    let skipped = pipeline_events(&tb, &ns, "p")
         .await
         .into_iter()
-        .filter(|e| e.2 == "SkippedMissingData")
+        .filter(|e| e.1 == "SkippedMissingData")
         .count();
     assert_eq!(skipped, 1, "the skip is reported once");
 }
@@ -774,7 +665,7 @@ async fn kafka_credentials_problems_name_the_secret_and_recover_once_fixed() {
     let tb = Testbed::get().await;
     let ns = tb.namespace("kafka-creds").await;
     let topic = tb.topic("kafka-creds", 2);
-    let produced = produce_records(&tb, DataSpec::new(&topic, 2, 4000)).await;
+    let produced = produce_data(&tb, DataSpec::new(&topic, 2, 4000)).await;
     let blocks = blocks_dir(&tb, "kafka-creds");
     let mut bp = pipeline(
         "p",
@@ -861,7 +752,9 @@ async fn kafka_credentials_problems_name_the_secret_and_recover_once_fixed() {
     wait_event(&tb, &ns, "p", "KafkaAuthenticationFailed").await;
     assert!(jobs(&tb, &ns, "p").await.is_empty(), "nothing planned");
     assert!(
-        committed(&tb, &group, &topic, 2).await.is_empty(),
+        group_offsets(&tb.kafka_bootstrap, &group, &topic, 2)
+            .await
+            .is_empty(),
         "nothing committed"
     );
 
@@ -869,7 +762,7 @@ async fn kafka_credentials_problems_name_the_secret_and_recover_once_fixed() {
     bp.spec.kafka.security_protocol = SecurityProtocol::Plaintext;
     bp.spec.kafka.sasl = None;
     apply_pipeline(&tb, &ns, &bp).await;
-    let _builders = builders(&tb, &ns, 2);
+    let _builders = spawn_builders(&tb, &ns, "p", 2);
     wait_condition(
         &tb,
         &ns,

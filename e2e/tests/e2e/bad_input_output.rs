@@ -18,11 +18,8 @@ use blocksmith_e2e::datagen::{DataSpec, Produced, ValueSizes};
 use blocksmith_e2e::process::Proc;
 use blocksmith_e2e::scenario::*;
 use k8s_openapi::api::core::v1::Secret;
-use k8s_openapi::api::events::v1::Event;
 use kube::api::{Api, DeleteParams, Patch, PatchParams};
 use serde_json::{Value, json};
-
-use crate::builder::{assert_exact, blocks_dir, produce_data, wait_committed};
 
 /// `bp` with `output` fields merged over its own.
 fn with_output(bp: BlockPipeline, output: Value) -> BlockPipeline {
@@ -58,40 +55,6 @@ fn fixed(topic: &str, partitions: i32, records: u64, size: usize, seed: u64) -> 
         seed,
         ..DataSpec::new(topic, partitions, records)
     }
-}
-
-async fn committed(tb: &Testbed, ns: &str, topic: &str, partitions: i32) -> BTreeMap<i32, i64> {
-    let (b, g, t) = (
-        tb.kafka_bootstrap.clone(),
-        default_consumer_group(ns, "p"),
-        topic.to_string(),
-    );
-    tokio::task::spawn_blocking(move || committed_offsets(&b, &g, &t, partitions))
-        .await
-        .unwrap()
-}
-
-/// Waits for `Degraded=True` with `reason`; returns its message.
-async fn wait_degraded(tb: &Testbed, ns: &str, reason: &str, timeout: Duration) -> String {
-    wait_for(&format!("Degraded/{reason}"), timeout, || async {
-        let (status, r, message) = condition(&get_pipeline(tb, ns, "p").await, "Degraded")?;
-        (status == "True" && r == reason).then_some(message)
-    })
-    .await
-}
-
-/// The notes of the Warning Events with `reason` on the pipeline.
-async fn warnings(tb: &Testbed, ns: &str, reason: &str) -> Vec<String> {
-    Api::<Event>::namespaced(tb.client.clone(), ns)
-        .list(&Default::default())
-        .await
-        .expect("list events")
-        .items
-        .into_iter()
-        .filter(|e| e.reason.as_deref() == Some(reason) && e.type_.as_deref() == Some("Warning"))
-        .filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("p"))
-        .filter_map(|e| e.note)
-        .collect()
 }
 
 fn message(j: &BlockJob) -> String {
@@ -204,6 +167,7 @@ async fn wrong_object_store_credentials_fail_the_jobs_hold_the_commit_and_a_fix_
  {
     let tb = Testbed::get().await;
     let ns = tb.namespace("bio-creds").await;
+    let group = default_consumer_group(&ns, "p");
     let topic = tb.topic("bio-creds", 2);
     let produced = produce_data(&tb, fixed(&topic, 2, 2000, 100, 1)).await;
 
@@ -251,19 +215,30 @@ async fn wrong_object_store_credentials_fail_the_jobs_hold_the_commit_and_a_fix_
         );
     }
     println!("job message: {}", message(&failed[0]));
-    let degraded = wait_degraded(&tb, &ns, "JobFailed", Duration::from_secs(30)).await;
+    let degraded = wait_condition(
+        &tb,
+        &ns,
+        "p",
+        "Degraded",
+        "True",
+        "JobFailed",
+        Duration::from_secs(30),
+    )
+    .await;
     assert!(
         degraded.contains("check the object-storage credentials")
             && degraded.contains("held at offset 0"),
         "{degraded}"
     );
-    let events = warnings(&tb, &ns, "JobFailed").await;
+    let events = pipeline_events(&tb, &ns, "p").await;
     assert!(
-        events.iter().any(|n| n.contains("credentials")),
+        events
+            .iter()
+            .any(|(t, r, n)| t == "Warning" && r == "JobFailed" && n.contains("credentials")),
         "{events:?}"
     );
     assert_eq!(
-        committed(&tb, &ns, &topic, 2).await,
+        group_offsets(&tb.kafka_bootstrap, &group, &topic, 2).await,
         BTreeMap::from([(0, 0), (1, 0)]),
         "the commit holds at the failed jobs"
     );
@@ -279,8 +254,15 @@ async fn wrong_object_store_credentials_fail_the_jobs_hold_the_commit_and_a_fix_
     assert!(status.success(), "{status:?}");
     let _builder = spawn_builder_with_secret(&tb, &ns, "b2", "s3").await;
     assert_eq!(delete_failed(&tb, &ns).await.len(), 4);
-    let c = wait_committed(&tb, &ns, "p", &topic, &produced, Duration::from_secs(120)).await;
-    assert_exact(&tb, &root.join("blocksmith").join("creds"), &produced, &c);
+    let c = wait_all_committed(
+        &tb,
+        &group,
+        &topic,
+        &high_watermarks(&produced),
+        Duration::from_secs(120),
+    )
+    .await;
+    audit_exact(&tb, &root.join("blocksmith").join("creds"), &produced, &c);
     assert!(
         jobs(&tb, &ns, "p")
             .await
@@ -303,6 +285,7 @@ async fn a_missing_output_location_fails_the_jobs_naming_it_and_creating_it_then
  {
     let tb = Testbed::get().await;
     let ns = tb.namespace("bio-missing").await;
+    let group = default_consumer_group(&ns, "p");
     let topic = tb.topic("bio-missing", 2);
     let produced = produce_data(&tb, fixed(&topic, 2, 2000, 100, 1)).await;
     let location = tb
@@ -334,20 +317,29 @@ async fn a_missing_output_location_fails_the_jobs_naming_it_and_creating_it_then
         );
     }
     println!("job message: {}", message(&failed[0]));
-    let degraded = wait_degraded(&tb, &ns, "JobFailed", Duration::from_secs(30)).await;
+    let degraded = wait_condition(
+        &tb,
+        &ns,
+        "p",
+        "Degraded",
+        "True",
+        "JobFailed",
+        Duration::from_secs(30),
+    )
+    .await;
     assert!(
         degraded.contains(&named) && degraded.contains("held at offset 0"),
         "{degraded}"
     );
     assert!(
-        warnings(&tb, &ns, "JobFailed")
+        pipeline_events(&tb, &ns, "p")
             .await
             .iter()
-            .any(|n| n.contains(&named)),
+            .any(|(t, r, n)| t == "Warning" && r == "JobFailed" && n.contains(&named)),
         "a JobFailed Event naming the location"
     );
     assert_eq!(
-        committed(&tb, &ns, &topic, 2).await,
+        group_offsets(&tb.kafka_bootstrap, &group, &topic, 2).await,
         BTreeMap::from([(0, 0), (1, 0)]),
         "the commit holds at the failed jobs"
     );
@@ -356,8 +348,15 @@ async fn a_missing_output_location_fails_the_jobs_naming_it_and_creating_it_then
     // The fix: create it, delete the failed jobs.
     std::fs::create_dir_all(&location).unwrap();
     assert_eq!(delete_failed(&tb, &ns).await.len(), 4);
-    let c = wait_committed(&tb, &ns, "p", &topic, &produced, Duration::from_secs(120)).await;
-    assert_exact(&tb, &location, &produced, &c);
+    let c = wait_all_committed(
+        &tb,
+        &group,
+        &topic,
+        &high_watermarks(&produced),
+        Duration::from_secs(120),
+    )
+    .await;
+    audit_exact(&tb, &location, &produced, &c);
 }
 
 #[tokio::test]
@@ -365,6 +364,7 @@ async fn a_record_over_max_record_bytes_fails_its_job_writes_nothing_and_a_raise
  {
     let tb = Testbed::get().await;
     let ns = tb.namespace("bio-big").await;
+    let group = default_consumer_group(&ns, "p");
     let topic = tb.topic("bio-big", 1);
     // Offsets [0, 1500) and [1501, 3000) of ~100 bytes, offset 1500 of over 5000 bytes.
     let small = produce_data(&tb, fixed(&topic, 1, 1500, 100, 1)).await;
@@ -406,16 +406,25 @@ async fn a_record_over_max_record_bytes_fails_its_job_writes_nothing_and_a_raise
     );
     assert!(m.contains(&expected), "{m}");
     assert!(failed_record_bytes(&m) >= 5000, "{m}");
-    let degraded = wait_degraded(&tb, &ns, "JobFailed", Duration::from_secs(30)).await;
+    let degraded = wait_condition(
+        &tb,
+        &ns,
+        "p",
+        "Degraded",
+        "True",
+        "JobFailed",
+        Duration::from_secs(30),
+    )
+    .await;
     assert!(
         degraded.contains(&expected) && degraded.contains("held at offset 1000"),
         "{degraded}"
     );
     assert!(
-        warnings(&tb, &ns, "JobFailed")
+        pipeline_events(&tb, &ns, "p")
             .await
             .iter()
-            .any(|n| n.contains("maxRecordBytes")),
+            .any(|(t, r, n)| t == "Warning" && r == "JobFailed" && n.contains("maxRecordBytes")),
         "a JobFailed Event"
     );
     // The jobs around it succeed; the commit holds at the failed job's start.
@@ -430,7 +439,7 @@ async fn a_record_over_max_record_bytes_fails_its_job_writes_nothing_and_a_raise
     .await;
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert_eq!(
-        committed(&tb, &ns, &topic, 1).await,
+        group_offsets(&tb.kafka_bootstrap, &group, &topic, 1).await,
         BTreeMap::from([(0, 1000)])
     );
     // No partial block: nothing at all for the failed range.
@@ -455,8 +464,15 @@ async fn a_record_over_max_record_bytes_fails_its_job_writes_nothing_and_a_raise
     })
     .await;
     assert_eq!(delete_failed(&tb, &ns).await, vec![bad.clone()]);
-    let c = wait_committed(&tb, &ns, "p", &topic, &produced, Duration::from_secs(120)).await;
-    assert_exact(&tb, &blocks, &produced, &c);
+    let c = wait_all_committed(
+        &tb,
+        &group,
+        &topic,
+        &high_watermarks(&produced),
+        Duration::from_secs(120),
+    )
+    .await;
+    audit_exact(&tb, &blocks, &produced, &c);
     let retried = jobs(&tb, &ns, "p")
         .await
         .into_iter()
@@ -484,6 +500,7 @@ fn failed_record_bytes(message: &str) -> u64 {
 async fn deleting_a_pipeline_mid_run_collects_its_jobs_and_leaves_builders_idle_and_blocks_whole() {
     let tb = Testbed::get().await;
     let ns = tb.namespace("bio-delete").await;
+    let group = default_consumer_group(&ns, "p");
     let topic = tb.topic("bio-delete", 4);
     let produced = produce_data(&tb, fixed(&topic, 4, 40_000, 200, 1)).await;
     let blocks = blocks_dir(&tb, "delete");
@@ -500,9 +517,7 @@ async fn deleting_a_pipeline_mid_run_collects_its_jobs_and_leaves_builders_idle_
     )
     .await;
     let mut op = spawn_operator(&tb, &ns, "op");
-    let mut builders: Vec<Proc> = (0..2)
-        .map(|i| spawn_builder(&tb, &ns, "p", &format!("b{i}")))
-        .collect();
+    let mut builders = spawn_builders(&tb, &ns, "p", 2);
     // Jobs take tens of milliseconds here: freeze b0 (SIGSTOP) while it holds one, so the
     // pipeline is surely deleted under a job in progress.
     let holds = |j: &BlockJob| {
@@ -543,7 +558,7 @@ async fn deleting_a_pipeline_mid_run_collects_its_jobs_and_leaves_builders_idle_
         || async { jobs(&tb, &ns, "p").await.is_empty().then_some(()) },
     )
     .await;
-    let group_at = committed(&tb, &ns, &topic, 4).await;
+    let group_at = group_offsets(&tb.kafka_bootstrap, &group, &topic, 4).await;
     builders[0].signal("CONT");
 
     // The builders notice at their next renewal (2 s), drop the job, and idle: running,
@@ -575,7 +590,10 @@ async fn deleting_a_pipeline_mid_run_collects_its_jobs_and_leaves_builders_idle_
         !op_after.contains("not found in local store"),
         "events of the deleted pipeline's jobs are not reconcile errors:\n{op_after}"
     );
-    assert_eq!(committed(&tb, &ns, &topic, 4).await, group_at);
+    assert_eq!(
+        group_offsets(&tb.kafka_bootstrap, &group, &topic, 4).await,
+        group_at
+    );
     assert!(
         jobs(&tb, &ns, "p").await.is_empty(),
         "nothing re-created the jobs"
@@ -604,6 +622,7 @@ async fn deleting_a_pipeline_mid_run_collects_its_jobs_and_leaves_builders_idle_
 async fn changing_max_records_compression_and_url_mid_run_applies_to_new_jobs_only() {
     let tb = Testbed::get().await;
     let ns = tb.namespace("bio-change").await;
+    let group = default_consumer_group(&ns, "p");
     let topic = tb.topic("bio-change", 2);
     let first = produce_data(&tb, fixed(&topic, 2, 20_000, 100, 1)).await;
     let blocks = blocks_dir(&tb, "change");
@@ -653,7 +672,14 @@ async fn changing_max_records_compression_and_url_mid_run_applies_to_new_jobs_on
     .await;
     let second = produce_data(&tb, fixed(&topic, 2, 6000, 100, 2)).await;
     let produced = merge(first, second);
-    let c = wait_committed(&tb, &ns, "p", &topic, &produced, Duration::from_secs(180)).await;
+    let c = wait_all_committed(
+        &tb,
+        &group,
+        &topic,
+        &high_watermarks(&produced),
+        Duration::from_secs(180),
+    )
+    .await;
     assert_eq!(c, BTreeMap::from([(0, 13_000), (1, 13_000)]));
 
     let all = jobs(&tb, &ns, "p").await;
@@ -690,7 +716,7 @@ async fn changing_max_records_compression_and_url_mid_run_applies_to_new_jobs_on
     assert_eq!(new, want, "new jobs use the new size and output");
     assert_eq!(all.len(), 44);
     // Every offset exactly once over both locations.
-    assert_exact(&tb, &blocks, &produced, &c);
+    audit_exact(&tb, &blocks, &produced, &c);
     assert_eq!(files(&blocks.join("a")).len(), 80);
     assert_eq!(files(&blocks.join("b")).len(), 8);
 }
@@ -699,6 +725,7 @@ async fn changing_max_records_compression_and_url_mid_run_applies_to_new_jobs_on
 async fn changing_the_topic_mid_run_is_invalid_and_never_commits_one_topics_jobs_to_another() {
     let tb = Testbed::get().await;
     let ns = tb.namespace("bio-topic").await;
+    let group = default_consumer_group(&ns, "p");
     let old_topic = tb.topic("bio-topic-old", 1);
     let new_topic = tb.topic("bio-topic-new", 1);
     let old_data = produce_data(&tb, fixed(&old_topic, 1, 3000, 100, 1)).await;
@@ -736,10 +763,12 @@ async fn changing_the_topic_mid_run_is_invalid_and_never_commits_one_topics_jobs
         "{message}"
     );
     assert!(
-        warnings(&tb, &ns, "InvalidSpec")
+        pipeline_events(&tb, &ns, "p")
             .await
             .iter()
-            .any(|n| n.contains("spec.kafka.topic")),
+            .any(|(t, r, n)| t == "Warning"
+                && r == "InvalidSpec"
+                && n.contains("spec.kafka.topic")),
         "an InvalidSpec Event"
     );
     // The builder still builds the old topic's jobs (they name their topic), but nothing
@@ -755,27 +784,28 @@ async fn changing_the_topic_mid_run_is_invalid_and_never_commits_one_topics_jobs
     .await;
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert!(
-        committed(&tb, &ns, &new_topic, 1).await.is_empty(),
+        group_offsets(&tb.kafka_bootstrap, &group, &new_topic, 1)
+            .await
+            .is_empty(),
         "nothing committed for the new topic"
     );
     assert_eq!(
-        committed(&tb, &ns, &old_topic, 1).await,
+        group_offsets(&tb.kafka_bootstrap, &group, &old_topic, 1).await,
         BTreeMap::from([(0, 0)])
     );
     assert_eq!(jobs(&tb, &ns, "p").await.len(), 3, "nothing planned");
 
     // Set back: the old topic's work is committed, exactly once.
     apply_pipeline(&tb, &ns, &on(&old_topic)).await;
-    let c = wait_committed(
+    let c = wait_all_committed(
         &tb,
-        &ns,
-        "p",
+        &group,
         &old_topic,
-        &old_data,
+        &high_watermarks(&old_data),
         Duration::from_secs(60),
     )
     .await;
-    assert_exact(&tb, &blocks.join(&old_topic), &old_data, &c);
+    audit_exact(&tb, &blocks.join(&old_topic), &old_data, &c);
 
     // Moving the pipeline on purpose: change the topic, delete the old jobs as the message
     // says; the new topic is then written from its start, exactly once.
@@ -792,16 +822,15 @@ async fn changing_the_topic_mid_run_is_invalid_and_never_commits_one_topics_jobs
     )
     .await
     .unwrap();
-    let c = wait_committed(
+    let c = wait_all_committed(
         &tb,
-        &ns,
-        "p",
+        &group,
         &new_topic,
-        &new_data,
+        &high_watermarks(&new_data),
         Duration::from_secs(120),
     )
     .await;
-    assert_exact(&tb, &blocks.join(&new_topic), &new_data, &c);
+    audit_exact(&tb, &blocks.join(&new_topic), &new_data, &c);
     assert!(
         jobs(&tb, &ns, "p")
             .await

@@ -1,84 +1,17 @@
 //! Operator and builder processes end to end: blocks in object storage, audited with pyarrow
 //! against what was produced, under killed builders, races and object-store outages.
 
-use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Duration;
 
 use blocksmith_crds::domain::default_consumer_group;
 use blocksmith_crds::{BlockJob, JobPhase};
 use blocksmith_e2e::Testbed;
-use blocksmith_e2e::datagen::{DataSpec, Produced, ValueSizes, produce};
+use blocksmith_e2e::datagen::{DataSpec, ValueSizes};
 use blocksmith_e2e::process::Proc;
 use blocksmith_e2e::scenario::*;
 use kube::api::{Api, Patch, PatchParams};
 use serde_json::json;
-
-pub(crate) async fn produce_data(tb: &Testbed, spec: DataSpec) -> Produced {
-    let bootstrap = tb.kafka_bootstrap.clone();
-    tokio::task::spawn_blocking(move || produce(&bootstrap, &spec))
-        .await
-        .unwrap()
-        .expect("produce")
-}
-
-/// Waits until every produced offset is committed, then returns the committed offsets.
-pub(crate) async fn wait_committed(
-    tb: &Testbed,
-    ns: &str,
-    pipeline: &str,
-    topic: &str,
-    produced: &Produced,
-    timeout: Duration,
-) -> BTreeMap<i32, i64> {
-    let group = default_consumer_group(ns, pipeline);
-    let want: BTreeMap<i32, i64> = produced
-        .partitions
-        .iter()
-        .map(|(p, (_, high))| (*p, *high))
-        .collect();
-    let partitions = want.len() as i32;
-    wait_for("everything committed", timeout, || {
-        let (b, g, t, want) = (
-            tb.kafka_bootstrap.clone(),
-            group.clone(),
-            topic.to_string(),
-            want.clone(),
-        );
-        async move {
-            let c = tokio::task::spawn_blocking(move || committed_offsets(&b, &g, &t, partitions))
-                .await
-                .unwrap();
-            (c == want).then_some(c)
-        }
-    })
-    .await
-}
-
-pub(crate) fn assert_exact(
-    tb: &Testbed,
-    blocks: &std::path::Path,
-    produced: &Produced,
-    committed: &BTreeMap<i32, i64>,
-) {
-    let csv = tb
-        .dir
-        .join(format!("expected-{:08x}.csv", rand::random::<u32>()));
-    produced.write_csv(&csv).unwrap();
-    let (report, exact) = audit(tb, blocks, &csv, Some(committed));
-    println!("audit: {report}");
-    assert!(exact, "audit not exact: {report}");
-    assert_eq!(
-        report["expected"].as_u64(),
-        Some(produced.total()),
-        "{report}"
-    );
-    assert_eq!(
-        report["records"].as_u64(),
-        Some(produced.total()),
-        "{report}"
-    );
-}
 
 /// Applies pipeline `p` over `topic` writing to a fresh local directory, which it returns.
 async fn file_pipeline(
@@ -99,31 +32,25 @@ async fn file_pipeline(
     blocks
 }
 
-/// A fresh local output directory (the builder does not create a missing file:// root, as
-/// it would not create a missing bucket: it usually means a volume is not mounted).
-pub(crate) fn blocks_dir(tb: &Testbed, test: &str) -> PathBuf {
-    let dir = tb
-        .dir
-        .join("blocks")
-        .join(format!("{test}-{:08x}", rand::random::<u32>()));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
-
 #[tokio::test]
 async fn three_builders_write_every_offset_exactly_once_to_files() {
     let tb = Testbed::get().await;
     let ns = tb.namespace("bld-file").await;
+    let group = default_consumer_group(&ns, "p");
     let topic = tb.topic("bld-file", 8);
     let produced = produce_data(&tb, DataSpec::new(&topic, 8, 100_000)).await;
     let blocks = file_pipeline(&tb, &ns, "file", &topic, json!({"maxRecords": 2500})).await;
     let _op = spawn_operator(&tb, &ns, "op");
-    let _builders: Vec<Proc> = (0..3)
-        .map(|i| spawn_builder(&tb, &ns, "p", &format!("b{i}")))
-        .collect();
-    let committed =
-        wait_committed(&tb, &ns, "p", &topic, &produced, Duration::from_secs(400)).await;
-    assert_exact(&tb, &blocks, &produced, &committed);
+    let _builders = spawn_builders(&tb, &ns, "p", 3);
+    let committed = wait_all_committed(
+        &tb,
+        &group,
+        &topic,
+        &high_watermarks(&produced),
+        Duration::from_secs(400),
+    )
+    .await;
+    audit_exact(&tb, &blocks, &produced, &committed);
     let all = jobs(&tb, &ns, "p").await;
     assert!(
         all.iter().all(|j| j.phase() == JobPhase::Succeeded),
@@ -135,6 +62,7 @@ async fn three_builders_write_every_offset_exactly_once_to_files() {
 async fn builders_write_to_s3_including_multipart_blocks() {
     let tb = Testbed::get().await;
     let ns = tb.namespace("bld-s3").await;
+    let group = default_consumer_group(&ns, "p");
     let topic = tb.topic("bld-s3", 4);
     // The mock broker keeps 5 MiB per partition, so blocks are ~4 MiB and cannot reach a
     // second 5 MiB part (s3s-fs, like S3, rejects smaller parts). The builders here take the
@@ -168,11 +96,17 @@ async fn builders_write_to_s3_including_multipart_blocks() {
             tb.spawn(&format!("{ns}-{id}"), cmd)
         })
         .collect();
-    let committed =
-        wait_committed(&tb, &ns, "p", &topic, &produced, Duration::from_secs(400)).await;
+    let committed = wait_all_committed(
+        &tb,
+        &group,
+        &topic,
+        &high_watermarks(&produced),
+        Duration::from_secs(400),
+    )
+    .await;
     // s3s-fs keeps objects as files under its root: audit them there with pyarrow.
     let blocks = tb.s3_root.join(&tb.s3_bucket).join(&prefix);
-    assert_exact(&tb, &blocks, &produced, &committed);
+    audit_exact(&tb, &blocks, &produced, &committed);
     let big = jobs(&tb, &ns, "p")
         .await
         .iter()
@@ -190,6 +124,7 @@ async fn builders_write_to_s3_including_multipart_blocks() {
 async fn a_killed_builder_loses_its_job_to_another_and_nothing_is_lost() {
     let tb = Testbed::get().await;
     let ns = tb.namespace("bld-kill").await;
+    let group = default_consumer_group(&ns, "p");
     let topic = tb.topic("bld-kill", 2);
     let spec = DataSpec {
         value_sizes: ValueSizes::Fixed(200),
@@ -240,9 +175,15 @@ async fn a_killed_builder_loses_its_job_to_another_and_nothing_is_lost() {
     };
     victim.kill();
     let _rescuer = spawn_builder(&tb, &ns, "p", "rescuer");
-    let committed =
-        wait_committed(&tb, &ns, "p", &topic, &produced, Duration::from_secs(300)).await;
-    assert_exact(&tb, &blocks, &produced, &committed);
+    let committed = wait_all_committed(
+        &tb,
+        &group,
+        &topic,
+        &high_watermarks(&produced),
+        Duration::from_secs(300),
+    )
+    .await;
+    audit_exact(&tb, &blocks, &produced, &committed);
     let retried = jobs(&tb, &ns, "p")
         .await
         .into_iter()
@@ -284,6 +225,7 @@ async fn a_killed_builder_loses_its_job_to_another_and_nothing_is_lost() {
 async fn two_builders_racing_for_fifty_jobs_complete_each_once() {
     let tb = Testbed::get().await;
     let ns = tb.namespace("bld-race").await;
+    let group = default_consumer_group(&ns, "p");
     let topic = tb.topic("bld-race", 1);
     let spec = DataSpec {
         value_sizes: ValueSizes::Fixed(64),
@@ -298,9 +240,15 @@ async fn two_builders_racing_for_fifty_jobs_complete_each_once() {
     .await;
     let a = spawn_builder(&tb, &ns, "p", "racer-a");
     let b = spawn_builder(&tb, &ns, "p", "racer-b");
-    let committed =
-        wait_committed(&tb, &ns, "p", &topic, &produced, Duration::from_secs(300)).await;
-    assert_exact(&tb, &blocks, &produced, &committed);
+    let committed = wait_all_committed(
+        &tb,
+        &group,
+        &topic,
+        &high_watermarks(&produced),
+        Duration::from_secs(300),
+    )
+    .await;
+    audit_exact(&tb, &blocks, &produced, &committed);
     let count = |p: &Proc, what: &str| p.log_text().matches(what).count();
     let claims = count(&a, "\"claimed\"") + count(&b, "\"claimed\"");
     let reports = count(&a, "\"reported\"") + count(&b, "\"reported\"");
@@ -316,6 +264,7 @@ async fn two_builders_racing_for_fifty_jobs_complete_each_once() {
 async fn an_s3_outage_of_twenty_seconds_is_survived_exactly() {
     let tb = Testbed::get().await;
     let ns = tb.namespace("bld-s3down").await;
+    let group = default_consumer_group(&ns, "p");
     let topic = tb.topic("bld-s3down", 4);
     let produced = produce_data(&tb, DataSpec::new(&topic, 4, 40_000)).await;
 
@@ -360,9 +309,15 @@ async fn an_s3_outage_of_twenty_seconds_is_survived_exactly() {
     server.kill();
     tokio::time::sleep(Duration::from_secs(20)).await;
     server = spawn_s3(&tb, &format!("{ns}-s3"), &root, port);
-    let committed =
-        wait_committed(&tb, &ns, "p", &topic, &produced, Duration::from_secs(400)).await;
-    assert_exact(
+    let committed = wait_all_committed(
+        &tb,
+        &group,
+        &topic,
+        &high_watermarks(&produced),
+        Duration::from_secs(400),
+    )
+    .await;
+    audit_exact(
         &tb,
         &root.join("blocksmith").join("outage"),
         &produced,
@@ -429,6 +384,7 @@ async fn a_job_run_twice_writes_byte_identical_objects() {
 async fn api_writes_per_job_lifecycle_are_counted() {
     let tb = Testbed::get().await;
     let ns = tb.namespace("bld-writes").await;
+    let group = default_consumer_group(&ns, "p");
     let topic = tb.topic("bld-writes", 2);
     let spec = DataSpec {
         value_sizes: ValueSizes::Fixed(100),
@@ -449,7 +405,14 @@ async fn api_writes_per_job_lifecycle_are_counted() {
     let mut cmd = builder_command(&tb, &ns, "p", "b");
     cmd.args(["--metrics-addr", &format!("127.0.0.1:{builder_port}")]);
     let _b = tb.spawn(&format!("{ns}-b"), cmd);
-    wait_committed(&tb, &ns, "p", &topic, &produced, Duration::from_secs(300)).await;
+    wait_all_committed(
+        &tb,
+        &group,
+        &topic,
+        &high_watermarks(&produced),
+        Duration::from_secs(300),
+    )
+    .await;
     // The whole lifecycle ends with the cleanup deleting every committed job.
     wait_for(
         "cleanup of committed jobs",
@@ -506,6 +469,7 @@ async fn api_writes_per_job_lifecycle_are_counted() {
 async fn sigterm_stops_claiming_and_finishes_or_releases_the_current_job() {
     let tb = Testbed::get().await;
     let ns = tb.namespace("bld-term").await;
+    let group = default_consumer_group(&ns, "p");
     let topic = tb.topic("bld-term", 2);
     let spec = DataSpec {
         value_sizes: ValueSizes::Fixed(200),
@@ -547,7 +511,13 @@ async fn sigterm_stops_claiming_and_finishes_or_releases_the_current_job() {
         "a job still held by the stopped builder"
     );
     let _second = spawn_builder(&tb, &ns, "p", "second");
-    let committed =
-        wait_committed(&tb, &ns, "p", &topic, &produced, Duration::from_secs(300)).await;
-    assert_exact(&tb, &blocks, &produced, &committed);
+    let committed = wait_all_committed(
+        &tb,
+        &group,
+        &topic,
+        &high_watermarks(&produced),
+        Duration::from_secs(300),
+    )
+    .await;
+    audit_exact(&tb, &blocks, &produced, &committed);
 }

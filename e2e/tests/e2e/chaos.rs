@@ -2,8 +2,8 @@
 //! the Kafka broker is taken down, the S3 server is stopped and the kube-apiserver is
 //! restarted; afterwards every produced offset must be in exactly one block.
 //!
-//! `BLOCKSMITH_CHAOS_SEEDS` (comma-separated, default `1`) and `BLOCKSMITH_CHAOS_RECORDS`
-//! (default 200,000) size the run. Each run has its own broker, S3 server and kube-apiserver
+//! `BLOCKSMITH_CHAOS_SEEDS` (comma-separated, default `1,2,3`) and `BLOCKSMITH_CHAOS_RECORDS`
+//! (default 100,000) size the run. Each run has its own broker, S3 server and kube-apiserver
 //! (on the testbed's etcd), so its faults do not disturb the other tests.
 
 use std::collections::BTreeMap;
@@ -73,7 +73,7 @@ struct Faults {
 #[tokio::test]
 async fn chaos_runs_lose_and_duplicate_nothing() {
     let seeds: Vec<u64> = std::env::var("BLOCKSMITH_CHAOS_SEEDS")
-        .unwrap_or_else(|_| "1".into())
+        .unwrap_or_else(|_| "1,2,3".into())
         .split(',')
         .map(|s| {
             s.trim()
@@ -84,7 +84,7 @@ async fn chaos_runs_lose_and_duplicate_nothing() {
     let records: u64 = std::env::var("BLOCKSMITH_CHAOS_RECORDS")
         .ok()
         .map(|s| s.parse().expect("BLOCKSMITH_CHAOS_RECORDS"))
-        .unwrap_or(200_000);
+        .unwrap_or(100_000);
     let tb = Testbed::get().await;
     for seed in seeds {
         run(&tb, seed, records).await;
@@ -161,8 +161,10 @@ async fn run(shared: &Testbed, seed: u64, records: u64) {
     let mut first_faults = [0, 1, 2, 3, 4];
     first_faults.shuffle(&mut rng);
     loop {
-        // Faults stop after two minutes so the run can finish.
-        if started.elapsed() < Duration::from_secs(120) {
+        // Faults go on for 40 s to 2 min by size, and until each kind happened once; then
+        // the run must finish.
+        let fault_window = Duration::from_secs((records / 5000).clamp(40, 120));
+        if started.elapsed() < fault_window || generation < first_faults.len() {
             tokio::time::sleep(Duration::from_millis(rng.random_range(500..2500))).await;
             // Every kind of fault once, in a seeded order, then at random.
             let kind = first_faults

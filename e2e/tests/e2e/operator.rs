@@ -7,7 +7,7 @@ use std::time::Duration;
 use blocksmith_crds::domain::{default_consumer_group, job_name};
 use blocksmith_crds::{BlockJob, BlockPipeline, JobPhase};
 use blocksmith_e2e::Testbed;
-use blocksmith_e2e::datagen::{DataSpec, ValueSizes, produce};
+use blocksmith_e2e::datagen::{DataSpec, ValueSizes};
 use blocksmith_e2e::scenario::*;
 use kube::api::{Api, DeleteParams};
 use rand::SeedableRng;
@@ -19,11 +19,7 @@ async fn produce_fixed(tb: &Testbed, topic: &str, partitions: i32, records: u64)
         value_sizes: ValueSizes::Fixed(16),
         ..DataSpec::new(topic, partitions, records)
     };
-    let bootstrap = tb.kafka_bootstrap.clone();
-    tokio::task::spawn_blocking(move || produce(&bootstrap, &spec))
-        .await
-        .unwrap()
-        .expect("produce");
+    produce_data(tb, spec).await;
 }
 
 fn output(tb: &Testbed) -> String {
@@ -136,19 +132,12 @@ async fn commits_move_only_over_contiguous_succeeded_prefixes() {
             prefix += 1000;
         }
         let expect = (job.spec.partition, prefix);
-        let bootstrap = tb.kafka_bootstrap.clone();
-        let (g, t) = (group.clone(), topic.clone());
         let committed = wait_for(
             &format!("commit {expect:?}"),
             Duration::from_secs(30),
-            || {
-                let (b, g, t) = (bootstrap.clone(), g.clone(), t.clone());
-                async move {
-                    let c = tokio::task::spawn_blocking(move || committed_offsets(&b, &g, &t, 2))
-                        .await
-                        .unwrap();
-                    (c.get(&expect.0) == Some(&expect.1)).then_some(c)
-                }
+            || async {
+                let c = group_offsets(&tb.kafka_bootstrap, &group, &topic, 2).await;
+                (c.get(&expect.0) == Some(&expect.1)).then_some(c)
             },
         )
         .await;
