@@ -59,6 +59,26 @@ pub async fn build_block(
     let data = data_key(&job.topic, job.partition, job.start_offset, job.end_offset);
     let manifest_at = manifest_key(&job.topic, job.partition, job.start_offset, job.end_offset);
 
+    // An earlier attempt may have committed the block and died before reporting. Report that
+    // block rather than rebuild it: a rebuilt data object would overwrite the bytes its
+    // manifest vouches for, and they differ if the builder version (parquet, zstd) changed.
+    if let Some(m) = store.existing_manifest(&manifest_at).await? {
+        info!(
+            topic = %job.topic, partition = job.partition, start = job.start_offset, end = job.end_offset,
+            records = m.records, "block already committed by an earlier attempt; reporting it"
+        );
+        return Ok(Built {
+            output: JobOutput {
+                objects: vec![store.url_of(&data), store.url_of(&manifest_at)],
+                records: m.records,
+                bytes: m.bytes as i64,
+                sha256: m.sha256,
+            },
+            manifest: ManifestPut::FoundCommitted,
+            read_bytes: 0,
+        });
+    }
+
     std::fs::create_dir_all(&settings.work_dir)?;
     let scratch = tempfile::NamedTempFile::new_in(&settings.work_dir)?;
     let path = scratch.path().to_path_buf();

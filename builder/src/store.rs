@@ -20,6 +20,8 @@ use object_store::{
 use tokio::io::AsyncReadExt;
 use url::Url;
 
+use crate::manifest::Manifest;
+
 /// Files larger than this are uploaded in parts.
 const MULTIPART_THRESHOLD: u64 = 16 * 1024 * 1024;
 const PART_SIZE: usize = 8 * 1024 * 1024;
@@ -53,6 +55,8 @@ const SUPPORTED: &str =
 pub enum ManifestPut {
     Created,
     AlreadyCommitted,
+    /// Found before building: an earlier attempt committed the block; nothing was rewritten.
+    FoundCommitted,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -415,6 +419,24 @@ impl BlockStore {
         }
     }
 
+    /// The manifest at `key` if one exists: the block was committed.
+    pub async fn existing_manifest(&self, key: &str) -> Result<Option<Manifest>, StoreError> {
+        let bytes = match self.get(key).await {
+            Ok(bytes) => bytes,
+            Err(StoreError::Backend {
+                source: object_store::Error::NotFound { .. },
+                ..
+            }) => return Ok(None),
+            Err(err) => return Err(err),
+        };
+        serde_json::from_slice(&bytes)
+            .map(Some)
+            .map_err(|e| StoreError::CorruptManifest {
+                key: self.url_of(key),
+                reason: format!("not a manifest: {e}"),
+            })
+    }
+
     /// Reads a whole object.
     pub async fn get(&self, key: &str) -> Result<Bytes, StoreError> {
         let location = self.location(key)?;
@@ -585,6 +607,36 @@ mod tests {
         let src = write_temp(b"four");
         let err = store.put_data("k", src.path(), 5).await.unwrap_err();
         assert!(matches!(err, StoreError::SizeMismatch { .. }), "{err}");
+    }
+
+    #[tokio::test]
+    async fn an_existing_manifest_is_found_and_a_missing_one_is_none() {
+        let (_dir, store) = local_store();
+        let key = "orders/3/00000000000000000000-00000000000000001000.json";
+        assert!(store.existing_manifest(key).await.unwrap().is_none());
+        let manifest = serde_json::json!({
+            "pipeline": "p", "topic": "orders", "partition": 3, "startOffset": 0,
+            "endOffset": 1000, "records": 998, "firstOffset": 0, "lastOffset": 999,
+            "minTimestamp": null, "maxTimestamp": null, "bytes": 4242, "sha256": "aa11",
+            "format": "parquet", "compression": "zstd", "schemaVersion": 1,
+        });
+        store
+            .put_manifest(key, manifest.to_string().into_bytes(), "aa11")
+            .await
+            .unwrap();
+        let found = store.existing_manifest(key).await.unwrap().unwrap();
+        assert_eq!(
+            (found.records, found.bytes, found.sha256.as_str()),
+            (998, 4242, "aa11")
+        );
+
+        let garbage = "orders/3/00000000000000001000-00000000000000002000.json";
+        store
+            .put_manifest(garbage, b"{}".to_vec(), "x")
+            .await
+            .unwrap();
+        let err = store.existing_manifest(garbage).await.unwrap_err();
+        assert!(matches!(err, StoreError::CorruptManifest { .. }), "{err}");
     }
 
     #[tokio::test]

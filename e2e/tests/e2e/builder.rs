@@ -326,15 +326,19 @@ async fn an_s3_outage_of_twenty_seconds_is_survived_exactly() {
     drop(server);
 }
 
+/// A retry of a job whose block was committed (the attempt died before reporting) reports that
+/// block and rewrites nothing; a retry of one whose manifest was never written rebuilds the
+/// same bytes.
 #[tokio::test]
-async fn a_job_run_twice_writes_byte_identical_objects() {
+async fn a_retried_job_keeps_a_committed_block_and_rebuilds_an_uncommitted_one_identically() {
+    use std::os::unix::fs::MetadataExt;
     let tb = Testbed::get().await;
     let ns = tb.namespace("bld-twice").await;
     let topic = tb.topic("bld-twice", 1);
     produce_data(&tb, DataSpec::new(&topic, 1, 3000)).await;
     let blocks = file_pipeline(&tb, &ns, "twice", &topic, json!({"maxRecords": 3000})).await;
     let _op = spawn_operator(&tb, &ns, "op");
-    let _b = spawn_builder(&tb, &ns, "p", "b");
+    let builder = spawn_builder(&tb, &ns, "p", "b");
     let first = wait_for("first run", Duration::from_secs(120), || async {
         jobs(&tb, &ns, "p")
             .await
@@ -343,41 +347,68 @@ async fn a_job_run_twice_writes_byte_identical_objects() {
     })
     .await;
     let name = first.metadata.name.clone().unwrap();
-    let data = blocks
-        .join(&topic)
-        .join("0")
-        .join("00000000000000000000-00000000000000003000.parquet");
+    let dir = blocks.join(&topic).join("0");
+    let data = dir.join("00000000000000000000-00000000000000003000.parquet");
+    let manifest = dir.join("00000000000000000000-00000000000000003000.json");
     let bytes_first = std::fs::read(&data).expect("block file");
-    let sha_first = first
-        .status
-        .as_ref()
-        .unwrap()
-        .output
-        .as_ref()
-        .unwrap()
-        .sha256
-        .clone();
+    let inode_first = std::fs::metadata(&data).unwrap().ino();
+    let sha_first = first.status.unwrap().output.unwrap().sha256;
 
-    // Reset by hand, as an admin would: back to Pending, lease cleared.
+    // Reset by hand, as an admin would (or as a lease expiry after a crash between the
+    // manifest write and the report does): back to Pending, lease cleared.
     let api: Api<BlockJob> = Api::namespaced(tb.client.clone(), &ns);
-    let reset = json!({
-        "apiVersion": "blocksmith.io/v1alpha1", "kind": "BlockJob",
-        "status": { "phase": "Pending", "attempt": 2, "lease": { "holder": "", "leaseDurationSeconds": 6 } }
-    });
-    api.patch_status(
-        &name,
-        &PatchParams::apply("e2e-admin").force(),
-        &Patch::Apply(reset),
-    )
-    .await
-    .unwrap();
-    let second = wait_for("second run", Duration::from_secs(120), || async {
-        let j = api.get(&name).await.ok()?;
-        (j.phase() == JobPhase::Succeeded && j.attempt() == 2).then_some(j)
-    })
-    .await;
+    let run_again = |attempt: i32| {
+        let (api, name) = (api.clone(), name.clone());
+        async move {
+            let reset = json!({
+                "apiVersion": "blocksmith.io/v1alpha1", "kind": "BlockJob",
+                "status": { "phase": "Pending", "attempt": attempt, "lease": { "holder": "", "leaseDurationSeconds": 6 } }
+            });
+            api.patch_status(
+                &name,
+                &PatchParams::apply("e2e-admin").force(),
+                &Patch::Apply(reset),
+            )
+            .await
+            .unwrap();
+            wait_for(
+                &format!("attempt {attempt}"),
+                Duration::from_secs(120),
+                || async {
+                    let j = api.get(&name).await.ok()?;
+                    (j.phase() == JobPhase::Succeeded && j.attempt() == attempt).then_some(j)
+                },
+            )
+            .await
+        }
+    };
+
+    let second = run_again(2).await;
     assert_eq!(second.status.unwrap().output.unwrap().sha256, sha_first);
+    assert_eq!(
+        std::fs::metadata(&data).unwrap().ino(),
+        inode_first,
+        "the committed data object was rewritten"
+    );
+    assert!(
+        builder
+            .log_text()
+            .contains("block already committed by an earlier attempt"),
+        "{}",
+        builder.log_text()
+    );
+
+    // As if the first attempt had died after uploading the data but before the manifest.
+    std::fs::remove_file(&manifest).unwrap();
+    let third = run_again(3).await;
+    assert_eq!(third.status.unwrap().output.unwrap().sha256, sha_first);
+    assert_ne!(
+        std::fs::metadata(&data).unwrap().ino(),
+        inode_first,
+        "rebuilt"
+    );
     assert_eq!(std::fs::read(&data).unwrap(), bytes_first, "byte-identical");
+    assert!(manifest.exists());
 }
 
 #[tokio::test]
