@@ -129,16 +129,7 @@ async fn reconcile_inner(bp: &BlockPipeline, ctx: &Context) -> Result<Action, Er
             PlanPolicy::from_spec(&bp.spec).map_err(|e| format!("spec.jobs.maxAge: {e}"))
         }) {
         Ok(p) => p,
-        Err(message) => {
-            warn!(namespace = %ns, pipeline = %name, %message, "invalid spec");
-            observed.problems.push(Problem {
-                reason: "InvalidSpec",
-                message,
-            });
-            status.partitions = old.partitions.clone();
-            status::publish(bp, ctx, &old, status, &observed, now).await?;
-            return Ok(Action::await_change());
-        }
+        Err(message) => return invalid_spec(bp, ctx, &old, status, observed, now, message).await,
     };
 
     if let Some(problem) = reconcile_builders(bp, ctx).await? {
@@ -157,15 +148,7 @@ async fn reconcile_inner(bp: &BlockPipeline, ctx: &Context) -> Result<Action, Er
     let listed = store.cached();
     let topics = listed.iter().map(|j| j.spec.topic.as_str());
     if let Err(e) = validate_topic_unchanged(&name, &bp.spec, topics) {
-        let message = e.to_string();
-        warn!(namespace = %ns, pipeline = %name, %message, "invalid spec");
-        observed.problems.push(Problem {
-            reason: "InvalidSpec",
-            message,
-        });
-        status.partitions = old.partitions.clone();
-        status::publish(bp, ctx, &old, status, &observed, now).await?;
-        return Ok(Action::await_change());
+        return invalid_spec(bp, ctx, &old, status, observed, now, e.to_string()).await;
     }
     for job in listed {
         match tend_job(bp, &store, job, now).await? {
@@ -349,6 +332,27 @@ async fn reconcile_inner(bp: &BlockPipeline, ctx: &Context) -> Result<Action, Er
     Ok(Action::requeue(
         until_wake.clamp(Duration::from_millis(200), poll),
     ))
+}
+
+/// Reports an `InvalidSpec` and does nothing else until the spec changes: no planning, no
+/// commits, no job changes.
+async fn invalid_spec(
+    bp: &BlockPipeline,
+    ctx: &Context,
+    old: &BlockPipelineStatus,
+    mut status: BlockPipelineStatus,
+    mut observed: Observed,
+    now: Timestamp,
+    message: String,
+) -> Result<Action, Error> {
+    warn!(namespace = %bp.namespace().unwrap_or_default(), pipeline = %bp.name_any(), %message, "invalid spec");
+    observed.problems.push(Problem {
+        reason: "InvalidSpec",
+        message,
+    });
+    status.partitions = old.partitions.clone();
+    status::publish(bp, ctx, old, status, &observed, now).await?;
+    Ok(Action::await_change())
 }
 
 /// Applies the lifecycle decision to one job and keeps its phase label in sync. Returns the

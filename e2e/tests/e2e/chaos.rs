@@ -1,5 +1,5 @@
 //! Seeded chaos: a pipeline runs while builders are SIGKILLed, the operator is restarted,
-//! the Kafka broker is taken down, the S3 server is stopped and the kube-apiserver is
+//! the Kafka broker is taken down (20 s the first time), the S3 server is stopped and the kube-apiserver is
 //! restarted; afterwards every produced offset must be in exactly one block.
 //!
 //! `BLOCKSMITH_CHAOS_SEEDS` (comma-separated, default `1,2,3`) and `BLOCKSMITH_CHAOS_RECORDS`
@@ -187,7 +187,12 @@ async fn run(shared: &Testbed, seed: u64, records: u64) {
                 }
                 2 => {
                     broker::control(&servers.control, "broker-down 1").unwrap();
-                    tokio::time::sleep(Duration::from_secs(rng.random_range(5..12))).await;
+                    // The first outage is 20 s; later ones 5–20 s.
+                    let down = match faults.broker_outages {
+                        0 => 20,
+                        _ => rng.random_range(5..=20),
+                    };
+                    tokio::time::sleep(Duration::from_secs(down)).await;
                     broker::control(&servers.control, "broker-up 1").unwrap();
                     faults.broker_outages += 1;
                 }
