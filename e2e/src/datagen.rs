@@ -23,7 +23,7 @@ pub enum ValueSizes {
     Fixed(usize),
     /// 0 B to 64 KiB, mostly small (mean ~270 B): 80% < 64 B, 18% < 1 KiB, 1.7% < 4 KiB,
     /// 0.1% 16-64 KiB, with one in a thousand exactly 0 B and one exactly 64 KiB.
-    /// (librdkafka's mock broker keeps only 5 MiB or 100,000 records per partition, so
+    /// (librdkafka's mock broker keeps only 5 MiB or 100,000 message batches per partition, so
     /// test data must stay under that per partition.)
     Mixed,
 }

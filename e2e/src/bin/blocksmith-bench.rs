@@ -11,7 +11,7 @@
 //! the run's throughput is all their records over the wall time from the first process's start
 //! to the last one's finish.
 //!
-//! The mock broker keeps at most 5 MiB or 100,000 records per partition, so scenarios spread
+//! The mock broker keeps at most 5 MiB or 100,000 message batches per partition, so scenarios spread
 //! their data over many small partitions (checked: a partition that lost records fails).
 
 use std::path::{Path, PathBuf};

@@ -22,7 +22,7 @@ use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use serde_json::json;
 
-/// The mock broker keeps ≤ 5 MiB or 100,000 records per partition: ~3.75 MB at most here.
+/// The mock broker keeps ≤ 5 MiB or 100,000 message batches per partition: ~3.75 MB at most here.
 const RECORDS_PER_PARTITION: u64 = 25_000;
 
 struct Servers {
