@@ -285,6 +285,16 @@ pub async fn wait_event(tb: &Testbed, ns: &str, pipeline: &str, reason: &str) ->
     .await
 }
 
+/// A consumer of `group` that never joins it: for reading and committing its offsets.
+fn group_consumer(bootstrap: &str, group: &str) -> BaseConsumer {
+    ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("group.id", group)
+        .set("enable.auto.commit", "false")
+        .create()
+        .expect("consumer")
+}
+
 /// The group's committed offsets as the broker reports them (partition → offset).
 pub fn committed_offsets(
     bootstrap: &str,
@@ -292,12 +302,7 @@ pub fn committed_offsets(
     topic: &str,
     partitions: i32,
 ) -> BTreeMap<i32, i64> {
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", bootstrap)
-        .set("group.id", group)
-        .set("enable.auto.commit", "false")
-        .create()
-        .expect("consumer");
+    let consumer = group_consumer(bootstrap, group);
     let mut tpl = TopicPartitionList::new();
     for p in 0..partitions {
         tpl.add_partition(topic, p);
@@ -330,12 +335,7 @@ pub async fn group_offsets(
 /// the operator does: e.g. to give a pipeline a committed offset before it starts.
 pub fn commit_offsets(bootstrap: &str, group: &str, topic: &str, offsets: &BTreeMap<i32, i64>) {
     use rdkafka::consumer::CommitMode;
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", bootstrap)
-        .set("group.id", group)
-        .set("enable.auto.commit", "false")
-        .create()
-        .expect("consumer");
+    let consumer = group_consumer(bootstrap, group);
     let mut tpl = TopicPartitionList::new();
     for (p, o) in offsets {
         tpl.add_partition_offset(topic, *p, Offset::Offset(*o))
