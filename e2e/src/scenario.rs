@@ -371,6 +371,21 @@ pub async fn wait_all_committed(
     .await
 }
 
+/// Waits until `group` committed everything `produced` (its high watermarks), then audits
+/// the blocks under `blocks` exactly; returns the commits.
+pub async fn wait_committed_then_audit(
+    tb: &Testbed,
+    group: &str,
+    topic: &str,
+    blocks: &Path,
+    produced: &Produced,
+    timeout: Duration,
+) -> BTreeMap<i32, i64> {
+    let committed = wait_all_committed(tb, group, topic, &high_watermarks(produced), timeout).await;
+    audit_exact(tb, blocks, produced, &committed);
+    committed
+}
+
 /// Audits the blocks under `blocks` against `produced`: every record below `committed`
 /// exactly once with equal content, nothing else; panics with the report otherwise.
 pub fn audit_exact(

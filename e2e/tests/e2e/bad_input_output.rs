@@ -64,6 +64,38 @@ fn message(j: &BlockJob) -> String {
         .unwrap_or_default()
 }
 
+/// What a user sees of jobs failed for good: `Degraded/JobFailed` naming `mentions` and the
+/// offset the commit is held at, and a Warning `JobFailed` Event naming `event_mentions`.
+async fn assert_job_failure_reported(
+    tb: &Testbed,
+    ns: &str,
+    mentions: &str,
+    held_at: i64,
+    event_mentions: &str,
+) {
+    let degraded = wait_condition(
+        tb,
+        ns,
+        "p",
+        "Degraded",
+        "True",
+        "JobFailed",
+        Duration::from_secs(30),
+    )
+    .await;
+    assert!(
+        degraded.contains(mentions) && degraded.contains(&format!("held at offset {held_at}")),
+        "{degraded}"
+    );
+    let events = pipeline_events(tb, ns, "p").await;
+    assert!(
+        events
+            .iter()
+            .any(|(t, r, n)| t == "Warning" && r == "JobFailed" && n.contains(event_mentions)),
+        "no JobFailed Event naming {event_mentions:?}: {events:?}"
+    );
+}
+
 /// Failed for good: failed on the last attempt the backoff limit allows.
 fn exhausted(j: &BlockJob, backoff_limit: i32) -> bool {
     j.phase() == JobPhase::Failed && j.attempt() == backoff_limit
@@ -215,28 +247,14 @@ async fn wrong_object_store_credentials_fail_the_jobs_hold_the_commit_and_a_fix_
         );
     }
     println!("job message: {}", message(&failed[0]));
-    let degraded = wait_condition(
+    assert_job_failure_reported(
         &tb,
         &ns,
-        "p",
-        "Degraded",
-        "True",
-        "JobFailed",
-        Duration::from_secs(30),
+        "check the object-storage credentials",
+        0,
+        "credentials",
     )
     .await;
-    assert!(
-        degraded.contains("check the object-storage credentials")
-            && degraded.contains("held at offset 0"),
-        "{degraded}"
-    );
-    let events = pipeline_events(&tb, &ns, "p").await;
-    assert!(
-        events
-            .iter()
-            .any(|(t, r, n)| t == "Warning" && r == "JobFailed" && n.contains("credentials")),
-        "{events:?}"
-    );
     assert_eq!(
         group_offsets(&tb.kafka_bootstrap, &group, &topic, 2).await,
         BTreeMap::from([(0, 0), (1, 0)]),
@@ -254,15 +272,15 @@ async fn wrong_object_store_credentials_fail_the_jobs_hold_the_commit_and_a_fix_
     assert!(status.success(), "{status:?}");
     let _builder = spawn_builder_with_secret(&tb, &ns, "b2", "s3").await;
     assert_eq!(delete_failed(&tb, &ns).await.len(), 4);
-    let c = wait_all_committed(
+    wait_committed_then_audit(
         &tb,
         &group,
         &topic,
-        &high_watermarks(&produced),
+        &root.join("blocksmith").join("creds"),
+        &produced,
         Duration::from_secs(120),
     )
     .await;
-    audit_exact(&tb, &root.join("blocksmith").join("creds"), &produced, &c);
     assert!(
         jobs(&tb, &ns, "p")
             .await
@@ -317,27 +335,7 @@ async fn a_missing_output_location_fails_the_jobs_naming_it_and_creating_it_then
         );
     }
     println!("job message: {}", message(&failed[0]));
-    let degraded = wait_condition(
-        &tb,
-        &ns,
-        "p",
-        "Degraded",
-        "True",
-        "JobFailed",
-        Duration::from_secs(30),
-    )
-    .await;
-    assert!(
-        degraded.contains(&named) && degraded.contains("held at offset 0"),
-        "{degraded}"
-    );
-    assert!(
-        pipeline_events(&tb, &ns, "p")
-            .await
-            .iter()
-            .any(|(t, r, n)| t == "Warning" && r == "JobFailed" && n.contains(&named)),
-        "a JobFailed Event naming the location"
-    );
+    assert_job_failure_reported(&tb, &ns, &named, 0, &named).await;
     assert_eq!(
         group_offsets(&tb.kafka_bootstrap, &group, &topic, 2).await,
         BTreeMap::from([(0, 0), (1, 0)]),
@@ -348,15 +346,15 @@ async fn a_missing_output_location_fails_the_jobs_naming_it_and_creating_it_then
     // The fix: create it, delete the failed jobs.
     std::fs::create_dir_all(&location).unwrap();
     assert_eq!(delete_failed(&tb, &ns).await.len(), 4);
-    let c = wait_all_committed(
+    wait_committed_then_audit(
         &tb,
         &group,
         &topic,
-        &high_watermarks(&produced),
+        &location,
+        &produced,
         Duration::from_secs(120),
     )
     .await;
-    audit_exact(&tb, &location, &produced, &c);
 }
 
 #[tokio::test]
@@ -406,27 +404,7 @@ async fn a_record_over_max_record_bytes_fails_its_job_writes_nothing_and_a_raise
     );
     assert!(m.contains(&expected), "{m}");
     assert!(failed_record_bytes(&m) >= 5000, "{m}");
-    let degraded = wait_condition(
-        &tb,
-        &ns,
-        "p",
-        "Degraded",
-        "True",
-        "JobFailed",
-        Duration::from_secs(30),
-    )
-    .await;
-    assert!(
-        degraded.contains(&expected) && degraded.contains("held at offset 1000"),
-        "{degraded}"
-    );
-    assert!(
-        pipeline_events(&tb, &ns, "p")
-            .await
-            .iter()
-            .any(|(t, r, n)| t == "Warning" && r == "JobFailed" && n.contains("maxRecordBytes")),
-        "a JobFailed Event"
-    );
+    assert_job_failure_reported(&tb, &ns, &expected, 1000, "maxRecordBytes").await;
     // The jobs around it succeed; the commit holds at the failed job's start.
     wait_for("the other jobs", Duration::from_secs(60), || async {
         let js = jobs(&tb, &ns, "p").await;
@@ -464,15 +442,15 @@ async fn a_record_over_max_record_bytes_fails_its_job_writes_nothing_and_a_raise
     })
     .await;
     assert_eq!(delete_failed(&tb, &ns).await, vec![bad.clone()]);
-    let c = wait_all_committed(
+    wait_committed_then_audit(
         &tb,
         &group,
         &topic,
-        &high_watermarks(&produced),
+        &blocks,
+        &produced,
         Duration::from_secs(120),
     )
     .await;
-    audit_exact(&tb, &blocks, &produced, &c);
     let retried = jobs(&tb, &ns, "p")
         .await
         .into_iter()
@@ -797,15 +775,15 @@ async fn changing_the_topic_mid_run_is_invalid_and_never_commits_one_topics_jobs
 
     // Set back: the old topic's work is committed, exactly once.
     apply_pipeline(&tb, &ns, &on(&old_topic)).await;
-    let c = wait_all_committed(
+    wait_committed_then_audit(
         &tb,
         &group,
         &old_topic,
-        &high_watermarks(&old_data),
+        &blocks.join(&old_topic),
+        &old_data,
         Duration::from_secs(60),
     )
     .await;
-    audit_exact(&tb, &blocks.join(&old_topic), &old_data, &c);
 
     // Moving the pipeline on purpose: change the topic, delete the old jobs as the message
     // says; the new topic is then written from its start, exactly once.
@@ -822,15 +800,15 @@ async fn changing_the_topic_mid_run_is_invalid_and_never_commits_one_topics_jobs
     )
     .await
     .unwrap();
-    let c = wait_all_committed(
+    wait_committed_then_audit(
         &tb,
         &group,
         &new_topic,
-        &high_watermarks(&new_data),
+        &blocks.join(&new_topic),
+        &new_data,
         Duration::from_secs(120),
     )
     .await;
-    audit_exact(&tb, &blocks.join(&new_topic), &new_data, &c);
     assert!(
         jobs(&tb, &ns, "p")
             .await

@@ -42,15 +42,15 @@ async fn three_builders_write_every_offset_exactly_once_to_files() {
     let blocks = file_pipeline(&tb, &ns, "file", &topic, json!({"maxRecords": 2500})).await;
     let _op = spawn_operator(&tb, &ns, "op");
     let _builders = spawn_builders(&tb, &ns, "p", 3);
-    let committed = wait_all_committed(
+    wait_committed_then_audit(
         &tb,
         &group,
         &topic,
-        &high_watermarks(&produced),
+        &blocks,
+        &produced,
         Duration::from_secs(400),
     )
     .await;
-    audit_exact(&tb, &blocks, &produced, &committed);
     let all = jobs(&tb, &ns, "p").await;
     assert!(
         all.iter().all(|j| j.phase() == JobPhase::Succeeded),
@@ -96,17 +96,17 @@ async fn builders_write_to_s3_including_multipart_blocks() {
             tb.spawn(&format!("{ns}-{id}"), cmd)
         })
         .collect();
-    let committed = wait_all_committed(
+    // s3s-fs keeps objects as files under its root: audit them there with pyarrow.
+    let blocks = tb.s3_root.join(&tb.s3_bucket).join(&prefix);
+    wait_committed_then_audit(
         &tb,
         &group,
         &topic,
-        &high_watermarks(&produced),
+        &blocks,
+        &produced,
         Duration::from_secs(400),
     )
     .await;
-    // s3s-fs keeps objects as files under its root: audit them there with pyarrow.
-    let blocks = tb.s3_root.join(&tb.s3_bucket).join(&prefix);
-    audit_exact(&tb, &blocks, &produced, &committed);
     let big = jobs(&tb, &ns, "p")
         .await
         .iter()
@@ -175,15 +175,15 @@ async fn a_killed_builder_loses_its_job_to_another_and_nothing_is_lost() {
     };
     victim.kill();
     let _rescuer = spawn_builder(&tb, &ns, "p", "rescuer");
-    let committed = wait_all_committed(
+    wait_committed_then_audit(
         &tb,
         &group,
         &topic,
-        &high_watermarks(&produced),
+        &blocks,
+        &produced,
         Duration::from_secs(300),
     )
     .await;
-    audit_exact(&tb, &blocks, &produced, &committed);
     let retried = jobs(&tb, &ns, "p")
         .await
         .into_iter()
@@ -240,15 +240,15 @@ async fn two_builders_racing_for_fifty_jobs_complete_each_once() {
     .await;
     let a = spawn_builder(&tb, &ns, "p", "racer-a");
     let b = spawn_builder(&tb, &ns, "p", "racer-b");
-    let committed = wait_all_committed(
+    wait_committed_then_audit(
         &tb,
         &group,
         &topic,
-        &high_watermarks(&produced),
+        &blocks,
+        &produced,
         Duration::from_secs(300),
     )
     .await;
-    audit_exact(&tb, &blocks, &produced, &committed);
     let count = |p: &Proc, what: &str| p.log_text().matches(what).count();
     let claims = count(&a, "\"claimed\"") + count(&b, "\"claimed\"");
     let reports = count(&a, "\"reported\"") + count(&b, "\"reported\"");
@@ -309,20 +309,15 @@ async fn an_s3_outage_of_twenty_seconds_is_survived_exactly() {
     server.kill();
     tokio::time::sleep(Duration::from_secs(20)).await;
     server = spawn_s3(&tb, &format!("{ns}-s3"), &root, port);
-    let committed = wait_all_committed(
+    wait_committed_then_audit(
         &tb,
         &group,
         &topic,
-        &high_watermarks(&produced),
+        &root.join("blocksmith").join("outage"),
+        &produced,
         Duration::from_secs(400),
     )
     .await;
-    audit_exact(
-        &tb,
-        &root.join("blocksmith").join("outage"),
-        &produced,
-        &committed,
-    );
     drop(server);
 }
 
@@ -542,13 +537,13 @@ async fn sigterm_stops_claiming_and_finishes_or_releases_the_current_job() {
         "a job still held by the stopped builder"
     );
     let _second = spawn_builder(&tb, &ns, "p", "second");
-    let committed = wait_all_committed(
+    wait_committed_then_audit(
         &tb,
         &group,
         &topic,
-        &high_watermarks(&produced),
+        &blocks,
+        &produced,
         Duration::from_secs(300),
     )
     .await;
-    audit_exact(&tb, &blocks, &produced, &committed);
 }
