@@ -556,14 +556,28 @@ pub fn http_get(port: u16, path: &str) -> String {
         .unwrap_or_default()
 }
 
+/// `(labels, value)` of every sample of `name` in a Prometheus text exposition.
+pub fn prometheus_samples<'a>(text: &'a str, name: &str) -> Vec<(&'a str, f64)> {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (series, value) = l.rsplit_once(' ')?;
+            let (metric, labels) = match series.split_once('{') {
+                Some((m, rest)) => (m, rest.trim_end_matches('}')),
+                None => (series, ""),
+            };
+            (metric == name).then(|| Some((labels, value.parse().ok()?)))?
+        })
+        .collect()
+}
+
 /// Sum of a Prometheus counter family in a text exposition, optionally only the samples
 /// whose labels contain `label` (e.g. `kind="create_job"`).
 pub fn counter_sum(exposition: &str, name: &str, label: Option<&str>) -> f64 {
-    exposition
-        .lines()
-        .filter(|l| l.starts_with(name) && !l.starts_with('#'))
-        .filter(|l| label.is_none_or(|want| l.contains(want)))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+    prometheus_samples(exposition, name)
+        .iter()
+        .filter(|(labels, _)| label.is_none_or(|want| labels.contains(want)))
+        .map(|(_, v)| v)
         .sum()
 }
 

@@ -19,7 +19,7 @@ use blocksmith_crds::domain::LABEL_PIPELINE;
 use blocksmith_crds::{BlockJob, BlockPipeline};
 use blocksmith_e2e::broker;
 use blocksmith_e2e::datagen::{DataSpec, ValueSizes, produce};
-use blocksmith_e2e::scenario::{free_port, http_get, pipeline};
+use blocksmith_e2e::scenario::{counter_sum, free_port, http_get, pipeline, prometheus_samples};
 use clap::Parser;
 use k8s_openapi::api::core::v1::Namespace;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
@@ -272,33 +272,19 @@ impl Drop for Operator {
     }
 }
 
-/// `(labels, value)` of every sample of `name` in a Prometheus text exposition.
-fn samples<'a>(text: &'a str, name: &str) -> Vec<(&'a str, f64)> {
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter_map(|l| {
-            let (series, value) = l.rsplit_once(' ')?;
-            let (metric, labels) = match series.split_once('{') {
-                Some((m, rest)) => (m, rest.trim_end_matches('}')),
-                None => (series, ""),
-            };
-            (metric == name).then(|| Some((labels, value.parse().ok()?)))?
-        })
-        .collect()
-}
-
 fn operator_writes(port: u16) -> f64 {
-    samples(&http_get(port, "/metrics"), "blocksmith_api_writes_total")
-        .iter()
-        .map(|(_, v)| v)
-        .sum()
+    counter_sum(
+        &http_get(port, "/metrics"),
+        "blocksmith_api_writes_total",
+        None,
+    )
 }
 
 /// Reconciles in the window and their p50 and p99 (seconds), interpolated within the
 /// histogram's ×1.5 buckets from the difference of two scrapes.
 fn reconcile_quantiles(before: &str, after: &str) -> (f64, f64, f64) {
     let buckets = |text: &str| -> Vec<(f64, f64)> {
-        samples(text, "blocksmith_reconcile_duration_seconds_bucket")
+        prometheus_samples(text, "blocksmith_reconcile_duration_seconds_bucket")
             .into_iter()
             .filter_map(|(labels, count)| {
                 let le = labels.split("le=\"").nth(1)?.split('"').next()?;
@@ -349,14 +335,13 @@ impl ApiserverMetrics {
         let text = client
             .request_text(http::Request::get("/metrics").body(Vec::new())?)
             .await?;
-        let requests = samples(&text, "apiserver_request_total");
         Ok(ApiserverMetrics {
-            total: requests.iter().map(|(_, v)| v).sum(),
-            blocksmith: requests
-                .iter()
-                .filter(|(l, _)| l.contains("group=\"blocksmith.io\""))
-                .map(|(_, v)| v)
-                .sum(),
+            total: counter_sum(&text, "apiserver_request_total", None),
+            blocksmith: counter_sum(
+                &text,
+                "apiserver_request_total",
+                Some("group=\"blocksmith.io\""),
+            ),
         })
     }
 }
@@ -387,7 +372,7 @@ fn etcd_metric(name: &str) -> anyhow::Result<f64> {
         .arg(format!("{}/metrics", env("BLOCKSMITH_ETCD")?))
         .output()?;
     let text = String::from_utf8_lossy(&out.stdout);
-    samples(&text, name)
+    prometheus_samples(&text, name)
         .first()
         .map(|(_, v)| *v)
         .with_context(|| format!("etcd metric {name} missing"))
