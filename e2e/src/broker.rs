@@ -1,7 +1,12 @@
-//! Client for the testbed broker's control port (see `blocksmith-broker`).
+//! Client for the testbed broker's control port (see `blocksmith-broker`), and private
+//! brokers for tests that inject broker faults without disturbing the other tests.
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+use crate::Testbed;
+use crate::process::Proc;
 
 pub fn control(addr: &str, command: &str) -> anyhow::Result<()> {
     let stream = TcpStream::connect(addr)?;
@@ -16,4 +21,64 @@ pub fn control(addr: &str, command: &str) -> anyhow::Result<()> {
 
 pub fn create_topic(addr: &str, topic: &str, partitions: i32) -> anyhow::Result<()> {
     control(addr, &format!("create-topic {topic} {partitions}"))
+}
+
+/// A one-broker mock cluster of its own (broker id 1).
+pub struct PrivateBroker {
+    pub proc: Proc,
+    pub bootstrap: String,
+    pub control: String,
+}
+
+impl PrivateBroker {
+    pub fn spawn(tb: &Testbed, name: &str) -> PrivateBroker {
+        let ready = tb.dir.join(format!("{name}-broker.json"));
+        let mut cmd = tb.command("blocksmith-broker");
+        cmd.arg("--ready-file").arg(&ready);
+        let proc = tb.spawn(&format!("{name}-broker"), cmd);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let info: serde_json::Value = loop {
+            if let Some(v) = std::fs::read_to_string(&ready)
+                .ok()
+                .and_then(|s| serde_json::from_str(&s).ok())
+            {
+                break v;
+            }
+            assert!(Instant::now() < deadline, "private broker did not start");
+            std::thread::sleep(Duration::from_millis(100));
+        };
+        let field = |k: &str| info[k].as_str().unwrap().to_string();
+        PrivateBroker {
+            proc,
+            bootstrap: field("bootstrap"),
+            control: field("control"),
+        }
+    }
+
+    /// `tb` with this broker in place of the testbed's.
+    pub fn testbed(&self, tb: &Testbed) -> Testbed {
+        Testbed {
+            kafka_bootstrap: self.bootstrap.clone(),
+            kafka_control: self.control.clone(),
+            ..tb.clone()
+        }
+    }
+
+    pub fn create_topic(&self, topic: &str, partitions: i32) {
+        create_topic(&self.control, topic, partitions).expect("create topic");
+    }
+
+    pub fn down(&self) {
+        control(&self.control, "broker-down 1").expect("broker down");
+    }
+
+    pub fn up(&self) {
+        control(&self.control, "broker-up 1").expect("broker up");
+    }
+
+    /// Delays every request by `rtt`, so that reads take seconds instead of milliseconds.
+    pub fn set_round_trip_time(&self, rtt: Duration) {
+        control(&self.control, &format!("broker-rtt 1 {}", rtt.as_millis()))
+            .expect("broker round-trip time");
+    }
 }

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use blocksmith_crds::domain::LABEL_PIPELINE;
-use blocksmith_crds::{BlockJob, BlockPipeline};
+use blocksmith_crds::{BlockJob, BlockPipeline, JobPhase};
 use kube::api::{Api, ListParams, Patch, PatchParams};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
@@ -152,7 +152,12 @@ pub fn blocks_dir(tb: &Testbed, test: &str) -> PathBuf {
 
 /// Produces `spec` to the testbed's broker (on a blocking thread).
 pub async fn produce_data(tb: &Testbed, spec: DataSpec) -> Produced {
-    let bootstrap = tb.kafka_bootstrap.clone();
+    produce_data_to(&tb.kafka_bootstrap, spec).await
+}
+
+/// Produces `spec` to the broker at `bootstrap` (on a blocking thread).
+pub async fn produce_data_to(bootstrap: &str, spec: DataSpec) -> Produced {
+    let bootstrap = bootstrap.to_owned();
     tokio::task::spawn_blocking(move || produce(&bootstrap, &spec))
         .await
         .unwrap()
@@ -184,6 +189,43 @@ where
             "timed out after {timeout:?} waiting for {what}"
         );
         tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// Freezes `builder` (SIGSTOP) while it holds a running job of `pipeline`, and returns that
+/// job once in-flight requests have landed and it is still running on `builder`. Jobs must
+/// take seconds (see [`crate::broker::PrivateBroker::set_round_trip_time`]) for this to be
+/// quick.
+pub async fn freeze_in_a_job(
+    tb: &Testbed,
+    ns: &str,
+    pipeline: &str,
+    builder: &Proc,
+    holder: &str,
+) -> BlockJob {
+    let holds = |j: &BlockJob| {
+        j.phase() == JobPhase::Running
+            && j.status
+                .as_ref()
+                .and_then(|s| s.lease.as_ref())
+                .is_some_and(|l| l.holder == holder)
+    };
+    loop {
+        let what = format!("{holder} running a job");
+        let job = wait_for(&what, Duration::from_secs(60), || async {
+            jobs(tb, ns, pipeline).await.into_iter().find(holds)
+        })
+        .await;
+        builder.signal("STOP");
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let now = jobs(tb, ns, pipeline)
+            .await
+            .into_iter()
+            .find(|j| j.metadata.name == job.metadata.name);
+        if let Some(now) = now.filter(holds) {
+            return now;
+        }
+        builder.signal("CONT");
     }
 }
 

@@ -2,11 +2,12 @@
 //!
 //! Writes `{"bootstrap": "...", "control": "..."}` to `--ready-file` (and stdout) once up.
 //! The control address takes one command per line and answers `ok` or `error: ...`:
-//!   create-topic NAME PARTITIONS | broker-down ID | broker-up ID | ping
+//!   create-topic NAME PARTITIONS | broker-down ID | broker-up ID | broker-rtt ID MILLIS | ping
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::PathBuf;
+use std::time::Duration;
 
 use clap::Parser;
 use rdkafka::mocking::MockCluster;
@@ -78,6 +79,10 @@ fn execute(
         }
         ["broker-down", id] => Ok(cluster.broker_down(id.parse()?)?),
         ["broker-up", id] => Ok(cluster.broker_up(id.parse()?)?),
+        ["broker-rtt", id, millis] => {
+            Ok(cluster
+                .broker_round_trip_time(id.parse()?, Duration::from_millis(millis.parse()?))?)
+        }
         ["ping"] => Ok(()),
         _ => anyhow::bail!("unknown command {words:?}"),
     }

@@ -7,6 +7,7 @@ use std::time::Duration;
 use blocksmith_crds::domain::default_consumer_group;
 use blocksmith_crds::{BlockJob, JobPhase};
 use blocksmith_e2e::Testbed;
+use blocksmith_e2e::broker::PrivateBroker;
 use blocksmith_e2e::datagen::{DataSpec, ValueSizes};
 use blocksmith_e2e::process::Proc;
 use blocksmith_e2e::scenario::*;
@@ -122,8 +123,12 @@ async fn builders_write_to_s3_including_multipart_blocks() {
 
 #[tokio::test]
 async fn a_killed_builder_loses_its_job_to_another_and_nothing_is_lost() {
-    let tb = Testbed::get().await;
-    let ns = tb.namespace("bld-kill").await;
+    let shared = Testbed::get().await;
+    let ns = shared.namespace("bld-kill").await;
+    // A broker of its own, slowed to a 300 ms round trip while the victim is caught in a
+    // job: jobs then take seconds instead of milliseconds.
+    let broker = PrivateBroker::spawn(&shared, &ns);
+    let tb = broker.testbed(&shared);
     let group = default_consumer_group(&ns, "p");
     let topic = tb.topic("bld-kill", 2);
     let spec = DataSpec {
@@ -140,39 +145,11 @@ async fn a_killed_builder_loses_its_job_to_another_and_nothing_is_lost() {
     )
     .await;
     let _op = spawn_operator(&tb, &ns, "op");
+    broker.set_round_trip_time(Duration::from_millis(300));
     let mut victim = spawn_builder(&tb, &ns, "p", "victim");
-    let running_on_victim = |j: &BlockJob| {
-        j.phase() == JobPhase::Running
-            && j.status
-                .as_ref()
-                .and_then(|s| s.lease.as_ref())
-                .is_some_and(|l| l.holder == "victim")
-    };
-    // Freeze the victim (SIGSTOP) while it holds a job, check the job is still running on it
-    // once in-flight requests have landed, then SIGKILL it: killed mid-job for sure.
-    let held = loop {
-        let job = wait_for(
-            "the victim running a job",
-            Duration::from_secs(60),
-            || async {
-                jobs(&tb, &ns, "p")
-                    .await
-                    .into_iter()
-                    .find(running_on_victim)
-            },
-        )
-        .await;
-        victim.signal("STOP");
-        tokio::time::sleep(Duration::from_secs(1)).await;
-        let now = jobs(&tb, &ns, "p")
-            .await
-            .into_iter()
-            .find(|j| j.metadata.name == job.metadata.name);
-        if let Some(now) = now.filter(running_on_victim) {
-            break now;
-        }
-        victim.signal("CONT");
-    };
+    // Frozen while it holds a job, then SIGKILLed: killed mid-job for sure.
+    let held = freeze_in_a_job(&tb, &ns, "p", &victim, "victim").await;
+    broker.set_round_trip_time(Duration::ZERO);
     victim.kill();
     let _rescuer = spawn_builder(&tb, &ns, "p", "rescuer");
     wait_committed_then_audit(

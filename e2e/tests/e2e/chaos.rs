@@ -13,8 +13,8 @@ use std::time::{Duration, Instant};
 use blocksmith_crds::domain::default_consumer_group;
 use blocksmith_e2e::Testbed;
 use blocksmith_e2e::apiserver::PrivateApiserver;
-use blocksmith_e2e::broker;
-use blocksmith_e2e::datagen::{DataSpec, ValueSizes, produce};
+use blocksmith_e2e::broker::PrivateBroker;
+use blocksmith_e2e::datagen::{DataSpec, ValueSizes};
 use blocksmith_e2e::process::Proc;
 use blocksmith_e2e::scenario::*;
 use rand::rngs::StdRng;
@@ -26,31 +26,9 @@ use serde_json::json;
 const RECORDS_PER_PARTITION: u64 = 25_000;
 
 struct Servers {
-    broker: Proc,
-    bootstrap: String,
-    control: String,
+    broker: PrivateBroker,
     s3_root: PathBuf,
     s3_port: u16,
-}
-
-fn spawn_broker(tb: &Testbed, name: &str) -> (Proc, String, String) {
-    let ready = tb.dir.join(format!("{name}-broker.json"));
-    let mut cmd = tb.command("blocksmith-broker");
-    cmd.arg("--ready-file").arg(&ready);
-    let proc = tb.spawn(&format!("{name}-broker"), cmd);
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let info: serde_json::Value = loop {
-        if let Some(v) = std::fs::read_to_string(&ready)
-            .ok()
-            .and_then(|s| serde_json::from_str(&s).ok())
-        {
-            break v;
-        }
-        assert!(Instant::now() < deadline, "private broker did not start");
-        std::thread::sleep(Duration::from_millis(100));
-    };
-    let field = |k: &str| info[k].as_str().unwrap().to_string();
-    (proc, field("bootstrap"), field("control"))
 }
 
 fn chaos_builder(tb: &Testbed, ns: &str, id: &str, s3_port: u16) -> Proc {
@@ -98,29 +76,23 @@ async fn run(shared: &Testbed, seed: u64, records: u64) {
     let (mut apiserver, tb) = PrivateApiserver::start(shared, &tag).await;
     let tb = &tb;
     let ns = tb.namespace(&format!("chaos-{seed}")).await;
-    let (broker, bootstrap, control) = spawn_broker(tb, &ns);
+    let broker = PrivateBroker::spawn(tb, &ns);
     let s3_root = tb.dir.join(format!("{ns}-s3"));
     std::fs::create_dir_all(s3_root.join("blocksmith")).unwrap();
     let mut servers = Servers {
         broker,
-        bootstrap,
-        control,
         s3_port: free_port(),
         s3_root,
     };
     let mut s3 = spawn_s3(tb, &format!("{ns}-s3"), &servers.s3_root, servers.s3_port);
 
-    broker::create_topic(&servers.control, "chaos", partitions).unwrap();
+    servers.broker.create_topic("chaos", partitions);
     let spec = DataSpec {
         seed,
         value_sizes: ValueSizes::Fixed(100),
         ..DataSpec::new("chaos", partitions, records)
     };
-    let b = servers.bootstrap.clone();
-    let produced = tokio::task::spawn_blocking(move || produce(&b, &spec))
-        .await
-        .unwrap()
-        .expect("produce");
+    let produced = produce_data_to(&servers.broker.bootstrap, spec).await;
 
     let jobs = json!({"maxRecords": 1000, "leaseDurationSeconds": 4, "backoffLimit": 1000});
     apply_pipeline(
@@ -129,7 +101,7 @@ async fn run(shared: &Testbed, seed: u64, records: u64) {
         &pipeline(
             "p",
             "chaos",
-            &servers.bootstrap,
+            &servers.broker.bootstrap,
             "s3://blocksmith/chaos",
             jobs,
         ),
@@ -146,14 +118,6 @@ async fn run(shared: &Testbed, seed: u64, records: u64) {
         .map(|(p, (_, high))| (*p, *high))
         .collect();
     let group = default_consumer_group(&ns, "p");
-    let committed = |servers: &Servers| {
-        let (b, g) = (servers.bootstrap.clone(), group.clone());
-        async move {
-            tokio::task::spawn_blocking(move || committed_offsets(&b, &g, "chaos", partitions))
-                .await
-                .unwrap_or_default()
-        }
-    };
     let mut faults = Faults::default();
     let started = Instant::now();
     let deadline = started + Duration::from_secs(300 + records / 2500);
@@ -186,14 +150,14 @@ async fn run(shared: &Testbed, seed: u64, records: u64) {
                     faults.operator_restarts += 1;
                 }
                 2 => {
-                    broker::control(&servers.control, "broker-down 1").unwrap();
+                    servers.broker.down();
                     // The first outage is 20 s; later ones 5–20 s.
                     let down = match faults.broker_outages {
                         0 => 20,
                         _ => rng.random_range(5..=20),
                     };
                     tokio::time::sleep(Duration::from_secs(down)).await;
-                    broker::control(&servers.control, "broker-up 1").unwrap();
+                    servers.broker.up();
                     faults.broker_outages += 1;
                 }
                 3 => {
@@ -222,7 +186,7 @@ async fn run(shared: &Testbed, seed: u64, records: u64) {
                 faults.respawned += 1;
             }
         }
-        let c = committed(&servers).await;
+        let c = group_offsets(&servers.broker.bootstrap, &group, "chaos", partitions).await;
         for (p, o) in &c {
             assert!(
                 *o <= want[p],
@@ -255,5 +219,5 @@ async fn run(shared: &Testbed, seed: u64, records: u64) {
         report["problems"]
     );
     assert!(exact, "seed {seed}: audit not exact: {report}");
-    servers.broker.kill();
+    servers.broker.proc.kill();
 }
