@@ -14,6 +14,9 @@ pub struct Manifest {
     pub pipeline: String,
     pub topic: String,
     pub partition: i32,
+    /// The Kafka cluster the offsets belong to, when the job recorded it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kafka_cluster_id: Option<String>,
     /// The job's half-open range `[startOffset, endOffset)`; records may not fill it.
     pub start_offset: i64,
     pub end_offset: i64,
@@ -45,6 +48,7 @@ impl Manifest {
             pipeline: job.pipeline.clone(),
             topic: job.topic.clone(),
             partition: job.partition,
+            kafka_cluster_id: job.kafka_cluster_id.clone(),
             start_offset: job.start_offset,
             end_offset: job.end_offset,
             records: stats.records,
@@ -57,6 +61,20 @@ impl Manifest {
             format: format.to_owned(),
             compression: compression.to_owned(),
             schema_version: SCHEMA_VERSION,
+        }
+    }
+
+    /// Refuses a block of another Kafka cluster found under this job's key: the same topic,
+    /// partition and offsets of another cluster are other records. Blocks or jobs that
+    /// recorded no cluster are taken as the same.
+    pub fn check_cluster(&self, job: &BlockJobSpec, url: &str) -> Result<(), OtherCluster> {
+        match (&self.kafka_cluster_id, &job.kafka_cluster_id) {
+            (Some(found), Some(job_cluster)) if found != job_cluster => Err(OtherCluster {
+                url: url.to_owned(),
+                found: found.clone(),
+                job_cluster: job_cluster.clone(),
+            }),
+            _ => Ok(()),
         }
     }
 
@@ -74,6 +92,18 @@ impl Manifest {
     }
 }
 
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "{url} holds a block of Kafka cluster {found:?}, not of this job's cluster {job_cluster:?}: \
+     the same topic, partition and offsets of another cluster were written to this output \
+     location before. Nothing was overwritten; give this pipeline its own spec.output.url"
+)]
+pub struct OtherCluster {
+    url: String,
+    found: String,
+    job_cluster: String,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -87,6 +117,7 @@ mod tests {
             start_offset: 120_000,
             end_offset: 130_000,
             bootstrap_servers: "kafka:9092".into(),
+            kafka_cluster_id: None,
             lease_duration_seconds: 30,
             output: JobOutputSpec {
                 url: "s3://bucket/prefix".into(),
@@ -138,5 +169,35 @@ mod tests {
     fn manifest_rejects_garbage() {
         assert!(Manifest::from_bytes(b"{\"pipeline\": \"x\"}").is_err());
         assert!(Manifest::from_bytes(b"not json").is_err());
+    }
+
+    #[test]
+    fn a_block_of_another_cluster_is_refused_and_unknown_clusters_pass() {
+        let spec = |cluster: Option<&str>| BlockJobSpec {
+            kafka_cluster_id: cluster.map(str::to_owned),
+            ..job()
+        };
+        let stats = BlockStats::default();
+        let url = "s3://bucket/prefix/x.manifest.json";
+        let a = Manifest::new(&spec(Some("A")), &stats);
+        assert!(a.check_cluster(&spec(Some("A")), url).is_ok());
+        assert!(a.check_cluster(&spec(None), url).is_ok());
+        assert!(
+            Manifest::new(&spec(None), &stats)
+                .check_cluster(&spec(Some("B")), url)
+                .is_ok()
+        );
+        let err = a
+            .check_cluster(&spec(Some("B")), url)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("s3://bucket/prefix/x.manifest.json holds a block of Kafka cluster \"A\", not of this job's cluster \"B\""),
+            "{err}"
+        );
+        assert!(
+            err.contains("give this pipeline its own spec.output.url"),
+            "{err}"
+        );
     }
 }

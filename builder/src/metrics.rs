@@ -141,6 +141,7 @@ impl Metrics {
             BuildError::Block(_) => "parquet",
             BuildError::Store(_) => "object_store",
             BuildError::RecordTooLarge(_) => "record_too_large",
+            BuildError::OtherCluster(_) => "other_cluster",
             BuildError::Io(_) => "io",
             BuildError::Cancelled => "cancelled",
         };

@@ -12,7 +12,7 @@ use blocksmith_crds::{BlockJobSpec, JobOutput};
 use tracing::info;
 
 use crate::block::{BlockError, BlockOptions, BlockWriter};
-use crate::manifest::Manifest;
+use crate::manifest::{Manifest, OtherCluster};
 use crate::reader::{ReadError, ReaderConfig, read_range};
 use crate::record::{RecordTooLarge, check_size, record_limit};
 use crate::store::{BlockStore, ManifestPut, StoreError, UploadSettings};
@@ -27,6 +27,8 @@ pub enum BuildError {
     Store(#[from] StoreError),
     #[error(transparent)]
     RecordTooLarge(#[from] RecordTooLarge),
+    #[error(transparent)]
+    OtherCluster(#[from] OtherCluster),
     #[error("local scratch file: {0}")]
     Io(#[from] std::io::Error),
     #[error("cancelled")]
@@ -63,6 +65,7 @@ pub async fn build_block(
     // block rather than rebuild it: a rebuilt data object would overwrite the bytes its
     // manifest vouches for, and they differ if the builder version (parquet, zstd) changed.
     if let Some(m) = store.existing_manifest(&manifest_at).await? {
+        m.check_cluster(job, &store.url_of(&manifest_at))?;
         info!(
             topic = %job.topic, partition = job.partition, start = job.start_offset, end = job.end_offset,
             records = m.records, "block already committed by an earlier attempt; reporting it"

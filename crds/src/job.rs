@@ -42,6 +42,10 @@ pub struct BlockJobSpec {
     #[schemars(range(min = 1))]
     pub end_offset: i64,
     pub bootstrap_servers: String,
+    /// The id of the Kafka cluster whose offsets the range counts, as its brokers reported it
+    /// when the job was planned: offsets of another cluster are never committed for it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kafka_cluster_id: Option<String>,
     /// Copied from the pipeline: how long a builder's lease lasts without renewal.
     #[schemars(range(min = 3))]
     pub lease_duration_seconds: i32,

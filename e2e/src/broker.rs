@@ -5,6 +5,9 @@ use std::io::{BufRead, BufReader, Write};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
+use rdkafka::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+
 use crate::Testbed;
 use crate::process::Proc;
 
@@ -66,6 +69,18 @@ impl PrivateBroker {
 
     pub fn create_topic(&self, topic: &str, partitions: i32) {
         create_topic(&self.control, topic, partitions).expect("create topic");
+    }
+
+    /// The cluster id its Metadata responses carry (unique per mock cluster).
+    pub fn cluster_id(&self) -> String {
+        let client: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", &self.bootstrap)
+            .create()
+            .expect("kafka client");
+        client
+            .client()
+            .fetch_cluster_id(Duration::from_secs(10))
+            .expect("the broker reports a cluster id")
     }
 
     pub fn down(&self) {

@@ -313,15 +313,29 @@ pub async fn pipeline_events(
 
 /// Waits up to 30 s for an Event on `pipeline` with `reason`; returns its note.
 pub async fn wait_event(tb: &Testbed, ns: &str, pipeline: &str, reason: &str) -> String {
+    let what = format!("a {reason} Event");
+    wait_event_where(tb, ns, pipeline, &what, |_, r, _| r == reason)
+        .await
+        .2
+}
+
+/// Waits for an Event on `pipeline` (type, reason, note) that `matches`: the operator posts
+/// Events after the status they go with, so they can trail a condition a test waited for.
+pub async fn wait_event_where(
+    tb: &Testbed,
+    ns: &str,
+    pipeline: &str,
+    what: &str,
+    matches: impl Fn(&str, &str, &str) -> bool,
+) -> (String, String, String) {
     wait_for(
-        &format!("a {reason} Event on {pipeline}"),
+        &format!("{what} on {pipeline}"),
         Duration::from_secs(30),
         || async {
             pipeline_events(tb, ns, pipeline)
                 .await
                 .into_iter()
-                .find(|(_, r, _)| r == reason)
-                .map(|(_, _, note)| note)
+                .find(|(t, r, n)| matches(t, r, n))
         },
     )
     .await

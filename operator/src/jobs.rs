@@ -169,9 +169,13 @@ pub fn desired_job(bp: &BlockPipeline, spec: BlockJobSpec, phase: JobPhase) -> B
     job
 }
 
-/// The immutable spec of a newly planned job: the range plus the pipeline's output settings
-/// as they are now.
-pub fn job_spec(bp: &BlockPipeline, planned: &PlannedJob) -> BlockJobSpec {
+/// The immutable spec of a newly planned job: the range, the cluster it counts offsets of,
+/// and the pipeline's output settings as they are now.
+pub fn job_spec(
+    bp: &BlockPipeline,
+    planned: &PlannedJob,
+    kafka_cluster_id: Option<String>,
+) -> BlockJobSpec {
     let o = &bp.spec.output;
     BlockJobSpec {
         pipeline: bp.name_any(),
@@ -180,6 +184,7 @@ pub fn job_spec(bp: &BlockPipeline, planned: &PlannedJob) -> BlockJobSpec {
         start_offset: planned.start,
         end_offset: planned.end,
         bootstrap_servers: bp.spec.kafka.bootstrap_servers.clone(),
+        kafka_cluster_id,
         lease_duration_seconds: bp.spec.jobs.lease_duration_seconds,
         output: JobOutputSpec {
             url: o.url.clone(),

@@ -209,6 +209,12 @@ impl KafkaOffsets {
         )
     }
 
+    /// The cluster id the brokers report (Kafka ≥ 0.10.1), which tells one cluster from
+    /// another whatever the bootstrap addresses.
+    pub fn cluster_id(&self) -> Option<String> {
+        self.consumer.client().fetch_cluster_id(self.timeout)
+    }
+
     /// The topic's partitions, or the requested subset after checking it exists.
     pub fn partitions(&self, topic: &str, subset: Option<&[i32]>) -> Result<Vec<i32>, KafkaError> {
         self.serve_events(Duration::ZERO);

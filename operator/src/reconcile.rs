@@ -29,7 +29,7 @@ use crate::planner::{
     ExistingJob, PartitionOffsets, PartitionPlanError, PlanPolicy, plan_partition,
 };
 use crate::status;
-use crate::validate::{validate, validate_topic_unchanged};
+use crate::validate::{validate, validate_cluster_unchanged, validate_topic_unchanged};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -196,10 +196,17 @@ async fn reconcile_inner(bp: &BlockPipeline, ctx: &Context) -> Result<Action, Er
                     observed.problems.insert(0, kafka_problem(&e));
                     status.partitions = old.partitions.clone();
                 }
-                Ok((kafka, offsets)) => {
+                Ok(mut kafka) => {
+                    let clusters = jobs.iter().map(|j| j.spec.kafka_cluster_id.as_deref());
+                    if let Err(e) =
+                        validate_cluster_unchanged(&name, kafka.cluster_id.as_deref(), clusters)
+                    {
+                        return invalid_spec(bp, ctx, &old, status, observed, now, e.to_string())
+                            .await;
+                    }
                     let topic = bp.spec.kafka.topic.clone();
                     let mut new_commits = BTreeMap::new();
-                    for po in &offsets {
+                    for po in &kafka.offsets {
                         if let Some(c) = po.committed {
                             let next = next_commit(c, &job_ranges(&by_partition, po.partition));
                             if next > c {
@@ -207,13 +214,12 @@ async fn reconcile_inner(bp: &BlockPipeline, ctx: &Context) -> Result<Action, Er
                             }
                         }
                     }
-                    let mut offsets = offsets;
                     if !new_commits.is_empty() {
-                        match commit(&kafka, &topic, new_commits.clone()).await {
+                        match commit(&kafka.client, &topic, new_commits.clone()).await {
                             Ok(()) => {
                                 ctx.metrics.commit(&ns, &name);
                                 status.last_commit_time = Some(Time(now));
-                                for po in &mut offsets {
+                                for po in &mut kafka.offsets {
                                     if let Some(n) = new_commits.get(&po.partition) {
                                         po.committed = Some(*n);
                                     }
@@ -231,7 +237,6 @@ async fn reconcile_inner(bp: &BlockPipeline, ctx: &Context) -> Result<Action, Er
                         ctx,
                         &store,
                         &kafka,
-                        &offsets,
                         &by_partition,
                         &old,
                         policy,
@@ -243,7 +248,7 @@ async fn reconcile_inner(bp: &BlockPipeline, ctx: &Context) -> Result<Action, Er
                     if outcome == PlanOutcome::CacheBehind {
                         wake = Some(now);
                     }
-                    for po in &offsets {
+                    for po in &kafka.offsets {
                         if let Some(c) = po.committed {
                             committed_now.insert(po.partition, c);
                         }
@@ -477,8 +482,7 @@ async fn plan_and_create(
     bp: &BlockPipeline,
     ctx: &Context,
     store: &JobStore,
-    kafka: &Arc<KafkaOffsets>,
-    offsets: &[PartitionOffsets],
+    kafka: &KafkaRead,
     by_partition: &BTreeMap<i32, Vec<&BlockJob>>,
     old: &BlockPipelineStatus,
     policy: PlanPolicy,
@@ -491,7 +495,7 @@ async fn plan_and_create(
     let mut initial_commits = BTreeMap::new();
     let mut skipped = Vec::new();
     let mut new_jobs = Vec::new();
-    for po in offsets {
+    for po in &kafka.offsets {
         let existing = job_ranges(by_partition, po.partition);
         let old_p = old.partitions.iter().find(|p| p.partition == po.partition);
         let tail_since = old_p.and_then(|p| p.tail_since.as_ref()).map(|t| t.0);
@@ -531,7 +535,7 @@ async fn plan_and_create(
     if !initial_commits.is_empty() {
         // Without a committed offset the start would move with the watermarks; make it durable
         // before planning from it.
-        if let Err(e) = commit(kafka, &bp.spec.kafka.topic, initial_commits.clone()).await {
+        if let Err(e) = commit(&kafka.client, &bp.spec.kafka.topic, initial_commits.clone()).await {
             observed.problems.insert(0, kafka_problem(&e));
             return Ok(PlanOutcome::Done);
         }
@@ -553,7 +557,8 @@ async fn plan_and_create(
         info!(namespace = %ns, pipeline = %name, jobs = new_jobs.len(), "planning jobs");
     }
     for planned in &new_jobs {
-        let job = jobs::desired_job(bp, jobs::job_spec(bp, planned), JobPhase::Pending);
+        let spec = jobs::job_spec(bp, planned, kafka.cluster_id.clone());
+        let job = jobs::desired_job(bp, spec, JobPhase::Pending);
         if store.create(&job).await?.is_none() {
             // The watch cache is behind what was created before; plan again once it caught up.
             info!(namespace = %ns, pipeline = %name, job = %job.name_any(), "job exists already; job cache behind, planning again shortly");
@@ -584,23 +589,34 @@ fn job_ranges(by_partition: &BTreeMap<i32, Vec<&BlockJob>>, partition: i32) -> V
         .collect()
 }
 
+/// One reading of the pipeline's Kafka cluster.
+struct KafkaRead {
+    client: Arc<KafkaOffsets>,
+    cluster_id: Option<String>,
+    offsets: Vec<PartitionOffsets>,
+}
+
 async fn read_offsets(
     ctx: &Context,
     key: &str,
     conn: KafkaConnection,
     bp: &BlockPipeline,
-) -> Result<(Arc<KafkaOffsets>, Vec<PartitionOffsets>), KafkaError> {
-    let kafka = ctx.kafka_for(key, conn)?;
+) -> Result<KafkaRead, KafkaError> {
+    let client = ctx.kafka_for(key, conn)?;
     let topic = bp.spec.kafka.topic.clone();
     let subset = bp.spec.kafka.partitions.clone();
-    let k = kafka.clone();
-    let offsets = tokio::task::spawn_blocking(move || {
+    let k = client.clone();
+    let (cluster_id, offsets) = tokio::task::spawn_blocking(move || {
         let partitions = k.partitions(&topic, subset.as_deref())?;
-        k.offsets(&topic, &partitions)
+        Ok::<_, KafkaError>((k.cluster_id(), k.offsets(&topic, &partitions)?))
     })
     .await
     .map_err(|e| KafkaError::Unavailable(e.to_string()))??;
-    Ok((kafka, offsets))
+    Ok(KafkaRead {
+        client,
+        cluster_id,
+        offsets,
+    })
 }
 
 async fn commit(

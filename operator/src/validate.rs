@@ -180,28 +180,66 @@ pub fn validate_topic_unchanged<'a>(
     job_topics: impl IntoIterator<Item = &'a str>,
 ) -> Result<(), InvalidSpec> {
     let topic = spec.kafka.topic.as_str();
-    let mut others: Vec<&str> = job_topics.into_iter().filter(|t| *t != topic).collect();
-    if others.is_empty() {
+    let Some((jobs, others)) = others(topic, job_topics) else {
         return Ok(());
-    }
-    let jobs = others.len();
-    others.sort_unstable();
-    others.dedup();
-    let others = others
-        .iter()
-        .map(|t| format!("{t:?}"))
-        .collect::<Vec<_>>()
-        .join(", ");
+    };
     Err(invalid(
         "kafka.topic",
         format!(
             "changed to {topic:?} while {jobs} job(s) of topic {others} exist; one topic's \
              offsets cannot be committed for another, so nothing is committed or planned. Set \
-             it back, or create a new pipeline for {topic:?}. To move this pipeline anyway, \
-             delete its jobs (kubectl delete blockjobs -l blocksmith.io/pipeline={pipeline}); \
-             offsets of {others} not committed by then are never written"
+             it back, or create a new pipeline for {topic:?}. {}",
+            delete_jobs_to_move(pipeline, &format!("offsets of {others}"))
         ),
     ))
+}
+
+/// The same for the Kafka cluster: bootstrap servers may change to other brokers of the same
+/// cluster, but a topic of the same name in another cluster has other offsets. `cluster` is
+/// the id the brokers report now (`None`: they report none, nothing to check); `job_clusters`
+/// the id each existing job recorded (`None` for jobs that recorded none).
+pub fn validate_cluster_unchanged<'a>(
+    pipeline: &str,
+    cluster: Option<&str>,
+    job_clusters: impl IntoIterator<Item = Option<&'a str>>,
+) -> Result<(), InvalidSpec> {
+    let Some(cluster) = cluster else {
+        return Ok(());
+    };
+    let Some((jobs, others)) = others(cluster, job_clusters.into_iter().flatten()) else {
+        return Ok(());
+    };
+    Err(invalid(
+        "kafka.bootstrapServers",
+        format!(
+            "now reaches Kafka cluster {cluster:?} while {jobs} job(s) of cluster {others} \
+             exist; one cluster's offsets cannot be committed for another, so nothing is \
+             committed or planned. Set it back to a broker of cluster {others}, or create a new \
+             pipeline for the other cluster, with its own spec.output.url (block keys name the \
+             topic, partition and offsets, not the cluster). {}",
+            delete_jobs_to_move(pipeline, &format!("offsets in cluster {others}"))
+        ),
+    ))
+}
+
+/// How many of `values` differ from `current`, and those values, quoted and deduplicated.
+fn others<'a>(current: &str, values: impl IntoIterator<Item = &'a str>) -> Option<(usize, String)> {
+    let mut others: Vec<&str> = values.into_iter().filter(|v| *v != current).collect();
+    if others.is_empty() {
+        return None;
+    }
+    let count = others.len();
+    others.sort_unstable();
+    others.dedup();
+    let quoted: Vec<String> = others.iter().map(|v| format!("{v:?}")).collect();
+    Some((count, quoted.join(", ")))
+}
+
+fn delete_jobs_to_move(pipeline: &str, lost: &str) -> String {
+    format!(
+        "To move this pipeline anyway, delete its jobs (kubectl delete blockjobs -l \
+         blocksmith.io/pipeline={pipeline}); {lost} not committed by then are never written"
+    )
 }
 
 #[cfg(test)]
@@ -306,6 +344,32 @@ mod tests {
         );
         assert!(msg.contains("2 job(s) of topic \"payments\""), "{msg}");
         assert!(msg.contains("create a new pipeline"), "{msg}");
+        assert!(
+            msg.contains("kubectl delete blockjobs -l blocksmith.io/pipeline=p)"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn jobs_of_another_cluster_stop_the_pipeline_with_the_way_out() {
+        let jobs = [Some("c1"), None, Some("c1")];
+        assert_eq!(validate_cluster_unchanged("p", Some("c1"), jobs), Ok(()));
+        assert_eq!(validate_cluster_unchanged("p", None, jobs), Ok(()));
+        assert_eq!(validate_cluster_unchanged("p", Some("c2"), [None]), Ok(()));
+        let err = validate_cluster_unchanged("p", Some("c2"), jobs).unwrap_err();
+        assert_eq!(err.field, "kafka.bootstrapServers");
+        let msg = err.to_string();
+        assert!(
+            msg.starts_with(
+                "spec.kafka.bootstrapServers: now reaches Kafka cluster \"c2\" while 2 job(s) of cluster \"c1\" exist"
+            ),
+            "{msg}"
+        );
+        assert!(
+            msg.contains("Set it back to a broker of cluster \"c1\""),
+            "{msg}"
+        );
+        assert!(msg.contains("with its own spec.output.url"), "{msg}");
         assert!(
             msg.contains("kubectl delete blockjobs -l blocksmith.io/pipeline=p)"),
             "{msg}"

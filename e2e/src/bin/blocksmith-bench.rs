@@ -495,6 +495,7 @@ fn build_blocks(
             start_offset: job.start,
             end_offset: job.end,
             bootstrap_servers: bootstrap.into(),
+            kafka_cluster_id: None,
             lease_duration_seconds: 60,
             output: JobOutputSpec {
                 url: format!("file://{}", blocks.display()),

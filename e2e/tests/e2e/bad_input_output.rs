@@ -88,13 +88,11 @@ async fn assert_job_failure_reported(
         degraded.contains(mentions) && degraded.contains(&format!("held at offset {held_at}")),
         "{degraded}"
     );
-    let events = pipeline_events(tb, ns, "p").await;
-    assert!(
-        events
-            .iter()
-            .any(|(t, r, n)| t == "Warning" && r == "JobFailed" && n.contains(event_mentions)),
-        "no JobFailed Event naming {event_mentions:?}: {events:?}"
-    );
+    let what = format!("a JobFailed Warning naming {event_mentions:?}");
+    wait_event_where(tb, ns, "p", &what, |t, r, n| {
+        t == "Warning" && r == "JobFailed" && n.contains(event_mentions)
+    })
+    .await;
 }
 
 /// Failed for good: failed on the last attempt the backoff limit allows.
@@ -688,61 +686,84 @@ async fn changing_max_records_compression_and_url_mid_run_applies_to_new_jobs_on
     assert_eq!(files(&blocks.join("b")).len(), 8);
 }
 
-#[tokio::test]
-async fn changing_the_topic_mid_run_is_invalid_and_never_commits_one_topics_jobs_to_another() {
-    let tb = Testbed::get().await;
-    let ns = tb.namespace("bio-topic").await;
-    let group = default_consumer_group(&ns, "p");
-    let old_topic = tb.topic("bio-topic-old", 1);
-    let new_topic = tb.topic("bio-topic-new", 1);
-    let old_data = produce_data(&tb, fixed(&old_topic, 1, 3000, 100, 1)).await;
-    let new_data = produce_data(&tb, fixed(&new_topic, 1, 2000, 100, 2)).await;
-    let blocks = blocks_dir(&tb, "topic");
-    let url = format!("file://{}", blocks.display());
-    let on = |topic: &str| {
+/// Where a pipeline reads and writes: `spec.kafka` (through `tb`'s broker), the data produced
+/// there, and `spec.output.url`.
+struct Source {
+    tb: Testbed,
+    topic: String,
+    data: Produced,
+    blocks: PathBuf,
+}
+
+impl Source {
+    fn pipeline(&self) -> BlockPipeline {
+        let url = format!("file://{}", self.blocks.display());
         pipeline(
             "p",
-            topic,
-            &tb.kafka_bootstrap,
+            &self.topic,
+            &self.tb.kafka_bootstrap,
             &url,
             json!({"maxRecords": 1000}),
         )
-    };
-    apply_pipeline(&tb, &ns, &on(&old_topic)).await;
-    let _op = spawn_operator(&tb, &ns, "op");
-    wait_for("3 jobs planned", Duration::from_secs(60), || async {
-        (jobs(&tb, &ns, "p").await.len() == 3).then_some(())
-    })
-    .await;
+    }
 
-    // Changed while the old topic's jobs are still to run.
-    apply_pipeline(&tb, &ns, &on(&new_topic)).await;
-    let (_, reason, message) = wait_for("InvalidSpec", Duration::from_secs(30), || async {
-        let c = condition(&get_pipeline(&tb, &ns, "p").await, "Ready")?;
-        (c.1 == "InvalidSpec").then_some(c)
+    async fn committed(&self, group: &str) -> BTreeMap<i32, i64> {
+        group_offsets(&self.tb.kafka_bootstrap, group, &self.topic, 1).await
+    }
+
+    async fn wait_committed_then_audit(&self, group: &str, timeout: Duration) {
+        let blocks = self.blocks.join(&self.topic);
+        wait_committed_then_audit(&self.tb, group, &self.topic, &blocks, &self.data, timeout).await;
+    }
+}
+
+/// Pipeline `p` reads `old` (3,000 records, one partition, 3 jobs), then `spec.kafka.{field}`
+/// changes to read `new`, whose offsets are other records: it must be `InvalidSpec` with
+/// `old_jobs` in the message, commit nothing to either while the old jobs exist, commit the
+/// old work once set back, and move to `new` once the old jobs are deleted as the message
+/// says; every block audited.
+async fn a_source_change_mid_run_commits_no_jobs_of_the_old_source_for_the_new(
+    ns: &str,
+    field: &str,
+    old: &Source,
+    new: &Source,
+    old_jobs: &str,
+) {
+    let tb = &old.tb;
+    let group = default_consumer_group(ns, "p");
+    apply_pipeline(tb, ns, &old.pipeline()).await;
+    let _op = spawn_operator(tb, ns, "op");
+    wait_for("3 jobs planned", Duration::from_secs(60), || async {
+        (jobs(tb, ns, "p").await.len() == 3).then_some(())
     })
     .await;
-    assert_eq!(reason, "InvalidSpec");
+    let invalid = || async {
+        wait_for("InvalidSpec", Duration::from_secs(30), || async {
+            let c = condition(&get_pipeline(tb, ns, "p").await, "Ready")?;
+            (c.1 == "InvalidSpec").then_some(c.2)
+        })
+        .await
+    };
+
+    // Changed while the old source's jobs are still to run.
+    apply_pipeline(tb, ns, &new.pipeline()).await;
+    let message = invalid().await;
     assert!(
-        message.starts_with("spec.kafka.topic: ")
-            && message.contains(&format!("3 job(s) of topic {old_topic:?}"))
+        message.starts_with(&format!("spec.kafka.{field}: "))
+            && message.contains(old_jobs)
             && message.contains("create a new pipeline"),
         "{message}"
     );
-    assert!(
-        pipeline_events(&tb, &ns, "p")
-            .await
-            .iter()
-            .any(|(t, r, n)| t == "Warning"
-                && r == "InvalidSpec"
-                && n.contains("spec.kafka.topic")),
-        "an InvalidSpec Event"
-    );
-    // The builder still builds the old topic's jobs (they name their topic), but nothing
-    // is committed to either topic while the spec says otherwise.
-    let _builder = spawn_builder(&tb, &ns, "p", "b");
+    let named = format!("spec.kafka.{field}");
+    wait_event_where(tb, ns, "p", "an InvalidSpec Warning", |t, r, n| {
+        t == "Warning" && r == "InvalidSpec" && n.contains(&named)
+    })
+    .await;
+    // The builder still builds the old jobs (they name their topic and brokers), but nothing
+    // is committed to either source while the spec says otherwise.
+    let _builder = spawn_builder(tb, ns, "p", "b");
     wait_for("old jobs built", Duration::from_secs(120), || async {
-        jobs(&tb, &ns, "p")
+        jobs(tb, ns, "p")
             .await
             .iter()
             .all(|j| j.phase() == JobPhase::Succeeded)
@@ -751,63 +772,149 @@ async fn changing_the_topic_mid_run_is_invalid_and_never_commits_one_topics_jobs
     .await;
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert!(
-        group_offsets(&tb.kafka_bootstrap, &group, &new_topic, 1)
-            .await
-            .is_empty(),
-        "nothing committed for the new topic"
+        new.committed(&group).await.is_empty(),
+        "nothing committed for the new source"
     );
-    assert_eq!(
-        group_offsets(&tb.kafka_bootstrap, &group, &old_topic, 1).await,
-        BTreeMap::from([(0, 0)])
-    );
-    assert_eq!(jobs(&tb, &ns, "p").await.len(), 3, "nothing planned");
+    assert_eq!(old.committed(&group).await, BTreeMap::from([(0, 0)]));
+    assert_eq!(jobs(tb, ns, "p").await.len(), 3, "nothing planned");
 
-    // Set back: the old topic's work is committed, exactly once.
-    apply_pipeline(&tb, &ns, &on(&old_topic)).await;
-    wait_committed_then_audit(
-        &tb,
-        &group,
-        &old_topic,
-        &blocks.join(&old_topic),
-        &old_data,
-        Duration::from_secs(60),
-    )
-    .await;
+    // Set back: the old source's work is committed, exactly once.
+    apply_pipeline(tb, ns, &old.pipeline()).await;
+    old.wait_committed_then_audit(&group, Duration::from_secs(60))
+        .await;
 
-    // Moving the pipeline on purpose: change the topic, delete the old jobs as the message
-    // says; the new topic is then written from its start, exactly once.
-    apply_pipeline(&tb, &ns, &on(&new_topic)).await;
-    wait_for("InvalidSpec again", Duration::from_secs(30), || async {
-        let c = condition(&get_pipeline(&tb, &ns, "p").await, "Ready")?;
-        (c.1 == "InvalidSpec").then_some(())
-    })
-    .await;
-    let api: Api<BlockJob> = Api::namespaced(tb.client.clone(), &ns);
+    // Moving the pipeline on purpose: change it, delete the old jobs as the message says;
+    // the new source is then written from its start, exactly once.
+    apply_pipeline(tb, ns, &new.pipeline()).await;
+    invalid().await;
+    let api: Api<BlockJob> = Api::namespaced(tb.client.clone(), ns);
     api.delete_collection(
         &DeleteParams::default(),
         &kube::api::ListParams::default().labels("blocksmith.io/pipeline=p"),
     )
     .await
     .unwrap();
-    wait_committed_then_audit(
-        &tb,
-        &group,
-        &new_topic,
-        &blocks.join(&new_topic),
-        &new_data,
-        Duration::from_secs(120),
-    )
-    .await;
-    assert!(
-        jobs(&tb, &ns, "p")
-            .await
-            .iter()
-            .all(|j| j.spec.topic == new_topic)
-    );
+    new.wait_committed_then_audit(&group, Duration::from_secs(120))
+        .await;
+    assert!(jobs(tb, ns, "p").await.iter().all(|j| {
+        j.spec.topic == new.topic && j.spec.bootstrap_servers == new.tb.kafka_bootstrap
+    }));
     let started = Instant::now();
     wait_for("Ready again", Duration::from_secs(30), || async {
-        (condition(&get_pipeline(&tb, &ns, "p").await, "Ready")?.0 == "True").then_some(())
+        (condition(&get_pipeline(tb, ns, "p").await, "Ready")?.0 == "True").then_some(())
     })
     .await;
     println!("ready {:?} after the last commit", started.elapsed());
+}
+
+#[tokio::test]
+async fn changing_the_topic_mid_run_is_invalid_and_never_commits_one_topics_jobs_to_another() {
+    let tb = Testbed::get().await;
+    let ns = tb.namespace("bio-topic").await;
+    let blocks = blocks_dir(&tb, "topic");
+    let mut sources = Vec::new();
+    for (name, records, seed) in [("bio-topic-old", 3000, 1), ("bio-topic-new", 2000, 2)] {
+        let topic = tb.topic(name, 1);
+        let data = produce_data(&tb, fixed(&topic, 1, records, 100, seed)).await;
+        sources.push(Source {
+            tb: tb.clone(),
+            topic,
+            data,
+            blocks: blocks.clone(),
+        });
+    }
+    let old_jobs = format!("3 job(s) of topic {:?}", sources[0].topic);
+    a_source_change_mid_run_commits_no_jobs_of_the_old_source_for_the_new(
+        &ns,
+        "topic",
+        &sources[0],
+        &sources[1],
+        &old_jobs,
+    )
+    .await;
+}
+
+/// Bootstrap servers may change to other brokers of the same cluster; a topic of the same
+/// name in another cluster is another topic. Each cluster here is a broker of its own.
+#[tokio::test]
+async fn changing_the_brokers_to_another_cluster_mid_run_is_invalid_and_never_mixes_their_offsets()
+{
+    let shared = Testbed::get().await;
+    let ns = shared.namespace("bio-cluster").await;
+    let mut brokers = Vec::new();
+    let mut sources = Vec::new();
+    for (name, records, seed) in [("a", 3000, 1), ("b", 2000, 2)] {
+        let broker = PrivateBroker::spawn(&shared, &format!("{ns}-{name}"));
+        let tb = broker.testbed(&shared);
+        broker.create_topic("orders", 1);
+        let data = produce_data(&tb, fixed("orders", 1, records, 100, seed)).await;
+        let blocks = blocks_dir(&tb, &format!("cluster-{name}"));
+        sources.push(Source {
+            tb,
+            topic: "orders".into(),
+            data,
+            blocks,
+        });
+        brokers.push(broker);
+    }
+    let (a, b) = (&sources[0], &sources[1]);
+    let (id_a, id_b) = (brokers[0].cluster_id(), brokers[1].cluster_id());
+    assert_ne!(id_a, id_b, "the two brokers are two clusters");
+    let old_jobs = format!("3 job(s) of cluster {id_a:?}");
+    a_source_change_mid_run_commits_no_jobs_of_the_old_source_for_the_new(
+        &ns,
+        "bootstrapServers",
+        a,
+        b,
+        &old_jobs,
+    )
+    .await;
+    let ids: Vec<Option<String>> = jobs(&b.tb, &ns, "p")
+        .await
+        .into_iter()
+        .map(|j| j.spec.kafka_cluster_id)
+        .collect();
+    assert!(ids.iter().all(|id| id.as_ref() == Some(&id_b)), "{ids:?}");
+
+    // A pipeline reading cluster b but writing where cluster a's blocks are: its builder
+    // refuses to take a's blocks for b's, and overwrites nothing.
+    let mut q = b.pipeline();
+    q.metadata.name = Some("q".into());
+    q.spec.output.url = format!("file://{}", a.blocks.display());
+    q.spec.jobs.backoff_limit = 1;
+    apply_pipeline(&b.tb, &ns, &q).await;
+    let _op = spawn_operator(&b.tb, &ns, "op-q");
+    let _builder = spawn_builder(&b.tb, &ns, "q", "qb");
+    let message = wait_for("q's first job failed", Duration::from_secs(60), || async {
+        jobs(&b.tb, &ns, "q")
+            .await
+            .into_iter()
+            .find(|j| j.spec.start_offset == 0 && j.phase() == JobPhase::Failed)
+            .map(|j| message(&j))
+    })
+    .await;
+    assert!(
+        message.contains(&format!(
+            "holds a block of Kafka cluster {id_a:?}, not of this job's cluster {id_b:?}"
+        )) && message.contains("give this pipeline its own spec.output.url"),
+        "{message}"
+    );
+    assert!(
+        group_offsets(
+            &b.tb.kafka_bootstrap,
+            &default_consumer_group(&ns, "q"),
+            "orders",
+            1
+        )
+        .await
+        .values()
+        .all(|&o| o == 0),
+        "q committed nothing"
+    );
+    audit_exact(
+        &a.tb,
+        &a.blocks.join("orders"),
+        &a.data,
+        &high_watermarks(&a.data),
+    );
 }

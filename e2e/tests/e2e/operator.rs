@@ -474,23 +474,8 @@ async fn unreachable_kafka_degrades_and_suspend_stops_planning() {
     bp.spec.suspend = false;
     apply_pipeline(&tb, &ns, &bp).await;
     wait_jobs(&tb, &ns, "p", 2).await;
-    let events = Api::<k8s_openapi::api::events::v1::Event>::namespaced(tb.client.clone(), &ns)
-        .list(&Default::default())
-        .await
-        .unwrap();
-    let reasons: Vec<_> = events
-        .items
-        .iter()
-        .filter_map(|e| e.reason.clone())
-        .collect();
-    assert!(
-        reasons.iter().any(|r| r == "KafkaUnavailable"),
-        "events: {reasons:?}"
-    );
-    assert!(
-        reasons.iter().any(|r| r == "Resumed"),
-        "events: {reasons:?}"
-    );
+    wait_event(&tb, &ns, "down", "KafkaUnavailable").await;
+    wait_event(&tb, &ns, "p", "Resumed").await;
 }
 
 /// The operator reads jobs from a watch cache that can lag the API server. Its writes must be
@@ -516,7 +501,7 @@ async fn writes_from_a_stale_job_cache_never_change_or_revive_a_job() {
             start: 0,
             end,
         };
-        desired_job(&bp, job_spec(&bp, &range), JobPhase::Pending)
+        desired_job(&bp, job_spec(&bp, &range, None), JobPhase::Pending)
     };
 
     let created = store.create(&planned(100)).await.unwrap().expect("created");
