@@ -477,6 +477,9 @@ async fn reconcile_builders(bp: &BlockPipeline, ctx: &Context) -> Result<Option<
     }))
 }
 
+/// How many planned jobs are created at once.
+const CONCURRENT_CREATES: usize = 8;
+
 #[allow(clippy::too_many_arguments)]
 async fn plan_and_create(
     bp: &BlockPipeline,
@@ -556,12 +559,22 @@ async fn plan_and_create(
     if !new_jobs.is_empty() {
         info!(namespace = %ns, pipeline = %name, jobs = new_jobs.len(), "planning jobs");
     }
-    for planned in &new_jobs {
-        let spec = jobs::job_spec(bp, planned, kafka.cluster_id.clone());
-        let job = jobs::desired_job(bp, spec, JobPhase::Pending);
-        if store.create(&job).await?.is_none() {
+    // Creates go `CONCURRENT_CREATES` at a time (each is a round trip). One that fails
+    // leaves a gap, which the next plan fills.
+    for chunk in new_jobs.chunks(CONCURRENT_CREATES) {
+        let planned: Vec<BlockJob> = chunk
+            .iter()
+            .map(|p| {
+                let spec = jobs::job_spec(bp, p, kafka.cluster_id.clone());
+                jobs::desired_job(bp, spec, JobPhase::Pending)
+            })
+            .collect();
+        let created =
+            futures::future::try_join_all(planned.iter().map(|j| store.create(j))).await?;
+        let existed = created.iter().filter(|c| c.is_none()).count();
+        if existed > 0 {
             // The watch cache is behind what was created before; plan again once it caught up.
-            info!(namespace = %ns, pipeline = %name, job = %job.name_any(), "job exists already; job cache behind, planning again shortly");
+            info!(namespace = %ns, pipeline = %name, existed, "jobs exist already; job cache behind, planning again shortly");
             return Ok(PlanOutcome::CacheBehind);
         }
     }
