@@ -12,6 +12,7 @@
 //! `message`, `completionTime` and `output` owned by whoever wrote them last, and a
 //! non-forced apply would conflict on those even while the lease is valid.)
 
+use blocksmith_crds::domain::is_claimable;
 use blocksmith_crds::{BlockJob, JobOutput, JobPhase};
 use jiff::Timestamp;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
@@ -35,7 +36,8 @@ pub enum Claim {
     Claimed(Box<Held>),
     /// Someone else changed the job first and it is no longer claimable.
     Lost,
-    /// The job changed (e.g. a label update) but is still claimable: read it again and retry.
+    /// The job changed (e.g. a label update) but is still claimable now: retry with this
+    /// version. (Not when it went back to `Pending` with a backoff still running.)
     Stale(Box<BlockJob>),
 }
 
@@ -106,7 +108,7 @@ impl LeaseClient {
             }))),
             Err(kube::Error::Api(e)) if e.code == 409 => {
                 match api.get_opt(&job.name_any()).await? {
-                    Some(fresh) if fresh.phase() == JobPhase::Pending => {
+                    Some(fresh) if is_claimable(fresh.status.as_ref(), Timestamp::now()) => {
                         Ok(Claim::Stale(Box::new(fresh)))
                     }
                     _ => Ok(Claim::Lost),

@@ -7,8 +7,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use blocksmith_crds::domain::{LABEL_PHASE, LABEL_PIPELINE, lease_expiry, renew_interval};
-use blocksmith_crds::{BlockJob, JobPhase};
+use blocksmith_crds::BlockJob;
+use blocksmith_crds::domain::{
+    LABEL_PHASE, LABEL_PIPELINE, is_claimable, lease_expiry, renew_interval,
+};
 use futures::StreamExt;
 use jiff::Timestamp;
 use kube::ResourceExt;
@@ -42,13 +44,7 @@ pub struct Worker {
 pub fn claim_order(jobs: &[Arc<BlockJob>], now: Timestamp) -> Vec<Arc<BlockJob>> {
     let claimable: Vec<Arc<BlockJob>> = jobs
         .iter()
-        .filter(|j| j.phase() == JobPhase::Pending && j.metadata.deletion_timestamp.is_none())
-        .filter(|j| {
-            j.status
-                .as_ref()
-                .and_then(|s| s.not_before.as_ref())
-                .is_none_or(|t| t.0 <= now)
-        })
+        .filter(|j| j.metadata.deletion_timestamp.is_none() && is_claimable(j.status.as_ref(), now))
         .cloned()
         .collect();
     let mut per_partition: HashMap<(String, i32), usize> = HashMap::new();

@@ -4,6 +4,8 @@ use std::time::Duration;
 
 use jiff::Timestamp;
 
+use crate::job::{BlockJobStatus, JobPhase};
+
 pub const LABEL_PIPELINE: &str = "blocksmith.io/pipeline";
 pub const LABEL_PARTITION: &str = "blocksmith.io/partition";
 pub const LABEL_PHASE: &str = "blocksmith.io/phase";
@@ -63,6 +65,13 @@ pub fn lease_expiry(renew_time: Timestamp, duration_seconds: i32) -> Timestamp {
 /// How often a holder renews: a third of the lease, so two renewals can fail before expiry.
 pub fn renew_interval(duration_seconds: i32) -> Duration {
     Duration::from_millis((duration_seconds.max(1) as u64) * 1000 / 3)
+}
+
+/// Whether a builder may claim the job now: `Pending` (or no status) and past its backoff.
+pub fn is_claimable(status: Option<&BlockJobStatus>, now: Timestamp) -> bool {
+    status.is_none_or(|s| {
+        s.phase() == JobPhase::Pending && s.not_before.as_ref().is_none_or(|t| t.0 <= now)
+    })
 }
 
 /// Exponential retry backoff before attempt `next_attempt` (2, 3, ...): 5 s, 10 s, 20 s, ...

@@ -4,6 +4,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+pub use blocksmith_crds::domain::is_claimable;
 use blocksmith_crds::domain::{lease_expiry, retry_backoff};
 use blocksmith_crds::{BlockJobStatus, JobPhase};
 use jiff::{SignedDuration, Timestamp};
@@ -77,13 +78,6 @@ fn backoff_until(attempt: i32, now: Timestamp) -> Timestamp {
 
 fn add(t: Timestamp, d: Duration) -> Timestamp {
     t.checked_add(d).unwrap_or(Timestamp::MAX)
-}
-
-/// Whether a builder may claim the job now: `Pending` (or no status) and past its backoff.
-pub fn is_claimable(status: Option<&BlockJobStatus>, now: Timestamp) -> bool {
-    status.is_none_or(|s| {
-        s.phase() == JobPhase::Pending && s.not_before.as_ref().is_none_or(|t| t.0 <= now)
-    })
 }
 
 /// Claimable jobs: the metric the builders' HPA scales on.

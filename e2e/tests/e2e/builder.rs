@@ -11,6 +11,7 @@ use blocksmith_e2e::broker::PrivateBroker;
 use blocksmith_e2e::datagen::{DataSpec, ValueSizes};
 use blocksmith_e2e::process::Proc;
 use blocksmith_e2e::scenario::*;
+use kube::ResourceExt;
 use kube::api::{Api, Patch, PatchParams};
 use serde_json::json;
 
@@ -301,6 +302,92 @@ async fn an_s3_outage_of_twenty_seconds_is_survived_exactly() {
 /// A retry of a job whose block was committed (the attempt died before reporting) reports that
 /// block and rewrites nothing; a retry of one whose manifest was never written rebuilds the
 /// same bytes.
+/// A builder claims from a watch cache that can lag. When its claim conflicts because the
+/// job was failed and reset meanwhile, it must not take the fresh version while that
+/// version's retry backoff runs: chaos seed 13 saw a job failed by an S3 outage retried
+/// within a second six times (instead of after 5, 10, 20 … s), using up attempts so that
+/// the next backoff stalled its partition for five minutes.
+#[tokio::test]
+async fn a_claim_from_a_stale_cache_never_takes_a_job_in_its_retry_backoff() {
+    use blocksmith_builder::lease::{Claim, LeaseClient};
+    use blocksmith_operator::jobs::{JobStore, desired_job, job_spec};
+    use blocksmith_operator::planner::PlannedJob;
+    use jiff::{SignedDuration, Timestamp};
+    use kube::runtime::reflector;
+
+    let tb = Testbed::get().await;
+    let ns = tb.namespace("claim-backoff").await;
+    let (cache, _writer) = reflector::store::<BlockJob>();
+    let operator = JobStore::new(
+        tb.client.clone(),
+        cache,
+        &ns,
+        "p",
+        blocksmith_operator::metrics::Metrics::default(),
+    );
+    let mut bp = pipeline("p", "t", &tb.kafka_bootstrap, "file:///unused", json!({}));
+    bp.metadata.namespace = Some(ns.clone());
+    let range = PlannedJob {
+        partition: 0,
+        start: 0,
+        end: 100,
+    };
+    let planned = desired_job(&bp, job_spec(&bp, &range, None), JobPhase::Pending);
+    let stale = operator.create(&planned).await.unwrap().expect("created");
+    let lease = LeaseClient::new("b", blocksmith_builder::metrics::Metrics::default());
+    let api: Api<BlockJob> = Api::namespaced(tb.client.clone(), &ns);
+
+    // Attempt 1 is claimed and fails; the operator resets it with a backoff. A builder
+    // whose cache still holds the first version tries to claim that.
+    let reset_with_backoff = |not_before: Timestamp| {
+        let (operator, api, name) = (&operator, &api, planned.metadata.name.clone().unwrap());
+        async move {
+            let current = api.get(&name).await.unwrap();
+            let attempt = current.attempt() + 1;
+            let message = "attempt failed: object storage down; retrying";
+            operator
+                .reset(
+                    &current,
+                    JobPhase::Pending,
+                    attempt,
+                    Some(not_before),
+                    message,
+                )
+                .await
+                .unwrap()
+        }
+    };
+    let Claim::Claimed(_) = lease.claim(&tb.client, &stale, 6).await.unwrap() else {
+        panic!("the first claim succeeds");
+    };
+    let in_backoff = reset_with_backoff(Timestamp::now() + SignedDuration::from_secs(60)).await;
+    match lease.claim(&tb.client, &stale, 6).await.unwrap() {
+        Claim::Lost => {}
+        Claim::Stale(_) => panic!("offered the fresh version while its backoff runs"),
+        Claim::Claimed(_) => panic!("claimed with a stale resourceVersion"),
+    }
+    let now = api
+        .get(&in_backoff.metadata.name.clone().unwrap())
+        .await
+        .unwrap();
+    assert_eq!(now.phase(), JobPhase::Pending);
+    assert_eq!(
+        now.resource_version(),
+        in_backoff.resource_version(),
+        "untouched"
+    );
+
+    // Once the backoff is over, the same stale claim is offered the fresh version.
+    reset_with_backoff(Timestamp::now() - SignedDuration::from_secs(1)).await;
+    let Claim::Stale(fresh) = lease.claim(&tb.client, &stale, 6).await.unwrap() else {
+        panic!("a claimable fresh version is offered");
+    };
+    let Claim::Claimed(held) = lease.claim(&tb.client, &fresh, 6).await.unwrap() else {
+        panic!("and claimed");
+    };
+    assert_eq!(held.attempt, 3);
+}
+
 #[tokio::test]
 async fn a_retried_job_keeps_a_committed_block_and_rebuilds_an_uncommitted_one_identically() {
     use std::os::unix::fs::MetadataExt;
