@@ -68,25 +68,24 @@ fn kafka_env(k: &KafkaSpec) -> Vec<Value> {
         "security.protocol={}",
         security_protocol(k.security_protocol)
     )];
-    let mut env = Vec::new();
+    let mut secrets = Vec::new();
     if let Some(sasl) = &k.sasl {
         properties.push(format!("sasl.mechanism={}", sasl_mechanism(sasl.mechanism)));
-        env.push(from_secret(
+        secrets.push(from_secret(
             "BLOCKSMITH_KAFKA_SASL_USERNAME",
             &sasl.username_secret_ref,
         ));
-        env.push(from_secret(
+        secrets.push(from_secret(
             "BLOCKSMITH_KAFKA_SASL_PASSWORD",
             &sasl.password_secret_ref,
         ));
     }
     if let Some(ca) = k.tls.as_ref().and_then(|t| t.ca_secret_ref.as_ref()) {
-        env.push(from_secret("BLOCKSMITH_KAFKA_SSL_CA_PEM", ca));
+        secrets.push(from_secret("BLOCKSMITH_KAFKA_SSL_CA_PEM", ca));
     }
-    env.insert(
-        0,
-        json!({"name": "BLOCKSMITH_KAFKA_PROPERTIES", "value": properties.join(",")}),
-    );
+    let mut env =
+        vec![json!({"name": "BLOCKSMITH_KAFKA_PROPERTIES", "value": properties.join(",")})];
+    env.extend(secrets);
     env
 }
 

@@ -364,7 +364,6 @@ impl KafkaOffsets {
     }
 }
 
-/// Connection settings with secrets resolved. A missing secret is a problem the user fixes.
 /// librdkafka's `security.protocol` value.
 pub fn security_protocol(p: SecurityProtocol) -> &'static str {
     match p {
@@ -383,6 +382,7 @@ pub fn sasl_mechanism(m: SaslMechanism) -> String {
         .unwrap_or_default()
 }
 
+/// Connection settings with secrets resolved. A missing secret is a problem the user fixes.
 pub async fn connection(
     bp: &BlockPipeline,
     client: &kube::Client,

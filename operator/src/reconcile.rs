@@ -339,8 +339,8 @@ async fn reconcile_inner(bp: &BlockPipeline, ctx: &Context) -> Result<Action, Er
     ))
 }
 
-/// Reports an `InvalidSpec` and does nothing else until the spec changes: no planning, no
-/// commits, no job changes.
+/// Reports an `InvalidSpec` and ends the reconcile before any commit or planning; the next
+/// change to the pipeline or its jobs looks again.
 async fn invalid_spec(
     bp: &BlockPipeline,
     ctx: &Context,

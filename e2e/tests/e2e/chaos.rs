@@ -6,7 +6,6 @@
 //! (default 100,000) size the run. Each run has its own broker, S3 server and kube-apiserver
 //! (on the testbed's etcd), so its faults do not disturb the other tests.
 
-use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -112,11 +111,7 @@ async fn run(shared: &Testbed, seed: u64, records: u64) {
         .map(|i| chaos_builder(tb, &ns, &format!("b{i}-0"), servers.s3_port))
         .collect();
 
-    let want: BTreeMap<i32, i64> = produced
-        .partitions
-        .iter()
-        .map(|(p, (_, high))| (*p, *high))
-        .collect();
+    let want = high_watermarks(&produced);
     let group = default_consumer_group(&ns, "p");
     let mut faults = Faults::default();
     let started = Instant::now();
