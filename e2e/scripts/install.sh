@@ -8,28 +8,57 @@ CACHE="${BLOCKSMITH_CACHE:-$HOME/.cache/blocksmith}"
 K8S_VERSION="1.20.5+really1.20.2-1.1+deb12u1"
 K8S_BIN="$CACHE/kubernetes-$K8S_VERSION"
 S3S_VERSION="0.14.1"
+K8S_BINARIES="kube-apiserver kube-controller-manager kube-scheduler kube-proxy kubelet"
 mkdir -p "$CACHE/bin"
 
 log() { echo "[install] $*" >&2; }
 SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
 
+# The Debian mirror this machine already uses for bookworm (a user behind a local mirror has
+# only that one), from deb822 .sources files or one-line sources.list entries.
+debian_mirror() {
+  local m
+  m=$(python3 - <<'PY'
+import glob, re
+for path in sorted(glob.glob("/etc/apt/sources.list.d/*.sources")):
+    for stanza in open(path).read().split("\n\n"):
+        f = dict(re.findall(r"^(\S+):\s*(.*)$", stanza, re.M))
+        if "deb" in f.get("Types", "").split() and "bookworm" in f.get("Suites", "").split() \
+                and "security" not in f.get("URIs", ""):
+            print(f["URIs"].split()[0]); raise SystemExit
+for path in ["/etc/apt/sources.list"] + sorted(glob.glob("/etc/apt/sources.list.d/*.list")):
+    try: lines = open(path).read().splitlines()
+    except OSError: continue
+    for line in lines:
+        w = re.sub(r"\[[^]]*\]", "", line).split()
+        if len(w) >= 3 and w[0] == "deb" and w[2] == "bookworm":
+            print(w[1]); raise SystemExit
+PY
+)
+  echo "${m:-http://deb.debian.org/debian}"
+}
+
 apt_packages() {
   local missing=()
-  for p in etcd-server golang-1.15-go rsync cmake openssl iproute2 python3-venv curl libcurl4-openssl-dev libssl-dev pkg-config gettext-base; do
+  # containerd, runc, CNI plugins: the testbed's node; buildah: images without a Docker engine;
+  # iptables: the node's forward guard; libc6-dev: the static pause binary.
+  for p in etcd-server golang-1.15-go rsync cmake openssl iproute2 python3-venv curl libcurl4-openssl-dev libssl-dev pkg-config gettext-base \
+           containerd runc containernetworking-plugins buildah iptables libc6-dev conntrack; do
     dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
   done
   [ ${#missing[@]} -eq 0 ] && return 0
   if [ ! -f /etc/apt/sources.list.d/blocksmith-testbed.sources ]; then
-    log "adding apt sources: bookworm deb-src, bullseye deb (pinned low)"
-    $SUDO tee /etc/apt/sources.list.d/blocksmith-testbed.sources >/dev/null <<'SRC'
+    local mirror; mirror=$(debian_mirror)
+    log "adding apt sources from $mirror: bookworm deb-src, bullseye deb (pinned low)"
+    $SUDO tee /etc/apt/sources.list.d/blocksmith-testbed.sources >/dev/null <<SRC
 Types: deb-src
-URIs: http://deb.debian.org/debian
+URIs: $mirror
 Suites: bookworm
 Components: main
 Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
 
 Types: deb
-URIs: http://deb.debian.org/debian
+URIs: $mirror
 Suites: bullseye
 Components: main
 Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
@@ -46,10 +75,10 @@ PIN
 }
 
 kubernetes_binaries() {
-  if [ -x "$K8S_BIN/kube-apiserver" ] && [ -x "$K8S_BIN/kube-controller-manager" ]; then
-    return 0
-  fi
-  log "building kube-apiserver and kube-controller-manager $K8S_VERSION from Debian source (~5-10 min)"
+  local b have=1
+  for b in $K8S_BINARIES pause; do [ -x "$K8S_BIN/$b" ] || have=0; done
+  [ "$have" = 1 ] && return 0
+  log "building $K8S_BINARIES and pause $K8S_VERSION from Debian source (~10-15 min)"
   local work; work=$(mktemp -d "$CACHE/k8s-build.XXXXXX")
   (
     cd "$work"
@@ -58,11 +87,15 @@ kubernetes_binaries() {
     tar xzf kubernetes_*.orig.tar.gz
     cd "$(find . -maxdepth 1 -mindepth 1 -type d | head -n1)"
     env -u GOPATH -u GO111MODULE -u GOFLAGS -u GOROOT PATH="/usr/lib/go-1.15/bin:$PATH" \
-      make WHAT="cmd/kube-apiserver cmd/kube-controller-manager" KUBE_BUILD_PLATFORMS=linux/amd64 >build.log 2>&1 \
+      make WHAT="$(for b in $K8S_BINARIES; do printf 'cmd/%s ' "$b"; done)" KUBE_BUILD_PLATFORMS=linux/amd64 >build.log 2>&1 \
       || { tail -n 50 build.log >&2; exit 1; }
-    mkdir -p "$K8S_BIN.tmp"
-    cp _output/bin/kube-apiserver _output/bin/kube-controller-manager "$K8S_BIN.tmp/"
+    rm -rf "$K8S_BIN.tmp"; mkdir -p "$K8S_BIN.tmp"
+    for b in $K8S_BINARIES; do cp "_output/bin/$b" "$K8S_BIN.tmp/"; done
+    # The pod sandbox ("pause") image's one binary, static, from the same source tree.
+    gcc -Os -static -DVERSION=v3.4.1-blocksmith -o "$K8S_BIN.tmp/pause" build/pause/linux/pause.c
+    strip "$K8S_BIN.tmp/pause"
   )
+  rm -rf "$K8S_BIN"
   mv "$K8S_BIN.tmp" "$K8S_BIN"
   rm -rf "$work"
 }

@@ -2,7 +2,7 @@
 //! its own for tests that restart the API server, so the tests running beside them never
 //! notice. etcd keeps the data across restarts, as in a real control-plane restart.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
@@ -16,7 +16,6 @@ use crate::scenario::free_port;
 pub struct PrivateApiserver {
     name: String,
     port: u16,
-    dir: PathBuf,
     proc: Proc,
     client: kube::Client,
 }
@@ -53,11 +52,10 @@ impl PrivateApiserver {
         .await
         .expect("kubeconfig");
         let client = kube::Client::try_from(config).expect("client");
-        let proc = spawn(tb, name, port, &dir);
+        let proc = spawn(tb, name, port);
         let server = PrivateApiserver {
             name: name.into(),
             port,
-            dir,
             proc,
             client: client.clone(),
         };
@@ -76,7 +74,7 @@ impl PrivateApiserver {
     pub async fn restart(&mut self, tb: &Testbed, down: Duration) {
         self.proc.kill();
         tokio::time::sleep(down).await;
-        self.proc = spawn(tb, &self.name, self.port, &self.dir);
+        self.proc = spawn(tb, &self.name, self.port);
         self.wait_ready().await;
     }
 
@@ -101,7 +99,7 @@ impl PrivateApiserver {
     }
 }
 
-fn spawn(tb: &Testbed, name: &str, port: u16, dir: &Path) -> Proc {
+fn spawn(tb: &Testbed, name: &str, port: u16) -> Proc {
     let pki = tb.dir.join("pki");
     let mut cmd =
         std::process::Command::new(Path::new(&var("BLOCKSMITH_KUBE_BIN")).join("kube-apiserver"));
@@ -109,7 +107,15 @@ fn spawn(tb: &Testbed, name: &str, port: u16, dir: &Path) -> Proc {
         .arg(format!("--etcd-prefix=/private-{name}"))
         .arg(format!("--secure-port={port}"))
         .arg("--bind-address=127.0.0.1")
-        .arg(format!("--cert-dir={}", dir.join("pki").display()))
+        // The testbed's serving certificate (its CA is in the kubeconfig; it names 127.0.0.1).
+        .arg(format!(
+            "--tls-cert-file={}",
+            pki.join("apiserver.crt").display()
+        ))
+        .arg(format!(
+            "--tls-private-key-file={}",
+            pki.join("apiserver.key").display()
+        ))
         .arg("--service-account-issuer=https://kubernetes.default.svc")
         .arg(format!(
             "--service-account-key-file={}",

@@ -35,9 +35,19 @@ pub struct PrivateBroker {
 
 impl PrivateBroker {
     pub fn spawn(tb: &Testbed, name: &str) -> PrivateBroker {
+        Self::spawn_with(tb, name, &[])
+    }
+
+    /// Served and advertised on the testbed node's address, so pods reach it too.
+    pub fn spawn_on_node(tb: &Testbed, name: &str) -> PrivateBroker {
+        let node_ip = std::env::var("BLOCKSMITH_NODE_IP").expect("BLOCKSMITH_NODE_IP");
+        Self::spawn_with(tb, name, &["--advertise", &node_ip])
+    }
+
+    fn spawn_with(tb: &Testbed, name: &str, args: &[&str]) -> PrivateBroker {
         let ready = tb.dir.join(format!("{name}-broker.json"));
         let mut cmd = tb.command("blocksmith-broker");
-        cmd.arg("--ready-file").arg(&ready);
+        cmd.arg("--ready-file").arg(&ready).args(args);
         let proc = tb.spawn(&format!("{name}-broker"), cmd);
         let deadline = Instant::now() + Duration::from_secs(20);
         let info: serde_json::Value = loop {

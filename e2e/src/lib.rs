@@ -4,6 +4,7 @@
 pub mod apiserver;
 pub mod broker;
 pub mod datagen;
+pub mod helm;
 pub mod process;
 pub mod scenario;
 pub mod testbed;

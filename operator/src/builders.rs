@@ -55,6 +55,10 @@ impl AutoscalingApi {
     }
 }
 
+/// Where the builder is in blocksmith's image (`images/Dockerfile`), which holds both
+/// binaries and starts the operator by default. Custom builder images must keep this path.
+pub const BUILDER_COMMAND: &str = "/usr/local/bin/blocksmith-builder";
+
 pub fn deployment_name(pipeline: &str) -> String {
     format!("{pipeline}-builder")
 }
@@ -133,6 +137,7 @@ pub fn deployment(bp: &BlockPipeline, b: &BuildersSpec, autoscaling: Autoscaling
                 "containers": [{
                     "name": "builder",
                     "image": b.image,
+                    "command": [BUILDER_COMMAND],
                     "env": env,
                     "envFrom": env_from,
                     "resources": b.resources.clone().unwrap_or_default(),
@@ -391,6 +396,7 @@ mod tests {
         let pod = spec.template.spec.unwrap();
         let c = &pod.containers[0];
         assert_eq!(c.image.as_deref(), Some("img:1"));
+        assert_eq!(c.command, Some(vec![BUILDER_COMMAND.to_string()]));
         let env: Vec<_> = c.env.clone().unwrap().into_iter().map(|e| e.name).collect();
         assert!(
             env.contains(&"BLOCKSMITH_PIPELINE".to_string())

@@ -3,15 +3,22 @@
 //! Writes `{"bootstrap": "...", "control": "..."}` to `--ready-file` (and stdout) once up.
 //! The control address takes one command per line and answers `ok` or `error: ...`:
 //!   create-topic NAME PARTITIONS | broker-down ID | broker-up ID | broker-rtt ID MILLIS | ping
+//!
+//! The mock brokers listen on 127.0.0.1 only, which a pod's network namespace cannot reach.
+//! With `--advertise HOST` each broker is also served on HOST (a forwarder to its loopback
+//! port) and advertised there, so pods and local processes use the same addresses.
 
+use std::ffi::CString;
 use std::io::{BufRead, BufReader, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::{Shutdown, TcpListener, TcpStream};
 use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Parser;
+use rdkafka::ClientConfig;
+use rdkafka::client::Client;
 use rdkafka::mocking::MockCluster;
-use rdkafka::producer::DefaultProducerContext;
+use rdkafka::producer::{BaseProducer, DefaultProducerContext, Producer};
 
 #[derive(Parser)]
 struct Args {
@@ -23,14 +30,29 @@ struct Args {
     control: String,
     #[arg(long)]
     ready_file: Option<PathBuf>,
+    /// Also serve and advertise the brokers on this address (e.g. the testbed node's).
+    #[arg(long)]
+    advertise: Option<String>,
 }
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let cluster = MockCluster::new(args.brokers)?;
+    // A client that owns the mock cluster, so its native handle is at hand for
+    // `advertise_on` (the rdkafka crate does not wrap the advertised-address setter).
+    let owner: BaseProducer = ClientConfig::new()
+        .set("test.mock.num.brokers", args.brokers.to_string())
+        .create()?;
+    let cluster = owner
+        .client()
+        .mock_cluster()
+        .ok_or_else(|| anyhow::anyhow!("librdkafka made no mock cluster"))?;
+    let bootstrap = match &args.advertise {
+        Some(host) => advertise_on(owner.client(), &cluster.bootstrap_servers(), host)?,
+        None => cluster.bootstrap_servers(),
+    };
     let listener = TcpListener::bind(&args.control)?;
     let ready = serde_json::json!({
-        "bootstrap": cluster.bootstrap_servers(),
+        "bootstrap": bootstrap,
         "control": listener.local_addr()?.to_string(),
     })
     .to_string();
@@ -49,8 +71,73 @@ fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Serves each broker (ids 1.., in the order of `loopback`, the mock's own bootstrap list)
+/// on `host` through a forwarder to its loopback port, and makes the broker advertise that
+/// address in metadata. Returns the new bootstrap list.
+fn advertise_on(
+    client: &Client<DefaultProducerContext>,
+    loopback: &str,
+    host: &str,
+) -> anyhow::Result<String> {
+    let mut advertised = Vec::new();
+    for (index, upstream) in loopback.split(',').enumerate() {
+        let listener = TcpListener::bind((host, 0))?;
+        let port = listener.local_addr()?.port();
+        set_advertised_address(client, index as i32 + 1, host, port)?;
+        let upstream = upstream.to_string();
+        std::thread::spawn(move || forward(listener, &upstream));
+        advertised.push(format!("{host}:{port}"));
+    }
+    Ok(advertised.join(","))
+}
+
+#[allow(unsafe_code)]
+fn set_advertised_address(
+    client: &Client<DefaultProducerContext>,
+    broker: i32,
+    host: &str,
+    port: u16,
+) -> anyhow::Result<()> {
+    use rdkafka::bindings::{rd_kafka_handle_mock_cluster, rd_kafka_mock_broker_set_host_port};
+    let host = CString::new(host)?;
+    // SAFETY: `client` is alive for the call and owns the mock cluster the handle returns;
+    // librdkafka copies `host` under the cluster's lock.
+    unsafe {
+        let mock = rd_kafka_handle_mock_cluster(client.native_ptr());
+        anyhow::ensure!(!mock.is_null(), "the client has no mock cluster");
+        rd_kafka_mock_broker_set_host_port(mock, broker, host.as_ptr(), port.into());
+    }
+    Ok(())
+}
+
+/// Forwards every connection accepted on `listener` to `upstream`, both ways, until either
+/// side closes.
+fn forward(listener: TcpListener, upstream: &str) {
+    for downstream in listener.incoming().flatten() {
+        let Ok(upstream) = TcpStream::connect(upstream) else {
+            let _ = downstream.shutdown(Shutdown::Both);
+            continue;
+        };
+        let _ = downstream.set_nodelay(true);
+        let _ = upstream.set_nodelay(true);
+        for (mut from, mut to) in [
+            (downstream.try_clone(), upstream.try_clone()),
+            (upstream.try_clone(), downstream.try_clone()),
+        ]
+        .into_iter()
+        .filter_map(|(a, b)| a.ok().zip(b.ok()))
+        {
+            std::thread::spawn(move || {
+                let _ = std::io::copy(&mut from, &mut to);
+                let _ = to.shutdown(Shutdown::Write);
+                let _ = from.shutdown(Shutdown::Read);
+            });
+        }
+    }
+}
+
 fn serve(
-    cluster: &MockCluster<'static, DefaultProducerContext>,
+    cluster: &MockCluster<'_, DefaultProducerContext>,
     stream: TcpStream,
 ) -> std::io::Result<()> {
     let mut out = stream.try_clone()?;
@@ -70,7 +157,7 @@ fn serve(
 }
 
 fn execute(
-    cluster: &MockCluster<'static, DefaultProducerContext>,
+    cluster: &MockCluster<'_, DefaultProducerContext>,
     words: &[&str],
 ) -> anyhow::Result<()> {
     match words {

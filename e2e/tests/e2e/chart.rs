@@ -18,6 +18,7 @@ use std::time::Duration;
 
 use blocksmith_crds::{BlockJob, BlockPipeline};
 use blocksmith_e2e::Testbed;
+use blocksmith_e2e::helm::{chart_dir, helm, helm_py, helm_retried};
 use blocksmith_e2e::scenario::{apply_pipeline, pipeline, wait_for};
 use blocksmith_e2e::scenario::{bare_job, lease_patch};
 use k8s_openapi::api::apps::v1::Deployment;
@@ -42,34 +43,6 @@ const RELEASE: &str = "blocksmith";
 const RELEASE_NS: &str = "blocksmith-system";
 /// The builder token authenticates as system:serviceaccount:default:blocksmith-builder.
 const BUILDER_NS: &str = "default";
-
-fn chart_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../charts/blocksmith")
-}
-
-fn helm_py() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("helm.py")
-}
-
-/// Runs `helm.py ARGS` with the testbed's python; stdout on success, stdout+stderr on failure.
-async fn helm(tb: &Testbed, args: &[&str]) -> Result<String, String> {
-    let out = tokio::process::Command::new(&tb.python)
-        .arg(helm_py())
-        .args(args)
-        .output()
-        .await
-        .expect("run helm.py");
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    if out.status.success() {
-        Ok(stdout)
-    } else {
-        Err(format!(
-            "helm.py {args:?} exited {}:\n{stdout}{}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr)
-        ))
-    }
-}
 
 /// The documents of a rendered manifest, as JSON.
 fn documents(manifest: &str) -> Vec<Value> {
@@ -457,7 +430,7 @@ async fn token_client(token_var: &str) -> kube::Client {
     let kubeconfig: Kubeconfig = serde_yaml::from_value(serde_yaml::to_value(json!({
         "apiVersion": "v1",
         "kind": "Config",
-        "clusters": [{"name": "tb", "cluster": {"server": server, "insecure-skip-tls-verify": true}}],
+        "clusters": [{"name": "tb", "cluster": {"server": server, "certificate-authority": std::env::var("BLOCKSMITH_APISERVER_CA").expect("BLOCKSMITH_APISERVER_CA")}}],
         "users": [{"name": "restricted", "user": {"token": token}}],
         "contexts": [{"name": "restricted", "context": {"cluster": "tb", "user": "restricted"}}],
         "current-context": "restricted",
@@ -624,26 +597,6 @@ fn assert_forbidden<T>(res: Result<T, kube::Error>, what: &str) {
     }
 }
 
-/// `helm.py ARGS`, retried: Helm discovers every API group first, and another test may have
-/// an aggregated API momentarily unavailable. A failed install is uninstalled before retrying.
-async fn helm_retried(tb: &Testbed, args: &[&str]) -> Result<String, String> {
-    let mut last = String::new();
-    for attempt in 1..=3 {
-        match helm(tb, args).await {
-            Ok(out) => return Ok(out),
-            Err(e) => {
-                eprintln!("attempt {attempt}: {e}");
-                last = e;
-                if args[0] == "install" {
-                    let _ = helm(tb, &["uninstall", args[1], args[3]]).await;
-                }
-                tokio::time::sleep(Duration::from_secs(2)).await;
-            }
-        }
-    }
-    Err(last)
-}
-
 async fn ensure_namespace(tb: &Testbed, name: &str) {
     let api = Api::<Namespace>::all(tb.client.clone());
     wait_for(
@@ -761,6 +714,10 @@ async fn chart_installs_with_least_privilege_rbac_and_uninstalls_all_but_crds() 
             RELEASE_NS,
             "--set",
             "externalMetrics.enabled=false",
+            // No operator pods here: they would act on every test's pipelines. The operator
+            // as pods is `pods.rs`'s test, in namespaces of its own.
+            "--set",
+            "operator.replicas=0",
             "--set",
             &builder_namespaces,
             "--manifest-out",
@@ -1338,7 +1295,7 @@ fn token_kubeconfig(tb: &Testbed, token_var: &str) -> PathBuf {
     let config = json!({
         "apiVersion": "v1",
         "kind": "Config",
-        "clusters": [{"name": "tb", "cluster": {"server": server, "insecure-skip-tls-verify": true}}],
+        "clusters": [{"name": "tb", "cluster": {"server": server, "certificate-authority": std::env::var("BLOCKSMITH_APISERVER_CA").expect("BLOCKSMITH_APISERVER_CA")}}],
         "users": [{"name": "restricted", "user": {"token": token}}],
         "contexts": [{"name": "restricted", "context": {"cluster": "tb", "user": "restricted", "namespace": "default"}}],
         "current-context": "restricted",

@@ -1,11 +1,12 @@
-//! End-to-end tests against the real testbed (kube-apiserver + etcd, a Kafka-protocol
-//! broker, an S3 server). Run through `e2e/run-tests`, which starts the testbed.
+//! End-to-end tests against the real testbed (kube-apiserver + etcd, a node running pods,
+//! a Kafka-protocol broker, an S3 server). Run through `e2e/run-tests`, which starts the
+//! testbed.
 
-mod autoscaling;
 mod bad_input_kafka;
 mod bad_input_output;
 mod builder;
 mod chaos;
 mod chart;
 mod operator;
+mod pods;
 mod smoke;

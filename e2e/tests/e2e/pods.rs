@@ -1,0 +1,433 @@
+//! blocksmith as its users run it: the chart installed with Helm on the testbed's node, every
+//! blocksmith process a pod of the image `images/build` makes, reaching the apiserver through
+//! the `kubernetes` Service with its mounted token, Kafka and S3 at the node's address.
+//!
+//! One test owns the cluster-wide `v1beta1.external.metrics.k8s.io` APIService; its operator
+//! watches only the test's own namespace, so the other tests' pipelines are not its business.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use blocksmith_crds::domain::default_consumer_group;
+use blocksmith_crds::{BlockJob, JobPhase};
+use blocksmith_e2e::Testbed;
+use blocksmith_e2e::broker::PrivateBroker;
+use blocksmith_e2e::datagen::{DataSpec, ValueSizes};
+use blocksmith_e2e::helm::{chart_dir, helm_py, helm_retried};
+use blocksmith_e2e::scenario::*;
+use futures::{StreamExt, TryStreamExt};
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::{Pod, Secret};
+use kube::ResourceExt;
+use kube::api::{Api, DeleteParams, ListParams, PostParams};
+use kube::runtime::{WatchStreamExt, watcher};
+use serde_json::json;
+
+const RELEASE: &str = "bsm";
+const APISERVICE: &str = "v1beta1.external.metrics.k8s.io";
+/// The image `images/build` makes, which the chart names by default.
+const IMAGE: &str = "ghcr.io/blocksmith/blocksmith:0.1.0";
+const DELETION_COST: &str = "controller.kubernetes.io/pod-deletion-cost";
+const OPERATOR_SELECTOR: &str = "app.kubernetes.io/instance=bsm,app.kubernetes.io/component=operator";
+
+fn kubectl(args: &[&str]) -> (bool, String) {
+    let out = std::process::Command::new("kubectl")
+        .args(args)
+        .output()
+        .expect("kubectl");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+/// Uninstalls the release (and its cluster-wide APIService) however the test ends.
+struct Release {
+    python: std::path::PathBuf,
+    namespace: String,
+}
+
+impl Drop for Release {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new(&self.python)
+            .arg(helm_py())
+            .args(["uninstall", RELEASE, &self.namespace])
+            .status();
+        let _ = kubectl(&["delete", "apiservice", APISERVICE, "--ignore-not-found"]);
+    }
+}
+
+fn is_ready(pod: &Pod) -> bool {
+    pod.status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+}
+
+fn pod_names(pods: &[Pod]) -> BTreeSet<String> {
+    pods.iter().filter_map(|p| p.metadata.name.clone()).collect()
+}
+
+async fn ready_pods(api: &Api<Pod>, selector: &str) -> Vec<Pod> {
+    api.list(&ListParams::default().labels(selector))
+        .await
+        .map(|l| {
+            l.items
+                .into_iter()
+                .filter(|p| p.metadata.deletion_timestamp.is_none() && is_ready(p))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+async fn lease_holder(tb: &Testbed, ns: &str) -> Option<String> {
+    Api::<Lease>::namespaced(tb.client.clone(), ns)
+        .get_opt("bsm-blocksmith-operator")
+        .await
+        .ok()??
+        .spec?
+        .holder_identity
+}
+
+/// How each builder pod's container ended, from watching the pods (a deleted pod's last
+/// status carries its exit code before the object goes).
+type Exits = Arc<Mutex<BTreeMap<String, i32>>>;
+
+fn record_builder_exits(tb: &Testbed, ns: &str) -> Exits {
+    let exits: Exits = Arc::default();
+    let api: Api<Pod> = Api::namespaced(tb.client.clone(), ns);
+    let seen = exits.clone();
+    tokio::spawn(async move {
+        let cfg = watcher::Config::default().labels("app.kubernetes.io/name=blocksmith-builder");
+        let mut pods = watcher(api, cfg).default_backoff().applied_objects().boxed();
+        while let Ok(Some(pod)) = pods.try_next().await {
+            let name = pod.metadata.name.clone().unwrap_or_default();
+            let code = pod
+                .status
+                .and_then(|s| s.container_statuses)
+                .and_then(|cs| cs.into_iter().next())
+                .and_then(|c| c.state?.terminated)
+                .map(|t| t.exit_code);
+            if let Some(code) = code {
+                seen.lock().unwrap().insert(name, code);
+            }
+        }
+    });
+    exits
+}
+
+/// The host pid of a pod's first container (pods are processes of this machine).
+async fn container_pid(pods: &Api<Pod>, pod: &str) -> u32 {
+    let p = pods.get(pod).await.expect("get pod");
+    let id = p
+        .status
+        .and_then(|s| s.container_statuses)
+        .and_then(|cs| cs.into_iter().next())
+        .and_then(|c| c.container_id)
+        .expect("container id");
+    let id = id.trim_start_matches("containerd://");
+    let sock = std::env::var("BLOCKSMITH_CONTAINERD_SOCK").expect("BLOCKSMITH_CONTAINERD_SOCK");
+    let out = std::process::Command::new("ctr")
+        .args(["--address", &sock, "-n", "k8s.io", "tasks", "ls"])
+        .output()
+        .expect("ctr tasks ls");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .find(|l| l.starts_with(id))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|pid| pid.parse().ok())
+        .unwrap_or_else(|| panic!("no task for container {id}"))
+}
+
+fn signal(pid: u32, sig: &str) {
+    let ok = std::process::Command::new("kill")
+        .args([&format!("-{sig}"), &pid.to_string()])
+        .status()
+        .expect("kill")
+        .success();
+    assert!(ok, "kill -{sig} {pid}");
+}
+
+fn holder(job: &BlockJob) -> Option<String> {
+    Some(job.status.as_ref()?.lease.as_ref()?.holder.clone())
+}
+
+#[tokio::test]
+async fn the_chart_runs_blocksmith_as_pods_that_scale_fail_over_and_write_every_record_once() {
+    let tb = Testbed::get().await;
+    let release_ns = tb.namespace("bsm-system").await;
+    let ns = tb.namespace("pods").await;
+    let pods: Api<Pod> = Api::namespaced(tb.client.clone(), &ns);
+    let operator_pods: Api<Pod> = Api::namespaced(tb.client.clone(), &release_ns);
+
+    // A broker of its own on the node address, slowed once the data is in so that a job
+    // takes seconds: long enough for the queue to drive the HPA, and to catch a builder in a
+    // job.
+    let broker = PrivateBroker::spawn_on_node(&tb, "pods");
+    let topic = "pods";
+    broker.create_topic(topic, 4);
+    let spec = DataSpec {
+        value_sizes: ValueSizes::Fixed(100),
+        ..DataSpec::new(topic, 4, 8000)
+    };
+    let produced = produce_data_to(&broker.bootstrap, spec).await;
+    broker.set_round_trip_time(Duration::from_millis(300));
+
+    let s3: Secret = serde_json::from_value(json!({
+        "metadata": {"name": "s3"},
+        "stringData": {
+            "AWS_ENDPOINT": tb.s3_endpoint,
+            "AWS_ACCESS_KEY_ID": std::env::var("AWS_ACCESS_KEY_ID").unwrap(),
+            "AWS_SECRET_ACCESS_KEY": std::env::var("AWS_SECRET_ACCESS_KEY").unwrap(),
+            "AWS_REGION": "us-east-1",
+            "AWS_ALLOW_HTTP": "true",
+        },
+    }))
+    .unwrap();
+    Api::<Secret>::namespaced(tb.client.clone(), &ns)
+        .create(&PostParams::default(), &s3)
+        .await
+        .expect("create the S3 secret");
+
+    // helm install, with the chart's defaults but for the namespaces.
+    let _ = kubectl(&["delete", "apiservice", APISERVICE, "--ignore-not-found"]);
+    let _release = Release {
+        python: tb.python.clone(),
+        namespace: release_ns.clone(),
+    };
+    let chart = chart_dir();
+    let builder_namespaces = format!("builders.namespaces={{{ns}}}");
+    let watch = format!("watchNamespace={ns}");
+    helm_retried(
+        &tb,
+        &[
+            "install",
+            RELEASE,
+            chart.to_str().unwrap(),
+            &release_ns,
+            "--set",
+            &watch,
+            "--set",
+            &builder_namespaces,
+            "--set",
+            "operator.pollInterval=1",
+        ],
+    )
+    .await
+    .unwrap_or_else(|e| panic!("helm install: {e}"));
+
+    // Two operator pods of the image, Ready (caches synced); exactly one leads.
+    let operators = wait_for("2 operator pods Ready", Duration::from_secs(120), || async {
+        let ready = ready_pods(&operator_pods, OPERATOR_SELECTOR).await;
+        (ready.len() == 2).then_some(ready)
+    })
+    .await;
+    for p in &operators {
+        let spec = p.spec.as_ref().unwrap();
+        assert_eq!(spec.containers[0].image.as_deref(), Some(IMAGE));
+        assert_eq!(
+            spec.service_account_name.as_deref(),
+            Some("bsm-blocksmith-operator").or(Some("blocksmith-operator"))
+        );
+    }
+    let names = pod_names(&operators);
+    let leader = wait_for("a leader", Duration::from_secs(60), || async {
+        lease_holder(&tb, &release_ns)
+            .await
+            .filter(|h| names.contains(h))
+    })
+    .await;
+    wait_for(
+        "the external metrics API available",
+        Duration::from_secs(120),
+        || async {
+            let (_, s) = kubectl(&[
+                "get",
+                "apiservice",
+                APISERVICE,
+                "-o",
+                "jsonpath={.status.conditions[?(@.type==\"Available\")].status}",
+            ]);
+            (s.trim() == "True").then_some(())
+        },
+    )
+    .await;
+
+    // A pipeline with builders: the operator's Deployment and HPA run them as pods.
+    let exits = record_builder_exits(&tb, &ns);
+    let mut bp = pipeline(
+        "orders",
+        topic,
+        &broker.bootstrap,
+        &format!("s3://{}/{ns}", tb.s3_bucket),
+        json!({"maxRecords": 200, "leaseDurationSeconds": 10}),
+    );
+    bp.spec.output.credentials_secret_ref = Some(serde_json::from_value(json!({"name": "s3"})).unwrap());
+    bp.spec.builders = Some(
+        serde_json::from_value(json!({
+            "image": IMAGE, "minReplicas": 1, "maxReplicas": 4, "targetQueueDepthPerBuilder": 2,
+        }))
+        .unwrap(),
+    );
+    apply_pipeline(&tb, &ns, &bp).await;
+
+    // The HPA scales the builders up with the queue: four pods, Ready, under the builder
+    // ServiceAccount.
+    let builders = wait_for("4 builder pods Ready", Duration::from_secs(180), || async {
+        let ready = ready_pods(&pods, "app.kubernetes.io/name=blocksmith-builder").await;
+        (ready.len() == 4).then_some(ready)
+    })
+    .await;
+    for p in &builders {
+        let spec = p.spec.as_ref().unwrap();
+        assert_eq!(spec.service_account_name.as_deref(), Some("blocksmith-builder"));
+        assert_eq!(spec.containers[0].image.as_deref(), Some(IMAGE));
+    }
+    let mut builder_names = pod_names(&builders);
+    // Busy builders are marked costly to delete, so that scaling down takes idle ones first.
+    wait_for("a busy builder pod marked", Duration::from_secs(60), || async {
+        let listed = pods
+            .list(&ListParams::default().labels("app.kubernetes.io/name=blocksmith-builder"))
+            .await
+            .ok()?;
+        listed
+            .items
+            .iter()
+            .any(|p| p.annotations().get(DELETION_COST).map(String::as_str) == Some("1000"))
+            .then_some(())
+    })
+    .await;
+
+    // A busy builder pod dies (frozen in its job, then deleted with a 1 s grace period: it
+    // never answers): another builder takes the job over once its lease expires.
+    let (victim, job) = loop {
+        let running = jobs(&tb, &ns, "orders").await.into_iter().find(|j| {
+            j.phase() == JobPhase::Running && holder(j).is_some_and(|h| builder_names.contains(&h))
+        });
+        let Some(job) = running else {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            continue;
+        };
+        let victim = holder(&job).unwrap();
+        let pid = container_pid(&pods, &victim).await;
+        signal(pid, "STOP");
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let still = jobs(&tb, &ns, "orders")
+            .await
+            .into_iter()
+            .find(|j| j.metadata.name == job.metadata.name)
+            .filter(|j| j.phase() == JobPhase::Running && holder(j).as_deref() == Some(&victim));
+        if still.is_some() {
+            break (victim, job);
+        }
+        signal(pid, "CONT");
+    };
+    let (ok, out) = kubectl(&["delete", "pod", "-n", &ns, &victim, "--grace-period=1"]);
+    assert!(ok, "kubectl delete pod {victim}: {out}");
+    let taken_over = wait_for(
+        "the dead builder's job done by another",
+        Duration::from_secs(120),
+        || async {
+            jobs(&tb, &ns, "orders")
+                .await
+                .into_iter()
+                .find(|j| j.metadata.name == job.metadata.name)
+                .filter(|j| j.phase() == JobPhase::Succeeded)
+        },
+    )
+    .await;
+    let new_holder = holder(&taken_over).unwrap();
+    assert_ne!(new_holder, victim, "the job was finished by another builder");
+
+    // The leader pod is deleted: the standby takes over within the lease, and planning and
+    // commits go on.
+    let deleted_at = Instant::now();
+    let (ok, out) = kubectl(&["delete", "pod", "-n", &release_ns, &leader]);
+    assert!(ok, "kubectl delete pod {leader}: {out}");
+    let new_leader = wait_for("a new leader", Duration::from_secs(60), || async {
+        lease_holder(&tb, &release_ns)
+            .await
+            .filter(|h| *h != leader && names.contains(h))
+    })
+    .await;
+    let handover = deleted_at.elapsed();
+    println!("leadership moved from {leader} to {new_leader} in {handover:?}");
+    // The chart's lease is 15 s; the standby polls every third of it.
+    assert!(
+        handover < Duration::from_secs(15 + 5 + 5),
+        "handover took {handover:?}"
+    );
+
+    // Everything is committed; the blocks hold every record exactly once.
+    let group = default_consumer_group(&ns, "orders");
+    let committed = wait_all_committed(
+        &broker.testbed(&tb),
+        &group,
+        topic,
+        &high_watermarks(&produced),
+        Duration::from_secs(300),
+    )
+    .await;
+    audit_exact(
+        &tb,
+        &tb.s3_root.join(&tb.s3_bucket).join(&ns),
+        &produced,
+        &committed,
+    );
+    let all_jobs = jobs(&tb, &ns, "orders").await;
+    for j in &all_jobs {
+        builder_names.extend(pods.get_opt(&holder(j).unwrap()).await.ok().flatten().and_then(|p| p.metadata.name));
+    }
+    let seen: BTreeSet<String> = exits.lock().unwrap().keys().cloned().collect();
+    for j in &all_jobs {
+        let h = holder(j).unwrap();
+        assert!(
+            builder_names.contains(&h) || seen.contains(&h),
+            "job {:?} was held by {h}, not a builder pod",
+            j.metadata.name
+        );
+    }
+
+    // The queue is empty: the HPA scales the builders back down to one. Each pod removed gets
+    // SIGTERM and exits on its own within its grace period (exit 0, not killed).
+    wait_for("scaled down to 1 builder pod", Duration::from_secs(240), || async {
+        let all = pods
+            .list(&ListParams::default().labels("app.kubernetes.io/name=blocksmith-builder"))
+            .await
+            .ok()?;
+        (all.items.len() == 1).then_some(())
+    })
+    .await;
+    let exits = exits.lock().unwrap().clone();
+    let scaled_down: BTreeMap<_, _> = exits.iter().filter(|(name, _)| **name != victim).collect();
+    assert!(
+        scaled_down.len() >= 3,
+        "three builder pods were scaled down: {exits:?}"
+    );
+    assert!(
+        scaled_down.values().all(|code| **code == 0),
+        "every scaled-down builder exited by itself: {exits:?}"
+    );
+    assert!(
+        !exits.contains_key(&new_leader),
+        "(the operator pods are not builders)"
+    );
+
+    // The node kept every pod's traffic on this machine throughout.
+    let dir = tb.dir.to_str().unwrap().to_string();
+    let check = std::process::Command::new(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("testbed"),
+    )
+    .args(["check-isolation", &dir])
+    .status()
+    .expect("testbed check-isolation");
+    assert!(check.success(), "e2e/testbed check-isolation failed");
+
+    let _ = Api::<Deployment>::namespaced(tb.client.clone(), &ns)
+        .delete("orders-builder", &DeleteParams::default())
+        .await;
+}
