@@ -46,6 +46,8 @@ impl PrivateBroker {
 
     fn spawn_with(tb: &Testbed, name: &str, args: &[&str]) -> PrivateBroker {
         let ready = tb.dir.join(format!("{name}-broker.json"));
+        // A ready file of an earlier run on this testbed names a broker that is gone.
+        let _ = std::fs::remove_file(&ready);
         let mut cmd = tb.command("blocksmith-broker");
         cmd.arg("--ready-file").arg(&ready).args(args);
         let proc = tb.spawn(&format!("{name}-broker"), cmd);

@@ -53,4 +53,3 @@ pub async fn helm_retried(tb: &Testbed, args: &[&str]) -> Result<String, String>
     }
     Err(last)
 }
-
