@@ -1,9 +1,9 @@
 //! The builder's Prometheus metrics and the `/metrics`, `/healthz`, `/readyz` endpoints.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use blocksmith_runtime::Health;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -34,7 +34,7 @@ struct Inner {
     bytes_read: Counter,
     job_seconds: Histogram,
     api_writes: Family<KindLabels, Counter>,
-    ready: Arc<AtomicBool>,
+    health: Health,
 }
 
 impl Default for Inner {
@@ -52,7 +52,7 @@ impl Default for Inner {
             bytes_read: Counter::default(),
             job_seconds: Histogram::new(exponential_buckets(0.05, 2.0, 14)),
             api_writes: Family::default(),
-            ready: Arc::new(AtomicBool::new(false)),
+            health: Health::default(),
         };
         registry.register("claims", "Jobs claimed", m.claims.clone());
         registry.register(
@@ -107,11 +107,16 @@ impl Metrics {
             .expect("encode metrics");
         out
     }
+    /// `/readyz` answers ok from now on.
     pub fn set_ready(&self) {
-        self.inner.ready.store(true, Ordering::Relaxed);
+        self.inner.health.set_ready();
     }
     pub fn is_ready(&self) -> bool {
-        self.inner.ready.load(Ordering::Relaxed)
+        self.inner.health.is_ready()
+    }
+    /// What `/healthz` and `/readyz` report.
+    pub fn health(&self) -> &Health {
+        &self.inner.health
     }
     pub fn api_write(&self, kind: &str) {
         self.inner
@@ -155,5 +160,5 @@ impl Metrics {
 /// Serves `/metrics`, `/healthz` and `/readyz` until the process ends.
 pub async fn serve(addr: std::net::SocketAddr, metrics: Metrics) -> anyhow::Result<()> {
     let m = metrics.clone();
-    blocksmith_runtime::serve_probes(addr, move || m.encode(), metrics.inner.ready.clone()).await
+    blocksmith_runtime::serve_probes(addr, move || m.encode(), metrics.inner.health.clone()).await
 }

@@ -11,6 +11,7 @@ use blocksmith_crds::BlockJob;
 use blocksmith_crds::domain::{
     LABEL_PHASE, LABEL_PIPELINE, is_claimable, lease_expiry, renew_interval,
 };
+use blocksmith_runtime::Health;
 use futures::StreamExt;
 use jiff::Timestamp;
 use kube::ResourceExt;
@@ -37,6 +38,39 @@ pub struct Worker {
     pub shutdown: CancellationToken,
     /// How long a job in progress may still run after shutdown was requested.
     pub grace: Duration,
+}
+
+/// The claim loop's heartbeat on `/healthz`: armed from the first list of jobs until the loop
+/// stops, beaten on every pass; disarmed while a claimed job is being built, when
+/// [`JOB_LEASE_HEARTBEAT`] stands for the builder instead.
+pub const WORK_LOOP_HEARTBEAT: &str = "work-loop";
+
+/// How long a pass of the claim loop may take before `/healthz` calls the builder stuck:
+/// 3 minutes.
+///
+/// A pass waits at most a second for a change, then tries up to 8 jobs with up to two
+/// claims each (an apply, and a GET after a conflict), and after a build reports it in up
+/// to 5 apply-and-GET rounds: all Kubernetes requests, which the API server answers or
+/// times out within 60 s each (its default request timeout). A pass that has not finished
+/// after three such timeouts back to back is waiting on a connection that went dead: the
+/// client has no read timeout of its own, so only a restart ends that.
+pub const WORK_LOOP_DEADLINE: Duration = Duration::from_secs(180);
+
+/// The lease renewals' heartbeat on `/healthz` while a claimed job is built; see
+/// [`job_lease_deadline`].
+pub const JOB_LEASE_HEARTBEAT: &str = "job-lease";
+
+/// How long `/healthz` allows between renewals of a job's lease: the lease duration plus
+/// one renewal interval (40 s for the default 30 s lease).
+///
+/// Renewals are attempted every third of the lease, and the renewer gives the lease up —
+/// cancelling the build and handing the builder back to its claim loop — once the lease
+/// has run out without a successful renewal, also when a renewal request hangs. So a
+/// running renewer never leaves its heartbeat older than the lease; one interval more means
+/// it is not running at all (it panicked, or the process is blocked).
+pub fn job_lease_deadline(lease_duration_seconds: i32) -> Duration {
+    Duration::from_secs(lease_duration_seconds.max(0) as u64)
+        + renew_interval(lease_duration_seconds)
 }
 
 /// Claimable jobs in claim order: partitions with the most claimable jobs (the largest lag)
@@ -89,11 +123,15 @@ impl Worker {
             futures::future::ready(())
         });
         let watch = tokio::spawn(watch);
+        // Ready once the jobs were listed.
         store.wait_until_ready().await?;
         self.metrics.set_ready();
         info!(identity = %self.lease.identity(), %selector, "builder ready");
 
+        let health = self.metrics.health();
+        health.arm(WORK_LOOP_HEARTBEAT, WORK_LOOP_DEADLINE);
         while !self.shutdown.is_cancelled() {
+            health.beat(WORK_LOOP_HEARTBEAT);
             if !self.claim_and_build(&store).await {
                 tokio::select! {
                     _ = changed.notified() => {}
@@ -102,6 +140,7 @@ impl Worker {
                 }
             }
         }
+        health.disarm(WORK_LOOP_HEARTBEAT);
         watch.abort();
         info!("builder stopped");
         Ok(())
@@ -143,6 +182,12 @@ impl Worker {
             "claimed"
         );
         let started = std::time::Instant::now();
+        let health = self.metrics.health();
+        health.disarm(WORK_LOOP_HEARTBEAT);
+        health.arm(
+            JOB_LEASE_HEARTBEAT,
+            job_lease_deadline(held.lease_duration_seconds),
+        );
         let cancel = Arc::new(AtomicBool::new(false));
         let lost = Arc::new(AtomicBool::new(false));
         let held = Arc::new(Mutex::new(held));
@@ -150,8 +195,11 @@ impl Worker {
             self.client.clone(),
             self.lease.clone(),
             held.clone(),
-            cancel.clone(),
-            lost.clone(),
+            Renewal {
+                cancel: cancel.clone(),
+                lost: lost.clone(),
+                health: health.clone(),
+            },
         ));
         let spec = held.lock().await.job.spec.clone();
         let build = build_block(&spec, &self.settings, cancel.clone());
@@ -172,6 +220,10 @@ impl Worker {
         // Stop renewing before the final report so the two never race.
         renewer.abort();
         let _ = renewer.await;
+        // The report is part of the claim loop's pass (if a lost lease has not handed the
+        // builder back to it already).
+        health.disarm(JOB_LEASE_HEARTBEAT);
+        health.arm(WORK_LOOP_HEARTBEAT, WORK_LOOP_DEADLINE);
         let mut held = held.lock().await.clone();
         if lost.load(Ordering::Relaxed) {
             self.metrics.lease_lost();
@@ -215,35 +267,210 @@ impl Worker {
     }
 }
 
-/// Renews every third of the lease. On a conflict, or when renewals have failed until the
-/// lease has run out, marks the lease lost and cancels the build.
+/// What the renewer shares with the build.
+struct Renewal {
+    /// Set to stop the build.
+    cancel: Arc<AtomicBool>,
+    /// Set when the lease is lost: report nothing.
+    lost: Arc<AtomicBool>,
+    health: Health,
+}
+
+impl Renewal {
+    /// Marks the lease lost, cancels the build and hands the builder back to its claim loop
+    /// (whose deadline now covers the build's return).
+    fn lose(&self) {
+        self.lost.store(true, Ordering::Relaxed);
+        self.cancel.store(true, Ordering::Relaxed);
+        self.health.disarm(JOB_LEASE_HEARTBEAT);
+        self.health.arm(WORK_LOOP_HEARTBEAT, WORK_LOOP_DEADLINE);
+    }
+}
+
+/// Renews every third of the lease, beating [`JOB_LEASE_HEARTBEAT`] on each renewal. On a
+/// conflict, or when renewals have failed until the lease has run out, marks the lease lost
+/// and cancels the build. A renewal still unanswered when the lease runs out has failed: an
+/// unreachable API server can leave a request unanswered for many minutes, and by then
+/// the operator has taken the job back.
 async fn renew_until_lost(
     client: kube::Client,
     lease: LeaseClient,
     held: Arc<Mutex<Held>>,
-    cancel: Arc<AtomicBool>,
-    lost: Arc<AtomicBool>,
+    renewal: Renewal,
 ) {
     let every = renew_interval(held.lock().await.lease_duration_seconds);
     loop {
         tokio::time::sleep(every).await;
         let mut h = held.lock().await;
-        match lease.renew(&client, &mut h).await {
-            Ok(()) => {}
-            Err(LeaseError::Lost { reason, .. }) => {
+        // (Already so when the claim itself took longer than the lease.)
+        let Ok(left) = Duration::try_from(
+            lease_expiry(h.renew_time, h.lease_duration_seconds).duration_since(Timestamp::now()),
+        ) else {
+            warn!("the lease ran out before it could be renewed");
+            renewal.lose();
+            return;
+        };
+        match tokio::time::timeout(left, lease.renew(&client, &mut h)).await {
+            Ok(Ok(())) => renewal.health.beat(JOB_LEASE_HEARTBEAT),
+            Ok(Err(LeaseError::Lost { reason, .. })) => {
                 warn!(%reason, "lease renewal refused");
-                lost.store(true, Ordering::Relaxed);
-                cancel.store(true, Ordering::Relaxed);
+                renewal.lose();
                 return;
             }
-            Err(e) => {
+            Ok(Err(e)) => {
                 warn!(error = %e, "lease renewal failed; retrying");
                 if lease_expiry(h.renew_time, h.lease_duration_seconds) <= Timestamp::now() {
-                    lost.store(true, Ordering::Relaxed);
-                    cancel.store(true, Ordering::Relaxed);
+                    renewal.lose();
                     return;
                 }
             }
+            Err(_) => {
+                warn!("lease renewal unanswered until the lease ran out");
+                renewal.lose();
+                return;
+            }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use blocksmith_crds::pipeline::{BlockFormat, Compression};
+    use blocksmith_crds::{BlockJobSpec, JobOutputSpec};
+
+    use super::*;
+
+    /// An API server that accepts connections and never answers, as a frozen one does.
+    async fn frozen_apiserver() -> (kube::Client, tokio::task::JoinHandle<()>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(async move {
+            let mut open = Vec::new();
+            while let Ok((conn, _)) = listener.accept().await {
+                open.push(conn);
+            }
+        });
+        let config = kube::Config::new(format!("http://{addr}").parse().unwrap());
+        (kube::Client::try_from(config).unwrap(), server)
+    }
+
+    fn held(lease_duration_seconds: i32) -> Held {
+        let mut job = BlockJob::new(
+            "orders-0-0",
+            BlockJobSpec {
+                pipeline: "orders".into(),
+                topic: "orders".into(),
+                partition: 0,
+                start_offset: 0,
+                end_offset: 10,
+                bootstrap_servers: "kafka:9092".into(),
+                kafka_cluster_id: None,
+                lease_duration_seconds,
+                output: JobOutputSpec {
+                    url: "file:///tmp/blocks".into(),
+                    format: BlockFormat::Parquet,
+                    compression: Compression::Zstd,
+                    compression_level: None,
+                    row_group_size: None,
+                    max_record_bytes: None,
+                },
+            },
+        );
+        job.metadata.namespace = Some("ns".into());
+        let now = Timestamp::now();
+        Held {
+            job,
+            attempt: 1,
+            acquire_time: now,
+            renew_time: now,
+            start_time: now,
+            lease_duration_seconds,
+            message: String::new(),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_renewal_without_an_answer_gives_the_lease_up_when_it_runs_out() {
+        let (client, server) = frozen_apiserver().await;
+        let metrics = Metrics::default();
+        let health = metrics.health().clone();
+        health.arm(JOB_LEASE_HEARTBEAT, job_lease_deadline(3));
+        let renewal = Renewal {
+            cancel: Arc::new(AtomicBool::new(false)),
+            lost: Arc::new(AtomicBool::new(false)),
+            health: health.clone(),
+        };
+        let (cancel, lost) = (renewal.cancel.clone(), renewal.lost.clone());
+        let started = std::time::Instant::now();
+        // Renews after 1 s; that renewal hangs; the lease runs out 3 s after the claim.
+        tokio::time::timeout(
+            Duration::from_secs(20),
+            renew_until_lost(
+                client,
+                LeaseClient::new("builder-1", metrics.clone()),
+                Arc::new(Mutex::new(held(3))),
+                renewal,
+            ),
+        )
+        .await
+        .expect("the renewer gives up");
+        let took = started.elapsed();
+        assert!(
+            took >= Duration::from_millis(2900) && took < Duration::from_secs(6),
+            "{took:?}"
+        );
+        assert!(lost.load(Ordering::Relaxed) && cancel.load(Ordering::Relaxed));
+        // One renewal, which hung (failing ones would have been retried every second).
+        assert!(
+            metrics
+                .encode()
+                .contains("api_writes_total{kind=\"status\"} 1\n"),
+            "{}",
+            metrics.encode()
+        );
+        // Back to the claim loop's deadline.
+        assert!(!health.is_armed(JOB_LEASE_HEARTBEAT));
+        assert!(health.is_armed(WORK_LOOP_HEARTBEAT));
+        server.abort();
+    }
+
+    #[tokio::test]
+    async fn a_lease_that_ran_out_during_the_claim_is_given_up_without_a_renewal() {
+        let (client, server) = frozen_apiserver().await;
+        let metrics = Metrics::default();
+        let mut expired = held(3);
+        expired.renew_time = Timestamp::now() - jiff::SignedDuration::from_secs(60);
+        let renewal = Renewal {
+            cancel: Arc::new(AtomicBool::new(false)),
+            lost: Arc::new(AtomicBool::new(false)),
+            health: metrics.health().clone(),
+        };
+        let lost = renewal.lost.clone();
+        tokio::time::timeout(
+            Duration::from_secs(5),
+            renew_until_lost(
+                client,
+                LeaseClient::new("builder-1", metrics.clone()),
+                Arc::new(Mutex::new(expired)),
+                renewal,
+            ),
+        )
+        .await
+        .expect("the renewer gives up");
+        assert!(lost.load(Ordering::Relaxed));
+        // Nothing was sent.
+        assert!(
+            !metrics
+                .encode()
+                .contains("api_writes_total{kind=\"status\"}")
+        );
+        server.abort();
+    }
+
+    #[test]
+    fn the_job_lease_deadline_is_the_lease_plus_one_renewal_interval() {
+        assert_eq!(job_lease_deadline(30), Duration::from_secs(40));
+        assert_eq!(job_lease_deadline(3), Duration::from_secs(4));
+        assert_eq!(job_lease_deadline(-1), Duration::from_millis(333));
     }
 }

@@ -1,3 +1,4 @@
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -6,10 +7,12 @@ use blocksmith_crds::{BlockJob, BlockPipeline};
 use blocksmith_operator::builders::AutoscalingApi;
 use blocksmith_operator::external_metrics;
 use blocksmith_operator::leader::LeaderElector;
-use blocksmith_operator::metrics::{self, Metrics};
+use blocksmith_operator::metrics::{self, Metrics, RECONCILE_HEARTBEAT};
 use blocksmith_operator::reconcile::{Context, error_policy, reconcile};
 use clap::Parser;
 use futures::StreamExt;
+use kube::runtime::controller::Action;
+use kube::runtime::reflector::{Lookup, ObjectRef};
 use kube::runtime::{Controller, WatchStreamExt, controller, reflector, watcher};
 use kube::{Api, ResourceExt};
 use tracing::{debug, error, info, warn};
@@ -64,6 +67,7 @@ async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let client = kube::Client::try_default().await?;
     let metrics = Metrics::default();
+    let health = metrics.health().clone();
     tokio::spawn(metrics::serve(args.metrics_addr, metrics.clone()));
     if let Some(addr) = args.external_metrics_addr {
         let client = client.clone();
@@ -90,13 +94,16 @@ async fn main() -> anyhow::Result<()> {
             &args.lease_name,
             &identity,
             Duration::from_secs(args.lease_duration),
+            health.clone(),
         )
     });
-    metrics.set_ready();
     if let Some(e) = &elector {
         info!(identity = %e.identity(), "waiting for leadership");
         tokio::select! {
-            _ = e.acquire() => {}
+            // A standby is ready once it gets answers from the API server: readiness does
+            // not depend on leadership (as with controller-runtime), so rollouts proceed
+            // while one replica leads. The leader is ready once its caches synced (below).
+            _ = e.acquire(|| health.set_ready()) => {}
             _ = shutdown_signal() => return Ok(()),
         }
     }
@@ -141,19 +148,47 @@ async fn main() -> anyhow::Result<()> {
         .with_config(
             controller::Config::default().debounce(Duration::from_millis(args.debounce_ms)),
         )
-        .shutdown_on_signal()
+        .shutdown_on_signal();
+    // Ready (if not already as a standby) now that the jobs' cache has synced. Not waiting
+    // for the controller's own cache of pipelines (`controller.store()`): kube-runtime 5.0's
+    // `Store::wait_until_ready` wakes only the last of several waiters, and the controller
+    // waits on that store itself before its first reconcile — a second waiter could leave
+    // it unwoken.
+    info!("job cache synced; ready");
+    health.set_ready();
+    let idle_deadline = metrics::controller_idle_deadline(
+        Duration::from_secs_f64(args.poll_interval),
+        Duration::from_millis(args.debounce_ms),
+    );
+    let mut requeues = Requeues::default();
+    let beats = health.clone();
+    let controller = controller
         .run(reconcile, error_policy, ctx)
-        .for_each(|res| async move {
-            match res {
-                // A job event for a pipeline that was just deleted (its jobs are being
-                // garbage-collected): nothing to do, nothing wrong.
-                Err(controller::Error::ObjectNotFound(obj)) => {
-                    debug!(object = %obj, "pipeline gone; ignoring an event of its jobs");
+        .for_each(move |res| {
+            requeues.observe(&res);
+            if requeues.any() {
+                beats.arm(RECONCILE_HEARTBEAT, idle_deadline);
+            } else {
+                beats.disarm(RECONCILE_HEARTBEAT);
+            }
+            async move {
+                match res {
+                    // A job event for a pipeline that was just deleted (its jobs are being
+                    // garbage-collected): nothing to do, nothing wrong.
+                    Err(controller::Error::ObjectNotFound(obj)) => {
+                        debug!(object = %obj, "pipeline gone; ignoring an event of its jobs");
+                    }
+                    Err(e) => warn!(error = %e, "reconcile"),
+                    Ok(_) => {}
                 }
-                Err(e) => warn!(error = %e, "reconcile"),
-                Ok(_) => {}
             }
         });
+    // Every poll of the controller is a beat of its heartbeat (see RECONCILE_HEARTBEAT).
+    let mut controller = std::pin::pin!(controller);
+    let controller = futures::future::poll_fn(move |cx| {
+        health.beat(RECONCILE_HEARTBEAT);
+        controller.as_mut().poll(cx)
+    });
     info!("controller started");
     match &elector {
         Some(e) => tokio::select! {
@@ -169,11 +204,100 @@ async fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The pipelines the controller will reconcile again without any change: those whose last
+/// reconcile asked for a requeue or failed (the error policy requeues). While there are any,
+/// the controller has a timer due within the poll interval, so it must keep running.
+#[derive(Default)]
+struct Requeues(HashSet<(Option<String>, String)>);
+
+impl Requeues {
+    fn observe<E1, E2>(
+        &mut self,
+        result: &Result<(ObjectRef<BlockPipeline>, Action), controller::Error<E1, E2>>,
+    ) {
+        match result {
+            Ok((obj, action)) if *action == Action::await_change() => self.forget(obj),
+            Ok((obj, _)) => self.expect(obj),
+            Err(controller::Error::ReconcilerFailed(_, obj)) => self.expect(obj),
+            // A pipeline deleted meanwhile: its pending requeue found it gone.
+            Err(controller::Error::ObjectNotFound(obj)) => self.forget(obj),
+            Err(_) => {}
+        }
+    }
+
+    fn any(&self) -> bool {
+        !self.0.is_empty()
+    }
+
+    fn expect<K: Lookup + ?Sized>(&mut self, obj: &ObjectRef<K>) {
+        self.0.insert((obj.namespace.clone(), obj.name.clone()));
+    }
+
+    fn forget<K: Lookup + ?Sized>(&mut self, obj: &ObjectRef<K>) {
+        self.0.remove(&(obj.namespace.clone(), obj.name.clone()));
+    }
+}
+
 async fn shutdown_signal() {
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .expect("SIGTERM handler");
     tokio::select! {
         _ = term.recv() => {}
         _ = tokio::signal::ctrl_c() => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use kube::core::DynamicObject;
+
+    use super::*;
+
+    type Event = Result<
+        (ObjectRef<BlockPipeline>, Action),
+        controller::Error<std::fmt::Error, std::fmt::Error>,
+    >;
+
+    fn pipeline(name: &str) -> ObjectRef<BlockPipeline> {
+        ObjectRef::new(name).within("ns")
+    }
+
+    fn erased(name: &str) -> Box<ObjectRef<DynamicObject>> {
+        Box::new(pipeline(name).erase())
+    }
+
+    #[test]
+    fn requeues_follow_what_each_pipeline_last_asked_for() {
+        let mut r = Requeues::default();
+        assert!(!r.any());
+        let requeue: Event = Ok((pipeline("a"), Action::requeue(Duration::from_secs(10))));
+        r.observe(&requeue);
+        assert!(r.any());
+        // An invalid spec waits for a change: nothing is due for it.
+        let parked: Event = Ok((pipeline("a"), Action::await_change()));
+        r.observe(&parked);
+        assert!(!r.any());
+        // A failed reconcile is requeued by the error policy.
+        let failed: Event = Err(controller::Error::ReconcilerFailed(
+            std::fmt::Error,
+            erased("b"),
+        ));
+        r.observe(&failed);
+        assert!(r.any());
+        // Queue errors (a watch failing) change nothing.
+        let queue: Event = Err(controller::Error::QueueError(std::fmt::Error));
+        r.observe(&queue);
+        assert!(r.any());
+        // A deleted pipeline's requeue finds it gone.
+        let gone: Event = Err(controller::Error::ObjectNotFound(erased("b")));
+        r.observe(&gone);
+        assert!(!r.any());
+        // The same name in another namespace is another pipeline.
+        r.observe(&requeue);
+        let other: Event = Err(controller::Error::ObjectNotFound(Box::new(
+            ObjectRef::<BlockPipeline>::new("a").within("other").erase(),
+        )));
+        r.observe(&other);
+        assert!(r.any());
     }
 }

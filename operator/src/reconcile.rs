@@ -24,7 +24,7 @@ use crate::kafka::{self, KafkaConnection, KafkaError, KafkaOffsets};
 use crate::lifecycle::{
     FinishedJob, JobAction, is_claimable, job_action, jobs_to_delete, next_wakeup,
 };
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, RECONCILE_HEARTBEAT, reconcile_deadline};
 use crate::planner::{
     ExistingJob, PartitionOffsets, PartitionPlanError, PlanPolicy, plan_partition,
 };
@@ -102,6 +102,12 @@ impl Context {
 
 pub async fn reconcile(bp: Arc<BlockPipeline>, ctx: Arc<Context>) -> Result<Action, Error> {
     let started = std::time::Instant::now();
+    // On /healthz while it runs (until dropped): one that outlives its deadline is stuck.
+    let _in_progress = ctx.metrics.health().start(
+        RECONCILE_HEARTBEAT,
+        format!("{}/{}", bp.namespace().unwrap_or_default(), bp.name_any()),
+        reconcile_deadline(ctx.kafka_timeout),
+    );
     let result = reconcile_inner(&bp, &ctx).await;
     ctx.metrics
         .observe_reconcile(started.elapsed().as_secs_f64());
