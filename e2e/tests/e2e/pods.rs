@@ -445,6 +445,40 @@ async fn the_chart_runs_blocksmith_as_pods_that_scale_fail_over_and_write_every_
         "every scaled-down builder exited by itself: {exits:?}"
     );
 
+    // The chart's liveness probe on a real kubelet: a standby operator pod, frozen, stops
+    // answering /healthz and is killed and started again (after three failed probes and its
+    // termination grace period).
+    let standby = wait_for(
+        "a Ready standby operator pod",
+        Duration::from_secs(60),
+        || async {
+            let ready = ready_pods(&operator_pods, OPERATOR_SELECTOR).await;
+            let leader = lease_holder(&tb, &release_ns).await?;
+            ready
+                .into_iter()
+                .filter_map(|p| p.metadata.name)
+                .find(|n| *n != leader)
+        },
+    )
+    .await;
+    signal(container_pid(&operator_pods, &standby).await, "STOP");
+    wait_for(
+        "the frozen operator pod restarted by its liveness probe",
+        Duration::from_secs(180),
+        || async {
+            let p = operator_pods.get(&standby).await.ok()?;
+            let status = p
+                .status
+                .as_ref()?
+                .container_statuses
+                .as_ref()?
+                .first()?
+                .clone();
+            (status.restart_count >= 1 && is_ready(&p)).then_some(())
+        },
+    )
+    .await;
+
     // The node kept every pod's traffic on this machine throughout.
     let dir = tb.dir.to_str().unwrap().to_string();
     let check = std::process::Command::new(
