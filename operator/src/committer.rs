@@ -4,6 +4,24 @@
 /// the planner takes.
 pub use crate::planner::ExistingJob as JobProgress;
 
+use std::collections::BTreeMap;
+
+use crate::planner::{JobRanges, PartitionOffsets};
+
+/// The commits to make: for each partition with a committed offset, [`next_commit`] where it
+/// moves the offset forward.
+pub fn next_commits(offsets: &[PartitionOffsets], jobs: &JobRanges) -> BTreeMap<i32, i64> {
+    offsets
+        .iter()
+        .filter_map(|po| {
+            let committed = po.committed?;
+            let ranges = jobs.get(&po.partition).map_or(&[][..], Vec::as_slice);
+            let next = next_commit(committed, ranges);
+            (next > committed).then_some((po.partition, next))
+        })
+        .collect()
+}
+
 /// The offset to commit: the end of the contiguous run of succeeded jobs starting at
 /// `committed` (Kafka's convention: the committed offset is the next offset to read).
 ///
@@ -57,6 +75,28 @@ mod tests {
     fn stops_at_a_gap() {
         let jobs = [job(0, 100, true), job(150, 200, true)];
         assert_eq!(next_commit(0, &jobs), 100);
+    }
+
+    #[test]
+    fn commits_only_partitions_whose_offset_moves() {
+        let offsets = |partition, committed| PartitionOffsets {
+            partition,
+            low: 0,
+            high: 1000,
+            committed,
+        };
+        let jobs = JobRanges::from([
+            (0, vec![job(0, 100, true)]),
+            (1, vec![job(0, 100, false)]),
+            (2, vec![job(0, 100, true)]),
+        ]);
+        let all = [
+            offsets(0, Some(0)),
+            offsets(1, Some(0)),
+            offsets(2, None),
+            offsets(3, Some(7)),
+        ];
+        assert_eq!(next_commits(&all, &jobs), BTreeMap::from([(0, 100)]));
     }
 
     #[test]

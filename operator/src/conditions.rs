@@ -1,7 +1,9 @@
 //! Pipeline status conditions in the standard shape, derived from what the reconcile found.
 
+use blocksmith_crds::BlockJob;
 use jiff::Timestamp;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use kube::ResourceExt;
 
 pub const READY: &str = "Ready";
 pub const PROGRESSING: &str = "Progressing";
@@ -13,6 +15,55 @@ pub const SUSPENDED: &str = "Suspended";
 pub struct Problem {
     pub reason: &'static str,
     pub message: String,
+}
+
+impl Problem {
+    /// The spec cannot be acted on; `message` names the field.
+    pub fn invalid_spec(message: String) -> Self {
+        Self {
+            reason: "InvalidSpec",
+            message,
+        }
+    }
+
+    /// A job used up its attempts (`backoffLimit`): its partition's commit waits for the user.
+    pub fn job_failed(job: &BlockJob) -> Self {
+        let s = &job.spec;
+        let last_error = job.status.as_ref().and_then(|s| s.message.as_deref());
+        Self {
+            reason: "JobFailed",
+            message: format!(
+                "job {} (partition {}, offsets [{}, {})) failed after {} attempts: {}; the commit of partition {} is held at offset {} until the job is deleted (which retries it)",
+                job.name_any(),
+                s.partition,
+                s.start_offset,
+                s.end_offset,
+                job.attempt(),
+                last_error.unwrap_or_default(),
+                s.partition,
+                s.start_offset,
+            ),
+        }
+    }
+
+    /// Retention deleted records `[committed, low)` of `partition` before they were written to
+    /// a block.
+    pub fn offset_out_of_range(partition: i32, committed: i64, low: i64) -> Self {
+        Self {
+            reason: "OffsetOutOfRange",
+            message: format!(
+                "partition {partition}: committed offset {committed} is below the low watermark {low}: records [{committed}, {low}) were deleted by retention before they were written to a block. Set spec.kafka.skipMissingData: true to continue from {low}, accepting the loss"
+            ),
+        }
+    }
+
+    /// The builders' HPA could not be applied as asked.
+    pub fn autoscaling_unavailable(message: String) -> Self {
+        Self {
+            reason: "AutoscalingUnavailable",
+            message,
+        }
+    }
 }
 
 /// What one reconcile learned about a pipeline.
@@ -111,6 +162,47 @@ pub fn find<'a>(conditions: &'a [Condition], type_: &str) -> Option<&'a Conditio
 #[cfg(test)]
 mod tests {
     use super::*;
+    use blocksmith_crds::{BlockJobStatus, JobPhase};
+
+    #[test]
+    fn job_failed_names_the_job_range_attempts_error_and_the_way_out() {
+        let job = crate::testing::job_with(
+            3,
+            1000,
+            2000,
+            BlockJobStatus {
+                phase: JobPhase::Failed,
+                attempt: Some(3),
+                message: Some("access denied".into()),
+                ..Default::default()
+            },
+        );
+        let p = Problem::job_failed(&job);
+        assert_eq!(p.reason, "JobFailed");
+        for want in [
+            "job orders-3-1000",
+            "partition 3, offsets [1000, 2000)",
+            "after 3 attempts: access denied",
+            "held at offset 1000",
+            "until the job is deleted",
+        ] {
+            assert!(p.message.contains(want), "{want:?} not in {:?}", p.message);
+        }
+    }
+
+    #[test]
+    fn offset_out_of_range_names_the_lost_range_and_the_setting() {
+        let p = Problem::offset_out_of_range(2, 100, 2600);
+        assert_eq!(p.reason, "OffsetOutOfRange");
+        for want in [
+            "partition 2",
+            "committed offset 100 is below the low watermark 2600",
+            "records [100, 2600)",
+            "spec.kafka.skipMissingData: true",
+        ] {
+            assert!(p.message.contains(want), "{want:?} not in {:?}", p.message);
+        }
+    }
 
     #[test]
     fn healthy_then_degraded_keeps_and_moves_transition_times() {

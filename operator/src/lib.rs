@@ -2,20 +2,27 @@
 //! jobs, and commits consumer-group offsets over the contiguous prefix of succeeded jobs.
 //!
 //! Pure decisions: [`planner`], [`committer`], [`lifecycle`], [`conditions`], [`validate`].
-//! I/O: [`kafka`] (offsets), [`jobs`] (the BlockJob queue), [`reconcile`] (one pass over a
-//! pipeline), [`status`] (status and Events), [`builders`] (builder Deployment + HPA), [`external_metrics`] (queue depth
-//! for the HPA), [`leader`] (Lease-based leader election), [`metrics`] (Prometheus, probes).
+//! I/O: [`reconcile`] (one pass over a pipeline, step by step), [`context`] (what every
+//! reconcile shares), [`kafka`] (the cluster's offsets) and [`offsets`] (reading and
+//! committing them per pipeline), [`jobs`] (the BlockJob queue), [`status`] (status and
+//! Events), [`builders`] (builder Deployment + HPA), [`external_metrics`] (queue depth for
+//! the HPA), [`leader`] (Lease-based leader election), [`metrics`] (Prometheus, probes).
 
 pub mod builders;
 pub mod committer;
 pub mod conditions;
+pub mod context;
 pub mod external_metrics;
 pub mod jobs;
 pub mod kafka;
 pub mod leader;
 pub mod lifecycle;
 pub mod metrics;
+pub mod offsets;
 pub mod planner;
 pub mod reconcile;
 pub mod status;
 pub mod validate;
+
+#[cfg(test)]
+mod testing;

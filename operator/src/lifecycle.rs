@@ -6,8 +6,9 @@ use std::time::Duration;
 
 pub use blocksmith_crds::domain::is_claimable;
 use blocksmith_crds::domain::{lease_expiry, retry_backoff};
-use blocksmith_crds::{BlockJobStatus, JobPhase};
+use blocksmith_crds::{BlockJob, BlockJobStatus, JobPhase};
 use jiff::{SignedDuration, Timestamp};
+use kube::ResourceExt;
 
 /// The operator's next step for one job.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -63,6 +64,58 @@ pub fn job_action(
     }
 }
 
+/// How the operator rewrites a job's status when [`job_action`] expires or retries it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Reset {
+    pub phase: JobPhase,
+    pub attempt: i32,
+    pub not_before: Option<Timestamp>,
+    /// Why, for the job's status and the log.
+    pub message: String,
+}
+
+/// The reset [`job_action`] asks for, if any.
+pub fn reset(job: &BlockJob, backoff_limit: i32, now: Timestamp) -> Option<Reset> {
+    let status = job.status.as_ref();
+    let holder = status
+        .and_then(|s| s.lease.as_ref())
+        .map(|l| l.holder.as_str())
+        .unwrap_or_default();
+    let attempt = job.attempt();
+    match job_action(status, backoff_limit, now) {
+        JobAction::Expire {
+            next_attempt,
+            not_before,
+        } => Some(Reset {
+            phase: JobPhase::Pending,
+            attempt: next_attempt,
+            not_before: Some(not_before),
+            message: format!("lease of {holder:?} expired on attempt {attempt}; retrying"),
+        }),
+        JobAction::ExpireExhausted => Some(Reset {
+            phase: JobPhase::Failed,
+            attempt,
+            not_before: None,
+            message: format!("lease of {holder:?} expired on the last attempt ({attempt})"),
+        }),
+        JobAction::Retry {
+            next_attempt,
+            not_before,
+        } => {
+            let last_message = status
+                .and_then(|s| s.message.as_deref())
+                .unwrap_or_default();
+            Some(Reset {
+                phase: JobPhase::Pending,
+                attempt: next_attempt,
+                not_before: Some(not_before),
+                message: format!("attempt {attempt} failed: {last_message}; retrying"),
+            })
+        }
+        JobAction::Exhausted | JobAction::None => None,
+    }
+}
+
 /// When a running job's lease runs out; `None` when it has no usable lease (no holder or
 /// no renew/acquire time), which counts as already expired. A lease is expired from this
 /// instant on, so waking at it is enough.
@@ -89,6 +142,41 @@ pub fn queue_depth<'a>(
         .into_iter()
         .filter(|s| is_claimable(*s, now))
         .count()
+}
+
+/// A pipeline's jobs counted for its status and metrics.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct JobCounts {
+    /// Claimable now: the queue depth the builders' HPA scales on.
+    pub claimable: i64,
+    pub pending: i64,
+    pub running: i64,
+    pub succeeded: i64,
+    pub failed: i64,
+    /// Failed with no attempts left: waiting for the user.
+    pub exhausted: i64,
+}
+
+impl JobCounts {
+    pub fn of(jobs: &[BlockJob], backoff_limit: i32, now: Timestamp) -> Self {
+        let statuses = || jobs.iter().map(|j| j.status.as_ref());
+        let phase = |p: JobPhase| jobs.iter().filter(|j| j.phase() == p).count() as i64;
+        Self {
+            claimable: queue_depth(statuses(), now) as i64,
+            pending: phase(JobPhase::Pending),
+            running: phase(JobPhase::Running),
+            succeeded: phase(JobPhase::Succeeded),
+            failed: phase(JobPhase::Failed),
+            exhausted: statuses()
+                .filter(|s| job_action(*s, backoff_limit, now) == JobAction::Exhausted)
+                .count() as i64,
+        }
+    }
+
+    /// Jobs whose block is not yet durable.
+    pub fn unfinished(&self) -> i64 {
+        self.pending + self.running + self.failed
+    }
 }
 
 /// The next time, always after `now`, at which this job needs the operator without any
@@ -124,6 +212,22 @@ pub struct FinishedJob {
     /// `None` (no `completionTime`) means unknown age: never deleted by the TTL, but first
     /// to go when over the history limit.
     pub completion_time: Option<Timestamp>,
+}
+
+impl FinishedJob {
+    /// The job as cleanup sees it, if it succeeded.
+    pub fn of(job: &BlockJob) -> Option<Self> {
+        let status = job
+            .status
+            .as_ref()
+            .filter(|s| s.phase() == JobPhase::Succeeded)?;
+        Some(Self {
+            name: job.name_any(),
+            partition: job.spec.partition,
+            end: job.spec.end_offset,
+            completion_time: status.completion_time.as_ref().map(|t| t.0),
+        })
+    }
 }
 
 /// Names of succeeded jobs to delete, sorted. Only jobs whose whole range is committed
@@ -385,5 +489,74 @@ mod tests {
             [] as [&str; 0]
         );
         assert_eq!(jobs_to_delete(&jobs, &committed, HOUR, 0, t(100)).len(), 5);
+    }
+
+    fn job(status: BlockJobStatus) -> BlockJob {
+        crate::testing::job_with(0, 0, 100, status)
+    }
+
+    #[test]
+    fn reset_says_why_for_each_action() {
+        let failed = BlockJobStatus {
+            message: Some("bucket missing".into()),
+            ..status(JobPhase::Failed, 1)
+        };
+        let r = reset(&job(failed), 3, t(0)).unwrap();
+        assert_eq!((r.phase, r.attempt), (JobPhase::Pending, 2));
+        assert_eq!(r.not_before, Some(t(0) + retry_backoff(2)));
+        assert_eq!(r.message, "attempt 1 failed: bucket missing; retrying");
+
+        let r = reset(&job(running(2, 0, 30)), 3, t(30)).unwrap();
+        assert_eq!((r.phase, r.attempt), (JobPhase::Pending, 3));
+        assert_eq!(r.not_before, Some(t(30) + retry_backoff(3)));
+        assert_eq!(
+            r.message,
+            "lease of \"builder-0\" expired on attempt 2; retrying"
+        );
+
+        let r = reset(&job(running(3, 0, 30)), 3, t(30)).unwrap();
+        assert_eq!(
+            (r.phase, r.attempt, r.not_before),
+            (JobPhase::Failed, 3, None)
+        );
+        assert_eq!(
+            r.message,
+            "lease of \"builder-0\" expired on the last attempt (3)"
+        );
+
+        for quiet in [
+            running(1, 0, 30),
+            status(JobPhase::Failed, 3),
+            status(JobPhase::Succeeded, 1),
+            pending_until(10),
+        ] {
+            assert_eq!(reset(&job(quiet), 3, t(29)), None);
+        }
+    }
+
+    #[test]
+    fn counts_by_phase_queue_and_exhaustion() {
+        let jobs = [
+            crate::testing::job(0, 0, 100),
+            job(pending_until(10)),
+            job(running(1, 0, 30)),
+            job(status(JobPhase::Succeeded, 1)),
+            job(status(JobPhase::Failed, 1)),
+            job(status(JobPhase::Failed, 3)),
+        ];
+        let counts = JobCounts::of(&jobs, 3, t(5));
+        assert_eq!(
+            counts,
+            JobCounts {
+                claimable: 1,
+                pending: 2,
+                running: 1,
+                succeeded: 1,
+                failed: 2,
+                exhausted: 1,
+            }
+        );
+        assert_eq!(counts.unfinished(), 5);
+        assert_eq!(JobCounts::of(&jobs, 3, t(10)).claimable, 2);
     }
 }

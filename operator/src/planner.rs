@@ -3,12 +3,14 @@
 //! the same job names) and idempotent (planning again with the new jobs created plans
 //! nothing).
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
-use blocksmith_crds::BlockPipelineSpec;
 use blocksmith_crds::domain::{DurationError, parse_duration};
 use blocksmith_crds::pipeline::StartOffset;
+use blocksmith_crds::{BlockJob, BlockPipelineSpec, JobPhase, PartitionStatus};
 use jiff::{SignedDuration, Timestamp};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
 /// The pipeline settings planning depends on.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -188,6 +190,85 @@ pub fn plan_partition(
         planned_offset: hole.unwrap_or(cursor),
         tail_since: (p.high > cursor).then_some(seen_since),
     })
+}
+
+/// Each partition's existing job ranges, as [`plan_partition`] and the committer take them.
+pub type JobRanges = BTreeMap<i32, Vec<ExistingJob>>;
+
+pub fn job_ranges(jobs: &[BlockJob]) -> JobRanges {
+    let mut ranges = JobRanges::new();
+    for j in jobs {
+        ranges
+            .entry(j.spec.partition)
+            .or_default()
+            .push(ExistingJob {
+                start: j.spec.start_offset,
+                end: j.spec.end_offset,
+                succeeded: j.phase() == JobPhase::Succeeded,
+            });
+    }
+    ranges
+}
+
+/// The plan for every partition of a pipeline, and the status each partition reports.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct PipelinePlan {
+    pub partitions: Vec<PartitionStatus>,
+    /// Start offsets to commit before any new job is created (see
+    /// [`PartitionPlan::commit_start`]).
+    pub initial_commits: BTreeMap<i32, i64>,
+    /// `(partition, from, to)`: offsets skipped under `skip_missing_data`; the user is told
+    /// once the start is committed.
+    pub skipped: Vec<(i32, i64, i64)>,
+    /// Empty while the pipeline is suspended.
+    pub new_jobs: Vec<PlannedJob>,
+    /// Partitions that cannot be planned, and why.
+    pub errors: Vec<(i32, PartitionPlanError)>,
+}
+
+/// Plans each partition of `offsets`; `previous` is the partitions' last published status
+/// (for their `tail_since`).
+pub fn plan_pipeline(
+    offsets: &[PartitionOffsets],
+    ranges: &JobRanges,
+    previous: &[PartitionStatus],
+    suspended: bool,
+    now: Timestamp,
+    policy: &PlanPolicy,
+) -> PipelinePlan {
+    let mut plan = PipelinePlan::default();
+    for po in offsets {
+        let existing = ranges.get(&po.partition).map_or(&[][..], Vec::as_slice);
+        let old = previous.iter().find(|p| p.partition == po.partition);
+        let tail_since = old.and_then(|p| p.tail_since.as_ref()).map(|t| t.0);
+        let mut status = PartitionStatus {
+            partition: po.partition,
+            committed_offset: po.committed,
+            planned_offset: existing.iter().map(|j| j.end).max(),
+            high_watermark: po.high,
+            lag: po.high - po.committed.unwrap_or(po.low),
+            tail_since: old.and_then(|p| p.tail_since.clone()),
+        };
+        match plan_partition(po, existing, tail_since, now, policy) {
+            Ok(p) => {
+                if let Some(start) = p.commit_start {
+                    plan.initial_commits.insert(po.partition, start);
+                    status.lag = po.high - start;
+                }
+                if let Some((from, to)) = p.skipped {
+                    plan.skipped.push((po.partition, from, to));
+                }
+                status.planned_offset = Some(p.planned_offset);
+                status.tail_since = p.tail_since.map(Time);
+                if !suspended {
+                    plan.new_jobs.extend(p.new_jobs);
+                }
+            }
+            Err(e) => plan.errors.push((po.partition, e)),
+        }
+        plan.partitions.push(status);
+    }
+    plan
 }
 
 struct Cutter {
@@ -694,5 +775,92 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn pipeline_plan_reports_each_partition_and_what_to_commit_first() {
+        let offsets = [
+            PartitionOffsets {
+                partition: 0,
+                low: 0,
+                high: 250,
+                committed: None,
+            },
+            PartitionOffsets {
+                partition: 1,
+                low: 500,
+                high: 900,
+                committed: Some(100),
+            },
+            PartitionOffsets {
+                partition: 2,
+                low: 0,
+                high: 230,
+                committed: Some(100),
+            },
+        ];
+        let ranges = JobRanges::from([(2, existing(&[(100, 200, true)]))]);
+        let previous = [PartitionStatus {
+            partition: 2,
+            high_watermark: 220,
+            tail_since: Some(Time(t(-30))),
+            ..Default::default()
+        }];
+        let plan = plan_pipeline(&offsets, &ranges, &previous, false, t(0), &policy(100, 4));
+
+        assert_eq!(plan.initial_commits, BTreeMap::from([(0, 0)]));
+        assert_eq!(
+            plan.errors,
+            [(
+                1,
+                PartitionPlanError::OffsetOutOfRange {
+                    committed: 100,
+                    low: 500
+                }
+            )]
+        );
+        let planned: Vec<_> = plan
+            .new_jobs
+            .iter()
+            .map(|j| (j.partition, j.start, j.end))
+            .collect();
+        assert_eq!(planned, [(0, 0, 100), (0, 100, 200)]);
+        let p = |n: i32| plan.partitions.iter().find(|p| p.partition == n).unwrap();
+        assert_eq!(plan.partitions.len(), 3);
+        assert_eq!((p(0).lag, p(0).planned_offset), (250, Some(200)));
+        assert_eq!(
+            p(0).tail_since,
+            Some(Time(t(0))),
+            "tail 200..250 first seen now"
+        );
+        assert_eq!((p(1).lag, p(1).planned_offset), (800, None));
+        assert_eq!((p(2).lag, p(2).planned_offset), (130, Some(200)));
+        assert_eq!(
+            p(2).tail_since,
+            Some(Time(t(-30))),
+            "the tail keeps its age"
+        );
+
+        let suspended = plan_pipeline(&offsets, &ranges, &previous, true, t(0), &policy(100, 4));
+        assert!(suspended.new_jobs.is_empty());
+        assert_eq!(suspended.partitions, plan.partitions);
+        assert_eq!(suspended.initial_commits, plan.initial_commits);
+    }
+
+    #[test]
+    fn job_ranges_group_jobs_by_partition() {
+        use blocksmith_crds::BlockJobStatus;
+        let done = BlockJobStatus {
+            phase: JobPhase::Succeeded,
+            ..Default::default()
+        };
+        let jobs = [
+            crate::testing::job(1, 0, 10),
+            crate::testing::job_with(0, 5, 9, done),
+            crate::testing::job(1, 10, 20),
+        ];
+        let ranges = job_ranges(&jobs);
+        assert_eq!(ranges[&0], existing(&[(5, 9, true)]));
+        assert_eq!(ranges[&1], existing(&[(0, 10, false), (10, 20, false)]));
     }
 }

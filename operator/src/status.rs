@@ -10,8 +10,8 @@ use kube::{Resource, ResourceExt};
 use tracing::warn;
 
 use crate::conditions::{self, Observed};
+use crate::context::{Context, Error};
 use crate::jobs::STATUS_MANAGER;
-use crate::reconcile::{Context, Error};
 
 /// Writes the status when it changed, and records Events for condition transitions.
 pub async fn publish(

@@ -1,0 +1,70 @@
+//! What every reconcile shares: the clients, the job cache, metrics and settings.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use blocksmith_crds::BlockJob;
+use kube::runtime::events::Reporter;
+use kube::runtime::reflector::Store;
+
+use crate::builders::AutoscalingApi;
+use crate::jobs::MANAGER;
+use crate::metrics::Metrics;
+use crate::offsets::OffsetClients;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("Kubernetes API: {0}")]
+    Kube(#[from] kube::Error),
+}
+
+impl Error {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Error::Kube(_) => "kube",
+        }
+    }
+}
+
+pub struct Context {
+    pub client: kube::Client,
+    /// Every BlockJob the operator watches, kept current by a reflector.
+    pub jobs: Store<BlockJob>,
+    pub metrics: Metrics,
+    pub reporter: Reporter,
+    /// How often lag is polled when nothing else wakes the pipeline.
+    pub poll_interval: Duration,
+    pub kafka_timeout: Duration,
+    pub kafka: OffsetClients,
+    /// Which HPA API the cluster serves (discovered at start-up).
+    pub autoscaling: AutoscalingApi,
+    /// What was last applied for each pipeline's builders, so unchanged specs cost no writes.
+    pub builders_applied: Mutex<HashMap<String, String>>,
+}
+
+impl Context {
+    pub fn new(
+        client: kube::Client,
+        jobs: Store<BlockJob>,
+        metrics: Metrics,
+        poll_interval: Duration,
+        kafka_timeout: Duration,
+        autoscaling: AutoscalingApi,
+    ) -> Self {
+        Self {
+            client,
+            jobs,
+            metrics,
+            reporter: Reporter {
+                controller: MANAGER.into(),
+                instance: std::env::var("POD_NAME").ok(),
+            },
+            poll_interval,
+            kafka_timeout,
+            kafka: OffsetClients::new(kafka_timeout),
+            autoscaling,
+            builders_applied: Mutex::default(),
+        }
+    }
+}

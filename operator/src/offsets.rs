@@ -1,0 +1,102 @@
+//! A pipeline's Kafka offsets, read and committed off the async runtime (librdkafka's calls
+//! block), through one client per pipeline kept across reconciles.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use blocksmith_crds::BlockPipeline;
+
+use crate::kafka::{KafkaConnection, KafkaError, KafkaOffsets};
+use crate::planner::PartitionOffsets;
+
+/// One client per pipeline, replaced when its connection settings change.
+pub struct OffsetClients {
+    timeout: Duration,
+    clients: Mutex<HashMap<String, (KafkaConnection, Arc<KafkaOffsets>)>>,
+}
+
+/// One reading of a pipeline's Kafka cluster, and the client that made it.
+pub struct KafkaRead {
+    client: Arc<KafkaOffsets>,
+    pub cluster_id: Option<String>,
+    pub offsets: Vec<PartitionOffsets>,
+}
+
+impl OffsetClients {
+    pub fn new(timeout: Duration) -> Self {
+        Self {
+            timeout,
+            clients: Mutex::default(),
+        }
+    }
+
+    /// The cluster id and the offsets of the pipeline's partitions; `key` names the pipeline.
+    pub async fn read(
+        &self,
+        key: &str,
+        conn: KafkaConnection,
+        bp: &BlockPipeline,
+    ) -> Result<KafkaRead, KafkaError> {
+        let client = self.client(key, conn)?;
+        let topic = bp.spec.kafka.topic.clone();
+        let subset = bp.spec.kafka.partitions.clone();
+        let k = client.clone();
+        let (cluster_id, offsets) = tokio::task::spawn_blocking(move || {
+            let partitions = k.partitions(&topic, subset.as_deref())?;
+            Ok::<_, KafkaError>((k.cluster_id(), k.offsets(&topic, &partitions)?))
+        })
+        .await
+        .map_err(|e| KafkaError::Unavailable(e.to_string()))??;
+        Ok(KafkaRead {
+            client,
+            cluster_id,
+            offsets,
+        })
+    }
+
+    fn client(&self, key: &str, conn: KafkaConnection) -> Result<Arc<KafkaOffsets>, KafkaError> {
+        let mut clients = self.clients.lock().expect("kafka clients lock");
+        if let Some((c, client)) = clients.get(key)
+            && *c == conn
+        {
+            return Ok(client.clone());
+        }
+        let client = Arc::new(KafkaOffsets::connect(&conn, self.timeout)?);
+        clients.insert(key.to_string(), (conn, client.clone()));
+        Ok(client)
+    }
+}
+
+impl KafkaRead {
+    /// Commits `offsets` for the pipeline's consumer group.
+    pub async fn commit(
+        &self,
+        topic: &str,
+        offsets: &BTreeMap<i32, i64>,
+    ) -> Result<(), KafkaError> {
+        let k = self.client.clone();
+        let topic = topic.to_string();
+        let offsets = offsets.clone();
+        tokio::task::spawn_blocking(move || k.commit(&topic, &offsets))
+            .await
+            .map_err(|e| KafkaError::Unavailable(e.to_string()))?
+    }
+
+    /// Takes `offsets`, just committed, as the partitions' committed offsets.
+    pub fn set_committed(&mut self, offsets: &BTreeMap<i32, i64>) {
+        for po in &mut self.offsets {
+            if let Some(n) = offsets.get(&po.partition) {
+                po.committed = Some(*n);
+            }
+        }
+    }
+
+    /// Each partition's committed offset, where it has one.
+    pub fn committed(&self) -> BTreeMap<i32, i64> {
+        self.offsets
+            .iter()
+            .filter_map(|po| Some((po.partition, po.committed?)))
+            .collect()
+    }
+}
