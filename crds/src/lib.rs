@@ -4,11 +4,13 @@
 pub mod domain;
 pub mod job;
 pub mod pipeline;
+pub mod reason;
 
 pub use job::{
     BlockJob, BlockJobSpec, BlockJobStatus, JobLease, JobOutput, JobOutputSpec, JobPhase,
 };
 pub use pipeline::{BlockPipeline, BlockPipelineSpec, BlockPipelineStatus, PartitionStatus};
+pub use reason::Reason;
 
 use kube::CustomResourceExt;
 
