@@ -1,6 +1,6 @@
 //! Pipeline status conditions in the standard shape, derived from what the reconcile found.
 
-use blocksmith_crds::BlockJob;
+use blocksmith_crds::{BlockJob, Reason};
 use jiff::Timestamp;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::ResourceExt;
@@ -13,7 +13,7 @@ pub const SUSPENDED: &str = "Suspended";
 /// Something wrong with a pipeline: a condition reason and a message a user can act on.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Problem {
-    pub reason: &'static str,
+    pub reason: Reason,
     pub message: String,
 }
 
@@ -21,7 +21,7 @@ impl Problem {
     /// The spec cannot be acted on; `message` names the field.
     pub fn invalid_spec(message: String) -> Self {
         Self {
-            reason: "InvalidSpec",
+            reason: Reason::InvalidSpec,
             message,
         }
     }
@@ -31,7 +31,7 @@ impl Problem {
         let s = &job.spec;
         let last_error = job.status.as_ref().and_then(|s| s.message.as_deref());
         Self {
-            reason: "JobFailed",
+            reason: Reason::JobFailed,
             message: format!(
                 "job {} (partition {}, offsets [{}, {})) failed after {} attempts: {}; the commit of partition {} is held at offset {} until the job is deleted (which retries it)",
                 job.name_any(),
@@ -50,7 +50,7 @@ impl Problem {
     /// a block.
     pub fn offset_out_of_range(partition: i32, committed: i64, low: i64) -> Self {
         Self {
-            reason: "OffsetOutOfRange",
+            reason: Reason::OffsetOutOfRange,
             message: format!(
                 "partition {partition}: committed offset {committed} is below the low watermark {low}: records [{committed}, {low}) were deleted by retention before they were written to a block. Set spec.kafka.skipMissingData: true to continue from {low}, accepting the loss"
             ),
@@ -60,7 +60,7 @@ impl Problem {
     /// The builders' HPA could not be applied as asked.
     pub fn autoscaling_unavailable(message: String) -> Self {
         Self {
-            reason: "AutoscalingUnavailable",
+            reason: Reason::AutoscalingUnavailable,
             message,
         }
     }
@@ -88,14 +88,14 @@ pub fn conditions(
         Some(p) => ("False", p.reason, p.message.clone()),
         None => (
             "True",
-            "Reconciled",
+            Reason::Reconciled,
             "offsets are read and committed".to_string(),
         ),
     };
     let (degraded, degraded_reason, degraded_msg) = match first {
-        Some(_) => (
+        Some(p) => (
             "True",
-            first.map_or("", |p| p.reason),
+            p.reason,
             observed
                 .problems
                 .iter()
@@ -103,26 +103,34 @@ pub fn conditions(
                 .collect::<Vec<_>>()
                 .join("; "),
         ),
-        None => ("False", "AsExpected", String::new()),
+        None => ("False", Reason::AsExpected, String::new()),
     };
     let (progressing, progressing_reason, progressing_msg) = if observed.suspended {
-        ("False", "Suspended", "planning is suspended".to_string())
+        (
+            "False",
+            Reason::Suspended,
+            "planning is suspended".to_string(),
+        )
     } else if observed.lag > 0 || observed.unfinished_jobs > 0 {
         (
             "True",
-            "Building",
+            Reason::Building,
             format!(
                 "{} records behind, {} jobs unfinished",
                 observed.lag, observed.unfinished_jobs
             ),
         )
     } else {
-        ("False", "CaughtUp", "every offset is committed".to_string())
+        (
+            "False",
+            Reason::CaughtUp,
+            "every offset is committed".to_string(),
+        )
     };
     let (suspended, suspended_reason) = if observed.suspended {
-        ("True", "SuspendedBySpec")
+        ("True", Reason::SuspendedBySpec)
     } else {
-        ("False", "Active")
+        ("False", Reason::Active)
     };
     [
         (READY, ready, ready_reason, ready_msg),
@@ -178,7 +186,7 @@ mod tests {
             },
         );
         let p = Problem::job_failed(&job);
-        assert_eq!(p.reason, "JobFailed");
+        assert_eq!(p.reason, Reason::JobFailed);
         for want in [
             "job orders-3-1000",
             "partition 3, offsets [1000, 2000)",
@@ -193,7 +201,7 @@ mod tests {
     #[test]
     fn offset_out_of_range_names_the_lost_range_and_the_setting() {
         let p = Problem::offset_out_of_range(2, 100, 2600);
-        assert_eq!(p.reason, "OffsetOutOfRange");
+        assert_eq!(p.reason, Reason::OffsetOutOfRange);
         for want in [
             "partition 2",
             "committed offset 100 is below the low watermark 2600",
@@ -216,7 +224,7 @@ mod tests {
 
         let bad = Observed {
             problems: vec![Problem {
-                reason: "TopicNotFound",
+                reason: Reason::TopicNotFound,
                 message: "topic \"x\" does not exist".into(),
             }],
             ..Default::default()

@@ -11,9 +11,9 @@ use rdkafka::error::{KafkaError as RdError, RDKafkaErrorCode};
 use rdkafka::{ClientConfig, ClientContext, Offset, TopicPartitionList};
 use tracing::warn;
 
-use blocksmith_crds::BlockPipeline;
 use blocksmith_crds::domain::default_consumer_group;
 use blocksmith_crds::pipeline::{SaslMechanism, SecurityProtocol};
+use blocksmith_crds::{BlockPipeline, Reason};
 use k8s_openapi::api::core::v1::{Secret, SecretKeySelector};
 use kube::ResourceExt;
 use kube::api::Api;
@@ -54,12 +54,14 @@ pub enum KafkaError {
 
 impl KafkaError {
     /// The condition reason users see.
-    pub fn reason(&self) -> &'static str {
+    pub fn reason(&self) -> Reason {
         match self {
-            KafkaError::Unavailable(_) => "KafkaUnavailable",
-            KafkaError::AuthenticationFailed { .. } => "KafkaAuthenticationFailed",
-            KafkaError::TopicNotFound(_) | KafkaError::PartitionsNotFound { .. } => "TopicNotFound",
-            KafkaError::CommitRefused { .. } => "CommitRefused",
+            KafkaError::Unavailable(_) => Reason::KafkaUnavailable,
+            KafkaError::AuthenticationFailed { .. } => Reason::KafkaAuthenticationFailed,
+            KafkaError::TopicNotFound(_) | KafkaError::PartitionsNotFound { .. } => {
+                Reason::TopicNotFound
+            }
+            KafkaError::CommitRefused { .. } => Reason::CommitRefused,
         }
     }
 }
@@ -458,7 +460,7 @@ async fn secret_value(
     field: &str,
 ) -> Result<String, Problem> {
     let problem = |what: String| Problem {
-        reason: "SecretNotFound",
+        reason: Reason::SecretNotFound,
         message: format!("{field}: {what}"),
     };
     let secret = secrets
@@ -507,7 +509,7 @@ mod tests {
                 .to_string(),
         );
         let e = classify(&timed_out(), Some(&client), &creds);
-        assert_eq!(e.reason(), "KafkaAuthenticationFailed");
+        assert_eq!(e.reason(), Reason::KafkaAuthenticationFailed);
         let message = e.to_string();
         for want in [
             "authentication to Kafka failed",
@@ -531,14 +533,14 @@ mod tests {
     #[test]
     fn other_failures_are_unavailable_with_the_connection_error() {
         let e = classify(&timed_out(), None, "");
-        assert_eq!(e.reason(), "KafkaUnavailable");
+        assert_eq!(e.reason(), Reason::KafkaUnavailable);
         let client = (
             Some(RDKafkaErrorCode::BrokerTransportFailure),
             "127.0.0.1:1/bootstrap: Connect to ipv4#127.0.0.1:1 failed: Connection refused"
                 .to_string(),
         );
         let e = classify(&timed_out(), Some(&client), "");
-        assert_eq!(e.reason(), "KafkaUnavailable");
+        assert_eq!(e.reason(), Reason::KafkaUnavailable);
         assert!(e.to_string().contains("Connection refused"), "{e}");
         // A request that itself failed authentication.
         let e = classify(
@@ -546,7 +548,7 @@ mod tests {
             None,
             "",
         );
-        assert_eq!(e.reason(), "KafkaAuthenticationFailed");
+        assert_eq!(e.reason(), Reason::KafkaAuthenticationFailed);
     }
 
     fn conn(bootstrap: &str, properties: &[(&str, &str)]) -> KafkaConnection {
@@ -568,7 +570,7 @@ mod tests {
     fn an_unreachable_broker_is_reported_with_the_connection_error() {
         let k = KafkaOffsets::connect(&conn("127.0.0.1:1", &[]), Duration::from_secs(3)).unwrap();
         let e = k.partitions("t", None).unwrap_err();
-        assert_eq!(e.reason(), "KafkaUnavailable");
+        assert_eq!(e.reason(), Reason::KafkaUnavailable);
         let message = e.to_string();
         assert!(
             message.contains("127.0.0.1:1") && message.contains("Connection refused"),
@@ -595,7 +597,7 @@ mod tests {
         )
         .unwrap();
         let e = k.partitions("t", None).unwrap_err();
-        assert_eq!(e.reason(), "KafkaAuthenticationFailed", "{e}");
+        assert_eq!(e.reason(), Reason::KafkaAuthenticationFailed, "{e}");
         let message = e.to_string();
         assert!(
             message.contains("SASL Handshake not supported by broker")

@@ -1,7 +1,7 @@
 //! Publishing a pipeline's status: written only when it changed, with Kubernetes Events for
 //! condition transitions.
 
-use blocksmith_crds::{BlockPipeline, BlockPipelineStatus};
+use blocksmith_crds::{BlockPipeline, BlockPipelineStatus, Reason};
 use jiff::Timestamp;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use kube::api::{Api, Patch, PatchParams};
@@ -66,7 +66,7 @@ pub async fn record(bp: &BlockPipeline, ctx: &Context, events: Vec<Event>) {
 pub fn skipped_data_event(partition: i32, committed: i64, low: i64) -> Event {
     Event {
         type_: EventType::Warning,
-        reason: "SkippedMissingData".into(),
+        reason: Reason::SkippedMissingData.into(),
         note: Some(format!(
             "partition {partition}: offsets [{committed}, {low}) ({} records) were deleted by retention before they were written to a block; continuing from offset {low} because spec.kafka.skipMissingData is true. Those records are lost",
             low - committed
@@ -98,7 +98,7 @@ fn transition_events(old: &[Condition], new: &[Condition]) -> Vec<Event> {
         } else if conditions::find(old, conditions::DEGRADED).is_some() {
             events.push(Event {
                 type_: EventType::Normal,
-                reason: "Recovered".into(),
+                reason: Reason::Recovered.into(),
                 note: Some("the pipeline is healthy again".into()),
                 action: "Reconcile".into(),
                 secondary: None,
@@ -109,9 +109,9 @@ fn transition_events(old: &[Condition], new: &[Condition]) -> Vec<Event> {
         && conditions::find(old, conditions::SUSPENDED).is_some()
     {
         let (reason, note) = if s.status == "True" {
-            ("Suspended", "planning stopped; running jobs finish")
+            (Reason::Suspended, "planning stopped; running jobs finish")
         } else {
-            ("Resumed", "planning resumed")
+            (Reason::Resumed, "planning resumed")
         };
         events.push(Event {
             type_: EventType::Normal,
