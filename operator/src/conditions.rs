@@ -173,42 +173,39 @@ mod tests {
     use blocksmith_crds::{BlockJobStatus, JobPhase};
 
     #[test]
-    fn job_failed_names_the_job_range_attempts_error_and_the_way_out() {
-        let job = crate::testing::job_with(
-            3,
-            1000,
-            2000,
-            BlockJobStatus {
-                phase: JobPhase::Failed,
-                attempt: Some(3),
-                message: Some("access denied".into()),
-                ..Default::default()
-            },
-        );
-        let p = Problem::job_failed(&job);
-        assert_eq!(p.reason, Reason::JobFailed);
-        for want in [
-            "job orders-3-1000",
-            "partition 3, offsets [1000, 2000)",
-            "after 3 attempts: access denied",
-            "held at offset 1000",
-            "until the job is deleted",
-        ] {
-            assert!(p.message.contains(want), "{want:?} not in {:?}", p.message);
-        }
-    }
-
-    #[test]
-    fn offset_out_of_range_names_the_lost_range_and_the_setting() {
-        let p = Problem::offset_out_of_range(2, 100, 2600);
-        assert_eq!(p.reason, Reason::OffsetOutOfRange);
-        for want in [
-            "partition 2",
-            "committed offset 100 is below the low watermark 2600",
-            "records [100, 2600)",
-            "spec.kafka.skipMissingData: true",
-        ] {
-            assert!(p.message.contains(want), "{want:?} not in {:?}", p.message);
+    fn problems_name_what_happened_and_what_to_do() {
+        let failed = BlockJobStatus {
+            phase: JobPhase::Failed,
+            attempt: Some(3),
+            message: Some("access denied".into()),
+            ..Default::default()
+        };
+        let cases: [(Problem, Reason, &[&str]); 2] = [
+            (
+                Problem::job_failed(&crate::testing::job_with(3, 1000, 2000, failed)),
+                Reason::JobFailed,
+                &[
+                    "job orders-3-1000",
+                    "partition 3, offsets [1000, 2000)",
+                    "after 3 attempts: access denied",
+                    "held at offset 1000",
+                    "until the job is deleted",
+                ],
+            ),
+            (
+                Problem::offset_out_of_range(2, 100, 2600),
+                Reason::OffsetOutOfRange,
+                &[
+                    "partition 2",
+                    "committed offset 100 is below the low watermark 2600",
+                    "records [100, 2600)",
+                    "spec.kafka.skipMissingData: true",
+                ],
+            ),
+        ];
+        for (problem, reason, mentions) in cases {
+            assert_eq!(problem.reason, reason);
+            crate::testing::assert_mentions(&problem.message, mentions);
         }
     }
 

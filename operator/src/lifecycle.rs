@@ -262,12 +262,9 @@ pub fn jobs_to_delete(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::testing::t;
     use blocksmith_crds::JobLease;
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
-
-    fn t(secs: i64) -> Timestamp {
-        Timestamp::from_second(1_700_000_000 + secs).unwrap()
-    }
 
     fn status(phase: JobPhase, attempt: i32) -> BlockJobStatus {
         BlockJobStatus {

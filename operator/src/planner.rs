@@ -300,11 +300,8 @@ impl Cutter {
 mod tests {
     use super::*;
     use crate::committer::{JobProgress, next_commit};
+    use crate::testing::t;
     use proptest::prelude::*;
-
-    fn t(secs: i64) -> Timestamp {
-        Timestamp::from_second(1_700_000_000 + secs).unwrap()
-    }
 
     fn policy(max_records: i64, max_in_flight: usize) -> PlanPolicy {
         PlanPolicy {

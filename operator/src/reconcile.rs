@@ -510,10 +510,7 @@ fn kafka_problem(e: &KafkaError) -> Problem {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn t(secs: i64) -> Timestamp {
-        Timestamp::from_second(1_700_000_000 + secs).unwrap()
-    }
+    use crate::testing::t;
 
     #[test]
     fn requeues_at_the_next_wakeup_within_the_poll_interval() {

@@ -1,6 +1,7 @@
 //! Values the unit tests of several modules build.
 
 use blocksmith_crds::{BlockJob, BlockJobStatus};
+use jiff::Timestamp;
 
 /// A job of pipeline `orders` over `[start, end)` of `partition`, named `orders-{partition}-{start}`,
 /// without status (`Pending`, attempt 1).
@@ -28,4 +29,16 @@ pub fn job_with(partition: i32, start: i64, end: i64, status: BlockJobStatus) ->
     let mut j = job(partition, start, end);
     j.status = Some(status);
     j
+}
+
+/// `secs` seconds after a fixed instant.
+pub fn t(secs: i64) -> Timestamp {
+    Timestamp::from_second(1_700_000_000 + secs).expect("a valid timestamp")
+}
+
+/// Asserts that `text` contains each of `wants`, naming the first missing one.
+pub fn assert_mentions(text: &str, wants: &[&str]) {
+    for want in wants {
+        assert!(text.contains(want), "{want:?} not in {text:?}");
+    }
 }
