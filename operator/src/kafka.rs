@@ -13,7 +13,6 @@ use tracing::warn;
 
 use blocksmith_crds::BlockPipeline;
 use blocksmith_crds::domain::default_consumer_group;
-use blocksmith_crds::pipeline::{SaslMechanism, SecurityProtocol};
 use k8s_openapi::api::core::v1::{Secret, SecretKeySelector};
 use kube::ResourceExt;
 use kube::api::Api;
@@ -364,24 +363,6 @@ impl KafkaOffsets {
     }
 }
 
-/// librdkafka's `security.protocol` value.
-pub fn security_protocol(p: SecurityProtocol) -> &'static str {
-    match p {
-        SecurityProtocol::Plaintext => "plaintext",
-        SecurityProtocol::Ssl => "ssl",
-        SecurityProtocol::SaslPlaintext => "sasl_plaintext",
-        SecurityProtocol::SaslSsl => "sasl_ssl",
-    }
-}
-
-/// librdkafka's `sasl.mechanism` value (the spec's spelling: `PLAIN`, `SCRAM-SHA-256`, ...).
-pub fn sasl_mechanism(m: SaslMechanism) -> String {
-    serde_json::to_value(m)
-        .ok()
-        .and_then(|v| v.as_str().map(String::from))
-        .unwrap_or_default()
-}
-
 /// Connection settings with secrets resolved. A missing secret is a problem the user fixes.
 pub async fn connection(
     bp: &BlockPipeline,
@@ -396,13 +377,13 @@ pub async fn connection(
     let mut properties = Vec::new();
     properties.push((
         "security.protocol".to_string(),
-        security_protocol(k.security_protocol).to_string(),
+        k.security_protocol.librdkafka_value().to_string(),
     ));
     let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns);
     let mut credentials = String::new();
     if let Some(sasl) = &k.sasl {
         credentials = credentials_description(&sasl.username_secret_ref, &sasl.password_secret_ref);
-        properties.push(("sasl.mechanism".into(), sasl_mechanism(sasl.mechanism)));
+        properties.push(("sasl.mechanism".into(), sasl.mechanism.to_string()));
         properties.push((
             "sasl.username".into(),
             secret_value(
