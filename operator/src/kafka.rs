@@ -3,16 +3,15 @@
 //! timeouts; callers run them on the blocking pool.
 
 use std::collections::BTreeMap;
-use std::sync::Mutex;
 use std::time::Duration;
 
-use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext};
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
 use rdkafka::error::{KafkaError as RdError, RDKafkaErrorCode};
-use rdkafka::{ClientConfig, ClientContext, Offset, TopicPartitionList};
-use tracing::warn;
+use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 
 use blocksmith_crds::BlockPipeline;
 use blocksmith_crds::domain::default_consumer_group;
+use blocksmith_runtime::kafka::{ConnectionError, ConnectionErrors, is_auth_failure};
 use k8s_openapi::api::core::v1::{Secret, SecretKeySelector};
 use kube::ResourceExt;
 use kube::api::Api;
@@ -68,39 +67,34 @@ fn unavailable(e: RdError) -> KafkaError {
 }
 
 /// What a failed request means, given the last error librdkafka reported for the client's
-/// broker connections (`client`: its code and text). A request that failed only says
+/// broker connections (`client`). A request that failed only says
 /// "timed out"; the connection error says why (connection refused, TLS handshake, SASL
 /// authentication), so it goes into the message, and an authentication failure gets its
 /// own reason.
 pub fn classify(
     request: &RdError,
-    client: Option<&(Option<RDKafkaErrorCode>, String)>,
+    client: Option<&ConnectionError>,
     credentials: &str,
 ) -> KafkaError {
-    let is_auth = |c: Option<RDKafkaErrorCode>| {
-        matches!(
-            c,
-            Some(RDKafkaErrorCode::Authentication | RDKafkaErrorCode::SaslAuthenticationFailed)
-        )
-    };
-    if let Some((code, reason)) = client
-        && is_auth(*code)
+    if let Some(client) = client
+        && is_auth_failure(client.code())
     {
         return KafkaError::AuthenticationFailed {
-            detail: reason.clone(),
+            detail: client.reason.clone(),
             credentials: credentials.to_string(),
         };
     }
-    if is_auth(request.rdkafka_error_code()) {
+    if is_auth_failure(request.rdkafka_error_code()) {
         return KafkaError::AuthenticationFailed {
             detail: request.to_string(),
             credentials: credentials.to_string(),
         };
     }
     match client {
-        Some((_, reason)) => {
-            KafkaError::Unavailable(format!("{request}; last broker connection error: {reason}"))
-        }
+        Some(client) => KafkaError::Unavailable(format!(
+            "{request}; last broker connection error: {}",
+            client.reason
+        )),
         None => KafkaError::Unavailable(request.to_string()),
     }
 }
@@ -115,38 +109,6 @@ pub struct KafkaConnection {
     /// Where the SASL credentials come from, for messages (empty without SASL).
     pub credentials: String,
 }
-
-/// Keeps the last error librdkafka reported for the client's connections until a request
-/// succeeds.
-#[derive(Default)]
-pub struct ConnectionErrors {
-    last: Mutex<Option<(Option<RDKafkaErrorCode>, String)>>,
-}
-
-impl ConnectionErrors {
-    fn last(&self) -> Option<(Option<RDKafkaErrorCode>, String)> {
-        self.last.lock().expect("errors lock").clone()
-    }
-
-    fn clear(&self) {
-        *self.last.lock().expect("errors lock") = None;
-    }
-}
-
-impl ClientContext for ConnectionErrors {
-    fn error(&self, error: RdError, reason: &str) {
-        warn!(target: "librdkafka", %error, reason, "Kafka client error");
-        let code = error.rdkafka_error_code();
-        let mut last = self.last.lock().expect("errors lock");
-        // "1/1 brokers are down" follows the error that says why: keep that one.
-        if code == Some(RDKafkaErrorCode::AllBrokersDown) && last.is_some() {
-            return;
-        }
-        *last = Some((code, reason.to_string()));
-    }
-}
-
-impl ConsumerContext for ConnectionErrors {}
 
 pub struct KafkaOffsets {
     consumer: BaseConsumer<ConnectionErrors>,
@@ -196,14 +158,14 @@ impl KafkaOffsets {
         // request's own failure: give it up to a second.
         self.serve_events(Duration::ZERO);
         for _ in 0..10 {
-            if self.consumer.context().last().is_some() {
+            if self.consumer.context().cause().is_some() {
                 break;
             }
             self.serve_events(Duration::from_millis(100));
         }
         classify(
             &e,
-            self.consumer.context().last().as_ref(),
+            self.consumer.context().cause().as_ref(),
             &self.credentials,
         )
     }
@@ -472,6 +434,13 @@ mod tests {
         }
     }
 
+    fn connection_error(code: RDKafkaErrorCode, reason: &str) -> ConnectionError {
+        ConnectionError {
+            error: RdError::Global(code),
+            reason: reason.to_string(),
+        }
+    }
+
     fn timed_out() -> RdError {
         RdError::MetadataFetch(RDKafkaErrorCode::OperationTimedOut)
     }
@@ -482,10 +451,9 @@ mod tests {
             &selector("kafka-creds", "username"),
             &selector("kafka-creds", "password"),
         );
-        let client = (
-            Some(RDKafkaErrorCode::Authentication),
-            "SASL authentication error: Authentication failed: Invalid username or password"
-                .to_string(),
+        let client = connection_error(
+            RDKafkaErrorCode::Authentication,
+            "SASL authentication error: Authentication failed: Invalid username or password",
         );
         let e = classify(&timed_out(), Some(&client), &creds);
         assert_eq!(e.reason(), "KafkaAuthenticationFailed");
@@ -513,10 +481,9 @@ mod tests {
     fn other_failures_are_unavailable_with_the_connection_error() {
         let e = classify(&timed_out(), None, "");
         assert_eq!(e.reason(), "KafkaUnavailable");
-        let client = (
-            Some(RDKafkaErrorCode::BrokerTransportFailure),
-            "127.0.0.1:1/bootstrap: Connect to ipv4#127.0.0.1:1 failed: Connection refused"
-                .to_string(),
+        let client = connection_error(
+            RDKafkaErrorCode::BrokerTransportFailure,
+            "127.0.0.1:1/bootstrap: Connect to ipv4#127.0.0.1:1 failed: Connection refused",
         );
         let e = classify(&timed_out(), Some(&client), "");
         assert_eq!(e.reason(), "KafkaUnavailable");
@@ -528,6 +495,17 @@ mod tests {
             "",
         );
         assert_eq!(e.reason(), "KafkaAuthenticationFailed");
+    }
+
+    #[test]
+    fn refused_authorization_is_reported_as_an_authentication_failure() {
+        for code in [
+            RDKafkaErrorCode::TopicAuthorizationFailed,
+            RDKafkaErrorCode::ClusterAuthorizationFailed,
+        ] {
+            let e = classify(&RdError::MetadataFetch(code), None, "");
+            assert_eq!(e.reason(), "KafkaAuthenticationFailed", "{code:?}");
+        }
     }
 
     fn conn(bootstrap: &str, properties: &[(&str, &str)]) -> KafkaConnection {

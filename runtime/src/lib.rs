@@ -1,7 +1,8 @@
-//! Process plumbing shared by the operator and the builder: structured logs, and the HTTP
-//! endpoints `/metrics`, `/healthz` and `/readyz`.
+//! Process plumbing shared by the operator and the builder: structured logs, the HTTP
+//! endpoints `/metrics`, `/healthz` and `/readyz`, and the [`kafka`] client context.
 
 pub mod health;
+pub mod kafka;
 
 use std::io::IsTerminal;
 use std::net::SocketAddr;
