@@ -2,7 +2,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use blocksmith_builder::lease::LeaseClient;
-use blocksmith_builder::metrics::{self, Metrics};
+use blocksmith_builder::metrics::Metrics;
 use blocksmith_builder::reader::ReaderConfig;
 use blocksmith_builder::runner::BuildSettings;
 use blocksmith_builder::store::UploadSettings;
@@ -101,7 +101,7 @@ async fn main() -> anyhow::Result<()> {
     let kafka = kafka_properties(&args)?;
     let client = kube::Client::try_default().await?;
     let metrics = Metrics::default();
-    tokio::spawn(metrics::serve(args.metrics_addr, metrics.clone()));
+    tokio::spawn(metrics.clone().serve(args.metrics_addr));
 
     let identity = args.identity.unwrap_or_else(|| {
         let host = std::fs::read_to_string("/etc/hostname").unwrap_or_default();

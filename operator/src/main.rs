@@ -68,7 +68,7 @@ async fn main() -> anyhow::Result<()> {
     let client = kube::Client::try_default().await?;
     let metrics = Metrics::default();
     let health = metrics.health().clone();
-    tokio::spawn(metrics::serve(args.metrics_addr, metrics.clone()));
+    tokio::spawn(metrics.clone().serve(args.metrics_addr));
     if let Some(addr) = args.external_metrics_addr {
         let client = client.clone();
         tokio::spawn(async move {

@@ -3,6 +3,7 @@
 
 pub mod health;
 pub mod kafka;
+pub mod metrics;
 
 use std::io::IsTerminal;
 use std::net::SocketAddr;
