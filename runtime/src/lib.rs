@@ -7,6 +7,8 @@ pub mod identity;
 pub mod kafka;
 pub mod metrics;
 mod shutdown;
+#[cfg(feature = "test-support")]
+pub mod test_support;
 
 use std::io::IsTerminal;
 use std::net::SocketAddr;
