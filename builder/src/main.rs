@@ -2,7 +2,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use blocksmith_builder::lease::LeaseClient;
-use blocksmith_builder::metrics::{self, Metrics};
+use blocksmith_builder::metrics::Metrics;
 use blocksmith_builder::reader::ReaderConfig;
 use blocksmith_builder::runner::BuildSettings;
 use blocksmith_builder::store::UploadSettings;
@@ -101,14 +101,12 @@ async fn main() -> anyhow::Result<()> {
     let kafka = kafka_properties(&args)?;
     let client = kube::Client::try_default().await?;
     let metrics = Metrics::default();
-    tokio::spawn(metrics::serve(args.metrics_addr, metrics.clone()));
+    tokio::spawn(metrics.clone().serve(args.metrics_addr));
 
     let identity = args.identity.unwrap_or_else(|| {
-        let host = std::fs::read_to_string("/etc/hostname").unwrap_or_default();
         format!(
-            "builder-{}-{}-{:04x}",
-            host.trim(),
-            std::process::id(),
+            "builder-{}-{:04x}",
+            blocksmith_runtime::identity::host_pid(),
             rand_suffix()
         )
     });
@@ -118,12 +116,7 @@ async fn main() -> anyhow::Result<()> {
     let shutdown = CancellationToken::new();
     let on_signal = shutdown.clone();
     tokio::spawn(async move {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .expect("SIGTERM handler");
-        tokio::select! {
-            _ = term.recv() => {}
-            _ = tokio::signal::ctrl_c() => {}
-        }
+        blocksmith_runtime::shutdown_signal().await;
         info!("shutdown requested: no new claims");
         on_signal.cancel();
     });

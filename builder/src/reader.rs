@@ -1,14 +1,15 @@
 //! Reads exactly one offset range `[start, end)` of one Kafka partition. Blocking: run it on a
 //! blocking thread.
 
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
+use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{BorrowedMessage, Headers, Message};
-use rdkafka::{ClientConfig, ClientContext, Offset, TopicPartitionList};
+use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+
+use blocksmith_runtime::kafka::{ConnectionErrors, is_auth_failure, is_unrecoverable};
 
 use crate::record::Record;
 
@@ -212,11 +213,11 @@ pub fn read_range<E: From<ReadError>>(
                 }
             }
         }
-        if let Some(source) = consumer.context().fatal.lock().unwrap().take() {
+        if let Some(source) = consumer.context().take_unrecoverable() {
             return Err(at(next).kafka(source).into());
         }
         if last_progress.elapsed() >= cfg.idle_timeout {
-            let last_error = consumer.context().last_error.lock().unwrap().take();
+            let last_error = consumer.context().take_latest().map(|e| e.to_string());
             return Err(at(next).stalled(end, cfg.idle_timeout, last_error).into());
         }
     }
@@ -225,10 +226,10 @@ pub fn read_range<E: From<ReadError>>(
 
 /// Dropping a consumer that has a group id polls until it is closed, which took up to
 /// 100 ms per job in the benchmark; the block does not need to wait for that.
-struct CloseInBackground(Option<BaseConsumer<ReaderContext>>);
+struct CloseInBackground(Option<BaseConsumer<ConnectionErrors>>);
 
 impl std::ops::Deref for CloseInBackground {
-    type Target = BaseConsumer<ReaderContext>;
+    type Target = BaseConsumer<ConnectionErrors>;
     fn deref(&self) -> &Self::Target {
         self.0.as_ref().expect("consumer present until drop")
     }
@@ -242,7 +243,7 @@ impl Drop for CloseInBackground {
     }
 }
 
-fn consumer(cfg: &ReaderConfig) -> Result<BaseConsumer<ReaderContext>, ReadError> {
+fn consumer(cfg: &ReaderConfig) -> Result<BaseConsumer<ConnectionErrors>, ReadError> {
     let mut config = ClientConfig::new();
     // librdkafka refuses `assign` without a group id even though no group is joined; `extra`
     // may name one that the Kafka ACLs allow.
@@ -260,12 +261,12 @@ fn consumer(cfg: &ReaderConfig) -> Result<BaseConsumer<ReaderContext>, ReadError
         .set("auto.offset.reset", "error")
         .set("enable.partition.eof", "true");
     config
-        .create_with_context(ReaderContext::default())
+        .create_with_context(ConnectionErrors::default())
         .map_err(|e| ReadError::Client(Box::new(e)))
 }
 
 fn check_partition(
-    consumer: &BaseConsumer<ReaderContext>,
+    consumer: &BaseConsumer<ConnectionErrors>,
     cfg: &ReaderConfig,
     topic: &str,
     partition: i32,
@@ -278,7 +279,7 @@ fn check_partition(
             ReadError::Unreachable {
                 bootstrap: cfg.bootstrap_servers.clone(),
                 source: Box::new(source),
-                last_error: consumer.context().last_error.lock().unwrap().take(),
+                last_error: consumer.context().take_latest().map(|e| e.to_string()),
             }
         })?;
     let not_found = || ReadError::TopicNotFound {
@@ -310,44 +311,6 @@ fn check_partition(
     }
 }
 
-/// Collects the client's global errors (broker connection trouble, authentication failures),
-/// which never come back from `poll`, so a stalled or refused read can say why.
-#[derive(Default)]
-struct ReaderContext {
-    last_error: Mutex<Option<String>>,
-    fatal: Mutex<Option<KafkaError>>,
-}
-
-impl ReaderContext {
-    fn note(&self, error: &KafkaError, reason: &str) {
-        tracing::warn!(%error, reason, "Kafka client error");
-        *self.last_error.lock().unwrap() = Some(format!("{error}: {reason}"));
-    }
-}
-
-impl ClientContext for ReaderContext {
-    fn error(&self, error: KafkaError, reason: &str) {
-        self.note(&error, reason);
-        if is_auth_error(&error) || matches!(error, KafkaError::MessageConsumptionFatal(_)) {
-            *self.fatal.lock().unwrap() = Some(error);
-        }
-    }
-}
-
-impl ConsumerContext for ReaderContext {}
-
-fn is_auth_error(err: &KafkaError) -> bool {
-    matches!(
-        err.rdkafka_error_code(),
-        Some(
-            RDKafkaErrorCode::Authentication
-                | RDKafkaErrorCode::SaslAuthenticationFailed
-                | RDKafkaErrorCode::TopicAuthorizationFailed
-                | RDKafkaErrorCode::ClusterAuthorizationFailed
-        )
-    )
-}
-
 /// Where a read stands, for error reports.
 struct Partition<'a> {
     topic: &'a str,
@@ -360,7 +323,7 @@ impl Partition<'_> {
     /// librdkafka recovers from by itself (those are only noted for a later stall report).
     fn classify(
         &self,
-        consumer: &BaseConsumer<ReaderContext>,
+        consumer: &BaseConsumer<ConnectionErrors>,
         start: i64,
         err: KafkaError,
     ) -> Option<ReadError> {
@@ -384,9 +347,7 @@ impl Partition<'_> {
                 | RDKafkaErrorCode::UnknownTopic
                 | RDKafkaErrorCode::UnknownPartition,
             ) => ReadError::TopicNotFound { topic, partition },
-            _ if is_auth_error(&err) || matches!(err, KafkaError::MessageConsumptionFatal(_)) => {
-                self.kafka(err)
-            }
+            _ if is_unrecoverable(&err) => self.kafka(err),
             _ => {
                 consumer.context().note(&err, "consuming");
                 return None;
@@ -397,7 +358,7 @@ impl Partition<'_> {
     fn kafka(&self, err: KafkaError) -> ReadError {
         let (topic, partition) = (self.topic.to_owned(), self.partition);
         let source = Box::new(err);
-        if is_auth_error(&source) {
+        if is_auth_failure(source.rdkafka_error_code()) {
             ReadError::NotAuthorized {
                 topic,
                 partition,
@@ -432,7 +393,7 @@ impl Partition<'_> {
     }
 }
 
-fn position(consumer: &BaseConsumer<ReaderContext>, topic: &str, partition: i32) -> Option<i64> {
+fn position(consumer: &BaseConsumer<ConnectionErrors>, topic: &str, partition: i32) -> Option<i64> {
     match consumer
         .position()
         .ok()?

@@ -338,21 +338,9 @@ mod tests {
     use blocksmith_crds::pipeline::{BlockFormat, Compression};
     use blocksmith_crds::{BlockJobSpec, JobOutputSpec};
 
-    use super::*;
+    use blocksmith_runtime::test_support::frozen_apiserver;
 
-    /// An API server that accepts connections and never answers, as a frozen one does.
-    async fn frozen_apiserver() -> (kube::Client, tokio::task::JoinHandle<()>) {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let server = tokio::spawn(async move {
-            let mut open = Vec::new();
-            while let Ok((conn, _)) = listener.accept().await {
-                open.push(conn);
-            }
-        });
-        let config = kube::Config::new(format!("http://{addr}").parse().unwrap());
-        (kube::Client::try_from(config).unwrap(), server)
-    }
+    use super::*;
 
     fn held(lease_duration_seconds: i32) -> Held {
         let mut job = BlockJob::new(

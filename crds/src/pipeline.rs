@@ -1,5 +1,7 @@
 //! `BlockPipeline`: one Kafka topic turned into blocks in one object-store location.
 
+use std::fmt;
+
 use k8s_openapi::api::core::v1::{
     EnvVar, LocalObjectReference, ResourceRequirements, SecretKeySelector,
 };
@@ -106,6 +108,52 @@ pub enum SaslMechanism {
     ScramSha256,
     #[serde(rename = "SCRAM-SHA-512")]
     ScramSha512,
+}
+
+impl SecurityProtocol {
+    /// As written in the spec: `SASL_SSL`.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            SecurityProtocol::Plaintext => "PLAINTEXT",
+            SecurityProtocol::Ssl => "SSL",
+            SecurityProtocol::SaslPlaintext => "SASL_PLAINTEXT",
+            SecurityProtocol::SaslSsl => "SASL_SSL",
+        }
+    }
+
+    /// librdkafka's `security.protocol` value: `sasl_ssl`.
+    pub const fn librdkafka_value(self) -> &'static str {
+        match self {
+            SecurityProtocol::Plaintext => "plaintext",
+            SecurityProtocol::Ssl => "ssl",
+            SecurityProtocol::SaslPlaintext => "sasl_plaintext",
+            SecurityProtocol::SaslSsl => "sasl_ssl",
+        }
+    }
+}
+
+impl fmt::Display for SecurityProtocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl SaslMechanism {
+    /// As written in the spec, which is also librdkafka's `sasl.mechanism` value: `PLAIN`,
+    /// `SCRAM-SHA-256`, ...
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            SaslMechanism::Plain => "PLAIN",
+            SaslMechanism::ScramSha256 => "SCRAM-SHA-256",
+            SaslMechanism::ScramSha512 => "SCRAM-SHA-512",
+        }
+    }
+}
+
+impl fmt::Display for SaslMechanism {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 #[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
@@ -309,4 +357,31 @@ pub struct PartitionStatus {
     /// job is cut once it is older than `maxAge`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tail_since: Option<Time>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The names are the serde names, so messages spell a value as the user wrote it.
+    #[test]
+    fn security_enum_names_are_their_spec_spellings() {
+        let spelled = |v: serde_json::Value| v.as_str().unwrap().to_string();
+        for p in [
+            SecurityProtocol::Plaintext,
+            SecurityProtocol::Ssl,
+            SecurityProtocol::SaslPlaintext,
+            SecurityProtocol::SaslSsl,
+        ] {
+            assert_eq!(p.to_string(), spelled(serde_json::to_value(p).unwrap()));
+            assert_eq!(p.librdkafka_value(), p.as_str().to_lowercase());
+        }
+        for m in [
+            SaslMechanism::Plain,
+            SaslMechanism::ScramSha256,
+            SaslMechanism::ScramSha512,
+        ] {
+            assert_eq!(m.to_string(), spelled(serde_json::to_value(m).unwrap()));
+        }
+    }
 }

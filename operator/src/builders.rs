@@ -14,7 +14,6 @@ use kube::{Resource, ResourceExt};
 use serde_json::{Value, json};
 
 use crate::jobs::MANAGER;
-use crate::kafka::{sasl_mechanism, security_protocol};
 use crate::metrics::Metrics;
 
 /// The external metric an HPA scales builders on; selected by `pipeline=<name>`.
@@ -70,11 +69,11 @@ fn kafka_env(k: &KafkaSpec) -> Vec<Value> {
     let from_secret = |name: &str, s: &SecretKeySelector| json!({"name": name, "valueFrom": {"secretKeyRef": {"name": s.name, "key": s.key}}});
     let mut properties = vec![format!(
         "security.protocol={}",
-        security_protocol(k.security_protocol)
+        k.security_protocol.librdkafka_value()
     )];
     let mut secrets = Vec::new();
     if let Some(sasl) = &k.sasl {
-        properties.push(format!("sasl.mechanism={}", sasl_mechanism(sasl.mechanism)));
+        properties.push(format!("sasl.mechanism={}", sasl.mechanism));
         secrets.push(from_secret(
             "BLOCKSMITH_KAFKA_SASL_USERNAME",
             &sasl.username_secret_ref,

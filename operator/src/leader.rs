@@ -155,15 +155,8 @@ impl LeaderElector {
 
     async fn try_acquire(&self, seen: &mut Observation) -> kube::Result<bool> {
         let Some(current) = self.api.get_opt(&self.name).await? else {
-            return match self
-                .api
-                .create(&PostParams::default(), &self.lease(0, None, None))
-                .await
-            {
-                Ok(_) => Ok(true),
-                Err(kube::Error::Api(e)) if e.code == 409 => Ok(false),
-                Err(e) => Err(e),
-            };
+            let lease = self.lease(0, None, None);
+            return written(self.api.create(&PostParams::default(), &lease).await);
         };
         let spec = current.spec.clone().unwrap_or_default();
         let holder = spec.holder_identity.clone().unwrap_or_default();
@@ -183,15 +176,7 @@ impl LeaderElector {
             acquire,
             current.metadata.resource_version.clone(),
         );
-        match self
-            .api
-            .replace(&self.name, &PostParams::default(), &lease)
-            .await
-        {
-            Ok(_) => Ok(true),
-            Err(kube::Error::Api(e)) if e.code == 409 => Ok(false),
-            Err(e) => Err(e),
-        }
+        self.replace(&lease).await
     }
 
     /// Ok(false): someone else holds the lease now.
@@ -206,35 +191,34 @@ impl LeaderElector {
             spec.acquire_time,
             current.metadata.resource_version.clone(),
         );
-        match self
-            .api
-            .replace(&self.name, &PostParams::default(), &lease)
-            .await
-        {
-            Ok(_) => Ok(true),
-            Err(kube::Error::Api(e)) if e.code == 409 => Ok(false),
-            Err(e) => Err(e),
-        }
+        self.replace(&lease).await
+    }
+
+    /// Ok(false): another replica wrote the lease since it was read.
+    async fn replace(&self, lease: &Lease) -> kube::Result<bool> {
+        written(
+            self.api
+                .replace(&self.name, &PostParams::default(), lease)
+                .await,
+        )
+    }
+}
+
+/// Whether a write of the lease took effect: Ok(false) when another replica's write came
+/// first (409 Conflict).
+fn written(result: kube::Result<Lease>) -> kube::Result<bool> {
+    match result {
+        Ok(_) => Ok(true),
+        Err(kube::Error::Api(e)) if e.code == 409 => Ok(false),
+        Err(e) => Err(e),
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::*;
+    use blocksmith_runtime::test_support::frozen_apiserver;
 
-    /// An API server that accepts connections and never answers, as a frozen one does.
-    async fn frozen_apiserver() -> (kube::Client, tokio::task::JoinHandle<()>) {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let server = tokio::spawn(async move {
-            let mut open = Vec::new();
-            while let Ok((conn, _)) = listener.accept().await {
-                open.push(conn);
-            }
-        });
-        let config = kube::Config::new(format!("http://{addr}").parse().unwrap());
-        (kube::Client::try_from(config).unwrap(), server)
-    }
+    use super::*;
 
     #[tokio::test]
     async fn an_unanswered_renewal_ends_leadership_before_the_lease_can_expire() {

@@ -9,6 +9,7 @@ use blocksmith_operator::external_metrics;
 use blocksmith_operator::leader::LeaderElector;
 use blocksmith_operator::metrics::{self, Metrics, RECONCILE_HEARTBEAT};
 use blocksmith_operator::reconcile::{Context, error_policy, reconcile};
+use blocksmith_runtime::shutdown_signal;
 use clap::Parser;
 use futures::StreamExt;
 use kube::runtime::controller::Action;
@@ -68,7 +69,7 @@ async fn main() -> anyhow::Result<()> {
     let client = kube::Client::try_default().await?;
     let metrics = Metrics::default();
     let health = metrics.health().clone();
-    tokio::spawn(metrics::serve(args.metrics_addr, metrics.clone()));
+    tokio::spawn(metrics.clone().serve(args.metrics_addr));
     if let Some(addr) = args.external_metrics_addr {
         let client = client.clone();
         tokio::spawn(async move {
@@ -83,10 +84,10 @@ async fn main() -> anyhow::Result<()> {
     });
     info!(?autoscaling, "HPA API");
 
-    let identity = args.identity.clone().unwrap_or_else(|| {
-        let host = std::fs::read_to_string("/etc/hostname").unwrap_or_default();
-        format!("{}-{}", host.trim(), std::process::id())
-    });
+    let identity = args
+        .identity
+        .clone()
+        .unwrap_or_else(blocksmith_runtime::identity::host_pid);
     let elector = (!args.no_leader_election).then(|| {
         LeaderElector::new(
             client.clone(),
@@ -235,15 +236,6 @@ impl Requeues {
 
     fn forget<K: Lookup + ?Sized>(&mut self, obj: &ObjectRef<K>) {
         self.0.remove(&(obj.namespace.clone(), obj.name.clone()));
-    }
-}
-
-async fn shutdown_signal() {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .expect("SIGTERM handler");
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = tokio::signal::ctrl_c() => {}
     }
 }
 

@@ -1,10 +1,10 @@
 //! Prometheus metrics (`blocksmith_` prefix, units in names) and the HTTP endpoints
 //! `/metrics`, `/healthz`, `/readyz`, with the deadlines `/healthz` judges the operator by.
 
-use std::sync::Arc;
 use std::time::Duration;
 
-use blocksmith_runtime::Health;
+pub use blocksmith_runtime::metrics::KindLabels;
+use blocksmith_runtime::metrics::{ApiWrites, Families, register, registered};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -32,18 +32,11 @@ pub struct PhaseLabels {
     pub phase: String,
 }
 
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct KindLabels {
-    pub kind: String,
-}
+/// The operator's metrics, `/healthz` and `/readyz`.
+pub type Metrics = blocksmith_runtime::metrics::Metrics<OperatorMetrics>;
 
-#[derive(Clone)]
-pub struct Metrics {
-    inner: Arc<Inner>,
-}
-
-struct Inner {
-    registry: Registry,
+/// The operator's own metric families.
+pub struct OperatorMetrics {
     lag: Family<PartitionLabels, Gauge>,
     committed: Family<PartitionLabels, Gauge>,
     queue_depth: Family<PipelineLabels, Gauge>,
@@ -51,121 +44,61 @@ struct Inner {
     commits: Family<PipelineLabels, Counter>,
     reconcile_errors: Family<KindLabels, Counter>,
     kafka_errors: Family<PipelineLabels, Counter>,
-    api_writes: Family<KindLabels, Counter>,
+    api_writes: ApiWrites,
     reconcile_seconds: Histogram,
-    health: Health,
 }
 
-impl Default for Metrics {
-    fn default() -> Self {
-        let mut registry = Registry::with_prefix("blocksmith");
-        let inner = Inner {
-            registry: Registry::default(),
-            lag: Family::default(),
-            committed: Family::default(),
-            queue_depth: Family::default(),
-            jobs: Family::default(),
-            commits: Family::default(),
-            reconcile_errors: Family::default(),
-            kafka_errors: Family::default(),
-            api_writes: Family::default(),
+impl Families for OperatorMetrics {
+    const PREFIX: &'static str = "blocksmith";
+
+    fn register(r: &mut Registry) -> Self {
+        OperatorMetrics {
+            lag: registered(
+                r,
+                "partition_lag_records",
+                "High watermark minus committed offset",
+            ),
+            committed: registered(r, "committed_offset", "Committed consumer-group offset"),
+            queue_depth: registered(r, "queue_depth_jobs", "Claimable BlockJobs"),
+            jobs: registered(r, "jobs", "BlockJobs by phase"),
+            commits: registered(r, "commits", "Offset commits"),
+            reconcile_errors: registered(r, "reconcile_errors", "Failed reconciles by error kind"),
+            kafka_errors: registered(r, "kafka_errors", "Kafka request failures"),
+            api_writes: ApiWrites::registered(r),
             // Fine buckets (×1.5 from 1 ms to ~2 min) so p50/p99 read off them are within 25%.
-            reconcile_seconds: Histogram::new(exponential_buckets(0.001, 1.5, 30)),
-            health: Health::default(),
-        };
-        registry.register(
-            "partition_lag_records",
-            "High watermark minus committed offset",
-            inner.lag.clone(),
-        );
-        registry.register(
-            "committed_offset",
-            "Committed consumer-group offset",
-            inner.committed.clone(),
-        );
-        registry.register(
-            "queue_depth_jobs",
-            "Claimable BlockJobs",
-            inner.queue_depth.clone(),
-        );
-        registry.register("jobs", "BlockJobs by phase", inner.jobs.clone());
-        registry.register("commits", "Offset commits", inner.commits.clone());
-        registry.register(
-            "reconcile_errors",
-            "Failed reconciles by error kind",
-            inner.reconcile_errors.clone(),
-        );
-        registry.register(
-            "kafka_errors",
-            "Kafka request failures",
-            inner.kafka_errors.clone(),
-        );
-        registry.register(
-            "api_writes",
-            "Kubernetes API writes by kind",
-            inner.api_writes.clone(),
-        );
-        registry.register(
-            "reconcile_duration_seconds",
-            "Reconcile duration",
-            inner.reconcile_seconds.clone(),
-        );
-        Self {
-            inner: Arc::new(Inner { registry, ..inner }),
+            reconcile_seconds: register(
+                r,
+                "reconcile_duration_seconds",
+                "Reconcile duration",
+                Histogram::new(exponential_buckets(0.001, 1.5, 30)),
+            ),
         }
     }
+
+    fn api_writes(&self) -> &ApiWrites {
+        &self.api_writes
+    }
 }
 
-impl Metrics {
-    pub fn encode(&self) -> String {
-        let mut out = String::new();
-        prometheus_client::encoding::text::encode(&mut out, &self.inner.registry)
-            .expect("encode metrics");
-        out
-    }
-
-    /// `/readyz` answers ok from now on.
-    pub fn set_ready(&self) {
-        self.inner.health.set_ready();
-    }
-
-    pub fn is_ready(&self) -> bool {
-        self.inner.health.is_ready()
-    }
-
-    /// What `/healthz` and `/readyz` report.
-    pub fn health(&self) -> &Health {
-        &self.inner.health
-    }
-
-    pub fn api_write(&self, kind: &str) {
-        self.inner
-            .api_writes
-            .get_or_create(&KindLabels { kind: kind.into() })
-            .inc();
-    }
-
+impl OperatorMetrics {
     pub fn reconcile_error(&self, kind: &str) {
-        self.inner
-            .reconcile_errors
+        self.reconcile_errors
             .get_or_create(&KindLabels { kind: kind.into() })
             .inc();
     }
 
     pub fn observe_reconcile(&self, seconds: f64) {
-        self.inner.reconcile_seconds.observe(seconds);
+        self.reconcile_seconds.observe(seconds);
     }
 
     pub fn kafka_error(&self, ns: &str, pipeline: &str) {
-        self.inner
-            .kafka_errors
+        self.kafka_errors
             .get_or_create(&pipeline_labels(ns, pipeline))
             .inc();
     }
 
     pub fn commit(&self, ns: &str, pipeline: &str) {
-        self.inner
-            .commits
+        self.commits
             .get_or_create(&pipeline_labels(ns, pipeline))
             .inc();
     }
@@ -183,15 +116,14 @@ impl Metrics {
             pipeline: pipeline.into(),
             partition: partition.to_string(),
         };
-        self.inner.lag.get_or_create(&l).set(lag);
+        self.lag.get_or_create(&l).set(lag);
         if let Some(c) = committed {
-            self.inner.committed.get_or_create(&l).set(c);
+            self.committed.get_or_create(&l).set(c);
         }
     }
 
     pub fn queue(&self, ns: &str, pipeline: &str, depth: i64, by_phase: &[(&str, i64)]) {
-        self.inner
-            .queue_depth
+        self.queue_depth
             .get_or_create(&pipeline_labels(ns, pipeline))
             .set(depth);
         for (phase, n) in by_phase {
@@ -200,14 +132,13 @@ impl Metrics {
                 pipeline: pipeline.into(),
                 phase: (*phase).into(),
             };
-            self.inner.jobs.get_or_create(&l).set(*n);
+            self.jobs.get_or_create(&l).set(*n);
         }
     }
 
     /// Queue depth of one pipeline as last reconciled (for the external metrics API).
     pub fn queue_depth(&self, ns: &str, pipeline: &str) -> Option<i64> {
-        self.inner
-            .queue_depth
+        self.queue_depth
             .get(&pipeline_labels(ns, pipeline))
             .map(|g| g.get())
     }
@@ -253,12 +184,6 @@ pub fn reconcile_deadline(kafka_timeout: Duration) -> Duration {
 /// Defaults (10 s poll interval, 500 ms debounce): 61.5 s.
 pub fn controller_idle_deadline(poll_interval: Duration, debounce: Duration) -> Duration {
     3 * (poll_interval.max(Duration::from_secs(5)) + debounce) + Duration::from_secs(30)
-}
-
-/// Serves `/metrics`, `/healthz` and `/readyz` until the process ends.
-pub async fn serve(addr: std::net::SocketAddr, metrics: Metrics) -> anyhow::Result<()> {
-    let m = metrics.clone();
-    blocksmith_runtime::serve_probes(addr, move || m.encode(), metrics.inner.health.clone()).await
 }
 
 #[cfg(test)]

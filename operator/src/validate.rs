@@ -71,11 +71,7 @@ pub fn validate(spec: &BlockPipelineSpec) -> Result<(), InvalidSpec> {
             "kafka.sasl",
             format!(
                 "securityProtocol {} {}",
-                // As the user wrote it (SASL_SSL), not the Rust name.
-                serde_json::to_value(k.security_protocol)
-                    .ok()
-                    .and_then(|v| v.as_str().map(String::from))
-                    .unwrap_or_default(),
+                k.security_protocol,
                 if needs_sasl {
                     "requires spec.kafka.sasl (mechanism and credentials secrets)"
                 } else {

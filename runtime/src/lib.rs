@@ -1,7 +1,14 @@
-//! Process plumbing shared by the operator and the builder: structured logs, and the HTTP
-//! endpoints `/metrics`, `/healthz` and `/readyz`.
+//! Process plumbing shared by the operator and the builder: structured logs, the HTTP
+//! endpoints `/metrics`, `/healthz` and `/readyz` with the [`metrics`] behind them, the
+//! shutdown signal, default [`identity`]s, and the [`kafka`] client context.
 
 pub mod health;
+pub mod identity;
+pub mod kafka;
+pub mod metrics;
+mod shutdown;
+#[cfg(feature = "test-support")]
+pub mod test_support;
 
 use std::io::IsTerminal;
 use std::net::SocketAddr;
@@ -12,6 +19,7 @@ use axum::routing::get;
 use tracing_subscriber::EnvFilter;
 
 pub use health::Health;
+pub use shutdown::shutdown_signal;
 
 /// Logs to stderr: JSON when it is not a terminal (in a pod), human-readable otherwise.
 /// `RUST_LOG` filters (default `info`).

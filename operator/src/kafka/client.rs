@@ -1,0 +1,292 @@
+//! The operator's Kafka client: partitions, watermarks and the group's offsets, read and
+//! committed without joining the group.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use blocksmith_runtime::kafka::ConnectionErrors;
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
+use rdkafka::error::{KafkaError as RdError, RDKafkaErrorCode};
+use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+
+use super::error::{KafkaError, classify, unavailable};
+use super::settings::KafkaConnection;
+use crate::planner::PartitionOffsets;
+
+pub struct KafkaOffsets {
+    consumer: BaseConsumer<ConnectionErrors>,
+    group: String,
+    credentials: String,
+    timeout: Duration,
+}
+
+impl KafkaOffsets {
+    pub fn connect(conn: &KafkaConnection, timeout: Duration) -> Result<Self, KafkaError> {
+        let mut cfg = ClientConfig::new();
+        cfg.set("bootstrap.servers", &conn.bootstrap_servers)
+            .set("group.id", &conn.group)
+            .set("enable.auto.commit", "false")
+            .set("allow.auto.create.topics", "false")
+            .set("socket.timeout.ms", timeout.as_millis().to_string());
+        for (k, v) in &conn.properties {
+            cfg.set(k, v);
+        }
+        let consumer = cfg
+            .create_with_context(ConnectionErrors::default())
+            .map_err(unavailable)?;
+        Ok(Self {
+            consumer,
+            group: conn.group.clone(),
+            credentials: conn.credentials.clone(),
+            timeout,
+        })
+    }
+
+    /// Serves the client's queued events: connection errors reach `ConnectionErrors` only
+    /// through a poll (and would otherwise pile up in the queue). The consumer has no
+    /// assignment, so no message can come.
+    fn serve_events(&self, wait: Duration) {
+        let mut wait = wait;
+        for _ in 0..1000 {
+            if self.consumer.poll(wait).is_none() {
+                break;
+            }
+            wait = Duration::ZERO;
+        }
+    }
+
+    /// A failed request, explained by the last connection error.
+    fn failed(&self, e: RdError) -> KafkaError {
+        // The connection error that failed the request reaches the queue a moment after the
+        // request's own failure: give it up to a second.
+        self.serve_events(Duration::ZERO);
+        for _ in 0..10 {
+            if self.consumer.context().cause().is_some() {
+                break;
+            }
+            self.serve_events(Duration::from_millis(100));
+        }
+        classify(
+            &e,
+            self.consumer.context().cause().as_ref(),
+            &self.credentials,
+        )
+    }
+
+    /// The cluster id the brokers report (Kafka ≥ 0.10.1), which tells one cluster from
+    /// another whatever the bootstrap addresses.
+    pub fn cluster_id(&self) -> Option<String> {
+        self.consumer.client().fetch_cluster_id(self.timeout)
+    }
+
+    /// The topic's partitions, or the requested subset after checking it exists.
+    pub fn partitions(&self, topic: &str, subset: Option<&[i32]>) -> Result<Vec<i32>, KafkaError> {
+        self.serve_events(Duration::ZERO);
+        let md = self
+            .consumer
+            .fetch_metadata(Some(topic), self.timeout)
+            .map_err(|e| self.failed(e))?;
+        // The brokers answered: earlier connection errors are history.
+        self.consumer.context().clear();
+        let t = md
+            .topics()
+            .iter()
+            .find(|t| t.name() == topic)
+            .ok_or_else(|| KafkaError::TopicNotFound(topic.into()))?;
+        match t.error() {
+            None => {}
+            Some(e) if RDKafkaErrorCode::from(e) == RDKafkaErrorCode::UnknownTopicOrPartition => {
+                return Err(KafkaError::TopicNotFound(topic.into()));
+            }
+            Some(e) => {
+                return Err(KafkaError::Unavailable(format!(
+                    "{:?}",
+                    RDKafkaErrorCode::from(e)
+                )));
+            }
+        }
+        let mut all: Vec<i32> = t.partitions().iter().map(|p| p.id()).collect();
+        all.sort_unstable();
+        if all.is_empty() {
+            return Err(KafkaError::TopicNotFound(topic.into()));
+        }
+        match subset {
+            None => Ok(all),
+            Some(wanted) => {
+                let missing: Vec<i32> = wanted
+                    .iter()
+                    .copied()
+                    .filter(|p| !all.contains(p))
+                    .collect();
+                if missing.is_empty() {
+                    let mut w = wanted.to_vec();
+                    w.sort_unstable();
+                    w.dedup();
+                    Ok(w)
+                } else {
+                    Err(KafkaError::PartitionsNotFound {
+                        topic: topic.into(),
+                        missing,
+                        available: all.len(),
+                    })
+                }
+            }
+        }
+    }
+
+    /// Low and high watermarks and the group's committed offset of each partition, in three
+    /// batched requests.
+    pub fn offsets(
+        &self,
+        topic: &str,
+        partitions: &[i32],
+    ) -> Result<Vec<PartitionOffsets>, KafkaError> {
+        let lows = self.list_offsets(topic, partitions, Offset::Beginning)?;
+        let highs = self.list_offsets(topic, partitions, Offset::End)?;
+        let mut tpl = TopicPartitionList::new();
+        for p in partitions {
+            tpl.add_partition(topic, *p);
+        }
+        let committed = self
+            .consumer
+            .committed_offsets(tpl, self.timeout)
+            .map_err(|e| self.failed(e))?;
+        partitions
+            .iter()
+            .map(|p| {
+                let c = committed
+                    .find_partition(topic, *p)
+                    .and_then(|e| match e.offset() {
+                        Offset::Offset(o) => Some(o),
+                        _ => None,
+                    });
+                Ok(PartitionOffsets {
+                    partition: *p,
+                    low: lows[p],
+                    high: highs[p],
+                    committed: c,
+                })
+            })
+            .collect()
+    }
+
+    fn list_offsets(
+        &self,
+        topic: &str,
+        partitions: &[i32],
+        at: Offset,
+    ) -> Result<BTreeMap<i32, i64>, KafkaError> {
+        let mut tpl = TopicPartitionList::new();
+        for p in partitions {
+            tpl.add_partition_offset(topic, *p, at)
+                .map_err(unavailable)?;
+        }
+        let res = self
+            .consumer
+            .offsets_for_times(tpl, self.timeout)
+            .map_err(|e| self.failed(e))?;
+        partitions
+            .iter()
+            .map(|p| {
+                let e = res.find_partition(topic, *p).ok_or_else(|| {
+                    KafkaError::Unavailable(format!("no offset for partition {p}"))
+                })?;
+                e.error().map_err(unavailable)?;
+                match e.offset() {
+                    Offset::Offset(o) => Ok((*p, o)),
+                    other => Err(KafkaError::Unavailable(format!(
+                        "partition {p}: offset {other:?}"
+                    ))),
+                }
+            })
+            .collect()
+    }
+
+    /// Commits `offsets` (partition → next offset to read) for the group.
+    pub fn commit(&self, topic: &str, offsets: &BTreeMap<i32, i64>) -> Result<(), KafkaError> {
+        let mut tpl = TopicPartitionList::new();
+        for (p, o) in offsets {
+            tpl.add_partition_offset(topic, *p, Offset::Offset(*o))
+                .map_err(unavailable)?;
+        }
+        self.consumer
+            .commit(&tpl, CommitMode::Sync)
+            .map_err(|e| match e.rdkafka_error_code() {
+                Some(
+                    RDKafkaErrorCode::UnknownMemberId
+                    | RDKafkaErrorCode::IllegalGeneration
+                    | RDKafkaErrorCode::RebalanceInProgress
+                    | RDKafkaErrorCode::FencedInstanceId,
+                ) => KafkaError::CommitRefused {
+                    group: self.group.clone(),
+                    reason: e.to_string(),
+                },
+                _ => self.failed(e),
+            })?;
+        // Only the request's own error counts: per-partition results are not checked.
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kafka::settings::credentials_description;
+    use crate::kafka::settings::tests::selector;
+    use blocksmith_crds::Reason;
+
+    fn conn(bootstrap: &str, properties: &[(&str, &str)]) -> KafkaConnection {
+        KafkaConnection {
+            bootstrap_servers: bootstrap.into(),
+            group: "g".into(),
+            properties: properties
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            credentials: credentials_description(
+                &selector("kafka-creds", "username"),
+                &selector("kafka-creds", "password"),
+            ),
+        }
+    }
+
+    #[test]
+    fn an_unreachable_broker_is_reported_with_the_connection_error() {
+        let k = KafkaOffsets::connect(&conn("127.0.0.1:1", &[]), Duration::from_secs(3)).unwrap();
+        let e = k.partitions("t", None).unwrap_err();
+        assert_eq!(e.reason(), Reason::KafkaUnavailable);
+        let message = e.to_string();
+        assert!(
+            message.contains("127.0.0.1:1") && message.contains("Connection refused"),
+            "{message}"
+        );
+    }
+
+    #[test]
+    fn sasl_against_a_broker_without_it_is_an_authentication_failure() {
+        // librdkafka's mock cluster has no SASL: the handshake fails with the error code a
+        // rejected password gets (`__AUTHENTICATION`).
+        let cluster = rdkafka::mocking::MockCluster::new(1).unwrap();
+        let k = KafkaOffsets::connect(
+            &conn(
+                &cluster.bootstrap_servers(),
+                &[
+                    ("security.protocol", "sasl_plaintext"),
+                    ("sasl.mechanism", "PLAIN"),
+                    ("sasl.username", "u"),
+                    ("sasl.password", "p"),
+                ],
+            ),
+            Duration::from_secs(3),
+        )
+        .unwrap();
+        let e = k.partitions("t", None).unwrap_err();
+        assert_eq!(e.reason(), Reason::KafkaAuthenticationFailed, "{e}");
+        let message = e.to_string();
+        assert!(
+            message.contains("SASL Handshake not supported by broker")
+                && message.contains(r#"secret "kafka-creds""#),
+            "{message}"
+        );
+    }
+}

@@ -1,0 +1,139 @@
+//! Connection settings from a pipeline's spec, with its Secrets read.
+
+use blocksmith_crds::domain::default_consumer_group;
+use blocksmith_crds::{BlockPipeline, Reason};
+use k8s_openapi::api::core::v1::{Secret, SecretKeySelector};
+use kube::ResourceExt;
+use kube::api::Api;
+
+use crate::conditions::Problem;
+
+/// Connection settings: bootstrap servers plus librdkafka properties (security, SASL, TLS),
+/// with secrets already resolved.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct KafkaConnection {
+    pub bootstrap_servers: String,
+    pub group: String,
+    pub properties: Vec<(String, String)>,
+    /// Where the SASL credentials come from, for messages (empty without SASL).
+    pub credentials: String,
+}
+
+/// Connection settings with secrets resolved. A missing secret is a problem the user fixes.
+pub async fn connection(
+    bp: &BlockPipeline,
+    client: &kube::Client,
+) -> Result<KafkaConnection, Problem> {
+    let k = &bp.spec.kafka;
+    let ns = bp.namespace().unwrap_or_default();
+    let group = k
+        .consumer_group
+        .clone()
+        .unwrap_or_else(|| default_consumer_group(&ns, &bp.name_any()));
+    let mut properties = Vec::new();
+    properties.push((
+        "security.protocol".to_string(),
+        k.security_protocol.librdkafka_value().to_string(),
+    ));
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns);
+    let mut credentials = String::new();
+    if let Some(sasl) = &k.sasl {
+        credentials = credentials_description(&sasl.username_secret_ref, &sasl.password_secret_ref);
+        properties.push(("sasl.mechanism".into(), sasl.mechanism.to_string()));
+        properties.push((
+            "sasl.username".into(),
+            secret_value(
+                &secrets,
+                &sasl.username_secret_ref,
+                "spec.kafka.sasl.usernameSecretRef",
+            )
+            .await?,
+        ));
+        properties.push((
+            "sasl.password".into(),
+            secret_value(
+                &secrets,
+                &sasl.password_secret_ref,
+                "spec.kafka.sasl.passwordSecretRef",
+            )
+            .await?,
+        ));
+    }
+    if let Some(ca) = k.tls.as_ref().and_then(|t| t.ca_secret_ref.as_ref()) {
+        properties.push((
+            "ssl.ca.pem".into(),
+            secret_value(&secrets, ca, "spec.kafka.tls.caSecretRef").await?,
+        ));
+    }
+    Ok(KafkaConnection {
+        bootstrap_servers: k.bootstrap_servers.clone(),
+        group,
+        properties,
+        credentials,
+    })
+}
+
+/// `, and the credentials in secret "kafka" (keys "username", "password")`, naming both
+/// secrets when they differ.
+pub fn credentials_description(user: &SecretKeySelector, password: &SecretKeySelector) -> String {
+    if user.name == password.name {
+        format!(
+            ", and the credentials in secret {:?} (keys {:?}, {:?})",
+            user.name, user.key, password.key
+        )
+    } else {
+        format!(
+            ", and the credentials in secrets {:?} (key {:?}) and {:?} (key {:?})",
+            user.name, user.key, password.name, password.key
+        )
+    }
+}
+
+async fn secret_value(
+    secrets: &Api<Secret>,
+    sel: &SecretKeySelector,
+    field: &str,
+) -> Result<String, Problem> {
+    let problem = |what: String| Problem {
+        reason: Reason::SecretNotFound,
+        message: format!("{field}: {what}"),
+    };
+    let secret = secrets
+        .get_opt(&sel.name)
+        .await
+        .map_err(|e| problem(format!("reading secret {:?}: {e}", sel.name)))?
+        .ok_or_else(|| problem(format!("secret {:?} not found", sel.name)))?;
+    let bytes = secret
+        .data
+        .as_ref()
+        .and_then(|d| d.get(&sel.key))
+        .ok_or_else(|| problem(format!("secret {:?} has no key {:?}", sel.name, sel.key)))?;
+    String::from_utf8(bytes.0.clone()).map_err(|_| {
+        problem(format!(
+            "secret {:?} key {:?} is not UTF-8",
+            sel.name, sel.key
+        ))
+    })
+}
+
+#[cfg(test)]
+pub(super) mod tests {
+    use super::*;
+
+    pub(in crate::kafka) fn selector(name: &str, key: &str) -> SecretKeySelector {
+        SecretKeySelector {
+            name: name.into(),
+            key: key.into(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn two_secrets_are_both_named() {
+        let creds = credentials_description(&selector("u", "user"), &selector("p", "pass"));
+        assert_eq!(
+            creds,
+            r#", and the credentials in secrets "u" (key "user") and "p" (key "pass")"#
+        );
+    }
+}
