@@ -35,6 +35,14 @@ pub struct Condition {
     pub message: String,
 }
 
+/// Asserts that `message` says each of `words`.
+#[track_caller]
+pub fn assert_says(message: &str, words: &[&str]) {
+    for want in words {
+        assert!(message.contains(want), "{want:?} not in {message:?}");
+    }
+}
+
 /// The condition `type_` of a pipeline.
 pub fn condition(bp: &BlockPipeline, type_: &str) -> Option<Condition> {
     bp.status

@@ -586,14 +586,15 @@ async fn kafka_credentials_problems_name_the_secret_and_recover_once_fixed() {
     let auth_failed =
         Cond::ready_false("KafkaAuthenticationFailed").within(Duration::from_secs(60));
     let message = s.wait(auth_failed).await.message;
-    for want in [
-        "authentication to Kafka failed: ",
-        "SASL",
-        "Check spec.kafka.securityProtocol and spec.kafka.sasl",
-        r#"the credentials in secret "kafka-creds" (keys "username", "password")"#,
-    ] {
-        assert!(message.contains(want), "{want:?} not in {message:?}");
-    }
+    assert_says(
+        &message,
+        &[
+            "authentication to Kafka failed: ",
+            "SASL",
+            "Check spec.kafka.securityProtocol and spec.kafka.sasl",
+            r#"the credentials in secret "kafka-creds" (keys "username", "password")"#,
+        ],
+    );
     s.wait_event("KafkaAuthenticationFailed").await;
     assert!(s.jobs().await.is_empty(), "nothing planned");
     assert!(s.committed().await.is_empty(), "nothing committed");
