@@ -46,6 +46,16 @@ fn kubectl(args: &[&str]) -> (bool, String) {
     (out.status.success(), text)
 }
 
+/// Deletes the cluster-wide APIService when dropped (declared before the release's guard, so
+/// after the uninstall).
+struct ApiServiceCleanup;
+
+impl Drop for ApiServiceCleanup {
+    fn drop(&mut self) {
+        let _ = kubectl(&["delete", "apiservice", APISERVICE, "--ignore-not-found"]);
+    }
+}
+
 fn is_ready(pod: &Pod) -> bool {
     pod.status
         .as_ref()
@@ -193,7 +203,8 @@ async fn the_chart_runs_blocksmith_as_pods_that_scale_fail_over_and_write_every_
 
     // helm install, with the chart's defaults but for the namespaces.
     let _ = kubectl(&["delete", "apiservice", APISERVICE, "--ignore-not-found"]);
-    // Uninstalled (with its cluster-wide APIService) however the test ends.
+    // Uninstalled, then its cluster-wide APIService deleted, however the test ends.
+    let _apiservice = ApiServiceCleanup;
     let _release = ReleaseGuard::new(&tb, RELEASE, &release_ns);
     let chart = chart_dir();
     let builder_namespaces = format!("builders.namespaces={{{ns}}}");

@@ -444,20 +444,21 @@ pub async fn operator_rbac(tb: &Testbed, operator: &kube::Client, ns: &str) {
     let pipeline = format!("{}/p", blockpipelines(ns));
     let op = "fieldManager=blocksmith-operator";
     let now = jiff::Timestamp::now().to_string();
-    let event = json!({
-        "apiVersion": "events.k8s.io/v1", "kind": "Event",
+    // Typed, so that eventTime is written as the API's MicroTime (microseconds).
+    let event: k8s_openapi::api::events::v1::Event = serde_json::from_value(json!({
         "metadata": {"generateName": "p-"},
         "eventTime": now, "reportingController": "blocksmith.io/operator",
         "reportingInstance": "chart-rbac", "action": "Test", "reason": "RBACCheck", "type": "Normal",
         "regarding": {"apiVersion": "blocksmith.io/v1alpha1", "kind": "BlockPipeline", "name": "p", "namespace": ns},
         "note": "chart RBAC check"
-    });
-    let core_event = json!({
-        "apiVersion": "v1", "kind": "Event",
+    }))
+    .unwrap();
+    let core_event: k8s_openapi::api::core::v1::Event = serde_json::from_value(json!({
         "metadata": {"generateName": "p-"},
         "involvedObject": {"apiVersion": "blocksmith.io/v1alpha1", "kind": "BlockPipeline", "name": "p", "namespace": ns},
         "reason": "RBACCheck", "message": "chart RBAC check", "type": "Normal"
-    });
+    }))
+    .unwrap();
     let secrets = path("v1", Some(ns), "secrets");
     let pods = path("v1", Some(ns), "pods");
     let lease: Lease = serde_json::from_value(json!({
