@@ -1,24 +1,17 @@
 #!/usr/bin/env python3
 """A small `helm` for the testbed, over helm-sdkpy (Helm v4's library; there is no helm binary
-in Debian). Run it with the testbed's venv python ($BLOCKSMITH_PYTHON); it talks to the
-cluster in $KUBECONFIG.
+in Debian): the commands the e2e tests and `e2e/demo` use, nothing more. Run it with the
+testbed's venv python ($BLOCKSMITH_PYTHON); it talks to the cluster in $KUBECONFIG.
 
     helm.py lint CHART [--strict]
-    helm.py install RELEASE CHART NAMESPACE [--set k=v]... [--set-string k=v]...
-                    [--set-json k=JSON]... [-f values.yaml]... [--create-namespace]
-                    [--wait] [--timeout SECONDS] [--manifest-out FILE]
-    helm.py upgrade RELEASE CHART NAMESPACE [same options as install] [--install]
-    helm.py template RELEASE CHART NAMESPACE [--set ...] [--kube-version 1.20.2]
-                                              render locally, no cluster involved
-    helm.py uninstall RELEASE NAMESPACE [--no-wait] [--timeout SECONDS]
+    helm.py template RELEASE CHART NAMESPACE [--set k=v]...   render locally, no cluster
+    helm.py install RELEASE CHART NAMESPACE [--set k=v]... [--manifest-out FILE]
+    helm.py uninstall RELEASE NAMESPACE
     helm.py manifest RELEASE NAMESPACE        the deployed release's rendered manifest
     helm.py notes RELEASE NAMESPACE           the release's NOTES.txt, rendered
-    helm.py status RELEASE NAMESPACE          the release as JSON
-    helm.py list NAMESPACE
 
-`--set` follows helm's syntax: dotted keys (`a.b=1`, `\\.` escapes a dot), list indexes
-(`a[0]=x`), lists (`a={x,y}`), several pairs per flag (`a=1,b=2`); `true`/`false`/`null` and
-integers are typed, everything else is a string (`--set-string` keeps strings).
+`--set` takes helm's basic syntax: dotted keys (`a.b=1`), lists (`a={x,y}`), several pairs per
+flag (`a=1,b=2`); `true`/`false`/`null` and integers are typed, everything else is a string.
 
 Exits 0 on success; on failure prints `helm.py: <action> failed: <reason>` to stderr and exits
 1 (2 for usage errors).
@@ -42,139 +35,63 @@ except ImportError as e:  # pragma: no cover - depends on the environment
         "it into the testbed venv, and use that python ($BLOCKSMITH_PYTHON)"
     )
 
+# Helm's defaults for what the suite never sets.
+TIMEOUT_SECONDS = 300
+KUBE_VERSION = "1.20.2"
+
 
 class UsageError(Exception):
     pass
 
 
 # ---------------------------------------------------------------------------------------------
-# --set parsing (a subset of helm's strvals that covers what charts use)
+# --set parsing (the part of helm's strvals the suite uses)
 
 
-def _split_unescaped(s: str, sep: str, keep_braces: bool = False) -> list[str]:
-    """Split on `sep` outside `{...}` and not preceded by a backslash (kept in the parts)."""
-    parts, cur, depth, i = [], [], 0, 0
-    while i < len(s):
-        c = s[i]
-        if c == "\\" and i + 1 < len(s):
-            cur.append(s[i : i + 2])
-            i += 2
-            continue
-        if keep_braces and c == "{":
-            depth += 1
-        elif keep_braces and c == "}":
-            depth -= 1
+def _split_outside_braces(s: str, sep: str) -> list[str]:
+    """Split on `sep` outside `{...}`."""
+    parts, cur, depth = [], [], 0
+    for c in s:
+        depth += {"{": 1, "}": -1}.get(c, 0)
         if c == sep and depth == 0:
             parts.append("".join(cur))
             cur = []
         else:
             cur.append(c)
-        i += 1
     parts.append("".join(cur))
     return parts
 
 
-def _unescape(s: str) -> str:
-    return re.sub(r"\\(.)", r"\1", s)
-
-
 def _typed(raw: str) -> Any:
-    if raw == "true":
-        return True
-    if raw == "false":
-        return False
-    if raw == "null":
-        return None
+    if raw in ("true", "false", "null"):
+        return json.loads(raw)
     if re.fullmatch(r"-?(0|[1-9][0-9]*)", raw):
         return int(raw)
-    return _unescape(raw)
+    return raw
 
 
-def _parse_value(raw: str, kind: str) -> Any:
-    if kind == "json":
-        try:
-            return json.loads(raw)
-        except json.JSONDecodeError as e:
-            raise UsageError(f"--set-json value {raw!r} is not JSON: {e}") from e
+def _parse_value(raw: str) -> Any:
     if raw.startswith("{") and raw.endswith("}"):
         inner = raw[1:-1]
-        items = [] if inner == "" else _split_unescaped(inner, ",")
-        return [_unescape(x) if kind == "string" else _typed(x) for x in items]
-    return _unescape(raw) if kind == "string" else _typed(raw)
-
-
-_SEGMENT = re.compile(r"^(?P<name>.*?)((\[(?P<idx>[0-9]+)\])*)$")
-
-
-def _assign(values: dict[str, Any], key: str, value: Any) -> None:
-    """Sets `value` at the dotted `key` (with `[n]` indexes) inside `values`."""
-    path: list[str | int] = []
-    for seg in _split_unescaped(key, "."):
-        m = _SEGMENT.match(seg)
-        name = _unescape(m.group("name")) if m else seg
-        if not name:
-            raise UsageError(f"bad key {key!r}")
-        path.append(name)
-        path.extend(int(i) for i in re.findall(r"\[([0-9]+)\]", seg[len(m.group("name")) :]))
-    node: Any = values
-    for here, nxt in zip(path, path[1:]):
-        empty: Any = [] if isinstance(nxt, int) else {}
-        if isinstance(here, int):
-            while len(node) <= here:
-                node.append(None)
-            if not isinstance(node[here], (dict, list)):
-                node[here] = empty
-            node = node[here]
-        else:
-            if not isinstance(node.get(here), (dict, list)):
-                node[here] = empty
-            node = node[here]
-    last = path[-1]
-    if isinstance(last, int):
-        while len(node) <= last:
-            node.append(None)
-        node[last] = value
-    else:
-        node[last] = value
-
-
-def parse_sets(values: dict[str, Any], exprs: list[str], kind: str) -> None:
-    for expr in exprs:
-        pairs = [expr] if kind == "json" else _split_unescaped(expr, ",", keep_braces=True)
-        for pair in pairs:
-            if "=" not in pair:
-                raise UsageError(f"--set{'' if kind == 'typed' else '-' + kind} {pair!r}: expected key=value")
-            key, raw = pair.split("=", 1)
-            _assign(values, key, _parse_value(raw, kind))
-
-
-def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
-    for k, v in over.items():
-        if isinstance(v, dict) and isinstance(base.get(k), dict):
-            _deep_merge(base[k], v)
-        else:
-            base[k] = v
-    return base
+        return [_typed(x) for x in inner.split(",")] if inner else []
+    return _typed(raw)
 
 
 def collect_values(args: argparse.Namespace) -> dict[str, Any]:
+    """The `--set` flags as a values tree."""
     values: dict[str, Any] = {}
-    for path in args.values or []:
-        with open(path) as f:
-            text = f.read()
-        try:
-            loaded = json.loads(text)
-        except json.JSONDecodeError:
-            try:
-                import yaml  # optional: only for YAML values files
-            except ImportError as e:
-                raise UsageError(f"-f {path}: not JSON, and PyYAML is not installed for YAML") from e
-            loaded = yaml.safe_load(text)
-        _deep_merge(values, loaded or {})
-    # Helm applies --set-json, then --set, then --set-string (later wins on the same key).
-    parse_sets(values, args.set_json or [], "json")
-    parse_sets(values, args.set or [], "typed")
-    parse_sets(values, args.set_string or [], "string")
+    for expr in args.set or []:
+        for pair in _split_outside_braces(expr, ","):
+            if "=" not in pair:
+                raise UsageError(f"--set {pair!r}: expected key=value")
+            key, raw = pair.split("=", 1)
+            *parents, last = key.split(".")
+            node = values
+            for name in parents:
+                if not isinstance(node.get(name), dict):
+                    node[name] = {}
+                node = node[name]
+            node[last] = _parse_value(raw)
     return values
 
 
@@ -241,27 +158,6 @@ async def cmd_lint(args: argparse.Namespace) -> int:
     return 0
 
 
-def _print_release(result: dict[str, Any], args: argparse.Namespace) -> None:
-    manifest = result.get("manifest", "")
-    if args.manifest_out:
-        with open(args.manifest_out, "w") as f:
-            f.write(manifest)
-    info = result.get("info") or {}
-    print(
-        json.dumps(
-            {
-                "name": result.get("name"),
-                "namespace": result.get("namespace"),
-                "version": result.get("version"),
-                "status": info.get("status") if isinstance(info, dict) else result.get("status"),
-            }
-        )
-    )
-    notes = info.get("notes") if isinstance(info, dict) else None
-    if notes and args.notes:
-        print(notes)
-
-
 async def cmd_install(args: argparse.Namespace) -> int:
     values = collect_values(args)
     cfg = config(args.namespace)
@@ -269,34 +165,23 @@ async def cmd_install(args: argparse.Namespace) -> int:
         args.release,
         os.path.abspath(args.chart),
         values=values or None,
-        create_namespace=args.create_namespace,
-        wait=args.wait,
-        timeout=args.timeout,
+        create_namespace=False,
+        wait=False,
+        timeout=TIMEOUT_SECONDS,
     )
-    _print_release(result, args)
-    return 0
-
-
-async def cmd_upgrade(args: argparse.Namespace) -> int:
-    values = collect_values(args)
-    cfg = config(args.namespace)
-    result = await helm.Upgrade(cfg).run(
-        args.release,
-        os.path.abspath(args.chart),
-        values=values or None,
-        install=args.install,
-        create_namespace=args.create_namespace,
-        wait=args.wait,
-        timeout=args.timeout,
-        reset_values=True,
-    )
-    _print_release(result, args)
+    if args.manifest_out:
+        with open(args.manifest_out, "w") as f:
+            f.write(result.get("manifest", ""))
+    info = result.get("info") or {}
+    status = info.get("status") if isinstance(info, dict) else result.get("status")
+    print(json.dumps({"name": result.get("name"), "namespace": result.get("namespace"),
+                      "version": result.get("version"), "status": status}))
     return 0
 
 
 async def cmd_uninstall(args: argparse.Namespace) -> int:
     cfg = config(args.namespace)
-    result = await helm.Uninstall(cfg).run(args.release, wait=not args.no_wait, timeout=args.timeout)
+    result = await helm.Uninstall(cfg).run(args.release, wait=True, timeout=TIMEOUT_SECONDS)
     info = result.get("info") if isinstance(result, dict) else None
     print(f'release "{args.release}" uninstalled')
     if isinstance(info, str) and info:
@@ -322,17 +207,6 @@ async def cmd_notes(args: argparse.Namespace) -> int:
     return 0
 
 
-async def cmd_status(args: argparse.Namespace) -> int:
-    print(json.dumps(await _status(args), indent=2, default=str))
-    return 0
-
-
-async def cmd_list(args: argparse.Namespace) -> int:
-    releases = await helm.List(config(args.namespace)).run(all=True)
-    print(json.dumps(releases or [], indent=2, default=str))
-    return 0
-
-
 # ---------------------------------------------------------------------------------------------
 # template: helm-sdkpy has no `helm template` (nor a dry run), so render by installing into a
 # stand-in API server that lives in this process and forgets everything when it exits. Nothing
@@ -345,20 +219,10 @@ _KINDS: dict[tuple[str, str], list[tuple[str, str, bool]]] = {
         ("namespaces", "Namespace", False),
         ("serviceaccounts", "ServiceAccount", True),
         ("services", "Service", True),
-        ("endpoints", "Endpoints", True),
         ("secrets", "Secret", True),
         ("configmaps", "ConfigMap", True),
-        ("pods", "Pod", True),
-        ("events", "Event", True),
     ],
-    ("apps", "v1"): [("deployments", "Deployment", True), ("statefulsets", "StatefulSet", True),
-                     ("daemonsets", "DaemonSet", True)],
-    ("batch", "v1"): [("jobs", "Job", True)],
-    ("autoscaling", "v1"): [("horizontalpodautoscalers", "HorizontalPodAutoscaler", True)],
-    ("autoscaling", "v2beta2"): [("horizontalpodautoscalers", "HorizontalPodAutoscaler", True)],
-    ("policy", "v1beta1"): [("poddisruptionbudgets", "PodDisruptionBudget", True)],
-    ("coordination.k8s.io", "v1"): [("leases", "Lease", True)],
-    ("events.k8s.io", "v1"): [("events", "Event", True)],
+    ("apps", "v1"): [("deployments", "Deployment", True)],
     ("rbac.authorization.k8s.io", "v1"): [
         ("clusterroles", "ClusterRole", False),
         ("clusterrolebindings", "ClusterRoleBinding", False),
@@ -367,8 +231,6 @@ _KINDS: dict[tuple[str, str], list[tuple[str, str, bool]]] = {
     ],
     ("apiregistration.k8s.io", "v1"): [("apiservices", "APIService", False)],
     ("apiextensions.k8s.io", "v1"): [("customresourcedefinitions", "CustomResourceDefinition", False)],
-    ("networking.k8s.io", "v1"): [("networkpolicies", "NetworkPolicy", True), ("ingresses", "Ingress", True)],
-    ("blocksmith.io", "v1alpha1"): [("blockpipelines", "BlockPipeline", True), ("blockjobs", "BlockJob", True)],
 }
 
 
@@ -502,7 +364,7 @@ async def cmd_template(args: argparse.Namespace) -> int:
     values = collect_values(args)
     import tempfile
 
-    server = _standin_server(args.kube_version)
+    server = _standin_server(KUBE_VERSION)
     tmp = tempfile.NamedTemporaryFile("w", prefix="helm-standin-", suffix=".kubeconfig")
     try:
         json.dump({
@@ -521,10 +383,6 @@ async def cmd_template(args: argparse.Namespace) -> int:
         server.shutdown()
         tmp.close()
     sys.stdout.write(result.get("manifest", ""))
-    if args.notes:
-        info = result.get("info") or {}
-        sys.stdout.write("\n---\n# NOTES.txt\n" + "".join(
-            f"# {line}\n" for line in str(info.get("notes") or "").splitlines()))
     return 0
 
 
@@ -537,52 +395,28 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--strict", action="store_true", help="fail on warnings too")
     s.set_defaults(func=cmd_lint)
 
-    for name, func in (("install", cmd_install), ("upgrade", cmd_upgrade)):
-        s = sub.add_parser(name, help=f"{name} a release")
+    for name, func, help in (
+        ("template", cmd_template, "render a chart locally (no cluster involved)"),
+        ("install", cmd_install, "install a release"),
+    ):
+        s = sub.add_parser(name, help=help)
         s.add_argument("release")
         s.add_argument("chart")
         s.add_argument("namespace")
         s.add_argument("--set", action="append", metavar="K=V")
-        s.add_argument("--set-string", action="append", metavar="K=V")
-        s.add_argument("--set-json", action="append", metavar="K=JSON")
-        s.add_argument("-f", "--values", action="append", metavar="FILE")
-        s.add_argument("--create-namespace", action="store_true")
-        s.add_argument("--wait", action="store_true", help="wait for resources to be ready")
-        s.add_argument("--timeout", type=int, default=300, metavar="SECONDS")
-        s.add_argument("--manifest-out", metavar="FILE", help="write the rendered manifest here")
-        s.add_argument("--notes", action="store_true", help="print the rendered NOTES.txt")
-        if name == "upgrade":
-            s.add_argument("--install", action="store_true", help="install if absent")
+        if name == "install":
+            s.add_argument("--manifest-out", metavar="FILE", help="write the rendered manifest here")
         s.set_defaults(func=func)
 
-    s = sub.add_parser("template", help="render a chart locally (no cluster involved)")
-    s.add_argument("release")
-    s.add_argument("chart")
-    s.add_argument("namespace")
-    s.add_argument("--set", action="append", metavar="K=V")
-    s.add_argument("--set-string", action="append", metavar="K=V")
-    s.add_argument("--set-json", action="append", metavar="K=JSON")
-    s.add_argument("-f", "--values", action="append", metavar="FILE")
-    s.add_argument("--kube-version", default="1.20.2", help="the cluster version to render for")
-    s.add_argument("--notes", action="store_true", help="append NOTES.txt as comments")
-    s.set_defaults(func=cmd_template)
-
-    s = sub.add_parser("uninstall", help="uninstall a release (CRDs stay)")
-    s.add_argument("release")
-    s.add_argument("namespace")
-    s.add_argument("--no-wait", action="store_true")
-    s.add_argument("--timeout", type=int, default=300, metavar="SECONDS")
-    s.set_defaults(func=cmd_uninstall)
-
-    for name, func in (("manifest", cmd_manifest), ("notes", cmd_notes), ("status", cmd_status)):
-        s = sub.add_parser(name, help=f"print a release's {name}")
+    for name, func in (
+        ("uninstall", cmd_uninstall),
+        ("manifest", cmd_manifest),
+        ("notes", cmd_notes),
+    ):
+        s = sub.add_parser(name, help=f"{name} a release")
         s.add_argument("release")
         s.add_argument("namespace")
         s.set_defaults(func=func)
-
-    s = sub.add_parser("list", help="list releases in a namespace")
-    s.add_argument("namespace")
-    s.set_defaults(func=cmd_list)
     return p
 
 

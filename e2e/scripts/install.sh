@@ -5,9 +5,9 @@
 set -euo pipefail
 
 CACHE="${BLOCKSMITH_CACHE:-$HOME/.cache/blocksmith}"
-K8S_VERSION="1.20.5+really1.20.2-1.1+deb12u1"
+# shellcheck source=e2e/scripts/versions.sh
+source "$(dirname "${BASH_SOURCE[0]}")/versions.sh"
 K8S_BIN="$CACHE/kubernetes-$K8S_VERSION"
-S3S_VERSION="0.14.1"
 K8S_BINARIES="kube-apiserver kube-controller-manager kube-scheduler kube-proxy kubelet"
 mkdir -p "$CACHE/bin"
 
@@ -117,7 +117,8 @@ python_venv() {
   log "creating python venv with pyarrow and helm-sdkpy"
   python3 -m venv "$venv"
   "$venv/bin/pip" install -q --disable-pip-version-check pyarrow
-  # Its metadata asks for Python 3.12; it works on Debian 12's 3.11 (TESTBED.md, Helm).
+  # Its metadata asks for Python 3.12; it works on Debian 12's 3.11 (README.md, "Known limits
+  # of the local testbed").
   "$venv/bin/pip" install -q --disable-pip-version-check --ignore-requires-python helm-sdkpy==0.1.32
 }
 

@@ -145,7 +145,8 @@ sub(r"^(root = ).*$", f"\"{root}\"")
 sub(r"^(state = ).*$", f"\"{state}\"")
 sub(r"^(\[grpc\]\n  address = ).*$", f"\"{sock}\"")
 sub(r"^(    sandbox_image = ).*$", f"\"{sandbox}\"")
-# The machine withholds CAP_SYS_RESOURCE: runc cannot lower oom_score_adj (TESTBED.md).
+# The machine withholds CAP_SYS_RESOURCE: runc cannot lower oom_score_adj (README.md,
+# "Known limits of the local testbed").
 sub(r"^(    restrict_oom_score_adj = ).*$", "true")
 sub(r"^(      bin_dir = ).*$", "\"/usr/lib/cni\"")
 sub(r"^(      conf_dir = ).*$", f"\"{cni_conf}\"")

@@ -11,7 +11,7 @@ use kube::config::{KubeConfigOptions, Kubeconfig};
 
 use crate::Testbed;
 use crate::process::Proc;
-use crate::scenario::free_port;
+use crate::procs::free_port;
 
 pub struct PrivateApiserver {
     name: String,

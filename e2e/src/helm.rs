@@ -10,7 +10,7 @@ pub fn chart_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../charts/blocksmith")
 }
 
-pub fn helm_py() -> PathBuf {
+fn helm_py() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("helm.py")
 }
 
@@ -52,4 +52,35 @@ pub async fn helm_retried(tb: &Testbed, args: &[&str]) -> Result<String, String>
         }
     }
     Err(last)
+}
+
+/// Uninstalls a release when dropped while armed: a failed assertion must not leave it
+/// installed (its cluster-wide objects would disturb the other tests).
+pub struct ReleaseGuard {
+    python: PathBuf,
+    release: String,
+    namespace: String,
+    pub armed: bool,
+}
+
+impl ReleaseGuard {
+    pub fn new(tb: &Testbed, release: &str, namespace: &str) -> ReleaseGuard {
+        ReleaseGuard {
+            python: tb.python.clone(),
+            release: release.into(),
+            namespace: namespace.into(),
+            armed: true,
+        }
+    }
+}
+
+impl Drop for ReleaseGuard {
+    fn drop(&mut self) {
+        if self.armed {
+            let _ = std::process::Command::new(&self.python)
+                .arg(helm_py())
+                .args(["uninstall", &self.release, &self.namespace])
+                .status();
+        }
+    }
 }

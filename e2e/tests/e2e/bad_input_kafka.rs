@@ -9,17 +9,12 @@ use std::time::Duration;
 use blocksmith_crds::BlockPipeline;
 use blocksmith_crds::domain::default_consumer_group;
 use blocksmith_crds::pipeline::SecurityProtocol;
-use blocksmith_e2e::Testbed;
 use blocksmith_e2e::datagen::{DataSpec, ValueSizes};
 use blocksmith_e2e::scenario::*;
 use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::Secret;
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use serde_json::{Value, json};
-
-fn file_url(dir: &std::path::Path) -> String {
-    format!("file://{}", dir.display())
-}
 
 /// `kubectl apply` of a manifest; returns (succeeded, stderr).
 fn kubectl_apply(ns: &str, manifest: &Value) -> (bool, String) {
@@ -74,32 +69,22 @@ fn sasl_refs(secret: &str) -> Value {
 /// nothing committed. One namespace and one operator for all cases.
 #[tokio::test]
 async fn invalid_specs_are_rejected_by_the_schema_or_reported_with_the_field() {
-    let tb = Testbed::get().await;
-    let ns = tb.namespace("bad-spec").await;
-    let topic = tb.topic("bad-spec", 1);
     // Real data on a real broker: a pipeline that slipped through would plan and commit.
-    produce_data(
-        &tb,
-        DataSpec {
-            value_sizes: ValueSizes::Fixed(16),
-            ..DataSpec::new(&topic, 1, 100)
-        },
-    )
-    .await;
-    let blocks = blocks_dir(&tb, "bad-spec");
+    let s = Scenario::new("bad-spec")
+        .records(100)
+        .value_size(16)
+        .unapplied()
+        .operator()
+        .start()
+        .await;
+    let (tb, ns) = (&s.tb, &s.ns);
     let base = |name: &str| {
-        let mut v = serde_json::to_value(pipeline(
-            name,
-            &topic,
-            &tb.kafka_bootstrap,
-            &file_url(&blocks),
-            json!({}),
-        ))
-        .unwrap();
+        let mut bp = s.bp.clone();
+        bp.metadata.name = Some(name.into());
+        let mut v = serde_json::to_value(bp).unwrap();
         v.as_object_mut().unwrap().remove("status");
         v
     };
-    let _op = spawn_operator(&tb, &ns, "op");
 
     // Rejected by the CRD schema at `kubectl apply`: (pointer, value, what the error says).
     let schema_cases: Vec<(&str, Value, &[&str])> = vec![
@@ -206,12 +191,12 @@ async fn invalid_specs_are_rejected_by_the_schema_or_reported_with_the_field() {
             &["spec.builders.targetQueueDepthPerBuilder: Invalid value: 0"],
         ),
     ];
-    let api: Api<BlockPipeline> = Api::namespaced(tb.client.clone(), &ns);
+    let api: Api<BlockPipeline> = Api::namespaced(tb.client.clone(), ns);
     for (i, (pointer, value, wants)) in schema_cases.iter().enumerate() {
         let name = format!("schema-{i}");
         let mut manifest = base(&name);
         set(&mut manifest, pointer, value.clone());
-        let (ok, stderr) = kubectl_apply(&ns, &manifest);
+        let (ok, stderr) = kubectl_apply(ns, &manifest);
         assert!(!ok, "{pointer} = {value} was accepted");
         for want in *wants {
             assert!(
@@ -294,44 +279,39 @@ async fn invalid_specs_are_rejected_by_the_schema_or_reported_with_the_field() {
         let name = format!("invalid-{i}");
         let mut manifest = base(&name);
         set(&mut manifest, pointer, value.clone());
-        let (ok, stderr) = kubectl_apply(&ns, &manifest);
+        let (ok, stderr) = kubectl_apply(ns, &manifest);
         assert!(ok, "{pointer} = {value} rejected by the schema: {stderr}");
         names.push(name);
     }
     for (name, (pointer, value, start, says)) in names.iter().zip(&operator_cases) {
-        let message = wait_condition(
-            &tb,
-            &ns,
-            name,
-            "Ready",
-            "False",
-            "InvalidSpec",
-            Duration::from_secs(30),
-        )
-        .await;
+        let invalid = Cond::ready_false("InvalidSpec");
+        let message = wait_condition(tb, ns, name, &invalid).await.message;
         assert!(
             message.starts_with(start) && message.contains(says),
             "{pointer} = {value}: {message:?} should start {start:?} and say {says:?}"
         );
-        let (d, reason, _) = condition(&get_pipeline(&tb, &ns, name).await, "Degraded").unwrap();
-        assert_eq!((d.as_str(), reason.as_str()), ("True", "InvalidSpec"));
-        let note = wait_event(&tb, &ns, name, "InvalidSpec").await;
+        let d = condition(&get_pipeline(tb, ns, name).await, "Degraded").unwrap();
+        assert_eq!(
+            (d.status.as_str(), d.reason.as_str()),
+            ("True", "InvalidSpec")
+        );
+        let note = wait_event(tb, ns, name, "InvalidSpec").await;
         assert!(note.starts_with(start), "{note}");
     }
     // More reconciles: still nothing planned, nothing committed, no builder Deployment.
     tokio::time::sleep(Duration::from_secs(3)).await;
     for name in &names {
-        assert!(jobs(&tb, &ns, name).await.is_empty(), "{name} planned jobs");
-        let group = default_consumer_group(&ns, name);
+        assert!(jobs(tb, ns, name).await.is_empty(), "{name} planned jobs");
+        let group = default_consumer_group(ns, name);
         assert!(
-            group_offsets(&tb.kafka_bootstrap, &group, &topic, 1)
+            group_offsets(&tb.kafka_bootstrap, &group, &s.topic, 1)
                 .await
                 .is_empty(),
             "{name} committed"
         );
     }
     let deployments =
-        Api::<k8s_openapi::api::apps::v1::Deployment>::namespaced(tb.client.clone(), &ns)
+        Api::<k8s_openapi::api::apps::v1::Deployment>::namespaced(tb.client.clone(), ns)
             .list(&Default::default())
             .await
             .unwrap();
@@ -349,25 +329,16 @@ async fn invalid_specs_are_rejected_by_the_schema_or_reported_with_the_field() {
     let name = &names[fixed];
     let mut manifest = base(name);
     set(&mut manifest, "/output/compression", json!("zstd"));
-    let (ok, stderr) = kubectl_apply(&ns, &manifest);
+    let (ok, stderr) = kubectl_apply(ns, &manifest);
     assert!(ok, "{stderr}");
-    wait_condition(
-        &tb,
-        &ns,
-        name,
-        "Ready",
-        "True",
-        "Reconciled",
-        Duration::from_secs(30),
-    )
-    .await;
+    wait_condition(tb, ns, name, &Cond::reconciled()).await;
     wait_for(
         "the fixed pipeline's job",
         Duration::from_secs(30),
-        || async { (!jobs(&tb, &ns, name).await.is_empty()).then_some(()) },
+        || async { (!jobs(tb, ns, name).await.is_empty()).then_some(()) },
     )
     .await;
-    wait_event(&tb, &ns, name, "Recovered").await;
+    wait_event(tb, ns, name, "Recovered").await;
 }
 
 /// A pipeline over a topic that does not exist yet is `TopicNotFound` and plans nothing;
@@ -375,69 +346,32 @@ async fn invalid_specs_are_rejected_by_the_schema_or_reported_with_the_field() {
 /// offset exactly once.
 #[tokio::test]
 async fn a_missing_topic_is_reported_until_it_is_created_then_everything_is_written() {
-    let tb = Testbed::get().await;
-    let ns = tb.namespace("late-topic").await;
-    let topic = format!("late-topic-{:08x}", rand::random::<u32>());
-    let blocks = blocks_dir(&tb, "late-topic");
-    apply_pipeline(
-        &tb,
-        &ns,
-        &pipeline(
-            "p",
-            &topic,
-            &tb.kafka_bootstrap,
-            &file_url(&blocks),
-            json!({"maxRecords": 1000}),
-        ),
-    )
-    .await;
-    let _op = spawn_operator(&tb, &ns, "op");
-    let _builders = spawn_builders(&tb, &ns, "p", 2);
+    let mut s = Scenario::new("late-topic")
+        .missing_topic()
+        .jobs(json!({"maxRecords": 1000}))
+        .operator()
+        .builders(2)
+        .start()
+        .await;
+    let topic = s.topic.clone();
 
-    let message = wait_condition(
-        &tb,
-        &ns,
-        "p",
-        "Ready",
-        "False",
-        "TopicNotFound",
-        Duration::from_secs(30),
-    )
-    .await;
+    let message = s.wait(Cond::ready_false("TopicNotFound")).await.message;
     assert_eq!(
         message,
         format!(
             "topic {topic:?} does not exist: create it, or correct spec.kafka.topic (the operator never creates topics)"
         )
     );
-    let note = wait_event(&tb, &ns, "p", "TopicNotFound").await;
+    let note = s.wait_event("TopicNotFound").await;
     assert!(note.contains(&topic), "{note}");
     tokio::time::sleep(Duration::from_secs(3)).await;
-    assert!(jobs(&tb, &ns, "p").await.is_empty(), "nothing planned");
+    assert!(s.jobs().await.is_empty(), "nothing planned");
 
-    blocksmith_e2e::broker::create_topic(&tb.kafka_control, &topic, 2).unwrap();
-    let produced = produce_data(&tb, DataSpec::new(&topic, 2, 6000)).await;
-    wait_condition(
-        &tb,
-        &ns,
-        "p",
-        "Ready",
-        "True",
-        "Reconciled",
-        Duration::from_secs(30),
-    )
-    .await;
-    wait_event(&tb, &ns, "p", "Recovered").await;
-    let group = default_consumer_group(&ns, "p");
-    wait_committed_then_audit(
-        &tb,
-        &group,
-        &topic,
-        &blocks,
-        &produced,
-        Duration::from_secs(180),
-    )
-    .await;
+    blocksmith_e2e::broker::create_topic(&s.tb.kafka_control, &topic, 2).unwrap();
+    s.produced = produce_data(&s.tb, DataSpec::new(&topic, 2, 6000)).await;
+    s.wait(Cond::reconciled()).await;
+    s.wait_event("Recovered").await;
+    s.wait_committed_then_audit(Duration::from_secs(180)).await;
 }
 
 /// librdkafka's mock cluster cannot add partitions to an existing topic (no CreatePartitions
@@ -447,63 +381,41 @@ async fn a_missing_topic_is_reported_until_it_is_created_then_everything_is_writ
 /// start and every offset of every partition is written exactly once.
 #[tokio::test]
 async fn partitions_added_to_the_pipeline_mid_run_are_written_exactly_once() {
-    let tb = Testbed::get().await;
-    let ns = tb.namespace("more-parts").await;
-    let topic = tb.topic("more-parts", 4);
-    let mut produced = produce_data(
-        &tb,
-        DataSpec {
-            value_sizes: ValueSizes::Fixed(100),
-            ..DataSpec::new(&topic, 4, 16_000)
-        },
-    )
-    .await;
-    let blocks = blocks_dir(&tb, "more-parts");
-    let mut bp = pipeline(
-        "p",
-        &topic,
-        &tb.kafka_bootstrap,
-        &file_url(&blocks),
-        json!({"maxRecords": 500, "maxInFlightPerPartition": 2}),
-    );
-    bp.spec.kafka.partitions = Some(vec![0, 1, 7]);
-    apply_pipeline(&tb, &ns, &bp).await;
-    let _op = spawn_operator(&tb, &ns, "op");
-    let message = wait_condition(
-        &tb,
-        &ns,
-        "p",
-        "Ready",
-        "False",
-        "TopicNotFound",
-        Duration::from_secs(30),
-    )
-    .await;
+    let mut s = Scenario::new("more-parts")
+        .partitions(4)
+        .records(16_000)
+        .value_size(100)
+        .jobs(json!({"maxRecords": 500, "maxInFlightPerPartition": 2}))
+        .pipeline(|bp| bp.spec.kafka.partitions = Some(vec![0, 1, 7]))
+        .operator()
+        .start()
+        .await;
+    let (tb, topic, mut bp) = (s.tb.clone(), s.topic.clone(), s.bp.clone());
+    let message = s.wait(Cond::ready_false("TopicNotFound")).await.message;
     assert_eq!(
         message,
         format!(
             "partitions [7] are not in topic {topic:?} (it has 4): correct spec.kafka.partitions"
         )
     );
-    assert!(jobs(&tb, &ns, "p").await.is_empty(), "nothing planned");
+    assert!(s.jobs().await.is_empty(), "nothing planned");
 
     bp.spec.kafka.partitions = Some(vec![0, 1]);
-    apply_pipeline(&tb, &ns, &bp).await;
-    let _builders = spawn_builders(&tb, &ns, "p", 2);
-    let group = default_consumer_group(&ns, "p");
+    s.apply(&bp).await;
+    let _builders = s.spawn_builders(2);
     // Mid-run: once the first blocks of partitions 0 and 1 are committed.
     wait_for("first commits", Duration::from_secs(60), || async {
-        let c = group_offsets(&tb.kafka_bootstrap, &group, &topic, 4).await;
+        let c = s.committed().await;
         (c.get(&0).is_some_and(|o| *o > 0) && c.get(&1).is_some_and(|o| *o > 0)).then_some(())
     })
     .await;
-    let before = group_offsets(&tb.kafka_bootstrap, &group, &topic, 4).await;
+    let before = s.committed().await;
     assert!(
         !before.contains_key(&2) && !before.contains_key(&3),
         "partitions outside the list untouched: {before:?}"
     );
     bp.spec.kafka.partitions = Some(vec![0, 1, 2, 3]);
-    apply_pipeline(&tb, &ns, &bp).await;
+    s.apply(&bp).await;
     // And more data to every partition while it runs.
     let more = produce_data(
         &tb,
@@ -514,19 +426,11 @@ async fn partitions_added_to_the_pipeline_mid_run_are_written_exactly_once() {
         },
     )
     .await;
-    produced.records.extend(more.records);
-    produced.partitions = more.partitions;
+    s.produced.records.extend(more.records);
+    s.produced.partitions = more.partitions;
 
-    wait_committed_then_audit(
-        &tb,
-        &group,
-        &topic,
-        &blocks,
-        &produced,
-        Duration::from_secs(240),
-    )
-    .await;
-    let planned = jobs(&tb, &ns, "p").await;
+    s.wait_committed_then_audit(Duration::from_secs(240)).await;
+    let planned = s.jobs().await;
     for p in [2, 3] {
         let first = planned
             .iter()
@@ -544,80 +448,57 @@ async fn partitions_added_to_the_pipeline_mid_run_are_written_exactly_once() {
 /// every remaining offset exactly once.
 #[tokio::test]
 async fn a_commit_below_the_low_watermark_stops_until_skipping_is_allowed() {
-    let tb = Testbed::get().await;
-    let ns = tb.namespace("retention").await;
-    let topic = tb.topic("retention", 1);
     // The mock broker keeps 5 MiB per partition: ~10 MiB pushes the low watermark up.
-    let mut produced = produce_data(
-        &tb,
-        DataSpec {
-            value_sizes: ValueSizes::Fixed(200),
-            ..DataSpec::new(&topic, 1, 45_000)
-        },
-    )
-    .await;
+    let mut s = Scenario::new("retention")
+        .records(45_000)
+        .value_size(200)
+        .jobs(json!({"maxRecords": 5000}))
+        .unapplied()
+        .start()
+        .await;
+    let (tb, group, topic) = (s.tb.clone(), s.group.clone(), s.topic.clone());
     let (low, high) = {
         let (b, t) = (tb.kafka_bootstrap.clone(), topic.clone());
         tokio::task::spawn_blocking(move || watermarks(&b, &t, 0))
             .await
             .unwrap()
     };
-    assert_eq!(high, produced.partitions[&0].1);
+    assert_eq!(high, s.produced.partitions[&0].1);
     assert!(
         low > 0 && low < high,
         "the broker should have deleted the oldest records: [{low}, {high})"
     );
-    let group = default_consumer_group(&ns, "p");
     {
         let (b, g, t) = (tb.kafka_bootstrap.clone(), group.clone(), topic.clone());
         tokio::task::spawn_blocking(move || commit_offsets(&b, &g, &t, &BTreeMap::from([(0, 0)])))
             .await
             .unwrap();
     }
-    assert_eq!(
-        group_offsets(&tb.kafka_bootstrap, &group, &topic, 1).await,
-        BTreeMap::from([(0, 0)])
-    );
+    assert_eq!(s.committed().await, BTreeMap::from([(0, 0)]));
 
-    let blocks = blocks_dir(&tb, "retention");
-    let mut bp = pipeline(
-        "p",
-        &topic,
-        &tb.kafka_bootstrap,
-        &file_url(&blocks),
-        json!({"maxRecords": 5000}),
-    );
-    apply_pipeline(&tb, &ns, &bp).await;
-    let _op = spawn_operator(&tb, &ns, "op");
-    let _builders = spawn_builders(&tb, &ns, "p", 2);
-    let message = wait_condition(
-        &tb,
-        &ns,
-        "p",
-        "Ready",
-        "False",
-        "OffsetOutOfRange",
-        Duration::from_secs(30),
-    )
-    .await;
+    let mut bp = s.bp.clone();
+    s.apply(&bp).await;
+    let _op = s.spawn_operator("op");
+    let _builders = s.spawn_builders(2);
+    let message = s.wait(Cond::ready_false("OffsetOutOfRange")).await.message;
     assert_eq!(
         message,
         format!(
             "partition 0: committed offset 0 is below the low watermark {low}: records [0, {low}) were deleted by retention before they were written to a block. Set spec.kafka.skipMissingData: true to continue from {low}, accepting the loss"
         )
     );
-    wait_event(&tb, &ns, "p", "OffsetOutOfRange").await;
+    s.wait_event("OffsetOutOfRange").await;
     tokio::time::sleep(Duration::from_secs(3)).await;
-    assert!(jobs(&tb, &ns, "p").await.is_empty(), "nothing planned");
+    assert!(s.jobs().await.is_empty(), "nothing planned");
     assert_eq!(
-        group_offsets(&tb.kafka_bootstrap, &group, &topic, 1).await,
+        s.committed().await,
         BTreeMap::from([(0, 0)]),
         "the commit did not move"
     );
 
     bp.spec.kafka.skip_missing_data = true;
-    apply_pipeline(&tb, &ns, &bp).await;
-    let note = wait_event(&tb, &ns, "p", "SkippedMissingData").await;
+    s.apply(&bp).await;
+    let note = s.wait_event("SkippedMissingData").await;
     assert_eq!(
         note,
         format!(
@@ -632,21 +513,12 @@ async fn a_commit_below_the_low_watermark_stops_until_skipping_is_allowed() {
         Duration::from_secs(180),
     )
     .await;
-    wait_condition(
-        &tb,
-        &ns,
-        "p",
-        "Ready",
-        "True",
-        "Reconciled",
-        Duration::from_secs(30),
-    )
-    .await;
+    s.wait(Cond::reconciled()).await;
     // Exactly the records the broker still had: [low, high), each once.
-    produced.records.retain(|r| r.offset >= low);
-    assert_eq!(produced.total() as i64, high - low);
-    audit_exact(&tb, &blocks, &produced, &commits);
-    let skipped = pipeline_events(&tb, &ns, "p")
+    s.produced.records.retain(|r| r.offset >= low);
+    assert_eq!(s.produced.total() as i64, high - low);
+    audit_exact(&tb, &s.blocks, &s.produced, &commits);
+    let skipped = pipeline_events(&tb, &s.ns, "p")
         .await
         .into_iter()
         .filter(|e| e.1 == "SkippedMissingData")
@@ -662,40 +534,25 @@ async fn a_commit_below_the_low_watermark_stops_until_skipping_is_allowed() {
 /// corrected spec recovers and everything is written exactly once.
 #[tokio::test]
 async fn kafka_credentials_problems_name_the_secret_and_recover_once_fixed() {
-    let tb = Testbed::get().await;
-    let ns = tb.namespace("kafka-creds").await;
-    let topic = tb.topic("kafka-creds", 2);
-    let produced = produce_data(&tb, DataSpec::new(&topic, 2, 4000)).await;
-    let blocks = blocks_dir(&tb, "kafka-creds");
-    let mut bp = pipeline(
-        "p",
-        &topic,
-        &tb.kafka_bootstrap,
-        &file_url(&blocks),
-        json!({}),
-    );
-    bp.spec.kafka.security_protocol = SecurityProtocol::SaslPlaintext;
-    bp.spec.kafka.sasl = Some(serde_json::from_value(sasl_refs("kafka-creds")).unwrap());
-    apply_pipeline(&tb, &ns, &bp).await;
-    let _op = spawn_operator(&tb, &ns, "op");
-    let group = default_consumer_group(&ns, "p");
+    let s = Scenario::new("kafka-creds")
+        .partitions(2)
+        .records(4000)
+        .pipeline(|bp| {
+            bp.spec.kafka.security_protocol = SecurityProtocol::SaslPlaintext;
+            bp.spec.kafka.sasl = Some(serde_json::from_value(sasl_refs("kafka-creds")).unwrap());
+        })
+        .operator()
+        .start()
+        .await;
+    let mut bp = s.bp.clone();
 
-    let message = wait_condition(
-        &tb,
-        &ns,
-        "p",
-        "Ready",
-        "False",
-        "SecretNotFound",
-        Duration::from_secs(30),
-    )
-    .await;
+    let message = s.wait(Cond::ready_false("SecretNotFound")).await.message;
     assert_eq!(
         message,
         r#"spec.kafka.sasl.usernameSecretRef: secret "kafka-creds" not found"#
     );
 
-    let secrets: Api<Secret> = Api::namespaced(tb.client.clone(), &ns);
+    let secrets: Api<Secret> = Api::namespaced(s.tb.client.clone(), &s.ns);
     let mut secret: Secret = serde_json::from_value(json!({
         "metadata": {"name": "kafka-creds"},
         "data": {"username": "YmxvY2tzbWl0aA=="},
@@ -705,15 +562,10 @@ async fn kafka_credentials_problems_name_the_secret_and_recover_once_fixed() {
         .create(&PostParams::default(), &secret)
         .await
         .unwrap();
-    let message = wait_for(
-        "the missing key reported",
-        Duration::from_secs(30),
-        || async {
-            let (_, reason, m) = condition(&get_pipeline(&tb, &ns, "p").await, "Ready")?;
-            (reason == "SecretNotFound" && m.contains("passwordSecretRef")).then_some(m)
-        },
-    )
-    .await;
+    let missing_key = Cond::new("Ready")
+        .reason("SecretNotFound")
+        .message_contains("passwordSecretRef");
+    let message = s.wait(missing_key).await.message;
     assert_eq!(
         message,
         r#"spec.kafka.sasl.passwordSecretRef: secret "kafka-creds" has no key "password""#
@@ -731,55 +583,28 @@ async fn kafka_credentials_problems_name_the_secret_and_recover_once_fixed() {
         )
         .await
         .unwrap();
-    let message = wait_condition(
-        &tb,
-        &ns,
-        "p",
-        "Ready",
-        "False",
-        "KafkaAuthenticationFailed",
-        Duration::from_secs(60),
-    )
-    .await;
-    for want in [
-        "authentication to Kafka failed: ",
-        "SASL",
-        "Check spec.kafka.securityProtocol and spec.kafka.sasl",
-        r#"the credentials in secret "kafka-creds" (keys "username", "password")"#,
-    ] {
-        assert!(message.contains(want), "{want:?} not in {message:?}");
-    }
-    wait_event(&tb, &ns, "p", "KafkaAuthenticationFailed").await;
-    assert!(jobs(&tb, &ns, "p").await.is_empty(), "nothing planned");
-    assert!(
-        group_offsets(&tb.kafka_bootstrap, &group, &topic, 2)
-            .await
-            .is_empty(),
-        "nothing committed"
+    let auth_failed =
+        Cond::ready_false("KafkaAuthenticationFailed").within(Duration::from_secs(60));
+    let message = s.wait(auth_failed).await.message;
+    assert_says(
+        &message,
+        &[
+            "authentication to Kafka failed: ",
+            "SASL",
+            "Check spec.kafka.securityProtocol and spec.kafka.sasl",
+            r#"the credentials in secret "kafka-creds" (keys "username", "password")"#,
+        ],
     );
+    s.wait_event("KafkaAuthenticationFailed").await;
+    assert!(s.jobs().await.is_empty(), "nothing planned");
+    assert!(s.committed().await.is_empty(), "nothing committed");
 
     // The fix: this listener is plaintext.
     bp.spec.kafka.security_protocol = SecurityProtocol::Plaintext;
     bp.spec.kafka.sasl = None;
-    apply_pipeline(&tb, &ns, &bp).await;
-    let _builders = spawn_builders(&tb, &ns, "p", 2);
-    wait_condition(
-        &tb,
-        &ns,
-        "p",
-        "Ready",
-        "True",
-        "Reconciled",
-        Duration::from_secs(60),
-    )
-    .await;
-    wait_committed_then_audit(
-        &tb,
-        &group,
-        &topic,
-        &blocks,
-        &produced,
-        Duration::from_secs(180),
-    )
-    .await;
+    s.apply(&bp).await;
+    let _builders = s.spawn_builders(2);
+    s.wait(Cond::reconciled().within(Duration::from_secs(60)))
+        .await;
+    s.wait_committed_then_audit(Duration::from_secs(180)).await;
 }

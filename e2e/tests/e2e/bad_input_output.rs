@@ -13,7 +13,6 @@ use std::time::{Duration, Instant};
 
 use blocksmith_crds::domain::{default_consumer_group, job_name};
 use blocksmith_crds::{BlockJob, BlockPipeline, JobPhase};
-use blocksmith_e2e::Testbed;
 use blocksmith_e2e::broker::PrivateBroker;
 use blocksmith_e2e::datagen::{DataSpec, Produced, ValueSizes};
 use blocksmith_e2e::process::Proc;
@@ -58,13 +57,6 @@ fn fixed(topic: &str, partitions: i32, records: u64, size: usize, seed: u64) -> 
     }
 }
 
-fn message(j: &BlockJob) -> String {
-    j.status
-        .as_ref()
-        .and_then(|s| s.message.clone())
-        .unwrap_or_default()
-}
-
 /// What a user sees of jobs failed for good: `Degraded/JobFailed` naming `mentions` and the
 /// offset the commit is held at, and a Warning `JobFailed` Event naming `event_mentions`.
 async fn assert_job_failure_reported(
@@ -74,16 +66,8 @@ async fn assert_job_failure_reported(
     held_at: i64,
     event_mentions: &str,
 ) {
-    let degraded = wait_condition(
-        tb,
-        ns,
-        "p",
-        "Degraded",
-        "True",
-        "JobFailed",
-        Duration::from_secs(30),
-    )
-    .await;
+    let job_failed = Cond::new("Degraded").status("True").reason("JobFailed");
+    let degraded = wait_condition(tb, ns, "p", &job_failed).await.message;
     assert!(
         degraded.contains(mentions) && degraded.contains(&format!("held at offset {held_at}")),
         "{degraded}"
@@ -127,24 +111,6 @@ async fn delete_failed(tb: &Testbed, ns: &str) -> Vec<String> {
     deleted
 }
 
-/// Every file under `dir`, relative to it.
-fn files(dir: &Path) -> Vec<PathBuf> {
-    let mut out = Vec::new();
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
-            let path = e.path();
-            if path.is_dir() {
-                stack.push(path);
-            } else {
-                out.push(path.strip_prefix(dir).unwrap().to_path_buf());
-            }
-        }
-    }
-    out.sort();
-    out
-}
-
 /// Every manifest under `dir` has its data object beside it (the audit checks the sha256
 /// of each data object against its manifest).
 fn assert_manifests_have_data(dir: &Path) {
@@ -163,11 +129,11 @@ async fn spawn_builder_with_secret(tb: &Testbed, ns: &str, id: &str, secret: &st
         .get(secret)
         .await
         .expect("secret");
-    let mut cmd = builder_command(tb, ns, "p", id);
-    for (k, v) in s.data.unwrap_or_default() {
-        cmd.env(k, String::from_utf8(v.0).unwrap());
-    }
-    tb.spawn(&format!("{ns}-{id}"), cmd)
+    spawn_builder_with(tb, ns, "p", id, |cmd| {
+        for (k, v) in s.data.unwrap_or_default() {
+            cmd.env(k, String::from_utf8(v.0).unwrap());
+        }
+    })
 }
 
 async fn apply_secret(tb: &Testbed, ns: &str, name: &str, data: Value) {
@@ -197,19 +163,24 @@ fn error_lines(log: &str) -> Vec<&str> {
 async fn wrong_object_store_credentials_fail_the_jobs_hold_the_commit_and_a_fix_writes_everything_once()
  {
     let tb = Testbed::get().await;
-    let ns = tb.namespace("bio-creds").await;
-    let group = default_consumer_group(&ns, "p");
-    let topic = tb.topic("bio-creds", 2);
-    let produced = produce_data(&tb, fixed(&topic, 2, 2000, 100, 1)).await;
-
     // A private S3 server with the testbed's credentials; the pipeline's Secret has the
     // right access key but a wrong secret key.
-    let root = tb
-        .dir
-        .join(format!("s3-creds-{:08x}", rand::random::<u32>()));
-    std::fs::create_dir_all(root.join("blocksmith")).unwrap();
-    let port = free_port();
-    let _s3 = spawn_s3(&tb, &format!("{ns}-s3"), &root, port);
+    let server = PrivateS3::spawn(&tb, "bio-creds");
+    let port = server.port;
+    let s = Scenario::new("bio-creds")
+        .partitions(2)
+        .records(2000)
+        .value_size(100)
+        .output("s3://blocksmith/creds")
+        .jobs(json!({"maxRecords": 500, "backoffLimit": 2}))
+        .pipeline(|bp| {
+            let secret = json!({"name": "s3"});
+            bp.spec.output.credentials_secret_ref = Some(serde_json::from_value(secret).unwrap());
+        })
+        .unapplied()
+        .start()
+        .await;
+    let (tb, ns, root) = (&s.tb, &s.ns, &server.root);
     let access_key = std::env::var("AWS_ACCESS_KEY_ID").unwrap();
     let secret_key = std::env::var("AWS_SECRET_ACCESS_KEY").unwrap();
     let creds = |secret: &str| {
@@ -220,24 +191,14 @@ async fn wrong_object_store_credentials_fail_the_jobs_hold_the_commit_and_a_fix_
             "AWS_ALLOW_HTTP": "true",
         })
     };
-    apply_secret(&tb, &ns, "s3", creds("not-the-secret-key")).await;
-    let bp = with_output(
-        pipeline(
-            "p",
-            &topic,
-            &tb.kafka_bootstrap,
-            "s3://blocksmith/creds",
-            json!({"maxRecords": 500, "backoffLimit": 2}),
-        ),
-        json!({"credentialsSecretRef": {"name": "s3"}}),
-    );
-    apply_pipeline(&tb, &ns, &bp).await;
-    let _op = spawn_operator(&tb, &ns, "op");
-    let mut builder = spawn_builder_with_secret(&tb, &ns, "b1", "s3").await;
+    apply_secret(tb, ns, "s3", creds("not-the-secret-key")).await;
+    s.apply(&s.bp).await;
+    let _op = s.spawn_operator("op");
+    let mut builder = spawn_builder_with_secret(tb, ns, "b1", "s3").await;
 
-    let failed = wait_all_failed(&tb, &ns, 4, 2).await;
+    let failed = wait_all_failed(tb, ns, 4, 2).await;
     for j in &failed {
-        let m = message(j);
+        let m = job_message(j);
         assert!(
             m.contains("s3://blocksmith/creds/")
                 && m.contains("check the object-storage credentials")
@@ -245,17 +206,17 @@ async fn wrong_object_store_credentials_fail_the_jobs_hold_the_commit_and_a_fix_
             "{m}"
         );
     }
-    println!("job message: {}", message(&failed[0]));
+    println!("job message: {}", job_message(&failed[0]));
     assert_job_failure_reported(
-        &tb,
-        &ns,
+        tb,
+        ns,
         "check the object-storage credentials",
         0,
         "credentials",
     )
     .await;
     assert_eq!(
-        group_offsets(&tb.kafka_bootstrap, &group, &topic, 2).await,
+        s.committed().await,
         BTreeMap::from([(0, 0), (1, 0)]),
         "the commit holds at the failed jobs"
     );
@@ -266,30 +227,20 @@ async fn wrong_object_store_credentials_fail_the_jobs_hold_the_commit_and_a_fix_
 
     // The fix: correct the Secret, restart the builders (they read it at start-up), delete
     // the failed jobs.
-    apply_secret(&tb, &ns, "s3", creds(&secret_key)).await;
+    apply_secret(tb, ns, "s3", creds(&secret_key)).await;
     let status = builder.terminate(Duration::from_secs(15)).expect("exits");
     assert!(status.success(), "{status:?}");
-    let _builder = spawn_builder_with_secret(&tb, &ns, "b2", "s3").await;
-    assert_eq!(delete_failed(&tb, &ns).await.len(), 4);
-    wait_committed_then_audit(
-        &tb,
-        &group,
-        &topic,
-        &root.join("blocksmith").join("creds"),
-        &produced,
-        Duration::from_secs(120),
-    )
-    .await;
+    let _builder = spawn_builder_with_secret(tb, ns, "b2", "s3").await;
+    assert_eq!(delete_failed(tb, ns).await.len(), 4);
+    s.wait_committed_then_audit_in(&server.dir("creds"), Duration::from_secs(120))
+        .await;
     assert!(
-        jobs(&tb, &ns, "p")
+        s.jobs()
             .await
             .iter()
             .all(|j| j.phase() == JobPhase::Succeeded && j.attempt() == 1)
     );
-    wait_for("Degraded cleared", Duration::from_secs(30), || async {
-        (condition(&get_pipeline(&tb, &ns, "p").await, "Degraded")?.0 == "False").then_some(())
-    })
-    .await;
+    s.wait(Cond::new("Degraded").status("False")).await;
 }
 
 /// The file-system twin of a missing bucket. (The testbed's S3 server, s3s-fs, creates a
@@ -300,43 +251,36 @@ async fn wrong_object_store_credentials_fail_the_jobs_hold_the_commit_and_a_fix_
 #[tokio::test]
 async fn a_missing_output_location_fails_the_jobs_naming_it_and_creating_it_then_retrying_writes_everything_once()
  {
-    let tb = Testbed::get().await;
-    let ns = tb.namespace("bio-missing").await;
-    let group = default_consumer_group(&ns, "p");
-    let topic = tb.topic("bio-missing", 2);
-    let produced = produce_data(&tb, fixed(&topic, 2, 2000, 100, 1)).await;
-    let location = tb
+    let location = Testbed::get()
+        .await
         .dir
         .join("blocks")
         .join(format!("not-mounted-{:08x}", rand::random::<u32>()));
-    apply_pipeline(
-        &tb,
-        &ns,
-        &pipeline(
-            "p",
-            &topic,
-            &tb.kafka_bootstrap,
-            &format!("file://{}", location.display()),
-            json!({"maxRecords": 500, "backoffLimit": 2}),
-        ),
-    )
-    .await;
-    let _op = spawn_operator(&tb, &ns, "op");
-    let _builder = spawn_builder(&tb, &ns, "p", "b");
+    let s = Scenario::new("bio-missing")
+        .partitions(2)
+        .records(2000)
+        .value_size(100)
+        .output(&file_url(&location))
+        .jobs(json!({"maxRecords": 500, "backoffLimit": 2}))
+        .operator()
+        .builders(1)
+        .start()
+        .await;
+    let (tb, ns) = (&s.tb, &s.ns);
 
-    let failed = wait_all_failed(&tb, &ns, 4, 2).await;
+    let failed = wait_all_failed(tb, ns, 4, 2).await;
     let named = format!("{} does not exist", location.display());
     for j in &failed {
-        let m = message(j);
+        let m = job_message(j);
         assert!(
             m.contains(&named) && m.contains("create it") && m.contains("delete the failed jobs"),
             "{m}"
         );
     }
-    println!("job message: {}", message(&failed[0]));
-    assert_job_failure_reported(&tb, &ns, &named, 0, &named).await;
+    println!("job message: {}", job_message(&failed[0]));
+    assert_job_failure_reported(tb, ns, &named, 0, &named).await;
     assert_eq!(
-        group_offsets(&tb.kafka_bootstrap, &group, &topic, 2).await,
+        s.committed().await,
         BTreeMap::from([(0, 0), (1, 0)]),
         "the commit holds at the failed jobs"
     );
@@ -344,58 +288,45 @@ async fn a_missing_output_location_fails_the_jobs_naming_it_and_creating_it_then
 
     // The fix: create it, delete the failed jobs.
     std::fs::create_dir_all(&location).unwrap();
-    assert_eq!(delete_failed(&tb, &ns).await.len(), 4);
-    wait_committed_then_audit(
-        &tb,
-        &group,
-        &topic,
-        &location,
-        &produced,
-        Duration::from_secs(120),
-    )
-    .await;
+    assert_eq!(delete_failed(tb, ns).await.len(), 4);
+    s.wait_committed_then_audit_in(&location, Duration::from_secs(120))
+        .await;
 }
 
 #[tokio::test]
 async fn a_record_over_max_record_bytes_fails_its_job_writes_nothing_and_a_raised_limit_writes_it_once()
  {
-    let tb = Testbed::get().await;
-    let ns = tb.namespace("bio-big").await;
-    let group = default_consumer_group(&ns, "p");
-    let topic = tb.topic("bio-big", 1);
+    let mut s = Scenario::new("bio-big")
+        .jobs(json!({"maxRecords": 1000, "backoffLimit": 2}))
+        .unapplied()
+        .start()
+        .await;
+    let (tb, topic) = (s.tb.clone(), s.topic.clone());
     // Offsets [0, 1500) and [1501, 3000) of ~100 bytes, offset 1500 of over 5000 bytes.
     let small = produce_data(&tb, fixed(&topic, 1, 1500, 100, 1)).await;
     let big = produce_data(&tb, fixed(&topic, 1, 1, 5000, 2)).await;
     let rest = produce_data(&tb, fixed(&topic, 1, 1499, 100, 3)).await;
     assert_eq!(big.records[0].offset, 1500);
-    let produced = merge(merge(small, big), rest);
-    let blocks = blocks_dir(&tb, "big");
-    let url = format!("file://{}", blocks.display());
+    s.produced = merge(merge(small, big), rest);
     let bp = |limit: i64| {
-        with_output(
-            pipeline(
-                "p",
-                &topic,
-                &tb.kafka_bootstrap,
-                &url,
-                json!({"maxRecords": 1000, "backoffLimit": 2}),
-            ),
-            json!({"maxRecordBytes": limit}),
-        )
+        let mut bp = s.bp.clone();
+        bp.spec.output.max_record_bytes = Some(limit);
+        bp
     };
-    apply_pipeline(&tb, &ns, &bp(1000)).await;
-    let _op = spawn_operator(&tb, &ns, "op");
-    let _builder = spawn_builder(&tb, &ns, "p", "b");
+    s.apply(&bp(1000)).await;
+    let _op = s.spawn_operator("op");
+    let _builder = s.spawn_builder("b");
+    let (ns, blocks) = (&s.ns, &s.blocks);
 
     let bad = job_name("p", 0, 1000);
     let failed = wait_for("the job Failed", Duration::from_secs(120), || async {
-        jobs(&tb, &ns, "p")
+        s.jobs()
             .await
             .into_iter()
             .find(|j| j.metadata.name.as_deref() == Some(&bad) && exhausted(j, 2))
     })
     .await;
-    let m = message(&failed);
+    let m = job_message(&failed);
     let expected = format!(
         "record at partition 0 offset 1500 is {} bytes, over spec.output.maxRecordBytes \
          (1000); raise the limit and delete job {bad} to retry",
@@ -403,10 +334,10 @@ async fn a_record_over_max_record_bytes_fails_its_job_writes_nothing_and_a_raise
     );
     assert!(m.contains(&expected), "{m}");
     assert!(failed_record_bytes(&m) >= 5000, "{m}");
-    assert_job_failure_reported(&tb, &ns, &expected, 1000, "maxRecordBytes").await;
+    assert_job_failure_reported(&tb, ns, &expected, 1000, "maxRecordBytes").await;
     // The jobs around it succeed; the commit holds at the failed job's start.
     wait_for("the other jobs", Duration::from_secs(60), || async {
-        let js = jobs(&tb, &ns, "p").await;
+        let js = s.jobs().await;
         (js.iter()
             .filter(|j| j.phase() == JobPhase::Succeeded)
             .count()
@@ -415,12 +346,9 @@ async fn a_record_over_max_record_bytes_fails_its_job_writes_nothing_and_a_raise
     })
     .await;
     tokio::time::sleep(Duration::from_secs(3)).await;
-    assert_eq!(
-        group_offsets(&tb.kafka_bootstrap, &group, &topic, 1).await,
-        BTreeMap::from([(0, 1000)])
-    );
+    assert_eq!(s.committed().await, BTreeMap::from([(0, 1000)]));
     // No partial block: nothing at all for the failed range.
-    let written = files(&blocks);
+    let written = files(blocks);
     assert_eq!(
         written.len(),
         4,
@@ -434,33 +362,26 @@ async fn a_record_over_max_record_bytes_fails_its_job_writes_nothing_and_a_raise
     );
 
     // Raise the limit, delete the job: re-created under the new limit, written once.
-    apply_pipeline(&tb, &ns, &bp(8192)).await;
-    wait_for("the new spec observed", Duration::from_secs(30), || async {
-        let bp = get_pipeline(&tb, &ns, "p").await;
-        (bp.status?.observed_generation == bp.metadata.generation).then_some(())
-    })
-    .await;
-    assert_eq!(delete_failed(&tb, &ns).await, vec![bad.clone()]);
-    wait_committed_then_audit(
-        &tb,
-        &group,
-        &topic,
-        &blocks,
-        &produced,
-        Duration::from_secs(120),
-    )
-    .await;
-    let retried = jobs(&tb, &ns, "p")
-        .await
-        .into_iter()
-        .find(|j| j.metadata.name.as_deref() == Some(&bad))
-        .unwrap();
+    s.apply(&bp(8192)).await;
+    wait_observed(&s).await;
+    assert_eq!(delete_failed(&tb, ns).await, vec![bad.clone()]);
+    s.wait_committed_then_audit(Duration::from_secs(120)).await;
+    let retried = s.job(&Some(bad)).await.unwrap();
     assert_eq!(
         (retried.spec.start_offset, retried.spec.end_offset),
         (1000, 2000)
     );
     assert_eq!(retried.spec.output.max_record_bytes, Some(8192));
     assert_eq!(retried.attempt(), 1);
+}
+
+/// Waits until the operator has seen the pipeline's current spec.
+async fn wait_observed(s: &Run) {
+    wait_for("the new spec observed", Duration::from_secs(30), || async {
+        let bp = s.get().await;
+        (bp.status?.observed_generation == bp.metadata.generation).then_some(())
+    })
+    .await;
 }
 
 /// The size a `record ... is N bytes` message reports.
@@ -475,39 +396,38 @@ fn failed_record_bytes(message: &str) -> u64 {
 
 #[tokio::test]
 async fn deleting_a_pipeline_mid_run_collects_its_jobs_and_leaves_builders_idle_and_blocks_whole() {
-    let shared = Testbed::get().await;
-    let ns = shared.namespace("bio-delete").await;
     // A broker of its own, slowed to a 300 ms round trip while b0 is caught in a job: jobs
     // then take seconds instead of milliseconds.
-    let broker = PrivateBroker::spawn(&shared, &ns);
-    let tb = broker.testbed(&shared);
-    let group = default_consumer_group(&ns, "p");
-    let topic = tb.topic("bio-delete", 4);
-    let produced = produce_data(&tb, fixed(&topic, 4, 8_000, 200, 1)).await;
-    let blocks = blocks_dir(&tb, "delete");
-    apply_pipeline(
-        &tb,
-        &ns,
-        &pipeline(
-            "p",
-            &topic,
-            &tb.kafka_bootstrap,
-            &format!("file://{}", blocks.display()),
-            json!({"maxRecords": 1000, "leaseDurationSeconds": 120}),
-        ),
-    )
-    .await;
-    let mut op = spawn_operator(&tb, &ns, "op");
-    broker.set_round_trip_time(Duration::from_millis(300));
-    let mut builders = spawn_builders(&tb, &ns, "p", 2);
+    let mut s = Scenario::new("bio-delete")
+        .private_broker()
+        .partitions(4)
+        .records(8_000)
+        .value_size(200)
+        .jobs(json!({"maxRecords": 1000, "leaseDurationSeconds": 120}))
+        .operator()
+        .start()
+        .await;
+    s.broker().set_round_trip_time(Duration::from_millis(300));
+    s.builders = s.spawn_builders(2);
     // The pipeline is deleted under b0's job in progress, after b1 built and committed some.
-    freeze_in_a_job(&tb, &ns, "p", &builders[0], "b0").await;
-    broker.set_round_trip_time(Duration::ZERO);
+    freeze_in_a_job(&s.tb, &s.ns, "p", &s.builders[0], "b0").await;
+    s.broker().set_round_trip_time(Duration::ZERO);
     wait_for("a first commit", Duration::from_secs(90), || async {
-        let committed = group_offsets(&tb.kafka_bootstrap, &group, &topic, 4).await;
-        committed.values().any(|&o| o > 0).then_some(())
+        s.committed().await.values().any(|&o| o > 0).then_some(())
     })
     .await;
+    let Run {
+        tb,
+        ns,
+        topic,
+        group,
+        blocks,
+        produced,
+        operator,
+        mut builders,
+        ..
+    } = s;
+    let mut op = operator.unwrap();
     let op_log_at = op.proc.log_text().len();
     let logs_at: Vec<usize> = builders.iter().map(|b| b.log_text().len()).collect();
 
@@ -572,11 +492,7 @@ async fn deleting_a_pipeline_mid_run_collects_its_jobs_and_leaves_builders_idle_
     // Whatever was written is whole: every manifest has its data with the same sha256, no
     // offset twice, and the committed prefix complete.
     assert_manifests_have_data(&blocks);
-    let csv = tb
-        .dir
-        .join(format!("expected-{:08x}.csv", rand::random::<u32>()));
-    produced.write_csv(&csv).unwrap();
-    let (report, exact) = audit(&tb, &blocks, &csv, Some(&group_at));
+    let (report, exact) = audit_produced(&tb, &blocks, &produced, Some(&group_at));
     println!("audit after deletion: {report} (committed {group_at:?})");
     assert!(exact, "{report}");
     assert_eq!(report["duplicated"], 0, "{report}");
@@ -585,31 +501,29 @@ async fn deleting_a_pipeline_mid_run_collects_its_jobs_and_leaves_builders_idle_
 
 #[tokio::test]
 async fn changing_max_records_compression_and_url_mid_run_applies_to_new_jobs_only() {
-    let tb = Testbed::get().await;
-    let ns = tb.namespace("bio-change").await;
-    let group = default_consumer_group(&ns, "p");
-    let topic = tb.topic("bio-change", 2);
-    let first = produce_data(&tb, fixed(&topic, 2, 20_000, 100, 1)).await;
-    let blocks = blocks_dir(&tb, "change");
+    let mut s = Scenario::new("bio-change")
+        .partitions(2)
+        .records(20_000)
+        .value_size(100)
+        .jobs(json!({"maxRecords": 500}))
+        .unapplied()
+        .start()
+        .await;
+    let (tb, blocks) = (s.tb.clone(), s.blocks.clone());
     std::fs::create_dir_all(blocks.join("a")).unwrap();
     std::fs::create_dir_all(blocks.join("b")).unwrap();
-    let url_a = format!("file://{}", blocks.join("a").display());
-    let url_b = format!("file://{}", blocks.join("b").display());
-    let before = pipeline(
-        "p",
-        &topic,
-        &tb.kafka_bootstrap,
-        &url_a,
-        json!({"maxRecords": 500}),
-    );
-    apply_pipeline(&tb, &ns, &before).await;
-    let _op = spawn_operator(&tb, &ns, "op");
-    let _builder = spawn_builder(&tb, &ns, "p", "b");
+    let url_a = file_url(&blocks.join("a"));
+    let url_b = file_url(&blocks.join("b"));
+    let mut before = s.bp.clone();
+    before.spec.output.url = url_a.clone();
+    s.apply(&before).await;
+    let _op = s.spawn_operator("op");
+    let _builder = s.spawn_builder("b");
     let planned = wait_for(
         "40 jobs planned, the run under way",
         Duration::from_secs(60),
         || async {
-            let js = jobs(&tb, &ns, "p").await;
+            let js = s.jobs().await;
             (js.len() == 40 && js.iter().any(|j| j.phase() == JobPhase::Succeeded)).then_some(js)
         },
     )
@@ -622,32 +536,21 @@ async fn changing_max_records_compression_and_url_mid_run_applies_to_new_jobs_on
     let after = with_output(
         pipeline(
             "p",
-            &topic,
+            &s.topic,
             &tb.kafka_bootstrap,
             &url_b,
             json!({"maxRecords": 1500}),
         ),
         json!({"compression": "snappy", "compressionLevel": null}),
     );
-    apply_pipeline(&tb, &ns, &after).await;
-    wait_for("the new spec observed", Duration::from_secs(30), || async {
-        let bp = get_pipeline(&tb, &ns, "p").await;
-        (bp.status?.observed_generation == bp.metadata.generation).then_some(())
-    })
-    .await;
-    let second = produce_data(&tb, fixed(&topic, 2, 6000, 100, 2)).await;
-    let produced = merge(first, second);
-    let c = wait_all_committed(
-        &tb,
-        &group,
-        &topic,
-        &high_watermarks(&produced),
-        Duration::from_secs(180),
-    )
-    .await;
+    s.apply(&after).await;
+    wait_observed(&s).await;
+    let second = produce_data(&tb, fixed(&s.topic, 2, 6000, 100, 2)).await;
+    s.produced = merge(std::mem::take(&mut s.produced), second);
+    let c = s.wait_all_committed(Duration::from_secs(180)).await;
     assert_eq!(c, BTreeMap::from([(0, 13_000), (1, 13_000)]));
 
-    let all = jobs(&tb, &ns, "p").await;
+    let all = s.jobs().await;
     for j in &planned {
         let now = all
             .iter()
@@ -681,7 +584,7 @@ async fn changing_max_records_compression_and_url_mid_run_applies_to_new_jobs_on
     assert_eq!(new, want, "new jobs use the new size and output");
     assert_eq!(all.len(), 44);
     // Every offset exactly once over both locations.
-    audit_exact(&tb, &blocks, &produced, &c);
+    audit_exact(&tb, &blocks, &s.produced, &c);
     assert_eq!(files(&blocks.join("a")).len(), 80);
     assert_eq!(files(&blocks.join("b")).len(), 8);
 }
@@ -733,17 +636,9 @@ async fn a_source_change_mid_run_commits_no_jobs_of_the_old_source_for_the_new(
     let group = default_consumer_group(ns, "p");
     apply_pipeline(tb, ns, &old.pipeline()).await;
     let _op = spawn_operator(tb, ns, "op");
-    wait_for("3 jobs planned", Duration::from_secs(60), || async {
-        (jobs(tb, ns, "p").await.len() == 3).then_some(())
-    })
-    .await;
-    let invalid = || async {
-        wait_for("InvalidSpec", Duration::from_secs(30), || async {
-            let c = condition(&get_pipeline(tb, ns, "p").await, "Ready")?;
-            (c.1 == "InvalidSpec").then_some(c.2)
-        })
-        .await
-    };
+    wait_jobs(tb, ns, "p", 3).await;
+    let invalid_spec = Cond::new("Ready").reason("InvalidSpec");
+    let invalid = || async { wait_condition(tb, ns, "p", &invalid_spec).await.message };
 
     // Changed while the old source's jobs are still to run.
     apply_pipeline(tb, ns, &new.pipeline()).await;
@@ -800,10 +695,7 @@ async fn a_source_change_mid_run_commits_no_jobs_of_the_old_source_for_the_new(
         j.spec.topic == new.topic && j.spec.bootstrap_servers == new.tb.kafka_bootstrap
     }));
     let started = Instant::now();
-    wait_for("Ready again", Duration::from_secs(30), || async {
-        (condition(&get_pipeline(tb, ns, "p").await, "Ready")?.0 == "True").then_some(())
-    })
-    .await;
+    wait_condition(tb, ns, "p", &Cond::new("Ready").status("True")).await;
     println!("ready {:?} after the last commit", started.elapsed());
 }
 
@@ -890,7 +782,7 @@ async fn changing_the_brokers_to_another_cluster_mid_run_is_invalid_and_never_mi
             .await
             .into_iter()
             .find(|j| j.spec.start_offset == 0 && j.phase() == JobPhase::Failed)
-            .map(|j| message(&j))
+            .map(|j| job_message(&j))
     })
     .await;
     assert!(

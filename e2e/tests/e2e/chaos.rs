@@ -6,7 +6,6 @@
 //! (default 100,000) size the run. Each run has its own broker, S3 server and kube-apiserver
 //! (on the testbed's etcd), so its faults do not disturb the other tests.
 
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use blocksmith_crds::domain::default_consumer_group;
@@ -26,14 +25,13 @@ const RECORDS_PER_PARTITION: u64 = 25_000;
 
 struct Servers {
     broker: PrivateBroker,
-    s3_root: PathBuf,
-    s3_port: u16,
+    s3: PrivateS3,
 }
 
-fn chaos_builder(tb: &Testbed, ns: &str, id: &str, s3_port: u16) -> Proc {
-    let mut cmd = builder_command(tb, ns, "p", id);
-    cmd.env("AWS_ENDPOINT", format!("http://127.0.0.1:{s3_port}"));
-    tb.spawn(&format!("{ns}-{id}"), cmd)
+fn chaos_builder(tb: &Testbed, ns: &str, id: &str, s3: &PrivateS3) -> Proc {
+    spawn_builder_with(tb, ns, "p", id, |cmd| {
+        cmd.env("AWS_ENDPOINT", s3.endpoint());
+    })
 }
 
 #[derive(Default, Debug)]
@@ -77,13 +75,10 @@ async fn run(shared: &Testbed, seed: u64, records: u64) {
     let ns = tb.namespace(&format!("chaos-{seed}")).await;
     let broker = PrivateBroker::spawn(tb, &ns);
     let s3_root = tb.dir.join(format!("{ns}-s3"));
-    std::fs::create_dir_all(s3_root.join("blocksmith")).unwrap();
     let mut servers = Servers {
         broker,
-        s3_port: free_port(),
-        s3_root,
+        s3: PrivateS3::spawn_at(tb, &format!("{ns}-s3"), s3_root),
     };
-    let mut s3 = spawn_s3(tb, &format!("{ns}-s3"), &servers.s3_root, servers.s3_port);
 
     servers.broker.create_topic("chaos", partitions);
     let spec = DataSpec {
@@ -108,7 +103,7 @@ async fn run(shared: &Testbed, seed: u64, records: u64) {
     .await;
     let mut operator = spawn_operator(tb, &ns, "op-0");
     let mut builders: Vec<Proc> = (0..3)
-        .map(|i| chaos_builder(tb, &ns, &format!("b{i}-0"), servers.s3_port))
+        .map(|i| chaos_builder(tb, &ns, &format!("b{i}-0"), &servers.s3))
         .collect();
 
     let want = high_watermarks(&produced);
@@ -136,7 +131,7 @@ async fn run(shared: &Testbed, seed: u64, records: u64) {
                     let i = rng.random_range(0..builders.len());
                     builders[i].kill();
                     builders[i] =
-                        chaos_builder(tb, &ns, &format!("b{i}-{generation}"), servers.s3_port);
+                        chaos_builder(tb, &ns, &format!("b{i}-{generation}"), &servers.s3);
                     faults.builder_kills += 1;
                 }
                 1 => {
@@ -156,9 +151,9 @@ async fn run(shared: &Testbed, seed: u64, records: u64) {
                     faults.broker_outages += 1;
                 }
                 3 => {
-                    s3.kill();
+                    servers.s3.kill();
                     tokio::time::sleep(Duration::from_secs(rng.random_range(5..12))).await;
-                    s3 = spawn_s3(tb, &format!("{ns}-s3"), &servers.s3_root, servers.s3_port);
+                    servers.s3.start();
                     faults.s3_outages += 1;
                 }
                 _ => {
@@ -177,7 +172,7 @@ async fn run(shared: &Testbed, seed: u64, records: u64) {
         }
         for (i, b) in builders.iter_mut().enumerate() {
             if !b.is_running() {
-                *b = chaos_builder(tb, &ns, &format!("b{i}-r{generation}"), servers.s3_port);
+                *b = chaos_builder(tb, &ns, &format!("b{i}-r{generation}"), &servers.s3);
                 faults.respawned += 1;
             }
         }
@@ -198,14 +193,7 @@ async fn run(shared: &Testbed, seed: u64, records: u64) {
         );
     }
 
-    let csv = tb.dir.join(format!("{ns}-expected.csv"));
-    produced.write_csv(&csv).unwrap();
-    let (report, exact) = audit(
-        tb,
-        &servers.s3_root.join("blocksmith").join("chaos"),
-        &csv,
-        Some(&want),
-    );
+    let (report, exact) = audit_produced(tb, &servers.s3.dir("chaos"), &produced, Some(&want));
     println!(
         "chaos seed {seed}: {records} records, faults {faults:?}, {:.0} s; missing {} duplicated {} problems {}",
         started.elapsed().as_secs_f64(),

@@ -10,3 +10,4 @@ mod chart;
 mod operator;
 mod pods;
 mod smoke;
+mod support;

@@ -4,57 +4,34 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use blocksmith_crds::domain::{default_consumer_group, job_name};
-use blocksmith_crds::{BlockJob, BlockPipeline, JobPhase};
-use blocksmith_e2e::Testbed;
-use blocksmith_e2e::datagen::{DataSpec, ValueSizes};
+use blocksmith_crds::domain::job_name;
+use blocksmith_crds::{BlockJob, JobPhase};
 use blocksmith_e2e::scenario::*;
 use kube::api::{Api, DeleteParams};
 use rand::SeedableRng;
 use rand::seq::SliceRandom;
 use serde_json::json;
 
-async fn produce_fixed(tb: &Testbed, topic: &str, partitions: i32, records: u64) {
-    let spec = DataSpec {
-        value_sizes: ValueSizes::Fixed(16),
-        ..DataSpec::new(topic, partitions, records)
-    };
-    produce_data(tb, spec).await;
-}
+use crate::support::StaleStore;
 
-fn output(tb: &Testbed) -> String {
-    format!("file://{}", tb.dir.join("blocks").display())
-}
-
-async fn wait_jobs(tb: &Testbed, ns: &str, pipeline: &str, n: usize) -> Vec<BlockJob> {
-    wait_for(&format!("{n} jobs"), Duration::from_secs(60), || async {
-        let jobs = jobs(tb, ns, pipeline).await;
-        (jobs.len() == n).then_some(jobs)
-    })
-    .await
+/// Pipeline `p` (unless renamed) over `records` records of 16 bytes, and an operator.
+fn scenario(test: &str, partitions: i32, records: u64) -> Scenario {
+    Scenario::new(test)
+        .partitions(partitions)
+        .records(records)
+        .value_size(16)
+        .operator()
 }
 
 #[tokio::test]
 async fn plans_exactly_the_expected_jobs_and_no_more() {
-    let tb = Testbed::get().await;
-    let ns = tb.namespace("op-plan").await;
-    let topic = tb.topic("op-plan", 4);
-    produce_fixed(&tb, &topic, 4, 40_000).await;
-    apply_pipeline(
-        &tb,
-        &ns,
-        &pipeline(
-            "orders",
-            &topic,
-            &tb.kafka_bootstrap,
-            &output(&tb),
-            json!({"maxAge": "1h"}),
-        ),
-    )
-    .await;
-    let _op = spawn_operator(&tb, &ns, "op");
+    let s = scenario("op-plan", 4, 40_000)
+        .named("orders")
+        .jobs(json!({"maxAge": "1h"}))
+        .start()
+        .await;
 
-    let planned = wait_jobs(&tb, &ns, "orders", 40).await;
+    let planned = s.wait_jobs(40).await;
     let mut expected = Vec::new();
     for p in 0..4 {
         for start in (0..10_000).step_by(1000) {
@@ -76,52 +53,34 @@ async fn plans_exactly_the_expected_jobs_and_no_more() {
 
     // Several more reconciles (1 s poll): nothing new, nothing re-created.
     tokio::time::sleep(Duration::from_secs(4)).await;
-    let later = jobs(&tb, &ns, "orders").await;
+    let later = s.jobs().await;
     let uids = |js: &[BlockJob]| {
         js.iter()
             .map(|j| j.metadata.uid.clone())
             .collect::<Vec<_>>()
     };
     assert_eq!(uids(&later), uids(&planned));
-    let bp = get_pipeline(&tb, &ns, "orders").await;
+    let bp = s.get().await;
+    assert_eq!(condition(&bp, "Ready").unwrap().status, "True");
     let status = bp.status.expect("status");
     assert_eq!(status.queue_depth, 40);
     assert_eq!(status.lag, 40_000);
-    assert_eq!(
-        condition(&bp_with(status.clone()), "Ready").unwrap().0,
-        "True"
-    );
-}
-
-fn bp_with(status: blocksmith_crds::BlockPipelineStatus) -> BlockPipeline {
-    let mut bp = pipeline("x", "x", "x:1", "file:///x", json!({}));
-    bp.status = Some(status);
-    bp
 }
 
 #[tokio::test]
 async fn commits_move_only_over_contiguous_succeeded_prefixes() {
-    let tb = Testbed::get().await;
-    let ns = tb.namespace("op-commit").await;
-    let topic = tb.topic("op-commit", 2);
-    produce_fixed(&tb, &topic, 2, 10_000).await;
-    apply_pipeline(
-        &tb,
-        &ns,
-        &pipeline("p", &topic, &tb.kafka_bootstrap, &output(&tb), json!({})),
-    )
-    .await;
-    let _op = spawn_operator(&tb, &ns, "op");
-    let mut planned = wait_jobs(&tb, &ns, "p", 10).await;
-    let group = default_consumer_group(&ns, "p");
+    let s = scenario("op-commit", 2, 10_000).start().await;
+    let mut planned = s.wait_jobs(10).await;
 
     planned.shuffle(&mut rand::rngs::StdRng::seed_from_u64(7));
-    let builder = FakeBuilder::new(&tb, &ns, "fake-builder");
+    let builder = FakeBuilder::new(&s.tb, &s.ns, "fake-builder");
     let mut done: BTreeMap<i32, Vec<i64>> = BTreeMap::new();
     let mut last = BTreeMap::from([(0, 0i64), (1, 0i64)]);
     for job in &planned {
-        let claimed = builder.claim(job).await.expect("claim");
-        builder.succeed(&claimed, 1).await.expect("succeed");
+        builder
+            .claim_and_succeed(job)
+            .await
+            .expect("claim, succeed");
         done.entry(job.spec.partition)
             .or_default()
             .push(job.spec.start_offset);
@@ -136,7 +95,7 @@ async fn commits_move_only_over_contiguous_succeeded_prefixes() {
             &format!("commit {expect:?}"),
             Duration::from_secs(30),
             || async {
-                let c = group_offsets(&tb.kafka_bootstrap, &group, &topic, 2).await;
+                let c = s.committed().await;
                 (c.get(&expect.0) == Some(&expect.1)).then_some(c)
             },
         )
@@ -156,25 +115,12 @@ async fn commits_move_only_over_contiguous_succeeded_prefixes() {
 
 #[tokio::test]
 async fn an_expired_lease_returns_the_job_and_fences_the_old_holder() {
-    let tb = Testbed::get().await;
-    let ns = tb.namespace("op-lease").await;
-    let topic = tb.topic("op-lease", 1);
-    produce_fixed(&tb, &topic, 1, 1000).await;
-    apply_pipeline(
-        &tb,
-        &ns,
-        &pipeline(
-            "p",
-            &topic,
-            &tb.kafka_bootstrap,
-            &output(&tb),
-            json!({"leaseDurationSeconds": 3}),
-        ),
-    )
-    .await;
-    let _op = spawn_operator(&tb, &ns, "op");
-    let job = wait_jobs(&tb, &ns, "p", 1).await.remove(0);
-    let stale = FakeBuilder::new(&tb, &ns, "stale-builder");
+    let s = scenario("op-lease", 1, 1000)
+        .jobs(json!({"leaseDurationSeconds": 3}))
+        .start()
+        .await;
+    let job = s.wait_jobs(1).await.remove(0);
+    let stale = FakeBuilder::new(&s.tb, &s.ns, "stale-builder");
     let claimed = stale.claim(&job).await.expect("claim");
     assert_eq!(claimed.phase(), JobPhase::Running);
 
@@ -183,7 +129,7 @@ async fn an_expired_lease_returns_the_job_and_fences_the_old_holder() {
         "the job back in Pending",
         Duration::from_secs(30),
         || async {
-            let j = jobs(&tb, &ns, "p").await.remove(0);
+            let j = s.jobs().await.remove(0);
             (j.phase() == JobPhase::Pending && j.attempt() == 2).then_some(j)
         },
     )
@@ -200,37 +146,22 @@ async fn an_expired_lease_returns_the_job_and_fences_the_old_holder() {
         matches!(&err, kube::Error::Api(e) if e.code == 409),
         "{err}"
     );
-    let j = jobs(&tb, &ns, "p").await.remove(0);
+    let j = s.jobs().await.remove(0);
     assert_eq!(j.phase(), JobPhase::Pending);
 }
 
 #[tokio::test]
 async fn a_job_failing_past_its_backoff_limit_degrades_and_holds_the_commit_until_deleted() {
-    let tb = Testbed::get().await;
-    let ns = tb.namespace("op-fail").await;
-    let topic = tb.topic("op-fail", 1);
-    produce_fixed(&tb, &topic, 1, 3000).await;
-    apply_pipeline(
-        &tb,
-        &ns,
-        &pipeline(
-            "p",
-            &topic,
-            &tb.kafka_bootstrap,
-            &output(&tb),
-            json!({"backoffLimit": 2}),
-        ),
-    )
-    .await;
-    let _op = spawn_operator(&tb, &ns, "op");
-    let planned = wait_jobs(&tb, &ns, "p", 3).await;
-    let b = FakeBuilder::new(&tb, &ns, "b");
-    let group = default_consumer_group(&ns, "p");
+    let s = scenario("op-fail", 1, 3000)
+        .jobs(json!({"backoffLimit": 2}))
+        .start()
+        .await;
+    let planned = s.wait_jobs(3).await;
+    let b = FakeBuilder::new(&s.tb, &s.ns, "b");
 
     // Jobs 0 and 2 succeed; job 1 fails twice.
     for j in [&planned[0], &planned[2]] {
-        let c = b.claim(j).await.unwrap();
-        b.succeed(&c, 1).await.unwrap();
+        b.claim_and_succeed(j).await.unwrap();
     }
     let bad = &planned[1];
     let c = b.claim(bad).await.unwrap();
@@ -238,10 +169,7 @@ async fn a_job_failing_past_its_backoff_limit_degrades_and_holds_the_commit_unti
         .await
         .unwrap();
     let retry = wait_for("retry as attempt 2", Duration::from_secs(30), || async {
-        let j = jobs(&tb, &ns, "p")
-            .await
-            .into_iter()
-            .find(|j| j.metadata.name == bad.metadata.name)?;
+        let j = s.job(&bad.metadata.name).await?;
         (j.phase() == JobPhase::Pending && j.attempt() == 2).then_some(j)
     })
     .await;
@@ -250,35 +178,26 @@ async fn a_job_failing_past_its_backoff_limit_degrades_and_holds_the_commit_unti
         .await
         .unwrap();
 
-    let bp = wait_for("Degraded/JobFailed", Duration::from_secs(30), || async {
-        let bp = get_pipeline(&tb, &ns, "p").await;
-        (condition(&bp, "Degraded").map(|c| (c.0, c.1))
-            == Some(("True".into(), "JobFailed".into())))
-        .then_some(bp)
-    })
-    .await;
-    let (_, _, message) = condition(&bp, "Degraded").unwrap();
+    let degraded = Cond::new("Degraded").status("True").reason("JobFailed");
+    let bp = wait_pipeline(&s.tb, &s.ns, "p", &degraded).await;
+    let message = condition(&bp, "Degraded").unwrap().message;
     assert!(
         message.contains("boom 2") && message.contains("held at offset 1000"),
         "{message}"
     );
     assert_eq!(bp.status.as_ref().unwrap().failed_jobs, 1);
     tokio::time::sleep(Duration::from_secs(3)).await;
-    let committed = committed_offsets(&tb.kafka_bootstrap, &group, &topic, 1);
+    let committed = s.committed().await;
     assert_eq!(
         committed.get(&0),
         Some(&1000),
         "commit held at the failed job"
     );
-    let j = jobs(&tb, &ns, "p")
-        .await
-        .into_iter()
-        .find(|j| j.metadata.name == bad.metadata.name)
-        .unwrap();
+    let j = s.job(&bad.metadata.name).await.unwrap();
     assert_eq!(j.phase(), JobPhase::Failed, "stays Failed");
 
     // The user's retry: delete it; it comes back fresh with the same range.
-    Api::<BlockJob>::namespaced(tb.client.clone(), &ns)
+    Api::<BlockJob>::namespaced(s.tb.client.clone(), &s.ns)
         .delete(
             bad.metadata.name.as_deref().unwrap(),
             &DeleteParams::default(),
@@ -286,10 +205,7 @@ async fn a_job_failing_past_its_backoff_limit_degrades_and_holds_the_commit_unti
         .await
         .unwrap();
     let fresh = wait_for("the job re-created", Duration::from_secs(30), || async {
-        let j = jobs(&tb, &ns, "p")
-            .await
-            .into_iter()
-            .find(|j| j.metadata.name == bad.metadata.name)?;
+        let j = s.job(&bad.metadata.name).await?;
         (j.metadata.uid != bad.metadata.uid).then_some(j)
     })
     .await;
@@ -298,63 +214,46 @@ async fn a_job_failing_past_its_backoff_limit_degrades_and_holds_the_commit_unti
         (1000, 2000)
     );
     assert_eq!(fresh.attempt(), 1);
-    let c = b.claim(&fresh).await.unwrap();
-    b.succeed(&c, 1).await.unwrap();
+    b.claim_and_succeed(&fresh).await.unwrap();
     wait_for(
         "commit past the retried job",
         Duration::from_secs(30),
-        || async {
-            (committed_offsets(&tb.kafka_bootstrap, &group, &topic, 1).get(&0) == Some(&3000))
-                .then_some(())
-        },
+        || async { (s.committed().await.get(&0) == Some(&3000)).then_some(()) },
     )
     .await;
-    wait_for("Degraded cleared", Duration::from_secs(30), || async {
-        let bp = get_pipeline(&tb, &ns, "p").await;
-        (condition(&bp, "Degraded")?.0 == "False").then_some(())
-    })
-    .await;
+    s.wait(Cond::new("Degraded").status("False")).await;
 }
 
 #[tokio::test]
 async fn a_restarted_operator_neither_replans_nor_regresses() {
-    let tb = Testbed::get().await;
-    let ns = tb.namespace("op-restart").await;
-    let topic = tb.topic("op-restart", 2);
-    produce_fixed(&tb, &topic, 2, 6000).await;
-    apply_pipeline(
-        &tb,
-        &ns,
-        &pipeline("p", &topic, &tb.kafka_bootstrap, &output(&tb), json!({})),
-    )
-    .await;
-    let mut op = spawn_operator(&tb, &ns, "op-1");
-    let planned = wait_jobs(&tb, &ns, "p", 6).await;
-    let b = FakeBuilder::new(&tb, &ns, "b");
-    let group = default_consumer_group(&ns, "p");
+    let s = Scenario::new("op-restart")
+        .partitions(2)
+        .records(6000)
+        .value_size(16)
+        .start()
+        .await;
+    let mut op = s.spawn_operator("op-1");
+    let planned = s.wait_jobs(6).await;
+    let b = FakeBuilder::new(&s.tb, &s.ns, "b");
     for j in &planned[..2] {
-        let c = b.claim(j).await.unwrap();
-        b.succeed(&c, 1).await.unwrap();
+        b.claim_and_succeed(j).await.unwrap();
     }
     wait_for("first commit", Duration::from_secs(30), || async {
-        (committed_offsets(&tb.kafka_bootstrap, &group, &topic, 2).get(&0) == Some(&2000))
-            .then_some(())
+        (s.committed().await.get(&0) == Some(&2000)).then_some(())
     })
     .await;
     op.proc.kill();
     // Work goes on while the operator is down.
     for j in &planned[2..4] {
-        let c = b.claim(j).await.unwrap();
-        b.succeed(&c, 1).await.unwrap();
+        b.claim_and_succeed(j).await.unwrap();
     }
-    let before = committed_offsets(&tb.kafka_bootstrap, &group, &topic, 2);
-    let _op2 = spawn_operator(&tb, &ns, "op-2");
+    let before = s.committed().await;
+    let _op2 = s.spawn_operator("op-2");
     wait_for("commit after restart", Duration::from_secs(40), || async {
-        (committed_offsets(&tb.kafka_bootstrap, &group, &topic, 2).get(&0) == Some(&3000))
-            .then_some(())
+        (s.committed().await.get(&0) == Some(&3000)).then_some(())
     })
     .await;
-    let after = committed_offsets(&tb.kafka_bootstrap, &group, &topic, 2);
+    let after = s.committed().await;
     for (p, o) in &before {
         assert!(
             after[p] >= *o,
@@ -363,7 +262,7 @@ async fn a_restarted_operator_neither_replans_nor_regresses() {
         );
     }
     tokio::time::sleep(Duration::from_secs(3)).await;
-    let now = jobs(&tb, &ns, "p").await;
+    let now = s.jobs().await;
     // Succeeded, committed jobs may be cleaned up later; every remaining job is one planned
     // before the restart, with the same uid.
     for j in &now {
@@ -431,51 +330,40 @@ async fn two_operators_elect_one_leader_and_fail_over() {
 
 #[tokio::test]
 async fn unreachable_kafka_degrades_and_suspend_stops_planning() {
-    let tb = Testbed::get().await;
-    let ns = tb.namespace("op-suspend").await;
-    let _op = spawn_operator(&tb, &ns, "op");
+    // Suspended: offsets are read, nothing is planned; resumed: jobs appear.
+    let s = scenario("op-suspend", 1, 2000)
+        .pipeline(|bp| bp.spec.suspend = true)
+        .unapplied()
+        .start()
+        .await;
 
     // Nothing listens on port 1.
-    apply_pipeline(
-        &tb,
-        &ns,
-        &pipeline("down", "t", "127.0.0.1:1", &output(&tb), json!({})),
-    )
-    .await;
-    let (_, reason, message) = wait_for("KafkaUnavailable", Duration::from_secs(60), || async {
-        let c = condition(&get_pipeline(&tb, &ns, "down").await, "Degraded")?;
-        (c.0 == "True").then_some(c)
-    })
-    .await;
-    assert_eq!(reason, "KafkaUnavailable", "{message}");
+    let url = file_url(&s.blocks);
+    s.apply(&pipeline("down", "t", "127.0.0.1:1", &url, json!({})))
+        .await;
+    let degraded = Cond::new("Degraded")
+        .status("True")
+        .within(Duration::from_secs(60));
+    let c = wait_condition(&s.tb, &s.ns, "down", &degraded).await;
+    assert_eq!(c.reason, "KafkaUnavailable", "{}", c.message);
     // Not just "timed out": the connection error says where and why.
     assert!(
-        message.contains("127.0.0.1:1") && message.contains("Connection refused"),
-        "{message}"
+        c.message.contains("127.0.0.1:1") && c.message.contains("Connection refused"),
+        "{}",
+        c.message
     );
 
-    // Suspended: offsets are read, nothing is planned; resumed: jobs appear.
-    let topic = tb.topic("op-suspend", 1);
-    produce_fixed(&tb, &topic, 1, 2000).await;
-    let mut bp = pipeline("p", &topic, &tb.kafka_bootstrap, &output(&tb), json!({}));
-    bp.spec.suspend = true;
-    apply_pipeline(&tb, &ns, &bp).await;
-    wait_for("Suspended", Duration::from_secs(30), || async {
-        let c = condition(&get_pipeline(&tb, &ns, "p").await, "Suspended")?;
-        (c.0 == "True").then_some(())
-    })
-    .await;
+    let mut bp = s.bp.clone();
+    s.apply(&bp).await;
+    s.wait(Cond::new("Suspended").status("True")).await;
     tokio::time::sleep(Duration::from_secs(3)).await;
-    assert!(
-        jobs(&tb, &ns, "p").await.is_empty(),
-        "no jobs while suspended"
-    );
-    assert_eq!(get_pipeline(&tb, &ns, "p").await.status.unwrap().lag, 2000);
+    assert!(s.jobs().await.is_empty(), "no jobs while suspended");
+    assert_eq!(s.get().await.status.unwrap().lag, 2000);
     bp.spec.suspend = false;
-    apply_pipeline(&tb, &ns, &bp).await;
-    wait_jobs(&tb, &ns, "p", 2).await;
-    wait_event(&tb, &ns, "down", "KafkaUnavailable").await;
-    wait_event(&tb, &ns, "p", "Resumed").await;
+    s.apply(&bp).await;
+    s.wait_jobs(2).await;
+    wait_event(&s.tb, &s.ns, "down", "KafkaUnavailable").await;
+    s.wait_event("Resumed").await;
 }
 
 /// The operator reads jobs from a watch cache that can lag the API server. Its writes must be
@@ -484,37 +372,25 @@ async fn unreachable_kafka_degrades_and_suspend_stops_planning() {
 /// Exercised here with the operator's own `JobStore` and an empty cache, as stale as it gets.
 #[tokio::test]
 async fn writes_from_a_stale_job_cache_never_change_or_revive_a_job() {
-    use blocksmith_operator::jobs::{JobStore, desired_job, job_spec};
-    use blocksmith_operator::metrics::Metrics;
-    use blocksmith_operator::planner::PlannedJob;
-    use kube::runtime::reflector;
+    use blocksmith_operator::jobs::desired_job;
 
-    let tb = Testbed::get().await;
-    let ns = tb.namespace("stale-cache").await;
-    let (cache, _writer) = reflector::store::<BlockJob>();
-    let store = JobStore::new(tb.client.clone(), cache, &ns, "p", Metrics::default());
-    let mut bp = pipeline("p", "t", &tb.kafka_bootstrap, "file:///unused", json!({}));
-    bp.metadata.namespace = Some(ns.clone());
-    let planned = |end| {
-        let range = PlannedJob {
-            partition: 0,
-            start: 0,
-            end,
-        };
-        desired_job(&bp, job_spec(&bp, &range, None), JobPhase::Pending)
-    };
+    let cache = StaleStore::new("stale-cache").await;
+    let (store, bp, api) = (&cache.store, &cache.bp, &cache.api);
 
-    let created = store.create(&planned(100)).await.unwrap().expect("created");
+    let created = store
+        .create(&cache.planned(100))
+        .await
+        .unwrap()
+        .expect("created");
     // Re-planned from a cache that has not seen it: same name, a longer range.
-    assert!(store.create(&planned(150)).await.unwrap().is_none());
-    let api: Api<BlockJob> = Api::namespaced(tb.client.clone(), &ns);
+    assert!(store.create(&cache.planned(150)).await.unwrap().is_none());
     let name = created.metadata.name.clone().unwrap();
     assert_eq!(api.get(&name).await.unwrap().spec.end_offset, 100);
 
     // A label write from the current version lands; one from the old version conflicts.
-    let running = desired_job(&bp, created.spec.clone(), JobPhase::Running);
+    let running = desired_job(bp, created.spec.clone(), JobPhase::Running);
     let relabelled = store.relabel(&created, &running).await.unwrap();
-    let succeeded = desired_job(&bp, created.spec.clone(), JobPhase::Succeeded);
+    let succeeded = desired_job(bp, created.spec.clone(), JobPhase::Succeeded);
     match store.relabel(&created, &succeeded).await {
         Err(kube::Error::Api(e)) => assert_eq!(e.code, 409, "{e:?}"),
         other => panic!("a write from a stale version must conflict: {other:?}"),

@@ -14,7 +14,7 @@ use blocksmith_crds::{BlockJob, JobPhase};
 use blocksmith_e2e::Testbed;
 use blocksmith_e2e::broker::PrivateBroker;
 use blocksmith_e2e::datagen::{DataSpec, ValueSizes};
-use blocksmith_e2e::helm::{chart_dir, helm_py, helm_retried};
+use blocksmith_e2e::helm::{ReleaseGuard, chart_dir, helm_retried};
 use blocksmith_e2e::scenario::*;
 use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::apps::v1::Deployment;
@@ -46,18 +46,12 @@ fn kubectl(args: &[&str]) -> (bool, String) {
     (out.status.success(), text)
 }
 
-/// Uninstalls the release (and its cluster-wide APIService) however the test ends.
-struct Release {
-    python: std::path::PathBuf,
-    namespace: String,
-}
+/// Deletes the cluster-wide APIService when dropped (declared before the release's guard, so
+/// after the uninstall).
+struct ApiServiceCleanup;
 
-impl Drop for Release {
+impl Drop for ApiServiceCleanup {
     fn drop(&mut self) {
-        let _ = std::process::Command::new(&self.python)
-            .arg(helm_py())
-            .args(["uninstall", RELEASE, &self.namespace])
-            .status();
         let _ = kubectl(&["delete", "apiservice", APISERVICE, "--ignore-not-found"]);
     }
 }
@@ -87,7 +81,8 @@ async fn ready_pods(api: &Api<Pod>, selector: &str) -> Vec<Pod> {
         .unwrap_or_default()
 }
 
-async fn lease_holder(tb: &Testbed, ns: &str) -> Option<String> {
+/// Who holds the operator pods' leader Lease.
+async fn operator_leader(tb: &Testbed, ns: &str) -> Option<String> {
     Api::<Lease>::namespaced(tb.client.clone(), ns)
         .get_opt("bsm-blocksmith-operator")
         .await
@@ -159,7 +154,14 @@ fn signal(pid: u32, sig: &str) {
 }
 
 fn holder(job: &BlockJob) -> Option<String> {
-    Some(job.status.as_ref()?.lease.as_ref()?.holder.clone())
+    lease_holder(job).map(str::to_owned)
+}
+
+/// The builder pods, or `None` if the list failed (for polling).
+async fn builder_pods(pods: &Api<Pod>) -> Option<Vec<Pod>> {
+    let selector = "app.kubernetes.io/name=blocksmith-builder";
+    let listed = pods.list(&ListParams::default().labels(selector)).await;
+    Some(listed.ok()?.items)
 }
 
 #[tokio::test]
@@ -201,10 +203,9 @@ async fn the_chart_runs_blocksmith_as_pods_that_scale_fail_over_and_write_every_
 
     // helm install, with the chart's defaults but for the namespaces.
     let _ = kubectl(&["delete", "apiservice", APISERVICE, "--ignore-not-found"]);
-    let _release = Release {
-        python: tb.python.clone(),
-        namespace: release_ns.clone(),
-    };
+    // Uninstalled, then its cluster-wide APIService deleted, however the test ends.
+    let _apiservice = ApiServiceCleanup;
+    let _release = ReleaseGuard::new(&tb, RELEASE, &release_ns);
     let chart = chart_dir();
     let builder_namespaces = format!("builders.namespaces={{{ns}}}");
     let watch = format!("watchNamespace={ns}");
@@ -246,7 +247,7 @@ async fn the_chart_runs_blocksmith_as_pods_that_scale_fail_over_and_write_every_
     }
     let names = pod_names(&operators);
     let leader = wait_for("a leader", Duration::from_secs(60), || async {
-        lease_holder(&tb, &release_ns)
+        operator_leader(&tb, &release_ns)
             .await
             .filter(|h| names.contains(h))
     })
@@ -307,12 +308,8 @@ async fn the_chart_runs_blocksmith_as_pods_that_scale_fail_over_and_write_every_
         "a busy builder pod marked",
         Duration::from_secs(60),
         || async {
-            let listed = pods
-                .list(&ListParams::default().labels("app.kubernetes.io/name=blocksmith-builder"))
-                .await
-                .ok()?;
-            listed
-                .items
+            builder_pods(&pods)
+                .await?
                 .iter()
                 .any(|p| p.annotations().get(DELETION_COST).map(String::as_str) == Some("1000"))
                 .then_some(())
@@ -371,7 +368,7 @@ async fn the_chart_runs_blocksmith_as_pods_that_scale_fail_over_and_write_every_
     assert!(ok, "kubectl delete pod {leader}: {out}");
     // (The standby, or the pod the Deployment starts in the leader's place.)
     let new_leader = wait_for("a new leader", Duration::from_secs(60), || async {
-        lease_holder(&tb, &release_ns)
+        operator_leader(&tb, &release_ns)
             .await
             .filter(|h| *h != leader)
     })
@@ -425,13 +422,7 @@ async fn the_chart_runs_blocksmith_as_pods_that_scale_fail_over_and_write_every_
     wait_for(
         "scaled down to 1 builder pod",
         Duration::from_secs(240),
-        || async {
-            let all = pods
-                .list(&ListParams::default().labels("app.kubernetes.io/name=blocksmith-builder"))
-                .await
-                .ok()?;
-            (all.items.len() == 1).then_some(())
-        },
+        || async { (builder_pods(&pods).await?.len() == 1).then_some(()) },
     )
     .await;
     let exits = exits.lock().unwrap().clone();
@@ -455,7 +446,7 @@ async fn the_chart_runs_blocksmith_as_pods_that_scale_fail_over_and_write_every_
         Duration::from_secs(60),
         || async {
             let ready = ready_pods(&operator_pods, OPERATOR_SELECTOR).await;
-            let leader = lease_holder(&tb, &release_ns).await?;
+            let leader = operator_leader(&tb, &release_ns).await?;
             ready
                 .into_iter()
                 .filter_map(|p| p.metadata.name)

@@ -6,7 +6,7 @@ use std::time::Duration;
 use blocksmith_crds::{BlockJob, BlockPipeline};
 use blocksmith_e2e::Testbed;
 use blocksmith_e2e::datagen::{DataSpec, produce};
-use blocksmith_e2e::scenario::{bare_job, lease_patch};
+use blocksmith_e2e::scenario::{bare_job, lease_holder, lease_patch};
 use kube::api::{Api, PatchParams, PostParams};
 use object_store::{ObjectStore, ObjectStoreExt};
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
@@ -40,6 +40,11 @@ async fn crds_are_installed_and_kubectl_lists_them() {
     );
 }
 
+#[track_caller]
+fn assert_conflict(err: &kube::Error) {
+    assert!(matches!(err, kube::Error::Api(e) if e.code == 409), "{err}");
+}
+
 #[tokio::test]
 async fn server_side_apply_fences_lease_holders() {
     let tb = Testbed::get().await;
@@ -59,10 +64,7 @@ async fn server_side_apply_fences_lease_holders() {
         .patch_status("j", &b, &lease_patch("builder-b"))
         .await
         .expect_err("b must conflict");
-    assert!(
-        matches!(&err, kube::Error::Api(e) if e.code == 409),
-        "{err}"
-    );
+    assert_conflict(&err);
     assert!(
         err.to_string().contains("builder-a"),
         "conflict names the owner: {err}"
@@ -77,12 +79,9 @@ async fn server_side_apply_fences_lease_holders() {
         .patch_status("j", &a, &lease_patch("builder-a-late"))
         .await
         .expect_err("a is fenced out");
-    assert!(
-        matches!(&err, kube::Error::Api(e) if e.code == 409),
-        "{err}"
-    );
+    assert_conflict(&err);
     let got = jobs.get_status("j").await.unwrap();
-    assert_eq!(got.status.unwrap().lease.unwrap().holder, "builder-b");
+    assert_eq!(lease_holder(&got), Some("builder-b"));
 }
 
 #[tokio::test]

@@ -1,0 +1,255 @@
+//! The rendered manifest (`helm.py template`, which never touches the cluster): the
+//! APIService, RBAC and a hardened operator Deployment, as configured.
+
+use blocksmith_e2e::Testbed;
+use serde_json::json;
+
+use super::*;
+
+#[tokio::test]
+async fn chart_renders_the_apiservice_rbac_and_a_hardened_operator() {
+    let tb = Testbed::get().await;
+    let docs = render(&tb, &["builders.namespaces={team-a,team-b}"])
+        .await
+        .expect("render with defaults");
+
+    // Standard labels everywhere; CRDs are never part of the release (so never deleted).
+    for d in &docs {
+        let labels = &d["metadata"]["labels"];
+        assert_eq!(
+            labels["app.kubernetes.io/name"],
+            "blocksmith",
+            "{}",
+            describe(d)
+        );
+        assert_eq!(
+            labels["app.kubernetes.io/instance"],
+            RELEASE,
+            "{}",
+            describe(d)
+        );
+        assert_eq!(
+            labels["app.kubernetes.io/managed-by"],
+            "Helm",
+            "{}",
+            describe(d)
+        );
+        assert_ne!(d["kind"], "CustomResourceDefinition");
+    }
+
+    // The APIService for external metrics, pointing at the operator's TLS listener.
+    let api = get(&docs, "APIService", None, "v1beta1.external.metrics.k8s.io");
+    assert_eq!(api["apiVersion"], "apiregistration.k8s.io/v1");
+    let spec = &api["spec"];
+    assert_eq!(spec["group"], "external.metrics.k8s.io");
+    assert_eq!(spec["version"], "v1beta1");
+    assert_eq!(spec["insecureSkipTLSVerify"], true);
+    assert_eq!(spec["groupPriorityMinimum"], 100);
+    assert_eq!(spec["versionPriority"], 100);
+    assert_eq!(spec["service"]["namespace"], RELEASE_NS);
+    assert_eq!(spec["service"]["port"], 443);
+    let svc_name = spec["service"]["name"].as_str().unwrap();
+    let svc = get(&docs, "Service", Some(RELEASE_NS), svc_name);
+    assert_eq!(svc["spec"]["ports"][0]["port"], 443);
+    assert_eq!(svc["spec"]["ports"][0]["targetPort"], "ext-metrics");
+    assert_eq!(
+        svc["spec"]["selector"]["app.kubernetes.io/component"],
+        "operator"
+    );
+    // The HPA controller may read external metrics; the operator may delegate auth.
+    let hpa = get(
+        &docs,
+        "ClusterRoleBinding",
+        None,
+        "blocksmith-external-metrics-hpa-controller",
+    );
+    assert_eq!(hpa["subjects"][0]["name"], "horizontal-pod-autoscaler");
+    assert_eq!(hpa["subjects"][0]["namespace"], "kube-system");
+    let reader = get(
+        &docs,
+        "ClusterRole",
+        None,
+        hpa["roleRef"]["name"].as_str().unwrap(),
+    );
+    assert_eq!(
+        strings(&reader["rules"][0]["apiGroups"]),
+        ["external.metrics.k8s.io"]
+    );
+    assert_eq!(
+        strings(&reader["rules"][0]["verbs"]),
+        ["get", "list", "watch"]
+    );
+    let delegator = get(
+        &docs,
+        "ClusterRoleBinding",
+        None,
+        "blocksmith-operator-auth-delegator",
+    );
+    assert_eq!(delegator["roleRef"]["name"], "system:auth-delegator");
+    assert_eq!(delegator["subjects"][0]["name"], "blocksmith-operator");
+    assert_eq!(delegator["subjects"][0]["namespace"], RELEASE_NS);
+
+    // The operator Deployment.
+    let dep = get(&docs, "Deployment", Some(RELEASE_NS), "blocksmith-operator");
+    assert_eq!(dep["spec"]["replicas"], 2);
+    let pod = &dep["spec"]["template"]["spec"];
+    assert_eq!(pod["serviceAccountName"], "blocksmith-operator");
+    assert_eq!(pod["securityContext"]["runAsNonRoot"], true);
+    assert_eq!(
+        pod["securityContext"]["seccompProfile"]["type"],
+        "RuntimeDefault"
+    );
+    let c = &pod["containers"][0];
+    let sc = &c["securityContext"];
+    assert_eq!(sc["runAsNonRoot"], true);
+    assert_eq!(sc["readOnlyRootFilesystem"], true);
+    assert_eq!(sc["allowPrivilegeEscalation"], false);
+    assert_eq!(strings(&sc["capabilities"]["drop"]), ["ALL"]);
+    assert_eq!(sc["seccompProfile"]["type"], "RuntimeDefault");
+    let args = strings(&c["args"]);
+    assert!(args.contains(&"--metrics-addr=0.0.0.0:8080"), "{args:?}");
+    assert!(
+        args.contains(&"--lease-name=blocksmith-operator"),
+        "{args:?}"
+    );
+    assert!(!args.contains(&"--no-leader-election"), "{args:?}");
+    assert!(
+        !args.iter().any(|a| a.starts_with("--namespace")),
+        "{args:?}"
+    );
+    let env = c["env"].as_array().unwrap();
+    let field_ref = |name: &str| {
+        env.iter()
+            .find(|e| e["name"] == name)
+            .unwrap_or_else(|| panic!("env {name}"))["valueFrom"]["fieldRef"]["fieldPath"]
+            .clone()
+    };
+    assert_eq!(field_ref("POD_NAME"), "metadata.name");
+    assert_eq!(field_ref("POD_NAMESPACE"), "metadata.namespace");
+    assert_eq!(c["livenessProbe"]["httpGet"]["path"], "/healthz");
+    assert_eq!(c["readinessProbe"]["httpGet"]["path"], "/readyz");
+    assert_eq!(c["livenessProbe"]["httpGet"]["port"], "metrics");
+    let ports = c["ports"].as_array().unwrap();
+    assert!(
+        ports
+            .iter()
+            .any(|p| p["name"] == "metrics" && p["containerPort"] == 8080)
+    );
+    assert!(ports.iter().any(|p| p["name"] == "ext-metrics"));
+    let metrics = get(&docs, "Service", Some(RELEASE_NS), "blocksmith-metrics");
+    assert_eq!(metrics["spec"]["ports"][0]["targetPort"], "metrics");
+
+    // Operator RBAC: cluster-wide role and binding; the Lease only in its own namespace.
+    get(&docs, "ClusterRole", None, "blocksmith-operator");
+    let crb = get(&docs, "ClusterRoleBinding", None, "blocksmith-operator");
+    assert_eq!(crb["subjects"][0]["namespace"], RELEASE_NS);
+    let lease = get(
+        &docs,
+        "Role",
+        Some(RELEASE_NS),
+        "blocksmith-operator-leader-election",
+    );
+    assert_eq!(lease["rules"][1]["resourceNames"][0], "blocksmith-operator");
+    get(
+        &docs,
+        "RoleBinding",
+        Some(RELEASE_NS),
+        "blocksmith-operator-leader-election",
+    );
+    get(
+        &docs,
+        "ServiceAccount",
+        Some(RELEASE_NS),
+        "blocksmith-operator",
+    );
+
+    // Builders: a ServiceAccount and exactly this Role in each listed namespace.
+    for ns in ["team-a", "team-b"] {
+        get(&docs, "ServiceAccount", Some(ns), "blocksmith-builder");
+        let role = get(&docs, "Role", Some(ns), "blocksmith-builder");
+        assert_eq!(
+            role["rules"],
+            json!([
+                {"apiGroups": ["blocksmith.io"], "resources": ["blockjobs"], "verbs": ["get", "list", "watch"]},
+                {"apiGroups": ["blocksmith.io"], "resources": ["blockjobs/status"], "verbs": ["patch"]},
+            ])
+        );
+        let rb = get(&docs, "RoleBinding", Some(ns), "blocksmith-builder");
+        assert_eq!(rb["subjects"][0]["name"], "blocksmith-builder");
+        assert_eq!(rb["subjects"][0]["namespace"], ns);
+    }
+
+    // externalMetrics.enabled=false: none of the external-metrics objects.
+    let docs = render(&tb, &["externalMetrics.enabled=false"])
+        .await
+        .expect("render without external metrics");
+    assert!(docs.iter().all(|d| d["kind"] != "APIService"));
+    assert!(find(&docs, "Service", Some(RELEASE_NS), svc_name).is_none());
+    assert!(
+        find(
+            &docs,
+            "ClusterRoleBinding",
+            None,
+            "blocksmith-operator-auth-delegator"
+        )
+        .is_none()
+    );
+    assert!(
+        find(
+            &docs,
+            "ClusterRoleBinding",
+            None,
+            "blocksmith-external-metrics-hpa-controller"
+        )
+        .is_none()
+    );
+    let dep = get(&docs, "Deployment", Some(RELEASE_NS), "blocksmith-operator");
+    let c = &dep["spec"]["template"]["spec"]["containers"][0];
+    assert!(
+        !c["ports"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|p| p["name"] == "ext-metrics")
+    );
+    assert!(
+        !c["env"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["name"] == "BLOCKSMITH_EXTERNAL_METRICS_ADDR")
+    );
+    assert!(!docs.iter().any(|d| d["kind"] == "ServiceAccount" && d["metadata"]["name"] == "blocksmith-builder"));
+
+    // watchNamespace: the operator's role is bound in that namespace only.
+    let docs = render(&tb, &["watchNamespace=team-a"])
+        .await
+        .expect("render namespaced");
+    assert!(find(&docs, "ClusterRoleBinding", None, "blocksmith-operator").is_none());
+    let rb = get(&docs, "RoleBinding", Some("team-a"), "blocksmith-operator");
+    assert_eq!(rb["roleRef"]["kind"], "ClusterRole");
+    let dep = get(&docs, "Deployment", Some(RELEASE_NS), "blocksmith-operator");
+    let args = strings(&dep["spec"]["template"]["spec"]["containers"][0]["args"]);
+    assert!(args.contains(&"--namespace=team-a"), "{args:?}");
+
+    // Without leader election only one replica is allowed, and no Lease permissions exist.
+    let docs = render(&tb, &["operator.leaderElection=false,operator.replicas=1"])
+        .await
+        .expect("render single replica");
+    let dep = get(&docs, "Deployment", Some(RELEASE_NS), "blocksmith-operator");
+    let args = strings(&dep["spec"]["template"]["spec"]["containers"][0]["args"]);
+    assert!(args.contains(&"--no-leader-election"), "{args:?}");
+    assert!(
+        find(
+            &docs,
+            "Role",
+            Some(RELEASE_NS),
+            "blocksmith-operator-leader-election"
+        )
+        .is_none()
+    );
+    let err = render(&tb, &["operator.leaderElection=false"])
+        .await
+        .expect_err("two replicas without leader election must not render");
+    assert!(err.contains("requires operator.replicas=1"), "{err}");
+}
