@@ -91,21 +91,29 @@ async fn operator_leader(tb: &Testbed, ns: &str) -> Option<String> {
         .holder_identity
 }
 
-/// How each builder pod's container ended, from watching the pods (a deleted pod's last
-/// status carries its exit code before the object goes).
-type Exits = Arc<Mutex<BTreeMap<String, i32>>>;
+/// Every builder pod seen, and how each one's container ended, from watching the pods (a
+/// deleted pod's last status carries its exit code before the object goes).
+#[derive(Default)]
+struct BuilderPodLog {
+    names: BTreeSet<String>,
+    exits: BTreeMap<String, i32>,
+}
 
-fn record_builder_exits(tb: &Testbed, ns: &str) -> Exits {
-    let exits: Exits = Arc::default();
+type BuilderPods = Arc<Mutex<BuilderPodLog>>;
+
+fn watch_builder_pods(tb: &Testbed, ns: &str) -> BuilderPods {
+    let log: BuilderPods = Arc::default();
     let api: Api<Pod> = Api::namespaced(tb.client.clone(), ns);
-    let seen = exits.clone();
+    let seen = log.clone();
     tokio::spawn(async move {
         let cfg = watcher::Config::default().labels("app.kubernetes.io/name=blocksmith-builder");
         let mut pods = watcher(api, cfg)
             .default_backoff()
             .applied_objects()
             .boxed();
-        while let Ok(Some(pod)) = pods.try_next().await {
+        while let Some(event) = pods.next().await {
+            // An error ends nothing: the watcher starts again (after a backoff).
+            let Ok(pod) = event else { continue };
             let name = pod.metadata.name.clone().unwrap_or_default();
             let code = pod
                 .status
@@ -113,12 +121,14 @@ fn record_builder_exits(tb: &Testbed, ns: &str) -> Exits {
                 .and_then(|cs| cs.into_iter().next())
                 .and_then(|c| c.state?.terminated)
                 .map(|t| t.exit_code);
+            let mut log = seen.lock().unwrap();
             if let Some(code) = code {
-                seen.lock().unwrap().insert(name, code);
+                log.exits.insert(name.clone(), code);
             }
+            log.names.insert(name);
         }
     });
-    exits
+    log
 }
 
 /// The host pid of a pod's first container (pods are processes of this machine).
@@ -269,7 +279,7 @@ async fn the_chart_runs_blocksmith_as_pods_that_scale_fail_over_and_write_every_
     .await;
 
     // A pipeline with builders: the operator's Deployment and HPA run them as pods.
-    let exits = record_builder_exits(&tb, &ns);
+    let builder_pod_log = watch_builder_pods(&tb, &ns);
     let mut bp = pipeline(
         "orders",
         topic,
@@ -407,7 +417,7 @@ async fn the_chart_runs_blocksmith_as_pods_that_scale_fail_over_and_write_every_
                 .and_then(|p| p.metadata.name),
         );
     }
-    let seen: BTreeSet<String> = exits.lock().unwrap().keys().cloned().collect();
+    let seen = builder_pod_log.lock().unwrap().names.clone();
     for j in &all_jobs {
         let h = holder(j).unwrap();
         assert!(
@@ -425,7 +435,7 @@ async fn the_chart_runs_blocksmith_as_pods_that_scale_fail_over_and_write_every_
         || async { (builder_pods(&pods).await?.len() == 1).then_some(()) },
     )
     .await;
-    let exits = exits.lock().unwrap().clone();
+    let exits = builder_pod_log.lock().unwrap().exits.clone();
     let scaled_down: BTreeMap<_, _> = exits.iter().filter(|(name, _)| **name != victim).collect();
     // (A pod removed before its container started, e.g. the dead builder's replacement,
     // leaves no exit code.)
