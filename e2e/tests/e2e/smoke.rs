@@ -20,24 +20,15 @@ async fn crds_are_installed_and_kubectl_lists_them() {
         .list(&Default::default())
         .await
         .expect("list blockpipelines");
-    let out = std::process::Command::new("kubectl")
-        .args(["get", "bp,bj", "-n", &ns])
-        .output()
-        .expect("kubectl");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let out = std::process::Command::new("kubectl")
-        .args(["get", "blocksmith", "-n", &ns])
-        .output()
-        .expect("kubectl");
-    assert!(
-        out.status.success(),
-        "category `blocksmith`: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    // By the kinds' short names, then by their category.
+    for (resources, context) in [("bp,bj", ""), ("blocksmith", "category `blocksmith`: ")] {
+        let out = std::process::Command::new("kubectl")
+            .args(["get", resources, "-n", &ns])
+            .output()
+            .expect("kubectl");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{context}{stderr}");
+    }
 }
 
 #[track_caller]
