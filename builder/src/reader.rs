@@ -512,6 +512,14 @@ mod tests {
         }
     }
 
+    /// [`config`] that gives up after `secs` without records.
+    fn config_idle(cluster: &MockCluster<'_, DefaultProducerContext>, secs: u64) -> ReaderConfig {
+        ReaderConfig {
+            idle_timeout: Duration::from_secs(secs),
+            ..config(cluster)
+        }
+    }
+
     fn read(
         cfg: &ReaderConfig,
         start: i64,
@@ -567,10 +575,7 @@ mod tests {
     #[test]
     fn range_past_the_log_end_stalls_instead_of_ending_early() {
         let cluster = cluster_with(50);
-        let cfg = ReaderConfig {
-            idle_timeout: Duration::from_secs(1),
-            ..config(&cluster)
-        };
+        let cfg = config_idle(&cluster, 1);
         let (got, result) = read(&cfg, 40, 60);
 
         assert_eq!(got.len(), 10);
@@ -635,10 +640,7 @@ mod tests {
     #[test]
     fn cancel_stops_a_waiting_read() {
         let cluster = cluster_with(50);
-        let cfg = ReaderConfig {
-            idle_timeout: Duration::from_secs(60),
-            ..config(&cluster)
-        };
+        let cfg = config_idle(&cluster, 60);
         let cancel = Arc::new(AtomicBool::new(false));
         let canceller = {
             let cancel = Arc::clone(&cancel);
@@ -667,10 +669,7 @@ mod tests {
     #[test]
     fn missing_topic_is_reported() {
         let cluster = cluster_with(1);
-        let cfg = ReaderConfig {
-            idle_timeout: Duration::from_secs(3),
-            ..config(&cluster)
-        };
+        let cfg = config_idle(&cluster, 3);
         let cancel = AtomicBool::new(false);
         let result = read_range(&cfg, "no-such-topic", 0, 0, 10, &cancel, |_| {
             Ok::<_, TestError>(())

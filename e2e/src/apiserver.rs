@@ -101,6 +101,8 @@ impl PrivateApiserver {
 
 fn spawn(tb: &Testbed, name: &str, port: u16) -> Proc {
     let pki = tb.dir.join("pki");
+    // `--{flag}=<the testbed's pki directory>/{file}`.
+    let pki_arg = |flag: &str, file: &str| format!("--{flag}={}", pki.join(file).display());
     let mut cmd =
         std::process::Command::new(Path::new(&var("BLOCKSMITH_KUBE_BIN")).join("kube-apiserver"));
     cmd.arg(format!("--etcd-servers={}", var("BLOCKSMITH_ETCD")))
@@ -108,27 +110,12 @@ fn spawn(tb: &Testbed, name: &str, port: u16) -> Proc {
         .arg(format!("--secure-port={port}"))
         .arg("--bind-address=127.0.0.1")
         // The testbed's serving certificate (its CA is in the kubeconfig; it names 127.0.0.1).
-        .arg(format!(
-            "--tls-cert-file={}",
-            pki.join("apiserver.crt").display()
-        ))
-        .arg(format!(
-            "--tls-private-key-file={}",
-            pki.join("apiserver.key").display()
-        ))
+        .arg(pki_arg("tls-cert-file", "apiserver.crt"))
+        .arg(pki_arg("tls-private-key-file", "apiserver.key"))
         .arg("--service-account-issuer=https://kubernetes.default.svc")
-        .arg(format!(
-            "--service-account-key-file={}",
-            pki.join("sa.pub").display()
-        ))
-        .arg(format!(
-            "--service-account-signing-key-file={}",
-            pki.join("sa.key").display()
-        ))
-        .arg(format!(
-            "--token-auth-file={}",
-            pki.join("tokens.csv").display()
-        ))
+        .arg(pki_arg("service-account-key-file", "sa.pub"))
+        .arg(pki_arg("service-account-signing-key-file", "sa.key"))
+        .arg(pki_arg("token-auth-file", "tokens.csv"))
         .arg("--authorization-mode=RBAC")
         .arg("--service-cluster-ip-range=10.0.0.0/24")
         .arg("--insecure-port=0");

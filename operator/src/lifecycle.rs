@@ -305,19 +305,24 @@ mod tests {
     }
 
     #[test]
-    fn live_lease_needs_nothing() {
-        let s = running(1, 100, 30);
-        assert_eq!(job_action(Some(&s), 3, t(129)), JobAction::None);
-    }
-
-    #[test]
-    fn expired_lease_is_requeued_with_backoff() {
-        let s = running(1, 100, 30);
-        let expected = JobAction::Expire {
+    fn live_lease_needs_nothing_expired_is_requeued_or_on_the_last_attempt_fails() {
+        let requeued = JobAction::Expire {
             next_attempt: 2,
             not_before: t(130) + retry_backoff(2),
         };
-        assert_eq!(job_action(Some(&s), 3, t(130)), expected);
+        // (attempt, now, action) for a lease renewed at 100 s for 30 s.
+        for (attempt, now, expected) in [
+            (1, 129, JobAction::None),
+            (1, 130, requeued),
+            (3, 200, JobAction::ExpireExhausted),
+        ] {
+            let s = running(attempt, 100, 30);
+            assert_eq!(
+                job_action(Some(&s), 3, t(now)),
+                expected,
+                "{attempt} at {now}"
+            );
+        }
     }
 
     #[test]
@@ -345,12 +350,6 @@ mod tests {
                 }
             );
         }
-    }
-
-    #[test]
-    fn expired_lease_on_the_last_attempt_fails_the_job() {
-        let s = running(3, 100, 30);
-        assert_eq!(job_action(Some(&s), 3, t(200)), JobAction::ExpireExhausted);
     }
 
     #[test]
@@ -450,20 +449,16 @@ mod tests {
 
     #[test]
     fn keeps_jobs_not_yet_committed() {
+        let committed = BTreeMap::from([(0, 150)]);
         let jobs = [
             finished("committed", 0, 100, Some(0)),
             finished("ahead", 0, 200, Some(0)),
             finished("unknown-partition", 1, 100, Some(0)),
         ];
-        let committed = BTreeMap::from([(0, 150)]);
-        assert_eq!(
-            jobs_to_delete(&jobs, &committed, HOUR, 0, t(7200)),
-            ["committed"]
-        );
-        assert_eq!(
-            jobs_to_delete(&jobs, &committed, HOUR, 0, t(0)),
-            ["committed"]
-        );
+        for now in [7200, 0] {
+            let deleted = jobs_to_delete(&jobs, &committed, HOUR, 0, t(now));
+            assert_eq!(deleted, ["committed"], "at {now}");
+        }
     }
 
     #[test]

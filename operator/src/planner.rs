@@ -322,6 +322,11 @@ mod tests {
         }
     }
 
+    /// Plans at `t(0)` with no tail seen yet; the plan must succeed.
+    fn plan_fresh(p: &PartitionOffsets, jobs: &[ExistingJob], pol: &PlanPolicy) -> PartitionPlan {
+        plan_partition(p, jobs, None, t(0), pol).unwrap()
+    }
+
     fn ranges(plan: &PartitionPlan) -> Vec<(i64, i64)> {
         plan.new_jobs.iter().map(|j| (j.start, j.end)).collect()
     }
@@ -338,14 +343,7 @@ mod tests {
 
     #[test]
     fn ten_thousand_offsets_make_ten_jobs_of_a_thousand() {
-        let plan = plan_partition(
-            &offsets(0, 10_000, Some(0)),
-            &[],
-            None,
-            t(0),
-            &policy(1000, 100),
-        )
-        .unwrap();
+        let plan = plan_fresh(&offsets(0, 10_000, Some(0)), &[], &policy(1000, 100));
         let expected: Vec<_> = (0..10).map(|i| (i * 1000, (i + 1) * 1000)).collect();
         assert_eq!(ranges(&plan), expected);
         assert!(plan.new_jobs.iter().all(|j| j.partition == 3));
@@ -358,7 +356,7 @@ mod tests {
     fn tail_is_cut_once_it_is_older_than_max_age() {
         let p = offsets(0, 2500, Some(0));
         let pol = policy(1000, 100);
-        let first = plan_partition(&p, &[], None, t(0), &pol).unwrap();
+        let first = plan_fresh(&p, &[], &pol);
         assert_eq!(ranges(&first), [(0, 1000), (1000, 2000)]);
         assert_eq!(first.tail_since, Some(t(0)));
         assert_eq!(first.planned_offset, 2000);
@@ -381,7 +379,7 @@ mod tests {
             max_age: Duration::ZERO,
             ..policy(1000, 100)
         };
-        let plan = plan_partition(&offsets(0, 1500, Some(0)), &[], None, t(0), &pol).unwrap();
+        let plan = plan_fresh(&offsets(0, 1500, Some(0)), &[], &pol);
         assert_eq!(ranges(&plan), [(0, 1000), (1000, 1500)]);
         assert_eq!(plan.tail_since, None);
     }
@@ -389,7 +387,7 @@ mod tests {
     #[test]
     fn without_commit_starts_at_earliest_or_latest() {
         let p = offsets(100, 5000, None);
-        let earliest = plan_partition(&p, &[], None, t(0), &policy(1000, 100)).unwrap();
+        let earliest = plan_fresh(&p, &[], &policy(1000, 100));
         assert_eq!(earliest.commit_start, Some(100));
         assert_eq!(earliest.new_jobs[0].start, 100);
 
@@ -397,7 +395,7 @@ mod tests {
             start_offset: StartOffset::Latest,
             ..policy(1000, 100)
         };
-        let latest = plan_partition(&p, &[], None, t(0), &pol).unwrap();
+        let latest = plan_fresh(&p, &[], &pol);
         assert_eq!(latest.commit_start, Some(5000));
         assert_eq!(latest.start, 5000);
         assert!(latest.new_jobs.is_empty());
@@ -408,14 +406,7 @@ mod tests {
     #[test]
     fn without_commit_existing_jobs_give_the_start() {
         let jobs = existing(&[(3000, 4000, true), (2000, 3000, true)]);
-        let plan = plan_partition(
-            &offsets(2500, 5000, None),
-            &jobs,
-            None,
-            t(0),
-            &policy(1000, 100),
-        )
-        .unwrap();
+        let plan = plan_fresh(&offsets(2500, 5000, None), &jobs, &policy(1000, 100));
         assert_eq!(plan.commit_start, Some(2000));
         assert_eq!(ranges(&plan), [(4000, 5000)]);
     }
@@ -435,7 +426,7 @@ mod tests {
             skip_missing_data: true,
             ..policy(1000, 100)
         };
-        let plan = plan_partition(&p, &[], None, t(0), &pol).unwrap();
+        let plan = plan_fresh(&p, &[], &pol);
         assert_eq!(plan.commit_start, Some(500));
         assert_eq!(
             plan.skipped,
@@ -445,10 +436,10 @@ mod tests {
         assert_eq!(plan.new_jobs[0].start, 500);
 
         // Once the new start is committed, nothing more is skipped (reported once).
-        let after = plan_partition(&offsets(500, 5000, Some(500)), &[], None, t(0), &pol).unwrap();
+        let after = plan_fresh(&offsets(500, 5000, Some(500)), &[], &pol);
         assert_eq!((after.commit_start, after.skipped), (None, None));
         // Without a committed offset, starting at a watermark skips nothing.
-        let fresh = plan_partition(&offsets(500, 5000, None), &[], None, t(0), &pol).unwrap();
+        let fresh = plan_fresh(&offsets(500, 5000, None), &[], &pol);
         assert_eq!(fresh.skipped, None);
     }
 
@@ -456,7 +447,7 @@ mod tests {
     fn deleted_job_is_recreated_with_the_same_range() {
         let pol = policy(1000, 100);
         let p = offsets(0, 4200, Some(0));
-        let first = plan_partition(&p, &[], None, t(0), &pol).unwrap();
+        let first = plan_fresh(&p, &[], &pol);
         let mut jobs: Vec<ExistingJob> = first
             .new_jobs
             .iter()
@@ -477,14 +468,7 @@ mod tests {
     fn gap_refill_is_bounded_by_the_next_job() {
         // The deleted job was cut with a larger max_records than today's.
         let jobs = existing(&[(0, 1000, true), (2500, 3000, false)]);
-        let plan = plan_partition(
-            &offsets(0, 3000, Some(1000)),
-            &jobs,
-            None,
-            t(0),
-            &policy(1000, 100),
-        )
-        .unwrap();
+        let plan = plan_fresh(&offsets(0, 3000, Some(1000)), &jobs, &policy(1000, 100));
         assert_eq!(ranges(&plan), [(1000, 2000), (2000, 2500)]);
         assert_eq!(plan.planned_offset, 3000);
     }
@@ -493,26 +477,19 @@ mod tests {
     fn in_flight_limit_counts_existing_unfinished_jobs() {
         let jobs = existing(&[(0, 1000, true), (1000, 2000, false), (2000, 3000, false)]);
         let p = offsets(0, 10_000, Some(0));
-        let plan = plan_partition(&p, &jobs, None, t(0), &policy(1000, 3)).unwrap();
+        let plan = plan_fresh(&p, &jobs, &policy(1000, 3));
         assert_eq!(ranges(&plan), [(3000, 4000)]);
         assert_eq!(plan.planned_offset, 4000);
         assert_eq!(plan.tail_since, Some(t(0)), "unplanned data is waiting");
 
-        let full = plan_partition(&p, &jobs, None, t(0), &policy(1000, 2)).unwrap();
+        let full = plan_fresh(&p, &jobs, &policy(1000, 2));
         assert!(full.new_jobs.is_empty());
     }
 
     #[test]
     fn unfilled_gap_bounds_the_planned_offset() {
         let jobs = existing(&[(1000, 2000, false), (3000, 4000, false)]);
-        let plan = plan_partition(
-            &offsets(0, 4000, Some(0)),
-            &jobs,
-            None,
-            t(0),
-            &policy(500, 3),
-        )
-        .unwrap();
+        let plan = plan_fresh(&offsets(0, 4000, Some(0)), &jobs, &policy(500, 3));
         assert_eq!(ranges(&plan), [(0, 500)]);
         assert_eq!(plan.planned_offset, 500);
     }
@@ -520,28 +497,14 @@ mod tests {
     #[test]
     fn history_is_ignored() {
         let jobs = existing(&[(0, 1000, true), (1000, 2000, false)]);
-        let plan = plan_partition(
-            &offsets(0, 3000, Some(2000)),
-            &jobs,
-            None,
-            t(0),
-            &policy(1000, 1),
-        )
-        .unwrap();
+        let plan = plan_fresh(&offsets(0, 3000, Some(2000)), &jobs, &policy(1000, 1));
         assert_eq!(ranges(&plan), [(2000, 3000)]);
     }
 
     #[test]
     fn overlapping_existing_jobs_never_get_overlapped() {
         let jobs = existing(&[(500, 1500, false), (1000, 1200, false), (1800, 2600, true)]);
-        let plan = plan_partition(
-            &offsets(0, 4000, Some(800)),
-            &jobs,
-            None,
-            t(0),
-            &policy(1000, 100),
-        )
-        .unwrap();
+        let plan = plan_fresh(&offsets(0, 4000, Some(800)), &jobs, &policy(1000, 100));
         assert_eq!(ranges(&plan), [(1500, 1800), (2600, 3600)]);
         assert_eq!(plan.tail_since, Some(t(0)));
     }

@@ -292,6 +292,14 @@ mod tests {
             .collect()
     }
 
+    /// A fresh set of heartbeats with `name` armed at the returned instant.
+    fn armed(name: &'static str, deadline: Duration) -> (Instant, Heartbeats) {
+        let t0 = Instant::now();
+        let mut h = Heartbeats::default();
+        h.arm(name, deadline, t0);
+        (t0, h)
+    }
+
     #[test]
     fn nothing_armed_is_healthy() {
         let t0 = Instant::now();
@@ -305,9 +313,7 @@ mod tests {
 
     #[test]
     fn an_armed_heartbeat_is_stale_only_strictly_past_its_deadline() {
-        let t0 = Instant::now();
-        let mut h = Heartbeats::default();
-        h.arm("loop", 10 * S, t0);
+        let (t0, h) = armed("loop", 10 * S);
         assert_eq!(h.check(t0), Ok(()));
         assert_eq!(h.check(t0 + 10 * S), Ok(()));
         let stale = h.check(t0 + 10 * S + Duration::from_millis(1)).unwrap_err();
@@ -328,9 +334,7 @@ mod tests {
 
     #[test]
     fn a_beat_restarts_the_deadline() {
-        let t0 = Instant::now();
-        let mut h = Heartbeats::default();
-        h.arm("loop", 10 * S, t0);
+        let (t0, mut h) = armed("loop", 10 * S);
         h.beat("loop", t0 + 8 * S);
         assert_eq!(h.check(t0 + 18 * S), Ok(()));
         assert_eq!(names(h.check(t0 + 19 * S)), ["loop"]);
@@ -344,9 +348,7 @@ mod tests {
 
     #[test]
     fn disarmed_time_does_not_count_and_rearming_starts_afresh() {
-        let t0 = Instant::now();
-        let mut h = Heartbeats::default();
-        h.arm("lease", 10 * S, t0);
+        let (t0, mut h) = armed("lease", 10 * S);
         h.disarm("lease");
         assert!(!h.is_armed("lease"));
         assert_eq!(h.check(t0 + 100 * S), Ok(()));
@@ -357,9 +359,7 @@ mod tests {
 
     #[test]
     fn arming_an_armed_heartbeat_keeps_its_last_beat() {
-        let t0 = Instant::now();
-        let mut h = Heartbeats::default();
-        h.arm("loop", 10 * S, t0);
+        let (t0, mut h) = armed("loop", 10 * S);
         h.arm("loop", 20 * S, t0 + 15 * S);
         assert_eq!(h.check(t0 + 20 * S), Ok(()));
         assert_eq!(names(h.check(t0 + 21 * S)), ["loop"]);
@@ -369,9 +369,7 @@ mod tests {
 
     #[test]
     fn heartbeats_are_judged_independently() {
-        let t0 = Instant::now();
-        let mut h = Heartbeats::default();
-        h.arm("b", 10 * S, t0);
+        let (t0, mut h) = armed("b", 10 * S);
         h.arm("a", 30 * S, t0);
         assert_eq!(names(h.check(t0 + 11 * S)), ["b"]);
         assert_eq!(names(h.check(t0 + 31 * S)), ["a", "b"]);
@@ -400,9 +398,7 @@ mod tests {
 
     #[test]
     fn while_operations_run_the_beats_are_not_judged_and_an_end_is_a_beat() {
-        let t0 = Instant::now();
-        let mut h = Heartbeats::default();
-        h.arm("reconcile", 10 * S, t0);
+        let (t0, mut h) = armed("reconcile", 10 * S);
         let long = h.start("reconcile", "ns/long", 100 * S, t0 + 5 * S);
         // No beat for 50 s, but a reconcile is in progress within its deadline.
         assert_eq!(h.check(t0 + 50 * S), Ok(()));
@@ -416,9 +412,7 @@ mod tests {
 
     #[test]
     fn stuck_operations_are_reported_in_start_order() {
-        let t0 = Instant::now();
-        let mut h = Heartbeats::default();
-        h.arm("reconcile", 10 * S, t0);
+        let (t0, mut h) = armed("reconcile", 10 * S);
         h.start("reconcile", "ns/b", 10 * S, t0);
         h.start("reconcile", "ns/a", 10 * S, t0 + S);
         let ok = h.start("reconcile", "ns/c", 100 * S, t0);

@@ -124,33 +124,35 @@ mod tests {
         (status, body)
     }
 
-    fn router(health: &Health) -> axum::Router {
-        probe_router(|| "metric 1\n".to_string(), health.clone())
+    /// GETs `path` from the probe router over `health` serving one fixed metric.
+    async fn probe(health: &Health, path: &str) -> (u16, String) {
+        get(
+            probe_router(|| "metric 1\n".to_string(), health.clone()),
+            path,
+        )
+        .await
     }
 
     #[tokio::test]
     async fn readyz_is_503_until_ready() {
         let health = Health::default();
-        assert_eq!(
-            get(router(&health), "/readyz").await,
-            (503, "starting".into())
-        );
+        assert_eq!(probe(&health, "/readyz").await, (503, "starting".into()));
         health.set_ready();
-        assert_eq!(get(router(&health), "/readyz").await, (200, "ready".into()));
+        assert_eq!(probe(&health, "/readyz").await, (200, "ready".into()));
     }
 
     #[tokio::test]
     async fn healthz_is_503_naming_what_is_stuck() {
         let health = Health::default();
-        assert_eq!(get(router(&health), "/healthz").await, (200, "ok".into()));
+        assert_eq!(probe(&health, "/healthz").await, (200, "ok".into()));
         // Armed and beaten within its deadline: fine.
         health.arm("lease-renewal", Duration::from_secs(3600));
-        assert_eq!(get(router(&health), "/healthz").await, (200, "ok".into()));
+        assert_eq!(probe(&health, "/healthz").await, (200, "ok".into()));
         // Past their deadlines: both named, with how long.
         health.arm("work-loop", Duration::ZERO);
         let op = health.start("reconcile", "ns/p", Duration::ZERO);
         tokio::time::sleep(Duration::from_millis(5)).await;
-        let (status, body) = get(router(&health), "/healthz").await;
+        let (status, body) = probe(&health, "/healthz").await;
         assert_eq!(status, 503);
         let lines: Vec<&str> = body.lines().collect();
         assert_eq!(lines.len(), 2, "{body}");
@@ -163,22 +165,16 @@ mod tests {
             "{body}"
         );
         // Readiness is a separate matter.
-        assert_eq!(
-            get(router(&health), "/readyz").await,
-            (503, "starting".into())
-        );
+        assert_eq!(probe(&health, "/readyz").await, (503, "starting".into()));
         // A stale heartbeat that is disarmed no longer counts.
         health.disarm("work-loop");
         drop(op);
-        assert_eq!(get(router(&health), "/healthz").await, (200, "ok".into()));
+        assert_eq!(probe(&health, "/healthz").await, (200, "ok".into()));
     }
 
     #[tokio::test]
     async fn metrics_serves_the_encoded_text() {
         let health = Health::default();
-        assert_eq!(
-            get(router(&health), "/metrics").await,
-            (200, "metric 1\n".into())
-        );
+        assert_eq!(probe(&health, "/metrics").await, (200, "metric 1\n".into()));
     }
 }

@@ -20,29 +20,25 @@ async fn crds_are_installed_and_kubectl_lists_them() {
         .list(&Default::default())
         .await
         .expect("list blockpipelines");
-    let out = std::process::Command::new("kubectl")
-        .args(["get", "bp,bj", "-n", &ns])
-        .output()
-        .expect("kubectl");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let out = std::process::Command::new("kubectl")
-        .args(["get", "blocksmith", "-n", &ns])
-        .output()
-        .expect("kubectl");
-    assert!(
-        out.status.success(),
-        "category `blocksmith`: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    // By the kinds' short names, then by their category.
+    for (resources, context) in [("bp,bj", ""), ("blocksmith", "category `blocksmith`: ")] {
+        let out = std::process::Command::new("kubectl")
+            .args(["get", resources, "-n", &ns])
+            .output()
+            .expect("kubectl");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{context}{stderr}");
+    }
 }
 
 #[track_caller]
 fn assert_conflict(err: &kube::Error) {
     assert!(matches!(err, kube::Error::Api(e) if e.code == 409), "{err}");
+}
+
+/// Job `j`'s lease, applied for `holder` with the field manager of `pp`.
+async fn claim(jobs: &Api<BlockJob>, pp: &PatchParams, holder: &str) -> kube::Result<BlockJob> {
+    jobs.patch_status("j", pp, &lease_patch(holder)).await
 }
 
 #[tokio::test]
@@ -57,11 +53,8 @@ async fn server_side_apply_fences_lease_holders() {
 
     let a = PatchParams::apply("builder-a");
     let b = PatchParams::apply("builder-b");
-    jobs.patch_status("j", &a, &lease_patch("builder-a"))
-        .await
-        .expect("a claims");
-    let err = jobs
-        .patch_status("j", &b, &lease_patch("builder-b"))
+    claim(&jobs, &a, "builder-a").await.expect("a claims");
+    let err = claim(&jobs, &b, "builder-b")
         .await
         .expect_err("b must conflict");
     assert_conflict(&err);
@@ -69,14 +62,13 @@ async fn server_side_apply_fences_lease_holders() {
         err.to_string().contains("builder-a"),
         "conflict names the owner: {err}"
     );
-    jobs.patch_status("j", &a, &lease_patch("builder-a-renewed"))
+    claim(&jobs, &a, "builder-a-renewed")
         .await
         .expect("a renews");
-    jobs.patch_status("j", &b.clone().force(), &lease_patch("builder-b"))
+    claim(&jobs, &b.clone().force(), "builder-b")
         .await
         .expect("b forces");
-    let err = jobs
-        .patch_status("j", &a, &lease_patch("builder-a-late"))
+    let err = claim(&jobs, &a, "builder-a-late")
         .await
         .expect_err("a is fenced out");
     assert_conflict(&err);

@@ -205,20 +205,14 @@ async fn chart_renders_the_apiservice_rbac_and_a_hardened_operator() {
     );
     let dep = get(&docs, "Deployment", Some(RELEASE_NS), "blocksmith-operator");
     let c = &dep["spec"]["template"]["spec"]["containers"][0];
-    assert!(
-        !c["ports"]
-            .as_array()
+    let named = |list: &serde_json::Value, name: &str| {
+        list.as_array()
             .unwrap()
             .iter()
-            .any(|p| p["name"] == "ext-metrics")
-    );
-    assert!(
-        !c["env"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .any(|e| e["name"] == "BLOCKSMITH_EXTERNAL_METRICS_ADDR")
-    );
+            .any(|item| item["name"] == name)
+    };
+    assert!(!named(&c["ports"], "ext-metrics"));
+    assert!(!named(&c["env"], "BLOCKSMITH_EXTERNAL_METRICS_ADDR"));
     assert!(!docs.iter().any(|d| d["kind"] == "ServiceAccount" && d["metadata"]["name"] == "blocksmith-builder"));
 
     // watchNamespace: the operator's role is bound in that namespace only.
