@@ -145,13 +145,20 @@ impl LeaseClient {
         self.send(client, held, body).await
     }
 
+    /// Reports the attempt `Failed`; `transient` when the cause was an outage (see
+    /// `BlockJobStatus::transient`).
     pub async fn fail(
         &self,
         client: &kube::Client,
         held: &mut Held,
         message: &str,
+        transient: bool,
     ) -> Result<(), LeaseError> {
-        let extra = json!({ "completionTime": Time(Timestamp::now()), "message": message });
+        let extra = json!({
+            "completionTime": Time(Timestamp::now()),
+            "message": message,
+            "transient": transient,
+        });
         let body = self.body(held, JobPhase::Failed, extra);
         self.send(client, held, body).await
     }

@@ -9,7 +9,9 @@ use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{BorrowedMessage, Headers, Message};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 
-use blocksmith_runtime::kafka::{ConnectionErrors, is_auth_failure, is_unrecoverable};
+use blocksmith_runtime::kafka::{
+    ConnectionError, ConnectionErrors, is_auth_failure, is_unrecoverable,
+};
 
 use crate::record::Record;
 
@@ -73,7 +75,7 @@ pub enum ReadError {
         bootstrap: String,
         #[source]
         source: Box<KafkaError>,
-        last_error: Option<String>,
+        last_error: Option<Box<ConnectionError>>,
     },
 
     #[error("{topic}[{partition}]: topic or partition does not exist")]
@@ -106,7 +108,7 @@ pub enum ReadError {
         position: i64,
         end: i64,
         idle: Duration,
-        last_error: Option<String>,
+        last_error: Option<Box<ConnectionError>>,
     },
 
     #[error("{topic}[{partition}]: read cancelled at offset {position}")]
@@ -117,7 +119,22 @@ pub enum ReadError {
     },
 }
 
-fn suffix(last_error: &Option<String>) -> String {
+impl ReadError {
+    /// An outage (the brokers unreachable, or silent in the middle of the range) rather than
+    /// something a person must fix. Connections refused for their credentials are not one.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            ReadError::Unreachable { last_error, .. } | ReadError::Stalled { last_error, .. } => {
+                !last_error
+                    .as_ref()
+                    .is_some_and(|e| is_auth_failure(e.code()))
+            }
+            _ => false,
+        }
+    }
+}
+
+fn suffix(last_error: &Option<Box<ConnectionError>>) -> String {
     last_error
         .as_ref()
         .map(|e| format!(" (last Kafka error: {e})"))
@@ -217,7 +234,7 @@ pub fn read_range<E: From<ReadError>>(
             return Err(at(next).kafka(source).into());
         }
         if last_progress.elapsed() >= cfg.idle_timeout {
-            let last_error = consumer.context().take_latest().map(|e| e.to_string());
+            let last_error = consumer.context().take_latest().map(Box::new);
             return Err(at(next).stalled(end, cfg.idle_timeout, last_error).into());
         }
     }
@@ -279,7 +296,7 @@ fn check_partition(
             ReadError::Unreachable {
                 bootstrap: cfg.bootstrap_servers.clone(),
                 source: Box::new(source),
-                last_error: consumer.context().take_latest().map(|e| e.to_string()),
+                last_error: consumer.context().take_latest().map(Box::new),
             }
         })?;
     let not_found = || ReadError::TopicNotFound {
@@ -373,7 +390,12 @@ impl Partition<'_> {
         }
     }
 
-    fn stalled(&self, end: i64, idle: Duration, last_error: Option<String>) -> ReadError {
+    fn stalled(
+        &self,
+        end: i64,
+        idle: Duration,
+        last_error: Option<Box<ConnectionError>>,
+    ) -> ReadError {
         ReadError::Stalled {
             topic: self.topic.to_owned(),
             partition: self.partition,
@@ -580,8 +602,9 @@ mod tests {
 
         assert_eq!(got.len(), 10);
         match result {
-            Err(TestError::Read(ReadError::Stalled { position, end, .. })) => {
+            Err(TestError::Read(err @ ReadError::Stalled { position, end, .. })) => {
                 assert_eq!((position, end), (50, 60));
+                assert!(err.is_transient(), "a stalled read is an outage: {err}");
             }
             other => panic!("expected Stalled, got {other:?}"),
         }
@@ -609,6 +632,10 @@ mod tests {
             Err(TestError::Read(err @ ReadError::StartUnavailable { .. })) => err,
             other => panic!("expected StartUnavailable, got {other:?}"),
         };
+        assert!(
+            !err.is_transient(),
+            "deleted records never come back: {err}"
+        );
         let ReadError::StartUnavailable { low, high, .. } = &err else {
             unreachable!()
         };
@@ -675,8 +702,9 @@ mod tests {
             Ok::<_, TestError>(())
         });
         match result {
-            Err(TestError::Read(ReadError::TopicNotFound { topic, .. })) => {
-                assert_eq!(topic, "no-such-topic")
+            Err(TestError::Read(err @ ReadError::TopicNotFound { .. })) => {
+                assert!(err.to_string().starts_with("no-such-topic[0]"), "{err}");
+                assert!(!err.is_transient(), "a person must fix it: {err}");
             }
             other => panic!("expected TopicNotFound, got {other:?}"),
         }
@@ -692,10 +720,37 @@ mod tests {
             Err(TestError::Read(err @ ReadError::Unreachable { .. })) => err,
             other => panic!("expected Unreachable, got {other:?}"),
         };
+        assert!(
+            err.is_transient(),
+            "refused connections are an outage: {err}"
+        );
         let msg = err.to_string();
         assert!(
             msg.contains("127.0.0.1:1") && msg.contains("Connection refused"),
             "{msg}"
         );
+    }
+
+    #[test]
+    fn refused_credentials_are_no_outage() {
+        // SASL against a plaintext listener fails the handshake the way a wrong password does.
+        let cluster = cluster_with(10);
+        let cfg = ReaderConfig {
+            idle_timeout: Duration::from_secs(3),
+            extra: [
+                ("security.protocol", "SASL_PLAINTEXT"),
+                ("sasl.mechanism", "PLAIN"),
+                ("sasl.username", "u"),
+                ("sasl.password", "p"),
+            ]
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .into(),
+            ..config(&cluster)
+        };
+        let err = match read(&cfg, 0, 10).1 {
+            Err(TestError::Read(err)) => err,
+            other => panic!("expected a read error, got {other:?}"),
+        };
+        assert!(!err.is_transient(), "{err:?}");
     }
 }

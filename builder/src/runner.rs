@@ -35,6 +35,18 @@ pub enum BuildError {
     Cancelled,
 }
 
+impl BuildError {
+    /// An outage of Kafka or the object store rather than something a person must fix:
+    /// retried without counting against the job's `backoffLimit`.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            BuildError::Read(e) => e.is_transient(),
+            BuildError::Store(e) => e.is_transient(),
+            _ => false,
+        }
+    }
+}
+
 #[derive(Clone, Debug)]
 pub struct BuildSettings {
     /// Client properties for Kafka (security, SASL); the bootstrap servers come from the job.

@@ -248,9 +248,10 @@ impl Worker {
             }
             Err(e) => {
                 self.metrics.failed(&e);
-                error!(error = %e, "job attempt failed");
+                let transient = e.is_transient();
+                error!(error = %e, transient, "job attempt failed");
                 self.lease
-                    .fail(&self.client, &mut held, &e.to_string())
+                    .fail(&self.client, &mut held, &e.to_string(), transient)
                     .await
             }
         };

@@ -115,6 +115,15 @@ pub struct BlockJobStatus {
     pub completion_time: Option<Time>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
+    /// Set by the builder that reports `Failed`: the failure was an outage (Kafka or the
+    /// object store unreachable, timing out or answering 5xx), not something a person must
+    /// fix. Such failures are retried without counting against `backoffLimit`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub transient: Option<bool>,
+    /// Transient failures in a row, counted by the operator as it retries them; their
+    /// backoff grows with it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub transient_failures: Option<i32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub output: Option<JobOutput>,
 }

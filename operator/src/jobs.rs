@@ -9,13 +9,13 @@ use std::collections::BTreeMap;
 
 use blocksmith_crds::domain::{LABEL_PARTITION, LABEL_PHASE, LABEL_PIPELINE, job_name};
 use blocksmith_crds::{BlockJob, BlockJobSpec, BlockPipeline, JobOutputSpec, JobPhase};
-use jiff::Timestamp;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use kube::runtime::reflector::Store;
 use kube::{Resource, ResourceExt};
 use serde_json::json;
 
+use crate::lifecycle::Reset;
 use crate::metrics::Metrics;
 use crate::planner::PlannedJob;
 
@@ -102,31 +102,28 @@ impl JobStore {
             .await
     }
 
-    /// Takes a job back from its builder: `Pending` again at `attempt` after `not_before`, or
-    /// `Failed` for good. The forced apply takes the lease fields from the builder's field
+    /// Takes a job back from its builder as `reset` says: `Pending` again at an attempt after
+    /// a backoff, or `Failed` for good. The forced apply takes the lease fields from the builder's field
     /// manager, so the builder's next renewal or report conflicts; `resourceVersion` makes it
     /// a compare-and-swap against what the decision was based on.
-    pub async fn reset(
-        &self,
-        job: &BlockJob,
-        phase: JobPhase,
-        attempt: i32,
-        not_before: Option<Timestamp>,
-        message: &str,
-    ) -> kube::Result<BlockJob> {
+    pub async fn reset(&self, job: &BlockJob, reset: &Reset) -> kube::Result<BlockJob> {
         let lease_seconds = job
             .status
             .as_ref()
             .and_then(|s| s.lease.as_ref())
             .map_or(0, |l| l.lease_duration_seconds);
         let mut status = json!({
-            "phase": phase,
-            "attempt": attempt,
-            "message": message,
+            "phase": reset.phase,
+            "attempt": reset.attempt,
+            "message": reset.message,
             "lease": { "holder": "", "leaseDurationSeconds": lease_seconds },
         });
-        if let Some(t) = not_before {
+        if let Some(t) = reset.not_before {
             status["notBefore"] = json!(Time(t));
+        }
+        // Left out, it is removed: this manager owned it.
+        if let Some(n) = reset.transient_failures {
+            status["transientFailures"] = json!(n);
         }
         let patch = json!({
             "apiVersion": "blocksmith.io/v1alpha1",

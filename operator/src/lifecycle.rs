@@ -30,6 +30,12 @@ pub enum JobAction {
         next_attempt: i32,
         not_before: Timestamp,
     },
+    /// The job is `Failed` by an outage (`status.transient`): reset it to `Pending` at the same
+    /// attempt, as failure `in_a_row` of the kind, after a backoff that grows with it.
+    RetryTransient {
+        in_a_row: i32,
+        not_before: Timestamp,
+    },
     /// The job is `Failed` with no attempts left: it stays so, holds back its partition's
     /// commit, and the pipeline is `Degraded` until the user deletes the job (their retry).
     Exhausted,
@@ -56,6 +62,13 @@ pub fn job_action(
             },
             _ => JobAction::ExpireExhausted,
         },
+        JobPhase::Failed if status.transient == Some(true) => {
+            let in_a_row = status.transient_failures.unwrap_or(0).saturating_add(1);
+            JobAction::RetryTransient {
+                in_a_row,
+                not_before: add(now, transient_backoff(in_a_row)),
+            }
+        }
         JobPhase::Failed if has_attempts_left => JobAction::Retry {
             next_attempt: attempt.saturating_add(1),
             not_before: backoff_until(attempt, now),
@@ -72,6 +85,8 @@ pub struct Reset {
     pub not_before: Option<Timestamp>,
     /// Why, for the job's status and the log.
     pub message: String,
+    /// Outages in a row so far; `None` ends a row.
+    pub transient_failures: Option<i32>,
 }
 
 /// The reset [`job_action`] asks for, if any.
@@ -82,6 +97,9 @@ pub fn reset(job: &BlockJob, backoff_limit: i32, now: Timestamp) -> Option<Reset
         .map(|l| l.holder.as_str())
         .unwrap_or_default();
     let attempt = job.attempt();
+    let last_message = status
+        .and_then(|s| s.message.as_deref())
+        .unwrap_or_default();
     match job_action(status, backoff_limit, now) {
         JobAction::Expire {
             next_attempt,
@@ -91,27 +109,37 @@ pub fn reset(job: &BlockJob, backoff_limit: i32, now: Timestamp) -> Option<Reset
             attempt: next_attempt,
             not_before: Some(not_before),
             message: format!("lease of {holder:?} expired on attempt {attempt}; retrying"),
+            transient_failures: None,
         }),
         JobAction::ExpireExhausted => Some(Reset {
             phase: JobPhase::Failed,
             attempt,
             not_before: None,
             message: format!("lease of {holder:?} expired on the last attempt ({attempt})"),
+            transient_failures: None,
         }),
         JobAction::Retry {
             next_attempt,
             not_before,
-        } => {
-            let last_message = status
-                .and_then(|s| s.message.as_deref())
-                .unwrap_or_default();
-            Some(Reset {
-                phase: JobPhase::Pending,
-                attempt: next_attempt,
-                not_before: Some(not_before),
-                message: format!("attempt {attempt} failed: {last_message}; retrying"),
-            })
-        }
+        } => Some(Reset {
+            phase: JobPhase::Pending,
+            attempt: next_attempt,
+            not_before: Some(not_before),
+            message: format!("attempt {attempt} failed: {last_message}; retrying"),
+            transient_failures: None,
+        }),
+        JobAction::RetryTransient {
+            in_a_row,
+            not_before,
+        } => Some(Reset {
+            phase: JobPhase::Pending,
+            attempt,
+            not_before: Some(not_before),
+            message: format!(
+                "attempt {attempt} failed on an outage ({in_a_row} in a row, not counted against backoffLimit): {last_message}; retrying"
+            ),
+            transient_failures: Some(in_a_row),
+        }),
         JobAction::Exhausted | JobAction::None => None,
     }
 }
@@ -123,6 +151,12 @@ fn lease_expires_at(status: &BlockJobStatus) -> Option<Timestamp> {
     let lease = status.lease.as_ref().filter(|l| !l.holder.is_empty())?;
     let renewed = lease.renew_time.as_ref().or(lease.acquire_time.as_ref())?;
     Some(lease_expiry(renewed.0, lease.lease_duration_seconds))
+}
+
+/// Outages are retried for as long as they last: the backoff grows as for attempts, up to a
+/// minute, so the job resumes soon after the outage ends.
+fn transient_backoff(in_a_row: i32) -> Duration {
+    retry_backoff(in_a_row.saturating_add(1)).min(Duration::from_secs(60))
 }
 
 fn backoff_until(attempt: i32, now: Timestamp) -> Timestamp {
@@ -190,7 +224,9 @@ pub fn next_wakeup(
 ) -> Option<Timestamp> {
     let status = status?;
     match job_action(Some(status), backoff_limit, now) {
-        JobAction::Expire { not_before, .. } | JobAction::Retry { not_before, .. } => {
+        JobAction::Expire { not_before, .. }
+        | JobAction::Retry { not_before, .. }
+        | JobAction::RetryTransient { not_before, .. } => {
             return Some(not_before);
         }
         JobAction::ExpireExhausted | JobAction::Exhausted => return None,
@@ -550,5 +586,70 @@ mod tests {
         );
         assert_eq!(counts.unfinished(), 5);
         assert_eq!(JobCounts::of(&jobs, 3, t(10)).claimable, 2);
+    }
+
+    fn failed_by_outage(attempt: i32, in_a_row: Option<i32>) -> BlockJobStatus {
+        BlockJobStatus {
+            transient: Some(true),
+            transient_failures: in_a_row,
+            message: Some("S3 unreachable".into()),
+            ..status(JobPhase::Failed, attempt)
+        }
+    }
+
+    #[test]
+    fn outages_are_retried_at_the_same_attempt_past_the_backoff_limit() {
+        // The last of 3 attempts: a failure a person must fix would exhaust the job here.
+        let s = failed_by_outage(3, None);
+        assert_eq!(
+            job_action(Some(&s), 3, t(0)),
+            JobAction::RetryTransient {
+                in_a_row: 1,
+                not_before: t(5)
+            }
+        );
+        let r = reset(&job(s), 3, t(0)).unwrap();
+        assert_eq!(
+            (r.phase, r.attempt, r.transient_failures),
+            (JobPhase::Pending, 3, Some(1))
+        );
+        assert_eq!(
+            r.message,
+            "attempt 3 failed on an outage (1 in a row, not counted against backoffLimit): S3 unreachable; retrying"
+        );
+
+        let backoff =
+            |so_far: i32| match job_action(Some(&failed_by_outage(3, Some(so_far))), 3, t(0)) {
+                JobAction::RetryTransient { not_before, .. } => {
+                    not_before.duration_since(t(0)).as_secs()
+                }
+                other => panic!("expected RetryTransient, got {other:?}"),
+            };
+        let backoffs: Vec<i64> = (0..8).map(backoff).collect();
+        assert_eq!(
+            backoffs,
+            [5, 10, 20, 40, 60, 60, 60, 60],
+            "grows to a minute"
+        );
+        assert_eq!(
+            next_wakeup(Some(&failed_by_outage(1, Some(2))), 3, t(0)),
+            Some(t(20))
+        );
+    }
+
+    #[test]
+    fn a_failure_a_person_must_fix_counts_and_ends_the_row_of_outages() {
+        let s = BlockJobStatus {
+            transient: Some(false),
+            transient_failures: Some(4),
+            ..status(JobPhase::Failed, 1)
+        };
+        let r = reset(&job(s), 3, t(0)).unwrap();
+        assert_eq!((r.attempt, r.transient_failures), (2, None));
+        let last = BlockJobStatus {
+            transient: Some(false),
+            ..status(JobPhase::Failed, 3)
+        };
+        assert_eq!(job_action(Some(&last), 3, t(0)), JobAction::Exhausted);
     }
 }

@@ -234,11 +234,7 @@ impl<'a> Pass<'a> {
             None => job,
             Some(r) => {
                 info!(job = %job.name_any(), phase = %r.phase, attempt = r.attempt, message = %r.message, "resetting job");
-                let reset = self
-                    .store
-                    .reset(&job, r.phase, r.attempt, r.not_before, &r.message)
-                    .await;
-                match reset {
+                match self.store.reset(&job, &r).await {
                     Ok(j) => j,
                     Err(e) if is_api_error(&e, &[409, 404]) => return Ok(None),
                     Err(e) => return Err(e),

@@ -189,6 +189,7 @@ async fn an_s3_outage_of_twenty_seconds_is_survived_exactly() {
 #[tokio::test]
 async fn a_claim_from_a_stale_cache_never_takes_a_job_in_its_retry_backoff() {
     use blocksmith_builder::lease::{Claim, LeaseClient};
+    use blocksmith_operator::lifecycle::Reset;
     use jiff::{SignedDuration, Timestamp};
 
     let cache = StaleStore::new("claim-backoff").await;
@@ -202,18 +203,14 @@ async fn a_claim_from_a_stale_cache_never_takes_a_job_in_its_retry_backoff() {
         let name = planned.metadata.name.clone().unwrap();
         async move {
             let current = api.get(&name).await.unwrap();
-            let attempt = current.attempt() + 1;
-            let message = "attempt failed: object storage down; retrying";
-            operator
-                .reset(
-                    &current,
-                    JobPhase::Pending,
-                    attempt,
-                    Some(not_before),
-                    message,
-                )
-                .await
-                .unwrap()
+            let reset = Reset {
+                phase: JobPhase::Pending,
+                attempt: current.attempt() + 1,
+                not_before: Some(not_before),
+                message: "attempt failed: object storage down; retrying".into(),
+                transient_failures: None,
+            };
+            operator.reset(&current, &reset).await.unwrap()
         }
     };
     let Claim::Claimed(_) = lease.claim(&tb.client, &stale, 6).await.unwrap() else {

@@ -8,6 +8,7 @@ mod builder;
 mod chaos;
 mod chart;
 mod operator;
+mod outages;
 mod pods;
 mod smoke;
 mod support;
