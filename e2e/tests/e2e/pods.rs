@@ -16,7 +16,7 @@ use blocksmith_e2e::broker::PrivateBroker;
 use blocksmith_e2e::datagen::{DataSpec, ValueSizes};
 use blocksmith_e2e::helm::{ReleaseGuard, chart_dir, helm_retried};
 use blocksmith_e2e::scenario::*;
-use futures::{StreamExt, TryStreamExt};
+use futures::StreamExt;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{Pod, Secret};
