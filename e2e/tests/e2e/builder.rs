@@ -166,14 +166,7 @@ async fn an_s3_outage_of_twenty_seconds_is_survived_exactly() {
         })
         .start()
         .await;
-    wait_for("some progress", Duration::from_secs(120), || async {
-        s.jobs()
-            .await
-            .iter()
-            .any(|j| j.phase() == JobPhase::Succeeded)
-            .then_some(())
-    })
-    .await;
+    s.wait_some_progress().await;
     server.kill();
     tokio::time::sleep(Duration::from_secs(20)).await;
     server.start();

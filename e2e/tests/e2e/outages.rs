@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use blocksmith_crds::{BlockJob, JobPhase};
+use blocksmith_crds::BlockJob;
 use blocksmith_e2e::scenario::*;
 use serde_json::json;
 
@@ -36,17 +36,6 @@ async fn wait_outage_retries(s: &Run, times: i32) {
     .await;
 }
 
-async fn wait_some_progress(s: &Run) {
-    wait_for("some progress", Duration::from_secs(120), || async {
-        s.jobs()
-            .await
-            .iter()
-            .any(|j| j.phase() == JobPhase::Succeeded)
-            .then_some(())
-    })
-    .await;
-}
-
 #[tokio::test]
 async fn an_object_store_outage_outlasting_every_attempt_heals_by_itself() {
     let tb = Testbed::get().await;
@@ -63,7 +52,7 @@ async fn an_object_store_outage_outlasting_every_attempt_heals_by_itself() {
         })
         .start()
         .await;
-    wait_some_progress(&s).await;
+    s.wait_some_progress().await;
     server.kill();
     // Three failures in a row: 5 + 10 s of backoff at least, past the one attempt.
     wait_outage_retries(&s, 3).await;
@@ -83,7 +72,7 @@ async fn a_kafka_outage_outlasting_every_attempt_heals_by_itself() {
         .builders(2)
         .start()
         .await;
-    wait_some_progress(&s).await;
+    s.wait_some_progress().await;
     s.broker().down();
     wait_outage_retries(&s, 3).await;
     s.broker().up();
