@@ -159,6 +159,14 @@ impl Scenario {
         self
     }
 
+    /// `n` builders whose object store is `s3` (a [`PrivateS3`]).
+    pub fn builders_on(self, n: usize, s3: &PrivateS3) -> Scenario {
+        let endpoint = s3.endpoint();
+        self.builders_with(n, move |cmd| {
+            cmd.env("AWS_ENDPOINT", &endpoint);
+        })
+    }
+
     pub async fn start(self) -> Run {
         let shared = Testbed::get().await;
         let ns = shared.namespace(&self.test).await;

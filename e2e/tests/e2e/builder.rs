@@ -154,16 +154,13 @@ async fn an_s3_outage_of_twenty_seconds_is_survived_exactly() {
     let tb = Testbed::get().await;
     // A private S3 server, so stopping it does not disturb other tests.
     let mut server = PrivateS3::spawn(&tb, "bld-s3down");
-    let endpoint = server.endpoint();
     let s = Scenario::new("bld-s3down")
         .partitions(4)
         .records(40_000)
         .output("s3://blocksmith/outage")
         .jobs(json!({"maxRecords": 2000, "backoffLimit": 8}))
         .operator()
-        .builders_with(2, move |cmd| {
-            cmd.env("AWS_ENDPOINT", &endpoint);
-        })
+        .builders_on(2, &server)
         .start()
         .await;
     s.wait_some_progress().await;

@@ -40,16 +40,13 @@ async fn wait_outage_retries(s: &Run, times: i32) {
 async fn an_object_store_outage_outlasting_every_attempt_heals_by_itself() {
     let tb = Testbed::get().await;
     let mut server = PrivateS3::spawn(&tb, "out-s3");
-    let endpoint = server.endpoint();
     let s = Scenario::new("out-s3")
         .partitions(2)
         .records(20_000)
         .output("s3://blocksmith/outage")
         .jobs(one_attempt())
         .operator()
-        .builders_with(2, move |cmd| {
-            cmd.env("AWS_ENDPOINT", &endpoint);
-        })
+        .builders_on(2, &server)
         .start()
         .await;
     s.wait_some_progress().await;
