@@ -36,21 +36,43 @@ async fn wait_outage_retries(s: &Run, times: i32) {
     .await;
 }
 
-#[tokio::test]
-async fn an_object_store_outage_outlasting_every_attempt_heals_by_itself() {
+/// A pipeline writing to an S3 server of its own, so stopping it disturbs no other test;
+/// returned once some jobs succeeded, with the server stopped.
+async fn run_into_an_s3_outage(
+    name: &str,
+    partitions: i32,
+    records: u64,
+    jobs: serde_json::Value,
+) -> (PrivateS3, Run) {
     let tb = Testbed::get().await;
-    let mut server = PrivateS3::spawn(&tb, "out-s3");
-    let s = Scenario::new("out-s3")
-        .partitions(2)
-        .records(20_000)
+    let mut server = PrivateS3::spawn(&tb, name);
+    let s = Scenario::new(name)
+        .partitions(partitions)
+        .records(records)
         .output("s3://blocksmith/outage")
-        .jobs(one_attempt())
+        .jobs(jobs)
         .operator()
         .builders_on(2, &server)
         .start()
         .await;
     s.wait_some_progress().await;
     server.kill();
+    (server, s)
+}
+
+#[tokio::test]
+async fn an_s3_outage_of_twenty_seconds_is_survived_exactly() {
+    let jobs = json!({"maxRecords": 2000, "backoffLimit": 8});
+    let (mut server, s) = run_into_an_s3_outage("bld-s3down", 4, 40_000, jobs).await;
+    tokio::time::sleep(Duration::from_secs(20)).await;
+    server.start();
+    s.wait_committed_then_audit_in(&server.dir("outage"), Duration::from_secs(400))
+        .await;
+}
+
+#[tokio::test]
+async fn an_object_store_outage_outlasting_every_attempt_heals_by_itself() {
+    let (mut server, s) = run_into_an_s3_outage("out-s3", 2, 20_000, one_attempt()).await;
     // Three failures in a row: 5 + 10 s of backoff at least, past the one attempt.
     wait_outage_retries(&s, 3).await;
     server.start();
