@@ -66,35 +66,27 @@ pub fn audit_exact(
     report
 }
 
-/// [`audit`] against `produced` (written to a CSV of the expected records first).
+/// Runs `e2e/audit.py` over a directory of blocks against `produced` (written to a CSV of
+/// the expected records first); returns its JSON report and whether the audit was exact.
 pub fn audit_produced(
     tb: &Testbed,
     blocks: &Path,
     produced: &Produced,
     committed: Option<&BTreeMap<i32, i64>>,
 ) -> (Value, bool) {
-    let csv = tb
+    let expected_csv = tb
         .dir
         .join(format!("expected-{:08x}.csv", rand::random::<u32>()));
-    produced.write_csv(&csv).expect("write expected csv");
-    audit(tb, blocks, &csv, committed)
-}
-
-/// Runs `e2e/audit.py` over a directory of blocks; returns its JSON report and whether the
-/// audit was exact.
-pub fn audit(
-    tb: &Testbed,
-    blocks: &Path,
-    expected_csv: &Path,
-    committed: Option<&BTreeMap<i32, i64>>,
-) -> (Value, bool) {
+    produced
+        .write_csv(&expected_csv)
+        .expect("write expected csv");
     let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("audit.py");
     let mut cmd = std::process::Command::new(&tb.python);
     cmd.arg(script)
         .arg("--blocks")
         .arg(blocks)
         .arg("--expected")
-        .arg(expected_csv);
+        .arg(&expected_csv);
     if let Some(c) = committed {
         let map: BTreeMap<String, i64> = c.iter().map(|(p, o)| (p.to_string(), *o)).collect();
         cmd.arg("--committed")

@@ -66,6 +66,11 @@ pub async fn jobs(tb: &Testbed, ns: &str, pipeline: &str) -> Vec<BlockJob> {
     jobs
 }
 
+/// The job among `jobs` with `job`'s name.
+pub fn same_job<'a>(jobs: &'a [BlockJob], job: &BlockJob) -> Option<&'a BlockJob> {
+    jobs.iter().find(|j| j.metadata.name == job.metadata.name)
+}
+
 /// Who holds a job's lease, if anyone ever did.
 pub fn lease_holder(job: &BlockJob) -> Option<&str> {
     Some(job.status.as_ref()?.lease.as_ref()?.holder.as_str())

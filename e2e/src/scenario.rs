@@ -23,7 +23,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use blocksmith_crds::domain::default_consumer_group;
-use blocksmith_crds::{BlockJob, BlockPipeline};
+use blocksmith_crds::{BlockJob, BlockPipeline, JobPhase};
 use serde_json::{Value, json};
 
 pub use crate::Testbed;
@@ -159,6 +159,14 @@ impl Scenario {
         self
     }
 
+    /// `n` builders whose object store is `s3` (a [`PrivateS3`]).
+    pub fn builders_on(self, n: usize, s3: &PrivateS3) -> Scenario {
+        let endpoint = s3.endpoint();
+        self.builders_with(n, move |cmd| {
+            cmd.env("AWS_ENDPOINT", &endpoint);
+        })
+    }
+
     pub async fn start(self) -> Run {
         let shared = Testbed::get().await;
         let ns = shared.namespace(&self.test).await;
@@ -286,6 +294,18 @@ impl Run {
             .await
             .into_iter()
             .find(|j| j.metadata.name == *name)
+    }
+
+    /// Waits (up to two minutes) until some job has succeeded.
+    pub async fn wait_some_progress(&self) {
+        wait_for("some progress", Duration::from_secs(120), || async {
+            self.jobs()
+                .await
+                .iter()
+                .any(|j| j.phase() == JobPhase::Succeeded)
+                .then_some(())
+        })
+        .await;
     }
 
     pub async fn wait_jobs(&self, n: usize) -> Vec<BlockJob> {

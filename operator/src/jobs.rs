@@ -93,13 +93,7 @@ impl JobStore {
             },
             "spec": desired.spec,
         });
-        self.api
-            .patch(
-                &job.name_any(),
-                &PatchParams::apply(MANAGER).force(),
-                &Patch::Apply(patch),
-            )
-            .await
+        self.apply(&job.name_any(), MANAGER, patch, false).await
     }
 
     /// Takes a job back from its builder as `reset` says: `Pending` again at an attempt after
@@ -132,13 +126,25 @@ impl JobStore {
             "status": status,
         });
         self.metrics.api_write("reset_job");
-        self.api
-            .patch_status(
-                &job.name_any(),
-                &PatchParams::apply(STATUS_MANAGER).force(),
-                &Patch::Apply(patch),
-            )
+        self.apply(&job.name_any(), STATUS_MANAGER, patch, true)
             .await
+    }
+
+    /// A forced server-side apply as `manager`, of the status subresource when `status`.
+    async fn apply(
+        &self,
+        name: &str,
+        manager: &str,
+        patch: serde_json::Value,
+        status: bool,
+    ) -> kube::Result<BlockJob> {
+        let params = PatchParams::apply(manager).force();
+        let patch = Patch::Apply(patch);
+        if status {
+            self.api.patch_status(name, &params, &patch).await
+        } else {
+            self.api.patch(name, &params, &patch).await
+        }
     }
 
     pub async fn delete(&self, name: &str) -> kube::Result<()> {

@@ -89,6 +89,24 @@ pub struct Reset {
     pub transient_failures: Option<i32>,
 }
 
+impl Reset {
+    /// `Pending` again at `attempt`, not before `not_before`.
+    pub fn pending(
+        attempt: i32,
+        not_before: Timestamp,
+        message: String,
+        transient_failures: Option<i32>,
+    ) -> Self {
+        Reset {
+            phase: JobPhase::Pending,
+            attempt,
+            not_before: Some(not_before),
+            message,
+            transient_failures,
+        }
+    }
+}
+
 /// The reset [`job_action`] asks for, if any.
 pub fn reset(job: &BlockJob, backoff_limit: i32, now: Timestamp) -> Option<Reset> {
     let status = job.status.as_ref();
@@ -104,13 +122,12 @@ pub fn reset(job: &BlockJob, backoff_limit: i32, now: Timestamp) -> Option<Reset
         JobAction::Expire {
             next_attempt,
             not_before,
-        } => Some(Reset {
-            phase: JobPhase::Pending,
-            attempt: next_attempt,
-            not_before: Some(not_before),
-            message: format!("lease of {holder:?} expired on attempt {attempt}; retrying"),
-            transient_failures: None,
-        }),
+        } => Some(Reset::pending(
+            next_attempt,
+            not_before,
+            format!("lease of {holder:?} expired on attempt {attempt}; retrying"),
+            None,
+        )),
         JobAction::ExpireExhausted => Some(Reset {
             phase: JobPhase::Failed,
             attempt,
@@ -121,25 +138,23 @@ pub fn reset(job: &BlockJob, backoff_limit: i32, now: Timestamp) -> Option<Reset
         JobAction::Retry {
             next_attempt,
             not_before,
-        } => Some(Reset {
-            phase: JobPhase::Pending,
-            attempt: next_attempt,
-            not_before: Some(not_before),
-            message: format!("attempt {attempt} failed: {last_message}; retrying"),
-            transient_failures: None,
-        }),
+        } => Some(Reset::pending(
+            next_attempt,
+            not_before,
+            format!("attempt {attempt} failed: {last_message}; retrying"),
+            None,
+        )),
         JobAction::RetryTransient {
             in_a_row,
             not_before,
-        } => Some(Reset {
-            phase: JobPhase::Pending,
+        } => Some(Reset::pending(
             attempt,
-            not_before: Some(not_before),
-            message: format!(
+            not_before,
+            format!(
                 "attempt {attempt} failed on an outage ({in_a_row} in a row, not counted against backoffLimit): {last_message}; retrying"
             ),
-            transient_failures: Some(in_a_row),
-        }),
+            Some(in_a_row),
+        )),
         JobAction::Exhausted | JobAction::None => None,
     }
 }

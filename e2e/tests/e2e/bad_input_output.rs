@@ -552,10 +552,7 @@ async fn changing_max_records_compression_and_url_mid_run_applies_to_new_jobs_on
 
     let all = s.jobs().await;
     for j in &planned {
-        let now = all
-            .iter()
-            .find(|n| n.metadata.name == j.metadata.name)
-            .expect("planned job kept");
+        let now = same_job(&all, j).expect("planned job kept");
         assert_eq!(now.spec, j.spec, "a planned job keeps its range and output");
         assert_eq!(now.spec.end_offset - now.spec.start_offset, 500);
         assert_eq!(now.spec.output.url, url_a);

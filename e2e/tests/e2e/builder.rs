@@ -149,38 +149,6 @@ async fn two_builders_racing_for_fifty_jobs_complete_each_once() {
     );
 }
 
-#[tokio::test]
-async fn an_s3_outage_of_twenty_seconds_is_survived_exactly() {
-    let tb = Testbed::get().await;
-    // A private S3 server, so stopping it does not disturb other tests.
-    let mut server = PrivateS3::spawn(&tb, "bld-s3down");
-    let endpoint = server.endpoint();
-    let s = Scenario::new("bld-s3down")
-        .partitions(4)
-        .records(40_000)
-        .output("s3://blocksmith/outage")
-        .jobs(json!({"maxRecords": 2000, "backoffLimit": 8}))
-        .operator()
-        .builders_with(2, move |cmd| {
-            cmd.env("AWS_ENDPOINT", &endpoint);
-        })
-        .start()
-        .await;
-    wait_for("some progress", Duration::from_secs(120), || async {
-        s.jobs()
-            .await
-            .iter()
-            .any(|j| j.phase() == JobPhase::Succeeded)
-            .then_some(())
-    })
-    .await;
-    server.kill();
-    tokio::time::sleep(Duration::from_secs(20)).await;
-    server.start();
-    s.wait_committed_then_audit_in(&server.dir("outage"), Duration::from_secs(400))
-        .await;
-}
-
 /// A builder claims from a watch cache that can lag. When its claim conflicts because the
 /// job was failed and reset meanwhile, it must not take the fresh version while that
 /// version's retry backoff runs: chaos seed 13 saw a job failed by an S3 outage retried

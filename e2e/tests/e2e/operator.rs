@@ -266,10 +266,7 @@ async fn a_restarted_operator_neither_replans_nor_regresses() {
     // Succeeded, committed jobs may be cleaned up later; every remaining job is one planned
     // before the restart, with the same uid.
     for j in &now {
-        let orig = planned
-            .iter()
-            .find(|o| o.metadata.name == j.metadata.name)
-            .expect("no new job");
+        let orig = same_job(&planned, j).expect("no new job");
         assert_eq!(
             orig.metadata.uid, j.metadata.uid,
             "{:?} re-created",

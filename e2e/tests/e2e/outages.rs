@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use blocksmith_crds::{BlockJob, JobPhase};
+use blocksmith_crds::BlockJob;
 use blocksmith_e2e::scenario::*;
 use serde_json::json;
 
@@ -36,35 +36,43 @@ async fn wait_outage_retries(s: &Run, times: i32) {
     .await;
 }
 
-async fn wait_some_progress(s: &Run) {
-    wait_for("some progress", Duration::from_secs(120), || async {
-        s.jobs()
-            .await
-            .iter()
-            .any(|j| j.phase() == JobPhase::Succeeded)
-            .then_some(())
-    })
-    .await;
+/// A pipeline writing to an S3 server of its own, so stopping it disturbs no other test;
+/// returned once some jobs succeeded, with the server stopped.
+async fn run_into_an_s3_outage(
+    name: &str,
+    partitions: i32,
+    records: u64,
+    jobs: serde_json::Value,
+) -> (PrivateS3, Run) {
+    let tb = Testbed::get().await;
+    let mut server = PrivateS3::spawn(&tb, name);
+    let s = Scenario::new(name)
+        .partitions(partitions)
+        .records(records)
+        .output("s3://blocksmith/outage")
+        .jobs(jobs)
+        .operator()
+        .builders_on(2, &server)
+        .start()
+        .await;
+    s.wait_some_progress().await;
+    server.kill();
+    (server, s)
+}
+
+#[tokio::test]
+async fn an_s3_outage_of_twenty_seconds_is_survived_exactly() {
+    let jobs = json!({"maxRecords": 2000, "backoffLimit": 8});
+    let (mut server, s) = run_into_an_s3_outage("bld-s3down", 4, 40_000, jobs).await;
+    tokio::time::sleep(Duration::from_secs(20)).await;
+    server.start();
+    s.wait_committed_then_audit_in(&server.dir("outage"), Duration::from_secs(400))
+        .await;
 }
 
 #[tokio::test]
 async fn an_object_store_outage_outlasting_every_attempt_heals_by_itself() {
-    let tb = Testbed::get().await;
-    let mut server = PrivateS3::spawn(&tb, "out-s3");
-    let endpoint = server.endpoint();
-    let s = Scenario::new("out-s3")
-        .partitions(2)
-        .records(20_000)
-        .output("s3://blocksmith/outage")
-        .jobs(one_attempt())
-        .operator()
-        .builders_with(2, move |cmd| {
-            cmd.env("AWS_ENDPOINT", &endpoint);
-        })
-        .start()
-        .await;
-    wait_some_progress(&s).await;
-    server.kill();
+    let (mut server, s) = run_into_an_s3_outage("out-s3", 2, 20_000, one_attempt()).await;
     // Three failures in a row: 5 + 10 s of backoff at least, past the one attempt.
     wait_outage_retries(&s, 3).await;
     server.start();
@@ -83,7 +91,7 @@ async fn a_kafka_outage_outlasting_every_attempt_heals_by_itself() {
         .builders(2)
         .start()
         .await;
-    wait_some_progress(&s).await;
+    s.wait_some_progress().await;
     s.broker().down();
     wait_outage_retries(&s, 3).await;
     s.broker().up();

@@ -143,14 +143,9 @@ impl KafkaOffsets {
     ) -> Result<Vec<PartitionOffsets>, KafkaError> {
         let lows = self.list_offsets(topic, partitions, Offset::Beginning)?;
         let highs = self.list_offsets(topic, partitions, Offset::End)?;
-        let mut tpl = TopicPartitionList::new();
-        for p in partitions {
-            tpl.add_partition(topic, *p);
-        }
-        let committed = self
-            .consumer
-            .committed_offsets(tpl, self.timeout)
-            .map_err(|e| self.failed(e))?;
+        let committed = self.query(topic, partitions, None, |c, tpl, timeout| {
+            c.committed_offsets(tpl, timeout)
+        })?;
         partitions
             .iter()
             .map(|p| {
@@ -176,15 +171,9 @@ impl KafkaOffsets {
         partitions: &[i32],
         at: Offset,
     ) -> Result<BTreeMap<i32, i64>, KafkaError> {
-        let mut tpl = TopicPartitionList::new();
-        for p in partitions {
-            tpl.add_partition_offset(topic, *p, at)
-                .map_err(unavailable)?;
-        }
-        let res = self
-            .consumer
-            .offsets_for_times(tpl, self.timeout)
-            .map_err(|e| self.failed(e))?;
+        let res = self.query(topic, partitions, Some(at), |c, tpl, timeout| {
+            c.offsets_for_times(tpl, timeout)
+        })?;
         partitions
             .iter()
             .map(|p| {
@@ -200,6 +189,33 @@ impl KafkaOffsets {
                 }
             })
             .collect()
+    }
+
+    /// Sends `request` for `partitions` of `topic`, each at `at` (or at no offset).
+    fn query(
+        &self,
+        topic: &str,
+        partitions: &[i32],
+        at: Option<Offset>,
+        request: impl FnOnce(
+            &BaseConsumer<ConnectionErrors>,
+            TopicPartitionList,
+            Duration,
+        ) -> rdkafka::error::KafkaResult<TopicPartitionList>,
+    ) -> Result<TopicPartitionList, KafkaError> {
+        let mut tpl = TopicPartitionList::new();
+        for p in partitions {
+            match at {
+                Some(at) => {
+                    tpl.add_partition_offset(topic, *p, at)
+                        .map_err(unavailable)?;
+                }
+                None => {
+                    tpl.add_partition(topic, *p);
+                }
+            }
+        }
+        request(&self.consumer, tpl, self.timeout).map_err(|e| self.failed(e))
     }
 
     /// Commits `offsets` (partition → next offset to read) for the group.
