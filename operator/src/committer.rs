@@ -46,6 +46,19 @@ pub fn next_commit(committed: i64, jobs: &[JobProgress]) -> i64 {
     cursor
 }
 
+/// The commits of `targets` that move a partition forward from `current` (the group's
+/// committed offsets; a partition without one may take any).
+pub fn forward_only(
+    targets: &BTreeMap<i32, i64>,
+    current: &BTreeMap<i32, i64>,
+) -> BTreeMap<i32, i64> {
+    targets
+        .iter()
+        .filter(|(p, target)| current.get(*p).is_none_or(|now| *target > now))
+        .map(|(p, target)| (*p, *target))
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -97,6 +110,16 @@ mod tests {
             offsets(3, Some(7)),
         ];
         assert_eq!(next_commits(&all, &jobs), BTreeMap::from([(0, 100)]));
+    }
+
+    #[test]
+    fn only_forward_commits_are_made() {
+        let targets = BTreeMap::from([(0, 100), (1, 100), (2, 100), (3, 100)]);
+        let current = BTreeMap::from([(0, 50), (1, 100), (2, 150)]);
+        assert_eq!(
+            forward_only(&targets, &current),
+            BTreeMap::from([(0, 100), (3, 100)])
+        );
     }
 
     #[test]

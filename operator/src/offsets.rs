@@ -69,12 +69,13 @@ impl OffsetClients {
 }
 
 impl KafkaRead {
-    /// Commits `offsets` for the pipeline's consumer group.
+    /// Commits those of `offsets` that move the pipeline's consumer group forward (see
+    /// [`KafkaOffsets::commit`]); returns what was committed.
     pub async fn commit(
         &self,
         topic: &str,
         offsets: &BTreeMap<i32, i64>,
-    ) -> Result<(), KafkaError> {
+    ) -> Result<BTreeMap<i32, i64>, KafkaError> {
         let k = self.client.clone();
         let topic = topic.to_string();
         let offsets = offsets.clone();

@@ -286,11 +286,12 @@ impl<'a> Pass<'a> {
             return;
         }
         match kafka.commit(&self.bp.spec.kafka.topic, &commits).await {
-            Ok(()) => {
+            Ok(committed) if committed.is_empty() => {}
+            Ok(committed) => {
                 self.ctx.metrics.commit(&self.ns, &self.name);
                 self.status.last_commit_time = Some(Time(self.now));
-                kafka.set_committed(&commits);
-                info!(namespace = %self.ns, pipeline = %self.name, commits = ?commits, "committed offsets");
+                kafka.set_committed(&committed);
+                info!(namespace = %self.ns, pipeline = %self.name, commits = ?committed, "committed offsets");
             }
             Err(e) => self.kafka_failed(&e),
         }
@@ -330,9 +331,17 @@ impl<'a> Pass<'a> {
     /// it durable before planning from it. Returns whether it did.
     async fn commit_start_offsets(&mut self, kafka: &KafkaRead, plan: &PipelinePlan) -> bool {
         let starts = &plan.initial_commits;
-        if let Err(e) = kafka.commit(&self.bp.spec.kafka.topic, starts).await {
-            self.observed.problems.insert(0, kafka_problem(&e));
-            return false;
+        match kafka.commit(&self.bp.spec.kafka.topic, starts).await {
+            Err(e) => {
+                self.observed.problems.insert(0, kafka_problem(&e));
+                return false;
+            }
+            // Someone else committed meanwhile: this plan is stale; plan again at once.
+            Ok(committed) if committed != *starts => {
+                self.wake_at(self.now);
+                return false;
+            }
+            Ok(_) => {}
         }
         info!(namespace = %self.ns, pipeline = %self.name, start = ?starts, "committed start offsets");
         // The skip is durable now: tell the user once, as the next plan starts at `to`.

@@ -11,6 +11,7 @@ use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 
 use super::error::{KafkaError, classify, unavailable};
 use super::settings::KafkaConnection;
+use crate::committer::forward_only;
 use crate::planner::PartitionOffsets;
 
 pub struct KafkaOffsets {
@@ -143,26 +144,30 @@ impl KafkaOffsets {
     ) -> Result<Vec<PartitionOffsets>, KafkaError> {
         let lows = self.list_offsets(topic, partitions, Offset::Beginning)?;
         let highs = self.list_offsets(topic, partitions, Offset::End)?;
+        let committed = self.committed(topic, partitions)?;
+        Ok(partitions
+            .iter()
+            .map(|p| PartitionOffsets {
+                partition: *p,
+                low: lows[p],
+                high: highs[p],
+                committed: committed.get(p).copied(),
+            })
+            .collect())
+    }
+
+    /// The group's committed offset of each partition that has one.
+    fn committed(&self, topic: &str, partitions: &[i32]) -> Result<BTreeMap<i32, i64>, KafkaError> {
         let committed = self.query(topic, partitions, None, |c, tpl, timeout| {
             c.committed_offsets(tpl, timeout)
         })?;
-        partitions
+        Ok(partitions
             .iter()
-            .map(|p| {
-                let c = committed
-                    .find_partition(topic, *p)
-                    .and_then(|e| match e.offset() {
-                        Offset::Offset(o) => Some(o),
-                        _ => None,
-                    });
-                Ok(PartitionOffsets {
-                    partition: *p,
-                    low: lows[p],
-                    high: highs[p],
-                    committed: c,
-                })
+            .filter_map(|p| match committed.find_partition(topic, *p)?.offset() {
+                Offset::Offset(o) => Some((*p, o)),
+                _ => None,
             })
-            .collect()
+            .collect())
     }
 
     fn list_offsets(
@@ -218,10 +223,32 @@ impl KafkaOffsets {
         request(&self.consumer, tpl, self.timeout).map_err(|e| self.failed(e))
     }
 
-    /// Commits `offsets` (partition → next offset to read) for the group.
-    pub fn commit(&self, topic: &str, offsets: &BTreeMap<i32, i64>) -> Result<(), KafkaError> {
+    /// Commits `offsets` (partition → next offset to read) for the group, but never moves a
+    /// partition's offset backwards: one the group has already reached, read just before the
+    /// commit, is left as it is (another operator committed past it, e.g. the next leader
+    /// while this one was being deposed). Returns what was committed.
+    pub fn commit(
+        &self,
+        topic: &str,
+        offsets: &BTreeMap<i32, i64>,
+    ) -> Result<BTreeMap<i32, i64>, KafkaError> {
+        let partitions: Vec<i32> = offsets.keys().copied().collect();
+        let current = self.committed(topic, &partitions)?;
+        let forward = forward_only(offsets, &current);
+        for (p, target) in offsets.iter().filter(|(p, _)| !forward.contains_key(p)) {
+            tracing::warn!(
+                topic,
+                partition = p,
+                committed = current[p],
+                target,
+                "not moving a committed offset backwards: the group is already there"
+            );
+        }
+        if forward.is_empty() {
+            return Ok(forward);
+        }
         let mut tpl = TopicPartitionList::new();
-        for (p, o) in offsets {
+        for (p, o) in &forward {
             tpl.add_partition_offset(topic, *p, Offset::Offset(*o))
                 .map_err(unavailable)?;
         }
@@ -240,7 +267,7 @@ impl KafkaOffsets {
                 _ => self.failed(e),
             })?;
         // Only the request's own error counts: per-partition results are not checked.
-        Ok(())
+        Ok(forward)
     }
 }
 
@@ -303,6 +330,29 @@ mod tests {
             message.contains("SASL Handshake not supported by broker")
                 && message.contains(r#"secret "kafka-creds""#),
             "{message}"
+        );
+    }
+
+    #[test]
+    fn a_commit_never_moves_the_group_offset_backwards() {
+        let cluster = rdkafka::mocking::MockCluster::new(1).unwrap();
+        cluster.create_topic("t", 2, 1).unwrap();
+        let k = KafkaOffsets::connect(
+            &conn(&cluster.bootstrap_servers(), &[]),
+            Duration::from_secs(5),
+        )
+        .unwrap();
+        let committed = |k: &KafkaOffsets| k.committed("t", &[0, 1]).unwrap();
+        let done = k.commit("t", &BTreeMap::from([(0, 100), (1, 10)])).unwrap();
+        assert_eq!(done, BTreeMap::from([(0, 100), (1, 10)]));
+        // A deposed leader's commit from an older reading: partition 0 stays at 100.
+        let stale = k.commit("t", &BTreeMap::from([(0, 50), (1, 20)])).unwrap();
+        assert_eq!(stale, BTreeMap::from([(1, 20)]));
+        assert_eq!(committed(&k), BTreeMap::from([(0, 100), (1, 20)]));
+        assert!(
+            k.commit("t", &BTreeMap::from([(0, 100)]))
+                .unwrap()
+                .is_empty()
         );
     }
 }
