@@ -29,7 +29,7 @@ use crate::lifecycle::{
 use crate::metrics::{RECONCILE_HEARTBEAT, reconcile_deadline};
 use crate::offsets::KafkaRead;
 use crate::planner::{
-    JobRanges, PartitionPlanError, PipelinePlan, PlanPolicy, PlannedJob, job_ranges, plan_pipeline,
+    JobRanges, PartitionPlanError, PlanPolicy, PlannedJob, job_ranges, plan_pipeline,
 };
 use crate::status;
 use crate::validate::{
@@ -313,14 +313,19 @@ impl<'a> Pass<'a> {
             self.now,
             policy,
         );
-        for (partition, error) in &plan.errors {
-            let PartitionPlanError::OffsetOutOfRange { committed, low } = *error;
+        for (partition, error) in plan.errors {
+            let PartitionPlanError::OffsetOutOfRange { committed, low } = error;
             self.observed
                 .problems
-                .push(Problem::offset_out_of_range(*partition, committed, low));
+                .push(Problem::offset_out_of_range(partition, committed, low));
         }
-        self.status.partitions = plan.partitions.clone();
-        if !plan.initial_commits.is_empty() && !self.commit_start_offsets(kafka, &plan).await {
+        self.status.partitions = plan.partitions;
+        let starts = &plan.initial_commits;
+        if !starts.is_empty()
+            && !self
+                .commit_start_offsets(kafka, starts, &plan.skipped)
+                .await
+        {
             return Ok(());
         }
         self.create_jobs(&plan.new_jobs, &kafka.cluster_id).await?;
@@ -329,8 +334,12 @@ impl<'a> Pass<'a> {
 
     /// Without a committed offset a partition's start would move with the watermarks: makes
     /// it durable before planning from it. Returns whether it did.
-    async fn commit_start_offsets(&mut self, kafka: &KafkaRead, plan: &PipelinePlan) -> bool {
-        let starts = &plan.initial_commits;
+    async fn commit_start_offsets(
+        &mut self,
+        kafka: &KafkaRead,
+        starts: &BTreeMap<i32, i64>,
+        skipped: &[(i32, i64, i64)],
+    ) -> bool {
         match kafka.commit(&self.bp.spec.kafka.topic, starts).await {
             Err(e) => {
                 self.observed.problems.insert(0, kafka_problem(&e));
@@ -346,7 +355,7 @@ impl<'a> Pass<'a> {
         info!(namespace = %self.ns, pipeline = %self.name, start = ?starts, "committed start offsets");
         // The skip is durable now: tell the user once, as the next plan starts at `to`.
         let mut events = Vec::new();
-        for &(partition, from, to) in &plan.skipped {
+        for &(partition, from, to) in skipped {
             warn!(namespace = %self.ns, pipeline = %self.name, partition, from, to, "skipped offsets deleted by retention (spec.kafka.skipMissingData)");
             events.push(status::skipped_data_event(partition, from, to));
         }

@@ -158,9 +158,14 @@ impl KafkaOffsets {
 
     /// The group's committed offset of each partition that has one.
     fn committed(&self, topic: &str, partitions: &[i32]) -> Result<BTreeMap<i32, i64>, KafkaError> {
-        let committed = self.query(topic, partitions, None, |c, tpl, timeout| {
-            c.committed_offsets(tpl, timeout)
-        })?;
+        // The request ignores the offsets in the list.
+        let committed = self
+            .consumer
+            .committed_offsets(
+                partition_list(topic, partitions, Offset::Invalid)?,
+                self.timeout,
+            )
+            .map_err(|e| self.failed(e))?;
         Ok(partitions
             .iter()
             .filter_map(|p| match committed.find_partition(topic, *p)?.offset() {
@@ -176,9 +181,10 @@ impl KafkaOffsets {
         partitions: &[i32],
         at: Offset,
     ) -> Result<BTreeMap<i32, i64>, KafkaError> {
-        let res = self.query(topic, partitions, Some(at), |c, tpl, timeout| {
-            c.offsets_for_times(tpl, timeout)
-        })?;
+        let res = self
+            .consumer
+            .offsets_for_times(partition_list(topic, partitions, at)?, self.timeout)
+            .map_err(|e| self.failed(e))?;
         partitions
             .iter()
             .map(|p| {
@@ -194,33 +200,6 @@ impl KafkaOffsets {
                 }
             })
             .collect()
-    }
-
-    /// Sends `request` for `partitions` of `topic`, each at `at` (or at no offset).
-    fn query(
-        &self,
-        topic: &str,
-        partitions: &[i32],
-        at: Option<Offset>,
-        request: impl FnOnce(
-            &BaseConsumer<ConnectionErrors>,
-            TopicPartitionList,
-            Duration,
-        ) -> rdkafka::error::KafkaResult<TopicPartitionList>,
-    ) -> Result<TopicPartitionList, KafkaError> {
-        let mut tpl = TopicPartitionList::new();
-        for p in partitions {
-            match at {
-                Some(at) => {
-                    tpl.add_partition_offset(topic, *p, at)
-                        .map_err(unavailable)?;
-                }
-                None => {
-                    tpl.add_partition(topic, *p);
-                }
-            }
-        }
-        request(&self.consumer, tpl, self.timeout).map_err(|e| self.failed(e))
     }
 
     /// Commits `offsets` (partition → next offset to read) for the group, but never moves a
@@ -269,6 +248,20 @@ impl KafkaOffsets {
         // Only the request's own error counts: per-partition results are not checked.
         Ok(forward)
     }
+}
+
+/// `partitions` of `topic`, each at `at`.
+fn partition_list(
+    topic: &str,
+    partitions: &[i32],
+    at: Offset,
+) -> Result<TopicPartitionList, KafkaError> {
+    let mut tpl = TopicPartitionList::new();
+    for p in partitions {
+        tpl.add_partition_offset(topic, *p, at)
+            .map_err(unavailable)?;
+    }
+    Ok(tpl)
 }
 
 #[cfg(test)]
