@@ -21,7 +21,7 @@ use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{Pod, Secret};
 use kube::ResourceExt;
-use kube::api::{Api, DeleteParams, ListParams, PostParams};
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::runtime::{WatchStreamExt, watcher};
 use serde_json::json;
 
@@ -91,15 +91,13 @@ async fn operator_leader(tb: &Testbed, ns: &str) -> Option<String> {
         .holder_identity
 }
 
-/// Every builder pod seen, and how each one's container ended, from watching the pods (a
-/// deleted pod's last status carries its exit code before the object goes).
-#[derive(Default)]
-struct BuilderPodLog {
-    names: BTreeSet<String>,
-    exits: BTreeMap<String, i32>,
-}
+/// A finalizer of the test's own on every builder pod: a deleted pod stays (Terminating) with
+/// its last status until the test has read how its container ended. (Reading the exit from a
+/// watch instead races the kubelet's final delete and the watch's own restarts.)
+const KEEP_FOR_EXIT: &str = "e2e.blocksmith.dev/keep-for-exit-code";
 
-type BuilderPods = Arc<Mutex<BuilderPodLog>>;
+/// Every builder pod seen. Each one gets [`KEEP_FOR_EXIT`] as it appears.
+type BuilderPods = Arc<Mutex<BTreeSet<String>>>;
 
 fn watch_builder_pods(tb: &Testbed, ns: &str) -> BuilderPods {
     let log: BuilderPods = Arc::default();
@@ -107,28 +105,65 @@ fn watch_builder_pods(tb: &Testbed, ns: &str) -> BuilderPods {
     let seen = log.clone();
     tokio::spawn(async move {
         let cfg = watcher::Config::default().labels("app.kubernetes.io/name=blocksmith-builder");
-        let mut pods = watcher(api, cfg)
+        let mut pods = watcher(api.clone(), cfg)
             .default_backoff()
             .applied_objects()
             .boxed();
         while let Some(event) = pods.next().await {
             // An error ends nothing: the watcher starts again (after a backoff).
             let Ok(pod) = event else { continue };
-            let name = pod.metadata.name.clone().unwrap_or_default();
-            let code = pod
-                .status
-                .and_then(|s| s.container_statuses)
-                .and_then(|cs| cs.into_iter().next())
-                .and_then(|c| c.state?.terminated)
-                .map(|t| t.exit_code);
-            let mut log = seen.lock().unwrap();
-            if let Some(code) = code {
-                log.exits.insert(name.clone(), code);
+            let name = pod.name_any();
+            let kept = pod.finalizers().iter().any(|f| f == KEEP_FOR_EXIT);
+            // (No finalizer can be added to a pod already being deleted.)
+            if !kept && pod.metadata.deletion_timestamp.is_none() {
+                let mut finalizers = pod.finalizers().to_vec();
+                finalizers.push(KEEP_FOR_EXIT.to_string());
+                let patch = json!({"metadata": {"finalizers": finalizers}});
+                let _ = api
+                    .patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
+                    .await;
             }
-            log.names.insert(name);
+            seen.lock().unwrap().insert(name);
         }
     });
     log
+}
+
+/// Takes [`KEEP_FOR_EXIT`] off every pod of the namespace when dropped, so that the namespace
+/// can go however the test ends.
+struct ReleaseBuilderPods(String);
+
+impl Drop for ReleaseBuilderPods {
+    fn drop(&mut self) {
+        let (_, names) = kubectl(&["get", "pods", "-n", &self.0, "-o", "name"]);
+        for pod in names.lines().filter(|l| l.starts_with("pod/")) {
+            let _ = kubectl(&[
+                "patch",
+                "-n",
+                &self.0,
+                pod,
+                "--type=merge",
+                "-p",
+                r#"{"metadata":{"finalizers":null}}"#,
+            ]);
+        }
+    }
+}
+
+/// How a pod's container ended: `Some(code)` once it has ended, `Some(None)` if it never
+/// started, `None` while it runs.
+fn container_end(pod: &Pod) -> Option<Option<i32>> {
+    let state = pod
+        .status
+        .as_ref()
+        .and_then(|s| s.container_statuses.as_ref())
+        .and_then(|cs| cs.first())
+        .and_then(|c| c.state.as_ref());
+    match state {
+        Some(s) if s.running.is_some() => None,
+        Some(s) => Some(s.terminated.as_ref().map(|t| t.exit_code)),
+        None => Some(None),
+    }
 }
 
 /// The host pid of a pod's first container (pods are processes of this machine).
@@ -279,6 +314,7 @@ async fn the_chart_runs_blocksmith_as_pods_that_scale_fail_over_and_write_every_
     .await;
 
     // A pipeline with builders: the operator's Deployment and HPA run them as pods.
+    let _release_pods = ReleaseBuilderPods(ns.clone());
     let builder_pod_log = watch_builder_pods(&tb, &ns);
     let mut bp = pipeline(
         "orders",
@@ -351,7 +387,15 @@ async fn the_chart_runs_blocksmith_as_pods_that_scale_fail_over_and_write_every_
         }
         signal(pid, "CONT");
     };
-    let (ok, out) = kubectl(&["delete", "pod", "-n", &ns, &victim, "--grace-period=1"]);
+    let (ok, out) = kubectl(&[
+        "delete",
+        "pod",
+        "-n",
+        &ns,
+        &victim,
+        "--grace-period=1",
+        "--wait=false",
+    ]);
     assert!(ok, "kubectl delete pod {victim}: {out}");
     let taken_over = wait_for(
         "the dead builder's job done by another",
@@ -417,7 +461,7 @@ async fn the_chart_runs_blocksmith_as_pods_that_scale_fail_over_and_write_every_
                 .and_then(|p| p.metadata.name),
         );
     }
-    let seen = builder_pod_log.lock().unwrap().names.clone();
+    let seen = builder_pod_log.lock().unwrap().clone();
     for j in &all_jobs {
         let h = holder(j).unwrap();
         assert!(
@@ -429,13 +473,26 @@ async fn the_chart_runs_blocksmith_as_pods_that_scale_fail_over_and_write_every_
 
     // The queue is empty: the HPA scales the builders back down to one. Each pod removed gets
     // SIGTERM and exits on its own within its grace period (exit 0, not killed).
-    wait_for(
-        "scaled down to 1 builder pod",
+    let scaled = wait_for(
+        "scaled down to 1 builder pod, every removed one ended",
         Duration::from_secs(240),
-        || async { (builder_pods(&pods).await?.len() == 1).then_some(()) },
+        || async {
+            let all = builder_pods(&pods).await?;
+            let (gone, live): (Vec<_>, Vec<_>) = all
+                .into_iter()
+                .partition(|p| p.metadata.deletion_timestamp.is_some());
+            let ends: Option<BTreeMap<String, Option<i32>>> = gone
+                .iter()
+                .map(|p| Some((p.name_any(), container_end(p)?)))
+                .collect();
+            (live.len() == 1).then_some(ends?)
+        },
     )
     .await;
-    let exits = builder_pod_log.lock().unwrap().exits.clone();
+    let exits: BTreeMap<_, _> = scaled
+        .into_iter()
+        .filter_map(|(name, end)| Some((name, end?)))
+        .collect();
     let scaled_down: BTreeMap<_, _> = exits.iter().filter(|(name, _)| **name != victim).collect();
     // (A pod removed before its container started, e.g. the dead builder's replacement,
     // leaves no exit code.)
@@ -484,12 +541,10 @@ async fn the_chart_runs_blocksmith_as_pods_that_scale_fail_over_and_write_every_
 
     // The node kept every pod's traffic on this machine throughout.
     let dir = tb.dir.to_str().unwrap().to_string();
-    let check = std::process::Command::new(
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("testbed"),
-    )
-    .args(["check-isolation", &dir])
-    .status()
-    .expect("testbed check-isolation");
+    let check = std::process::Command::new(blocksmith_e2e::source_dir().join("testbed"))
+        .args(["check-isolation", &dir])
+        .status()
+        .expect("testbed check-isolation");
     assert!(check.success(), "e2e/testbed check-isolation failed");
 
     let _ = Api::<Deployment>::namespaced(tb.client.clone(), &ns)
