@@ -174,8 +174,11 @@ mod tests {
     fn the_readme_lists_every_reason() {
         const BEGIN: &str = "<!-- reasons: generated from crds/src/reason.rs, do not edit -->\n";
         const END: &str = "<!-- reasons: end -->";
-        let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md"))
-            .expect("README.md");
+        let readme = std::fs::read_to_string(
+            std::path::PathBuf::from(std::env::var_os("CARGO_MANIFEST_DIR").expect("run by cargo"))
+                .join("../README.md"),
+        )
+        .expect("README.md");
         let start = readme
             .find(BEGIN)
             .expect("README.md has the reasons marker")

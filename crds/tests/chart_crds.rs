@@ -1,11 +1,11 @@
 //! The Helm chart ships the CRDs in `charts/blocksmith/crds/` (Helm installs those first and
 //! never deletes them); they must be exactly what `crdgen` writes, like `crds/*.yaml`.
 
-use std::path::Path;
-
 #[test]
 fn chart_crds_match_the_types() {
-    let chart_crds = Path::new(env!("CARGO_MANIFEST_DIR")).join("../charts/blocksmith/crds");
+    let chart_crds =
+        std::path::PathBuf::from(std::env::var_os("CARGO_MANIFEST_DIR").expect("run by cargo"))
+            .join("../charts/blocksmith/crds");
     let fix = "run `cargo run -p blocksmith-crds --bin crdgen` and copy crds/*.yaml to \
                charts/blocksmith/crds/ (or `cargo run -p blocksmith-crds --bin crdgen -- \
                charts/blocksmith/crds`)";

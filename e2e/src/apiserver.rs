@@ -124,7 +124,7 @@ fn spawn(tb: &Testbed, name: &str, port: u16) -> Proc {
 
 async fn install_crds(client: &kube::Client) {
     let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../crds");
+    let dir = crate::source_dir().join("../crds");
     let mut names = Vec::new();
     for file in ["blockpipelines.yaml", "blockjobs.yaml"] {
         let text = std::fs::read_to_string(dir.join(file)).expect("CRD yaml");

@@ -80,7 +80,7 @@ pub fn audit_produced(
     produced
         .write_csv(&expected_csv)
         .expect("write expected csv");
-    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("audit.py");
+    let script = crate::source_dir().join("audit.py");
     let mut cmd = std::process::Command::new(&tb.python);
     cmd.arg(script)
         .arg("--blocks")

@@ -1,17 +1,17 @@
 //! Helm for the tests: `e2e/helm.py` (helm-sdkpy, Helm v4's library) run with the testbed's
 //! Python, and the chart's directory.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::Testbed;
 
 pub fn chart_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../charts/blocksmith")
+    crate::source_dir().join("../charts/blocksmith")
 }
 
 fn helm_py() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("helm.py")
+    crate::source_dir().join("helm.py")
 }
 
 /// Runs `helm.py ARGS` with the testbed's python; stdout on success, stdout+stderr on failure.

@@ -26,4 +26,12 @@ pub mod scenario;
 pub mod testbed;
 pub mod wait;
 
+/// The `e2e` folder of the checkout the tests run from. (Read when they run: `env!` would keep
+/// the path of whichever checkout built them first when checkouts share a target directory.)
+pub fn source_dir() -> std::path::PathBuf {
+    std::env::var_os("CARGO_MANIFEST_DIR")
+        .map(Into::into)
+        .expect("run by cargo test")
+}
+
 pub use testbed::Testbed;
