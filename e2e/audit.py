@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 """Exactly-once audit of blocksmith blocks, with pyarrow (a reader independent of the writer).
 
-Reads every Parquet block under --blocks, checks each against its manifest (sha256, record
-count, range), and compares the records with what the data generator produced (--expected
+Reads every block under --blocks through its manifest (which names the data object), checks
+the data against it (sha256, record count, range), counts data objects no manifest names
+(uncommitted attempts, not part of the output), and compares the records with what the data generator produced (--expected
 CSV). Prints a JSON report; exits 1 unless every expected offset below the committed offset
 appears exactly once with equal content, and nothing else appears.
 """
@@ -11,9 +12,13 @@ import collections
 import hashlib
 import json
 import os
+import re
 import sys
 
 import pyarrow.parquet as pq
+
+
+MANIFEST = re.compile(r"\d{20}-\d{20}\.json")
 
 
 def digest(b):
@@ -45,19 +50,24 @@ def main():
     seen = collections.Counter()
     problems = []
     blocks = records = 0
+    named = set()
+    data_files = []
     for root, _, files in os.walk(args.blocks):
         for name in sorted(files):
-            if not name.endswith(".parquet"):
+            if name.endswith(".parquet"):
+                data_files.append(os.path.join(root, name))
+            if not MANIFEST.fullmatch(name):
                 continue
-            path = os.path.join(root, name)
-            stem = name[: -len(".parquet")]
+            # A block is its manifest: it names the data object it vouches for.
+            stem = name[: -len(".json")]
             start, end = (int(x) for x in stem.split("-"))
-            manifest_path = os.path.join(root, stem + ".json")
-            if not os.path.exists(manifest_path):
-                # Data without a manifest is an uncommitted attempt: not part of the output.
-                continue
+            manifest = json.load(open(os.path.join(root, name)))
+            path = os.path.join(root, manifest.get("data", stem + ".parquet"))
+            named.add(path)
             blocks += 1
-            manifest = json.load(open(manifest_path))
+            if not os.path.exists(path):
+                problems.append(f"{name}: names {path}, which does not exist")
+                continue
             data = open(path, "rb").read()
             if hashlib.sha256(data).hexdigest() != manifest["sha256"]:
                 problems.append(f"{path}: sha256 differs from its manifest")
@@ -91,6 +101,8 @@ def main():
                 if got != exp:
                     problems.append(f"{path}: record {p}/{o} content differs: {got} != {exp}")
 
+    # Data no manifest names: an attempt that never committed, not part of the output.
+    uncommitted = [p for p in data_files if p not in named]
     duplicated = sum(1 for c in seen.values() if c > 1)
     wanted = [k for k in expected if committed is None or k[1] < committed.get(k[0], 0)]
     missing = [k for k in wanted if seen[k] == 0]
@@ -101,6 +113,7 @@ def main():
         "missing": len(missing),
         "duplicated": duplicated,
         "problems": len(problems),
+        "uncommitted": len(uncommitted),
         "examples": (problems + [f"missing {p}/{o}" for p, o in missing])[:10],
     }
     print(json.dumps(report))

@@ -1,12 +1,14 @@
 //! The block manifest: written last, create-only, it is a block's commit point.
 
 use blocksmith_crds::BlockJobSpec;
+use blocksmith_crds::domain::{data_name, legacy_data_name};
 use blocksmith_crds::pipeline::{BlockFormat, Compression};
 use serde::{Deserialize, Serialize};
 
 use crate::block::BlockStats;
 
-pub const SCHEMA_VERSION: u32 = 1;
+/// 2: the manifest names its data object (`data`), whose name carries its digest.
+pub const SCHEMA_VERSION: u32 = 2;
 
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
@@ -29,6 +31,9 @@ pub struct Manifest {
     /// Size and lowercase-hex sha256 of the data object.
     pub bytes: u64,
     pub sha256: String,
+    /// The data object's name in the manifest's folder (absent before schema version 2).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data: Option<String>,
     pub format: String,
     pub compression: String,
     pub schema_version: u32,
@@ -58,10 +63,23 @@ impl Manifest {
             max_timestamp: stats.max_timestamp_ms,
             bytes: stats.bytes,
             sha256: stats.sha256.clone(),
+            data: Some(data_name(job.start_offset, job.end_offset, &stats.sha256)),
             format: format.to_owned(),
             compression: compression.to_owned(),
             schema_version: SCHEMA_VERSION,
         }
+    }
+
+    /// The name of the data object this manifest vouches for, in the manifest's folder.
+    pub fn data_name(&self) -> String {
+        self.data
+            .clone()
+            .unwrap_or_else(|| legacy_data_name(self.start_offset, self.end_offset))
+    }
+
+    /// Whether both manifests vouch for one data object (the same bytes, in the same layout).
+    pub fn names_the_same_data_as(&self, other: &Manifest) -> bool {
+        self.data_name() == other.data_name()
     }
 
     /// Refuses a block of another Kafka cluster found under this job's key: the same topic,
@@ -157,12 +175,40 @@ mod tests {
             "\"maxTimestamp\": null",
             "\"format\": \"parquet\"",
             "\"compression\": \"zstd\"",
-            "\"schemaVersion\": 1",
+            "\"schemaVersion\": 2",
+            "\"data\": \"00000000000000120000-00000000000000130000.abababababababab.parquet\"",
         ] {
             assert!(text.contains(field), "{field} missing from {text}");
         }
         assert_eq!(Manifest::from_bytes(&bytes).unwrap(), m);
         assert_eq!(Manifest::new(&job(), &stats()).to_bytes(), bytes);
+    }
+
+    #[test]
+    fn a_manifest_names_its_data_object_and_older_ones_the_plain_name() {
+        let m = Manifest::new(&job(), &stats());
+        assert_eq!(
+            m.data_name(),
+            "00000000000000120000-00000000000000130000.abababababababab.parquet"
+        );
+        let older = Manifest {
+            data: None,
+            schema_version: 1,
+            ..m.clone()
+        };
+        let read = Manifest::from_bytes(&older.to_bytes()).unwrap();
+        assert_eq!(
+            read.data_name(),
+            "00000000000000120000-00000000000000130000.parquet"
+        );
+        // Which data object a losing attempt may remove: only one no manifest can name.
+        assert!(m.names_the_same_data_as(&Manifest::new(&job(), &stats())));
+        assert!(!read.names_the_same_data_as(&m));
+        let other_bytes = BlockStats {
+            sha256: "cd".repeat(32),
+            ..stats()
+        };
+        assert!(!m.names_the_same_data_as(&Manifest::new(&job(), &other_bytes)));
     }
 
     #[test]

@@ -1,15 +1,16 @@
 //! Builds one block: read the job's exact range from Kafka into a local Parquet file
-//! (streaming, bounded memory), upload it, then put the manifest create-only — the commit
-//! point. Knows nothing about leases; the worker decides what to report.
+//! (streaming, bounded memory), upload it under a name that carries its digest, then put the
+//! manifest, which names it, create-only — the commit point. Knows nothing about leases; the
+//! worker decides what to report.
 
 use std::io::BufWriter;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use blocksmith_crds::domain::{data_key, job_name, manifest_key};
+use blocksmith_crds::domain::{job_name, manifest_key, partition_folder};
 use blocksmith_crds::{BlockJobSpec, JobOutput};
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::block::{BlockError, BlockOptions, BlockWriter};
 use crate::manifest::{Manifest, OtherCluster};
@@ -70,12 +71,11 @@ pub async fn build_block(
     cancel: Arc<AtomicBool>,
 ) -> Result<Built, BuildError> {
     let store = BlockStore::from_url(&job.output.url)?.with_upload(settings.upload);
-    let data = data_key(&job.topic, job.partition, job.start_offset, job.end_offset);
+    let folder = partition_folder(&job.topic, job.partition);
     let manifest_at = manifest_key(&job.topic, job.partition, job.start_offset, job.end_offset);
 
     // An earlier attempt may have committed the block and died before reporting. Report that
-    // block rather than rebuild it: a rebuilt data object would overwrite the bytes its
-    // manifest vouches for, and they differ if the builder version (parquet, zstd) changed.
+    // block rather than build another that would only be thrown away.
     if let Some(m) = store.existing_manifest(&manifest_at).await? {
         m.check_cluster(job, &store.url_of(&manifest_at))?;
         info!(
@@ -84,7 +84,10 @@ pub async fn build_block(
         );
         return Ok(Built {
             output: JobOutput {
-                objects: vec![store.url_of(&data), store.url_of(&manifest_at)],
+                objects: vec![
+                    store.url_of(&format!("{folder}/{}", m.data_name())),
+                    store.url_of(&manifest_at),
+                ],
                 records: m.records,
                 bytes: m.bytes as i64,
                 sha256: m.sha256,
@@ -135,14 +138,20 @@ pub async fn build_block(
     if cancel.load(Ordering::Relaxed) {
         return Err(BuildError::Cancelled);
     }
+    let manifest = Manifest::new(job, &stats);
+    let data = format!("{folder}/{}", manifest.data_name());
     store.put_data(&data, &path, stats.bytes).await?;
     if cancel.load(Ordering::Relaxed) {
+        discard_if_superseded(&store, &manifest_at, &manifest).await;
         return Err(BuildError::Cancelled);
     }
-    let manifest = Manifest::new(job, &stats);
     let put = store
         .put_manifest(&manifest_at, manifest.to_bytes(), &stats.sha256)
-        .await?;
+        .await;
+    if !matches!(put, Ok(ManifestPut::Created)) {
+        discard_if_superseded(&store, &manifest_at, &manifest).await;
+    }
+    let put = put?;
     info!(
         topic = %job.topic, partition = job.partition, start = job.start_offset, end = job.end_offset,
         records = stats.records, bytes = stats.bytes, manifest = ?put, "block written"
@@ -158,4 +167,34 @@ pub async fn build_block(
         manifest: put,
         read_bytes: read.bytes,
     })
+}
+
+/// Removes the data object this attempt uploaded once the block's manifest, written by
+/// another attempt, names a different one: nothing can ever vouch for it then. Without a
+/// manifest it stays, since a builder that wrote the same bytes may be about to commit it.
+/// Best effort: a data object no manifest names is not part of the output.
+async fn discard_if_superseded(store: &BlockStore, manifest_at: &str, ours: &Manifest) {
+    let folder = manifest_at
+        .rsplit_once('/')
+        .map_or("", |(folder, _)| folder);
+    let ours_key = format!("{folder}/{}", ours.data_name());
+    match store.existing_manifest(manifest_at).await {
+        Ok(Some(committed)) if !committed.names_the_same_data_as(ours) => {
+            match store.delete(&ours_key).await {
+                Ok(()) => info!(
+                    data = %store.url_of(&ours_key), committed = %committed.data_name(),
+                    "the block was committed by another attempt with other bytes; removed this attempt's data object"
+                ),
+                Err(err) => warn!(
+                    data = %store.url_of(&ours_key), error = %err,
+                    "removing this attempt's superseded data object failed; it is not part of the output"
+                ),
+            }
+        }
+        Ok(_) => {}
+        Err(err) => warn!(
+            manifest = %store.url_of(manifest_at), error = %err,
+            "could not read the block's manifest to tidy this attempt's data object"
+        ),
+    }
 }

@@ -437,6 +437,15 @@ impl BlockStore {
             })
     }
 
+    /// Deletes an object (absent already counts as deleted).
+    pub async fn delete(&self, key: &str) -> Result<(), StoreError> {
+        let location = self.location(key)?;
+        match self.store.delete(&location).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(source) => Err(self.backend_err("delete", key, source)),
+        }
+    }
+
     /// Reads a whole object.
     pub async fn get(&self, key: &str) -> Result<Bytes, StoreError> {
         let location = self.location(key)?;
@@ -576,6 +585,17 @@ mod tests {
         assert_eq!(store.get(key).await.unwrap().as_ref(), &data[..]);
         assert_eq!(std::fs::read(dir.path().join(key)).unwrap(), data);
         assert_eq!(store.url_of(key), format!("{}{key}", file_url(dir.path())));
+    }
+
+    #[tokio::test]
+    async fn delete_removes_an_object_and_a_missing_one_counts_as_removed() {
+        let (dir, store) = local_store();
+        let key = "orders/3/a.parquet";
+        let src = write_temp(b"x");
+        store.put_data(key, src.path(), 1).await.unwrap();
+        store.delete(key).await.unwrap();
+        assert!(!dir.path().join(key).exists());
+        store.delete(key).await.unwrap();
     }
 
     #[tokio::test]

@@ -18,18 +18,40 @@ pub fn job_name(pipeline: &str, partition: i32, start_offset: i64) -> String {
     format!("{pipeline}-p{partition}-{start_offset:0OFFSET_WIDTH$}")
 }
 
-/// Object key of a block's data file, relative to the output URL's prefix.
-pub fn data_key(topic: &str, partition: i32, start: i64, end: i64) -> String {
-    format!("{}.parquet", key_stem(topic, partition, start, end))
+/// Name of a block's data object in its partition's folder. It carries the first hex digits of
+/// the object's sha256: an object is only ever written with one content, so no writer (a
+/// stale one, another version) can replace the bytes a manifest vouches for, and a retry
+/// that writes the same bytes lands on the same object.
+pub fn data_name(start: i64, end: i64, sha256: &str) -> String {
+    let digest = sha256.get(..DATA_DIGEST_CHARS).unwrap_or(sha256);
+    format!("{}.{digest}.parquet", range_stem(start, end))
 }
+
+/// The data object's name of a manifest written before data objects carried their digest.
+pub fn legacy_data_name(start: i64, end: i64) -> String {
+    format!("{}.parquet", range_stem(start, end))
+}
+
+/// Hex digits of the sha256 in a data object's name: enough that two blocks of one range
+/// with different bytes never share a name.
+const DATA_DIGEST_CHARS: usize = 16;
 
 /// Object key of a block's manifest: written last, create-only; the commit point.
 pub fn manifest_key(topic: &str, partition: i32, start: i64, end: i64) -> String {
-    format!("{}.json", key_stem(topic, partition, start, end))
+    format!(
+        "{}/{}.json",
+        partition_folder(topic, partition),
+        range_stem(start, end)
+    )
 }
 
-fn key_stem(topic: &str, partition: i32, start: i64, end: i64) -> String {
-    format!("{topic}/{partition}/{start:0OFFSET_WIDTH$}-{end:0OFFSET_WIDTH$}")
+/// The folder, relative to the output URL's prefix, that holds a partition's blocks.
+pub fn partition_folder(topic: &str, partition: i32) -> String {
+    format!("{topic}/{partition}")
+}
+
+fn range_stem(start: i64, end: i64) -> String {
+    format!("{start:0OFFSET_WIDTH$}-{end:0OFFSET_WIDTH$}")
 }
 
 /// Default consumer group of a pipeline.
@@ -95,9 +117,14 @@ mod tests {
 
     #[test]
     fn keys_have_padded_ranges() {
+        assert_eq!(partition_folder("t", 1), "t/1");
         assert_eq!(
-            data_key("t", 1, 0, 1000),
-            "t/1/00000000000000000000-00000000000000001000.parquet"
+            data_name(0, 1000, &"ab".repeat(32)),
+            "00000000000000000000-00000000000000001000.abababababababab.parquet"
+        );
+        assert_eq!(
+            legacy_data_name(0, 1000),
+            "00000000000000000000-00000000000000001000.parquet"
         );
         assert_eq!(
             manifest_key("t", 1, 0, 1000),

@@ -111,12 +111,17 @@ async fn delete_failed(tb: &Testbed, ns: &str) -> Vec<String> {
     deleted
 }
 
-/// Every manifest under `dir` has its data object beside it (the audit checks the sha256
-/// of each data object against its manifest).
+/// Every manifest under `dir` has the data object it names beside it (the audit checks the
+/// sha256 of each data object against its manifest).
 fn assert_manifests_have_data(dir: &Path) {
     for f in files(dir) {
         if f.extension().is_some_and(|e| e == "json") {
-            let data = dir.join(f.with_extension("parquet"));
+            let manifest: serde_json::Value =
+                serde_json::from_slice(&std::fs::read(dir.join(&f)).unwrap()).unwrap();
+            let name = manifest["data"]
+                .as_str()
+                .expect("the manifest names its data");
+            let data = dir.join(&f).with_file_name(name);
             assert!(data.exists(), "manifest {} without its data", f.display());
         }
     }

@@ -235,8 +235,10 @@ async fn a_retried_job_keeps_a_committed_block_and_rebuilds_an_uncommitted_one_i
     .await;
     let name = first.metadata.name.clone().unwrap();
     let dir = s.blocks.join(&s.topic).join("0");
-    let data = dir.join("00000000000000000000-00000000000000003000.parquet");
     let manifest = dir.join("00000000000000000000-00000000000000003000.json");
+    let named: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&manifest).expect("manifest")).unwrap();
+    let data = dir.join(named["data"].as_str().expect("the manifest names its data"));
     let bytes_first = std::fs::read(&data).expect("block file");
     let inode_first = std::fs::metadata(&data).unwrap().ino();
     let sha_first = first.status.unwrap().output.unwrap().sha256;

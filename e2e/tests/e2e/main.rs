@@ -7,6 +7,7 @@ mod bad_input_output;
 mod builder;
 mod chaos;
 mod chart;
+mod exactly_once;
 mod operator;
 mod outages;
 mod pods;
