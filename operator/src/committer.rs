@@ -5,6 +5,9 @@
 pub use crate::planner::ExistingJob as JobProgress;
 
 use std::collections::BTreeMap;
+use std::time::Duration;
+
+use jiff::{SignedDuration, Timestamp};
 
 use crate::planner::{JobRanges, PartitionOffsets};
 
@@ -46,6 +49,15 @@ pub fn next_commit(committed: i64, jobs: &[JobProgress]) -> i64 {
     cursor
 }
 
+/// Whether a pipeline whose offsets did not move is due to commit them again: Kafka expires
+/// the offsets of a group without members `offsets.retention.minutes` after their last
+/// commit, and a pipeline planning from no committed offset would cut new ranges over blocks
+/// already written. Never committed (as far as the status knows): due.
+pub fn refresh_due(last_commit: Option<Timestamp>, now: Timestamp, every: Duration) -> bool {
+    let every = SignedDuration::try_from(every).unwrap_or(SignedDuration::MAX);
+    last_commit.is_none_or(|t| now.duration_since(t) >= every)
+}
+
 /// The commits of `targets` that move a partition forward from `current` (the group's
 /// committed offsets; a partition without one may take any).
 pub fn forward_only(
@@ -62,6 +74,17 @@ pub fn forward_only(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn idle_offsets_are_committed_again_once_the_refresh_interval_has_passed() {
+        let t = |s: i64| Timestamp::from_second(1_700_000_000 + s).unwrap();
+        let hour = Duration::from_secs(3600);
+        assert!(refresh_due(None, t(0), hour));
+        assert!(!refresh_due(Some(t(0)), t(3599), hour));
+        assert!(refresh_due(Some(t(0)), t(3600), hour));
+        // A commit time ahead of this clock (another replica's skew) waits.
+        assert!(!refresh_due(Some(t(60)), t(0), hour));
+    }
     use proptest::prelude::*;
 
     fn job(start: i64, end: i64, succeeded: bool) -> JobProgress {

@@ -35,6 +35,9 @@ pub struct Context {
     pub reporter: Reporter,
     /// How often lag is polled when nothing else wakes the pipeline.
     pub poll_interval: Duration,
+    /// How often an idle pipeline's committed offsets are committed again, so that Kafka
+    /// does not expire them (`offsets.retention.minutes`).
+    pub offset_refresh: Duration,
     pub kafka_timeout: Duration,
     pub kafka: OffsetClients,
     /// Which HPA API the cluster serves (discovered at start-up).
@@ -42,6 +45,10 @@ pub struct Context {
     /// What was last applied for each pipeline's builders, so unchanged specs cost no writes.
     pub builders_applied: Mutex<HashMap<String, String>>,
 }
+
+/// An hour: well inside Kafka's offset retention (7 days by default, one day before Kafka
+/// 2.0), for one request per pipeline.
+pub const DEFAULT_OFFSET_REFRESH: Duration = Duration::from_secs(3600);
 
 impl Context {
     pub fn new(
@@ -61,6 +68,7 @@ impl Context {
                 instance: std::env::var("POD_NAME").ok(),
             },
             poll_interval,
+            offset_refresh: DEFAULT_OFFSET_REFRESH,
             kafka_timeout,
             kafka: OffsetClients::new(kafka_timeout),
             autoscaling,

@@ -35,6 +35,14 @@ struct Args {
     /// Seconds between lag polls of an otherwise quiet pipeline.
     #[arg(long, env = "BLOCKSMITH_POLL_INTERVAL", default_value_t = 10.0)]
     poll_interval: f64,
+    /// Seconds between commits of an idle pipeline's unchanged offsets, which keep Kafka
+    /// from expiring them (`offsets.retention.minutes`).
+    #[arg(
+        long,
+        env = "BLOCKSMITH_OFFSET_REFRESH_INTERVAL",
+        default_value_t = 3600.0
+    )]
+    offset_refresh_interval: f64,
     /// Timeout of each Kafka request, in seconds.
     #[arg(long, env = "BLOCKSMITH_KAFKA_TIMEOUT", default_value_t = 10.0)]
     kafka_timeout: f64,
@@ -136,14 +144,16 @@ async fn main() -> anyhow::Result<()> {
     });
     tokio::spawn(job_reflector);
     job_cache.wait_until_ready().await?;
-    let ctx = Arc::new(Context::new(
+    let mut ctx = Context::new(
         client.clone(),
         job_cache,
         metrics.clone(),
         Duration::from_secs_f64(args.poll_interval),
         Duration::from_secs_f64(args.kafka_timeout),
         autoscaling,
-    ));
+    );
+    ctx.offset_refresh = Duration::from_secs_f64(args.offset_refresh_interval);
+    let ctx = Arc::new(ctx);
     let controller = Controller::new(pipelines, watcher::Config::default())
         .owns(jobs, watcher::Config::default().labels(LABEL_PIPELINE))
         .with_config(

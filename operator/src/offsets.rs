@@ -84,6 +84,17 @@ impl KafkaRead {
             .map_err(|e| KafkaError::Unavailable(e.to_string()))?
     }
 
+    /// Commits the partitions' committed offsets again, unchanged (see
+    /// [`KafkaOffsets::refresh`]).
+    pub async fn refresh(&self, topic: &str) -> Result<BTreeMap<i32, i64>, KafkaError> {
+        let k = self.client.clone();
+        let topic = topic.to_string();
+        let partitions: Vec<i32> = self.committed().into_keys().collect();
+        tokio::task::spawn_blocking(move || k.refresh(&topic, &partitions))
+            .await
+            .map_err(|e| KafkaError::Unavailable(e.to_string()))?
+    }
+
     /// Takes `offsets`, just committed, as the partitions' committed offsets.
     pub fn set_committed(&mut self, offsets: &BTreeMap<i32, i64>) {
         for po in &mut self.offsets {

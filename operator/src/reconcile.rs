@@ -19,7 +19,7 @@ use tracing::{info, warn};
 pub use crate::context::{Context, Error};
 
 use crate::builders;
-use crate::committer::next_commits;
+use crate::committer::{next_commits, refresh_due};
 use crate::conditions::{Observed, Problem};
 use crate::jobs::{self, JobStore};
 use crate::kafka::{self, KafkaError};
@@ -283,6 +283,7 @@ impl<'a> Pass<'a> {
     async fn commit_durable_prefixes(&mut self, kafka: &mut KafkaRead, ranges: &JobRanges) {
         let commits = next_commits(&kafka.offsets, ranges);
         if commits.is_empty() {
+            self.refresh_idle_offsets(kafka).await;
             return;
         }
         match kafka.commit(&self.bp.spec.kafka.topic, &commits).await {
@@ -292,6 +293,23 @@ impl<'a> Pass<'a> {
                 self.status.last_commit_time = Some(Time(self.now));
                 kafka.set_committed(&committed);
                 info!(namespace = %self.ns, pipeline = %self.name, commits = ?committed, "committed offsets");
+            }
+            Err(e) => self.kafka_failed(&e),
+        }
+    }
+
+    /// Commits offsets that have not moved for [`Context::offset_refresh`] again, so that
+    /// Kafka's retention of an idle group's offsets never runs out.
+    async fn refresh_idle_offsets(&mut self, kafka: &KafkaRead) {
+        let last = self.status.last_commit_time.as_ref().map(|t| t.0);
+        if kafka.committed().is_empty() || !refresh_due(last, self.now, self.ctx.offset_refresh) {
+            return;
+        }
+        match kafka.refresh(&self.bp.spec.kafka.topic).await {
+            Ok(refreshed) => {
+                self.ctx.metrics.commit(&self.ns, &self.name);
+                self.status.last_commit_time = Some(Time(self.now));
+                info!(namespace = %self.ns, pipeline = %self.name, commits = ?refreshed, "committed unchanged offsets again, so that Kafka does not expire them");
             }
             Err(e) => self.kafka_failed(&e),
         }

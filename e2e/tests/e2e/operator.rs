@@ -401,3 +401,50 @@ async fn writes_from_a_stale_job_cache_never_change_or_revive_a_job() {
     assert!(store.relabel(&relabelled, &succeeded).await.is_err());
     assert!(api.get_opt(&name).await.unwrap().is_none(), "re-created");
 }
+
+/// Kafka expires the committed offsets of a group without members `offsets.retention.minutes`
+/// after their last commit, and a pipeline planning from no committed offset would cut new
+/// ranges over blocks already written. An idle pipeline commits its unchanged offsets again
+/// on a schedule (`--offset-refresh-interval`, here 3 s).
+#[tokio::test]
+async fn an_idle_pipeline_commits_its_unchanged_offsets_again_before_kafka_could_expire_them() {
+    let s = Scenario::new("op-refresh")
+        .records(1000)
+        .value_size(16)
+        .jobs(json!({"maxRecords": 1000}))
+        .start()
+        .await;
+    let op = spawn_operator_with(&s.tb, &s.ns, "op", &["--offset-refresh-interval", "3"]);
+    let job = s.wait_jobs(1).await.remove(0);
+    FakeBuilder::new(&s.tb, &s.ns, "b")
+        .claim_and_succeed(&job)
+        .await
+        .expect("the job done");
+    let committed = s.wait_all_committed(Duration::from_secs(60)).await;
+
+    // Nothing moves from here on, but the commit time does: twice, each after the interval.
+    let last_commit = || async { s.get().await.status?.last_commit_time.map(|t| t.0) };
+    let first = wait_for("a commit time", Duration::from_secs(30), last_commit).await;
+    let mut latest = first;
+    for _ in 0..2 {
+        latest = wait_for(
+            "the unchanged offsets committed again",
+            Duration::from_secs(30),
+            || async { last_commit().await.filter(|t| *t > latest) },
+        )
+        .await;
+    }
+    // (Status times have whole seconds.)
+    assert!(
+        latest.duration_since(first) >= jiff::SignedDuration::from_secs(5),
+        "two refreshes 3 s apart: {first} → {latest}"
+    );
+    assert_eq!(s.committed().await, committed);
+    assert!(
+        op.proc
+            .log_text()
+            .contains("committed unchanged offsets again"),
+        "{}",
+        op.proc.log_text()
+    );
+}

@@ -223,11 +223,28 @@ impl KafkaOffsets {
                 "not moving a committed offset backwards: the group is already there"
             );
         }
-        if forward.is_empty() {
-            return Ok(forward);
+        self.commit_as_is(topic, &forward)?;
+        Ok(forward)
+    }
+
+    /// Commits the group's offsets of `partitions` again, unchanged, so that Kafka counts
+    /// its retention of them from now. Returns what was committed.
+    pub fn refresh(
+        &self,
+        topic: &str,
+        partitions: &[i32],
+    ) -> Result<BTreeMap<i32, i64>, KafkaError> {
+        let current = self.committed(topic, partitions)?;
+        self.commit_as_is(topic, &current)?;
+        Ok(current)
+    }
+
+    fn commit_as_is(&self, topic: &str, offsets: &BTreeMap<i32, i64>) -> Result<(), KafkaError> {
+        if offsets.is_empty() {
+            return Ok(());
         }
         let mut tpl = TopicPartitionList::new();
-        for (p, o) in &forward {
+        for (p, o) in offsets {
             tpl.add_partition_offset(topic, *p, Offset::Offset(*o))
                 .map_err(unavailable)?;
         }
@@ -246,7 +263,7 @@ impl KafkaOffsets {
                 _ => self.failed(e),
             })?;
         // Only the request's own error counts: per-partition results are not checked.
-        Ok(forward)
+        Ok(())
     }
 }
 
