@@ -357,6 +357,11 @@ pub struct PartitionStatus {
     /// job is cut once it is older than `maxAge`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tail_since: Option<Time>,
+    /// When the group's committed offset was first seen past the end of the partition's log
+    /// (the topic re-created, or the log truncated). Nothing is planned for the partition
+    /// until the committed offset changes, even if the log grows past it again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub committed_beyond_log_since: Option<Time>,
 }
 
 #[cfg(test)]

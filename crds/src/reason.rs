@@ -27,6 +27,7 @@ pub enum Reason {
     TopicNotFound,
     CommitRefused,
     OffsetOutOfRange,
+    CommittedBeyondLog,
     JobFailed,
     AutoscalingUnavailable,
     // Events only
@@ -72,6 +73,7 @@ impl Reason {
                 | Reason::TopicNotFound
                 | Reason::CommitRefused
                 | Reason::OffsetOutOfRange
+                | Reason::CommittedBeyondLog
                 | Reason::JobFailed
                 | Reason::AutoscalingUnavailable
         )
@@ -115,6 +117,11 @@ impl Reason {
             Reason::OffsetOutOfRange => {
                 "retention deleted records before they were written to a block; the partition \
                  waits for the user (`spec.kafka.skipMissingData: true` accepts the loss)"
+            }
+            Reason::CommittedBeyondLog => {
+                "the group's committed offset is past the end of the partition's log (topic \
+                 re-created or log truncated); the partition waits until the offset is reset, \
+                 best with a new `spec.output.url`"
             }
             Reason::JobFailed => {
                 "a job used up `spec.jobs.backoffLimit` attempts; its partition's commit waits \
@@ -160,14 +167,14 @@ mod tests {
 
     #[test]
     fn names_are_the_variants() {
-        assert_eq!(Reason::all().count(), 19);
+        assert_eq!(Reason::all().count(), 20);
         assert_eq!(Reason::JobFailed.as_str(), "JobFailed");
         assert_eq!(Reason::InvalidSpec.to_string(), "InvalidSpec");
         let problems: Vec<&str> = Reason::all()
             .filter(|r| r.is_problem())
             .map(Reason::as_str)
             .collect();
-        assert_eq!(problems.len(), 9, "{problems:?}");
+        assert_eq!(problems.len(), 10, "{problems:?}");
     }
 
     #[test]

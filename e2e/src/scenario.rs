@@ -338,6 +338,19 @@ impl Run {
         wait_all_committed(&self.tb, &self.group, &self.topic, &want, timeout).await
     }
 
+    /// Commits `offsets` for the pipeline's group by hand, as a user resetting them with
+    /// `kafka-consumer-groups --reset-offsets` would.
+    pub async fn set_committed(&self, offsets: BTreeMap<i32, i64>) {
+        let (b, g, t) = (
+            self.tb.kafka_bootstrap.clone(),
+            self.group.clone(),
+            self.topic.clone(),
+        );
+        tokio::task::spawn_blocking(move || commit_offsets(&b, &g, &t, &offsets))
+            .await
+            .unwrap();
+    }
+
     /// Waits until everything produced is committed, then audits [`Run::blocks`] exactly.
     pub async fn wait_committed_then_audit(&self, timeout: Duration) -> BTreeMap<i32, i64> {
         self.wait_committed_then_audit_in(&self.blocks, timeout)

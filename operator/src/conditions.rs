@@ -1,5 +1,6 @@
 //! Pipeline status conditions in the standard shape, derived from what the reconcile found.
 
+use crate::planner::PartitionPlanError;
 use blocksmith_crds::{BlockJob, Reason};
 use jiff::Timestamp;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
@@ -42,6 +43,28 @@ impl Problem {
                 last_error.unwrap_or_default(),
                 s.partition,
                 s.start_offset,
+            ),
+        }
+    }
+
+    /// Why a partition cannot be planned.
+    pub fn partition_unplannable(partition: i32, error: PartitionPlanError) -> Self {
+        match error {
+            PartitionPlanError::OffsetOutOfRange { committed, low } => {
+                Self::offset_out_of_range(partition, committed, low)
+            }
+            PartitionPlanError::CommittedBeyondLog { committed, high } => {
+                Self::committed_beyond_log(partition, committed, high)
+            }
+        }
+    }
+
+    /// The group's committed offset of `partition` is past the end of its log.
+    pub fn committed_beyond_log(partition: i32, committed: i64, high: i64) -> Self {
+        Self {
+            reason: Reason::CommittedBeyondLog,
+            message: format!(
+                "partition {partition}: committed offset {committed} is past the end of the log (high watermark {high}): the topic was deleted and re-created, or its log truncated (an unclean leader election). Nothing is planned for the partition, and it stays so until its committed offset changes, so that no record of the new log is skipped. Blocks in spec.output.url may hold the old log's records under the same offsets: point spec.output.url at a new location, then reset the group's offset for the partition (kafka-consumer-groups --reset-offsets) to where writing should resume"
             ),
         }
     }
@@ -180,7 +203,26 @@ mod tests {
             message: Some("access denied".into()),
             ..Default::default()
         };
-        let cases: [(Problem, Reason, &[&str]); 2] = [
+        let cases: [(Problem, Reason, &[&str]); 3] = [
+            (
+                Problem::partition_unplannable(
+                    1,
+                    PartitionPlanError::CommittedBeyondLog {
+                        committed: 5000,
+                        high: 300,
+                    },
+                ),
+                Reason::CommittedBeyondLog,
+                &[
+                    "partition 1",
+                    "committed offset 5000 is past the end of the log (high watermark 300)",
+                    "re-created",
+                    "truncated",
+                    "until its committed offset changes",
+                    "spec.output.url",
+                    "reset the group's offset",
+                ],
+            ),
             (
                 Problem::job_failed(&crate::testing::job_with(3, 1000, 2000, failed)),
                 Reason::JobFailed,

@@ -75,6 +75,11 @@ pub enum PartitionPlanError {
          records that were never written to a block (set kafka.skipMissingData to skip them)"
     )]
     OffsetOutOfRange { committed: i64, low: i64 },
+    #[error(
+        "committed offset {committed} is past the end of the log (high watermark {high}): the \
+         topic was re-created or its log truncated"
+    )]
+    CommittedBeyondLog { committed: i64, high: i64 },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -240,6 +245,26 @@ pub fn plan_pipeline(
     for po in offsets {
         let existing = ranges.get(&po.partition).map_or(&[][..], Vec::as_slice);
         let old = previous.iter().find(|p| p.partition == po.partition);
+        if let Some(since) = committed_beyond_log_since(po, old, now) {
+            let committed = po.committed.unwrap_or_default();
+            plan.errors.push((
+                po.partition,
+                PartitionPlanError::CommittedBeyondLog {
+                    committed,
+                    high: po.high,
+                },
+            ));
+            plan.partitions.push(PartitionStatus {
+                partition: po.partition,
+                committed_offset: po.committed,
+                planned_offset: existing.iter().map(|j| j.end).max(),
+                high_watermark: po.high,
+                lag: (po.high - committed).max(0),
+                tail_since: None,
+                committed_beyond_log_since: Some(Time(since)),
+            });
+            continue;
+        }
         let tail_since = old.and_then(|p| p.tail_since.as_ref()).map(|t| t.0);
         let mut status = PartitionStatus {
             partition: po.partition,
@@ -248,6 +273,7 @@ pub fn plan_pipeline(
             high_watermark: po.high,
             lag: po.high - po.committed.unwrap_or(po.low),
             tail_since: old.and_then(|p| p.tail_since.clone()),
+            committed_beyond_log_since: None,
         };
         match plan_partition(po, existing, tail_since, now, policy) {
             Ok(p) => {
@@ -269,6 +295,27 @@ pub fn plan_pipeline(
         plan.partitions.push(status);
     }
     plan
+}
+
+/// Since when the group's committed offset has been past the end of the partition's log, if
+/// it is: the topic was deleted and re-created, or the log truncated (an unclean leader
+/// election). Planning from it would skip the new log's records below it and take blocks of
+/// the old log for the new one's, so the partition waits for a person. It keeps waiting while
+/// the committed offset stays what it was (the previous status says so), even once the log
+/// grows past it again; it resumes when the offset changes (the user reset it). Kafka answers
+/// a new leader's offset requests only once its high watermark has caught up (KIP-207), so a
+/// high watermark below the commit is never a passing leader change.
+pub fn committed_beyond_log_since(
+    po: &PartitionOffsets,
+    previous: Option<&PartitionStatus>,
+    now: Timestamp,
+) -> Option<Timestamp> {
+    let committed = po.committed?;
+    let waiting = previous.and_then(|p| {
+        let since = p.committed_beyond_log_since.as_ref()?.0;
+        (p.committed_offset == Some(committed)).then_some(since)
+    });
+    waiting.or((committed > po.high).then_some(now))
 }
 
 struct Cutter {
@@ -735,6 +782,61 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn a_commit_past_the_end_of_the_log_waits_until_the_offset_is_reset() {
+        let at = |high: i64, committed: i64| PartitionOffsets {
+            partition: 0,
+            low: 0,
+            high,
+            committed: Some(committed),
+        };
+        let plan = |po: PartitionOffsets, previous: &[PartitionStatus], now| {
+            plan_pipeline(
+                &[po],
+                &JobRanges::new(),
+                previous,
+                false,
+                now,
+                &policy(100, 4),
+            )
+        };
+        // The topic re-created: 300 records where 5000 were committed.
+        let first = plan(at(300, 5000), &[], t(0));
+        assert_eq!(
+            first.errors,
+            [(
+                0,
+                PartitionPlanError::CommittedBeyondLog {
+                    committed: 5000,
+                    high: 300
+                }
+            )]
+        );
+        assert!(first.new_jobs.is_empty() && first.initial_commits.is_empty());
+        let status = &first.partitions[0];
+        assert_eq!(status.committed_beyond_log_since, Some(Time(t(0))));
+        assert_eq!(status.lag, 0);
+
+        // The new log grows past the old commit: still waiting, since the first sighting.
+        let grown = plan(at(6000, 5000), &first.partitions, t(60));
+        assert_eq!(grown.errors.len(), 1);
+        assert!(grown.new_jobs.is_empty());
+        assert_eq!(
+            grown.partitions[0].committed_beyond_log_since,
+            Some(Time(t(0)))
+        );
+
+        // The user resets the group's offset: planning resumes from it.
+        let reset = plan(at(6000, 0), &grown.partitions, t(120));
+        assert!(reset.errors.is_empty());
+        assert_eq!(reset.partitions[0].committed_beyond_log_since, None);
+        assert_eq!(reset.new_jobs.len(), 4);
+        assert_eq!((reset.new_jobs[0].start, reset.new_jobs[0].end), (0, 100));
+
+        // A commit at the end of the log is no problem.
+        assert!(plan(at(300, 300), &[], t(0)).errors.is_empty());
     }
 
     #[test]

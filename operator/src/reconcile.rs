@@ -28,9 +28,7 @@ use crate::lifecycle::{
 };
 use crate::metrics::{RECONCILE_HEARTBEAT, reconcile_deadline};
 use crate::offsets::KafkaRead;
-use crate::planner::{
-    JobRanges, PartitionPlanError, PlanPolicy, PlannedJob, job_ranges, plan_pipeline,
-};
+use crate::planner::{JobRanges, PlanPolicy, PlannedJob, job_ranges, plan_pipeline};
 use crate::status;
 use crate::validate::{
     InvalidSpec, validate, validate_cluster_unchanged, validate_topic_unchanged,
@@ -332,10 +330,9 @@ impl<'a> Pass<'a> {
             policy,
         );
         for (partition, error) in plan.errors {
-            let PartitionPlanError::OffsetOutOfRange { committed, low } = error;
             self.observed
                 .problems
-                .push(Problem::offset_out_of_range(partition, committed, low));
+                .push(Problem::partition_unplannable(partition, error));
         }
         self.status.partitions = plan.partitions;
         let starts = &plan.initial_commits;

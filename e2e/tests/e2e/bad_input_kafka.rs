@@ -468,12 +468,7 @@ async fn a_commit_below_the_low_watermark_stops_until_skipping_is_allowed() {
         low > 0 && low < high,
         "the broker should have deleted the oldest records: [{low}, {high})"
     );
-    {
-        let (b, g, t) = (tb.kafka_bootstrap.clone(), group.clone(), topic.clone());
-        tokio::task::spawn_blocking(move || commit_offsets(&b, &g, &t, &BTreeMap::from([(0, 0)])))
-            .await
-            .unwrap();
-    }
+    s.set_committed(BTreeMap::from([(0, 0)])).await;
     assert_eq!(s.committed().await, BTreeMap::from([(0, 0)]));
 
     let mut bp = s.bp.clone();

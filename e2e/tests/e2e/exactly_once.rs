@@ -1,9 +1,11 @@
 //! Exactly-once off the happy path (docs/reliability.md, "Beyond the happy path"): the blocks
 //! in the output are the evidence, and nothing a late or stale writer does may change them.
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use blocksmith_crds::{BlockJob, JobPhase};
+use blocksmith_e2e::datagen::{DataSpec, ValueSizes};
 use blocksmith_e2e::scenario::*;
 use kube::api::{Api, Patch, PatchParams};
 use serde_json::json;
@@ -123,4 +125,71 @@ async fn a_stale_builder_finishing_its_upload_never_replaces_a_committed_blocks_
         stale.log_text()
     );
     assert_eq!(report["uncommitted"], 0, "{report}");
+}
+
+/// The group's committed offset past the end of the log (the topic deleted and re-created, or
+/// its log truncated by an unclean leader election) is reported and waited on, not taken as
+/// caught up; nothing of the new log is skipped even once it grows past the old commit; and
+/// resetting the group's offset resumes writing from there.
+#[tokio::test]
+async fn a_commit_past_the_end_of_the_log_waits_for_a_reset_and_skips_nothing() {
+    let mut s = Scenario::new("eo-beyond")
+        .records(1000)
+        .value_size(16)
+        .jobs(json!({"maxRecords": 500}))
+        .unapplied()
+        .start()
+        .await;
+    // The group's offset in the old log: 5000, where the new log has 1000 records.
+    s.set_committed(BTreeMap::from([(0, 5000)])).await;
+    let bp = s.bp.clone();
+    s.apply(&bp).await;
+    let _op = s.spawn_operator("op");
+    let _builders = s.spawn_builders(1);
+    let stuck = s.wait(Cond::ready_false("CommittedBeyondLog")).await;
+    assert_says(
+        &stuck.message,
+        &[
+            "partition 0",
+            "committed offset 5000 is past the end of the log (high watermark 1000)",
+            "re-created",
+            "spec.output.url",
+            "reset the group's offset",
+        ],
+    );
+    s.wait_event("CommittedBeyondLog").await;
+
+    // The new log grows past the old commit: still nothing planned, nothing skipped.
+    let more = produce_data(
+        &s.tb,
+        DataSpec {
+            seed: 2,
+            value_sizes: ValueSizes::Fixed(16),
+            ..DataSpec::new(&s.topic, 1, 5000)
+        },
+    )
+    .await;
+    let grown = wait_for(
+        "the status showing the grown log",
+        Duration::from_secs(30),
+        || async {
+            let p = s.get().await.status?.partitions.into_iter().next()?;
+            (p.high_watermark == 6000).then_some(p)
+        },
+    )
+    .await;
+    assert!(grown.committed_beyond_log_since.is_some(), "{grown:?}");
+    s.wait(Cond::ready_false("CommittedBeyondLog")).await;
+    assert!(s.jobs().await.is_empty(), "nothing planned");
+    assert_eq!(s.committed().await, BTreeMap::from([(0, 5000)]));
+
+    // The user resets the group's offset: every record from there is written once.
+    s.set_committed(BTreeMap::from([(0, 0)])).await;
+    s.produced.records.extend(more.records);
+    s.produced
+        .partitions
+        .insert(0, (6000, more.partitions[&0].1));
+    let committed = s.wait_all_committed(Duration::from_secs(180)).await;
+    s.wait(Cond::reconciled()).await;
+    audit_exact(&s.tb, &s.blocks, &s.produced, &committed);
 }
