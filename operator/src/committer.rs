@@ -74,17 +74,6 @@ pub fn forward_only(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn idle_offsets_are_committed_again_once_the_refresh_interval_has_passed() {
-        let t = |s: i64| Timestamp::from_second(1_700_000_000 + s).unwrap();
-        let hour = Duration::from_secs(3600);
-        assert!(refresh_due(None, t(0), hour));
-        assert!(!refresh_due(Some(t(0)), t(3599), hour));
-        assert!(refresh_due(Some(t(0)), t(3600), hour));
-        // A commit time ahead of this clock (another replica's skew) waits.
-        assert!(!refresh_due(Some(t(60)), t(0), hour));
-    }
     use proptest::prelude::*;
 
     fn job(start: i64, end: i64, succeeded: bool) -> JobProgress {
@@ -203,5 +192,16 @@ mod tests {
             }
             prop_assert_eq!(committed, range_end);
         }
+    }
+
+    #[test]
+    fn idle_offsets_are_committed_again_once_the_refresh_interval_has_passed() {
+        let t = |s: i64| Timestamp::from_second(1_700_000_000 + s).unwrap();
+        let hour = Duration::from_secs(3600);
+        assert!(refresh_due(None, t(0), hour));
+        assert!(!refresh_due(Some(t(0)), t(3599), hour));
+        assert!(refresh_due(Some(t(0)), t(3600), hour));
+        // A commit time ahead of this clock (another replica's skew) waits.
+        assert!(!refresh_due(Some(t(60)), t(0), hour));
     }
 }

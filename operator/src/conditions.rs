@@ -1,10 +1,11 @@
 //! Pipeline status conditions in the standard shape, derived from what the reconcile found.
 
-use crate::planner::PartitionPlanError;
 use blocksmith_crds::{BlockJob, Reason};
 use jiff::Timestamp;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::ResourceExt;
+
+use crate::planner::PartitionPlanError;
 
 pub const READY: &str = "Ready";
 pub const PROGRESSING: &str = "Progressing";

@@ -46,16 +46,13 @@ pub struct Context {
     pub builders_applied: Mutex<HashMap<String, String>>,
 }
 
-/// An hour: well inside Kafka's offset retention (7 days by default, one day before Kafka
-/// 2.0), for one request per pipeline.
-pub const DEFAULT_OFFSET_REFRESH: Duration = Duration::from_secs(3600);
-
 impl Context {
     pub fn new(
         client: kube::Client,
         jobs: Store<BlockJob>,
         metrics: Metrics,
         poll_interval: Duration,
+        offset_refresh: Duration,
         kafka_timeout: Duration,
         autoscaling: AutoscalingApi,
     ) -> Self {
@@ -68,7 +65,7 @@ impl Context {
                 instance: std::env::var("POD_NAME").ok(),
             },
             poll_interval,
-            offset_refresh: DEFAULT_OFFSET_REFRESH,
+            offset_refresh,
             kafka_timeout,
             kafka: OffsetClients::new(kafka_timeout),
             autoscaling,

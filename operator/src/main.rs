@@ -36,7 +36,8 @@ struct Args {
     #[arg(long, env = "BLOCKSMITH_POLL_INTERVAL", default_value_t = 10.0)]
     poll_interval: f64,
     /// Seconds between commits of an idle pipeline's unchanged offsets, which keep Kafka
-    /// from expiring them (`offsets.retention.minutes`).
+    /// from expiring them (`offsets.retention.minutes`: 7 days by default, one before Kafka
+    /// 2.0).
     #[arg(
         long,
         env = "BLOCKSMITH_OFFSET_REFRESH_INTERVAL",
@@ -144,16 +145,15 @@ async fn main() -> anyhow::Result<()> {
     });
     tokio::spawn(job_reflector);
     job_cache.wait_until_ready().await?;
-    let mut ctx = Context::new(
+    let ctx = Arc::new(Context::new(
         client.clone(),
         job_cache,
         metrics.clone(),
         Duration::from_secs_f64(args.poll_interval),
+        Duration::from_secs_f64(args.offset_refresh_interval),
         Duration::from_secs_f64(args.kafka_timeout),
         autoscaling,
-    );
-    ctx.offset_refresh = Duration::from_secs_f64(args.offset_refresh_interval);
-    let ctx = Arc::new(ctx);
+    ));
     let controller = Controller::new(pipelines, watcher::Config::default())
         .owns(jobs, watcher::Config::default().labels(LABEL_PIPELINE))
         .with_config(

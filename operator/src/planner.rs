@@ -245,26 +245,6 @@ pub fn plan_pipeline(
     for po in offsets {
         let existing = ranges.get(&po.partition).map_or(&[][..], Vec::as_slice);
         let old = previous.iter().find(|p| p.partition == po.partition);
-        if let Some(since) = committed_beyond_log_since(po, old, now) {
-            let committed = po.committed.unwrap_or_default();
-            plan.errors.push((
-                po.partition,
-                PartitionPlanError::CommittedBeyondLog {
-                    committed,
-                    high: po.high,
-                },
-            ));
-            plan.partitions.push(PartitionStatus {
-                partition: po.partition,
-                committed_offset: po.committed,
-                planned_offset: existing.iter().map(|j| j.end).max(),
-                high_watermark: po.high,
-                lag: (po.high - committed).max(0),
-                tail_since: None,
-                committed_beyond_log_since: Some(Time(since)),
-            });
-            continue;
-        }
         let tail_since = old.and_then(|p| p.tail_since.as_ref()).map(|t| t.0);
         let mut status = PartitionStatus {
             partition: po.partition,
@@ -275,6 +255,21 @@ pub fn plan_pipeline(
             tail_since: old.and_then(|p| p.tail_since.clone()),
             committed_beyond_log_since: None,
         };
+        if let Some(since) = committed_beyond_log_since(po, old, now) {
+            let committed = po.committed.unwrap_or_default();
+            plan.errors.push((
+                po.partition,
+                PartitionPlanError::CommittedBeyondLog {
+                    committed,
+                    high: po.high,
+                },
+            ));
+            status.lag = status.lag.max(0);
+            status.tail_since = None;
+            status.committed_beyond_log_since = Some(Time(since));
+            plan.partitions.push(status);
+            continue;
+        }
         match plan_partition(po, existing, tail_since, now, policy) {
             Ok(p) => {
                 if let Some(start) = p.commit_start {
