@@ -142,14 +142,14 @@ pub async fn build_block(
     let data = format!("{folder}/{}", manifest.data_name());
     store.put_data(&data, &path, stats.bytes).await?;
     if cancel.load(Ordering::Relaxed) {
-        discard_if_superseded(&store, &manifest_at, &manifest).await;
+        discard_if_superseded(&store, &manifest_at, &data, &manifest).await;
         return Err(BuildError::Cancelled);
     }
     let put = store
         .put_manifest(&manifest_at, manifest.to_bytes(), &stats.sha256)
         .await;
     if !matches!(put, Ok(ManifestPut::Created)) {
-        discard_if_superseded(&store, &manifest_at, &manifest).await;
+        discard_if_superseded(&store, &manifest_at, &data, &manifest).await;
     }
     let put = put?;
     info!(
@@ -169,24 +169,26 @@ pub async fn build_block(
     })
 }
 
-/// Removes the data object this attempt uploaded once the block's manifest, written by
+/// Removes the data object this attempt uploaded (`ours`, at `ours_key`) once the block's
+/// manifest, written by
 /// another attempt, names a different one: nothing can ever vouch for it then. Without a
 /// manifest it stays, since a builder that wrote the same bytes may be about to commit it.
 /// Best effort: a data object no manifest names is not part of the output.
-async fn discard_if_superseded(store: &BlockStore, manifest_at: &str, ours: &Manifest) {
-    let folder = manifest_at
-        .rsplit_once('/')
-        .map_or("", |(folder, _)| folder);
-    let ours_key = format!("{folder}/{}", ours.data_name());
+async fn discard_if_superseded(
+    store: &BlockStore,
+    manifest_at: &str,
+    ours_key: &str,
+    ours: &Manifest,
+) {
     match store.existing_manifest(manifest_at).await {
         Ok(Some(committed)) if !committed.names_the_same_data_as(ours) => {
-            match store.delete(&ours_key).await {
+            match store.delete(ours_key).await {
                 Ok(()) => info!(
-                    data = %store.url_of(&ours_key), committed = %committed.data_name(),
+                    data = %store.url_of(ours_key), committed = %committed.data_name(),
                     "the block was committed by another attempt with other bytes; removed this attempt's data object"
                 ),
                 Err(err) => warn!(
-                    data = %store.url_of(&ours_key), error = %err,
+                    data = %store.url_of(ours_key), error = %err,
                     "removing this attempt's superseded data object failed; it is not part of the output"
                 ),
             }
