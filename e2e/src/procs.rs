@@ -143,6 +143,15 @@ impl PrivateS3 {
         format!("http://127.0.0.1:{}", self.port)
     }
 
+    /// Points a builder's command line at this server (e.g. for
+    /// [`crate::scenario::Run::spawn_builder_with`]).
+    pub fn point(&self) -> impl Fn(&mut Command) + 'static {
+        let endpoint = self.endpoint();
+        move |cmd| {
+            cmd.env("AWS_ENDPOINT", &endpoint);
+        }
+    }
+
     /// Where the server keeps the objects under `prefix` of bucket `blocksmith`.
     pub fn dir(&self, prefix: &str) -> PathBuf {
         self.root.join("blocksmith").join(prefix)

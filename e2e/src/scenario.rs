@@ -161,10 +161,7 @@ impl Scenario {
 
     /// `n` builders whose object store is `s3` (a [`PrivateS3`]).
     pub fn builders_on(self, n: usize, s3: &PrivateS3) -> Scenario {
-        let endpoint = s3.endpoint();
-        self.builders_with(n, move |cmd| {
-            cmd.env("AWS_ENDPOINT", &endpoint);
-        })
+        self.builders_with(n, s3.point())
     }
 
     pub async fn start(self) -> Run {

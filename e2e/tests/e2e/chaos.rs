@@ -29,9 +29,7 @@ struct Servers {
 }
 
 fn chaos_builder(tb: &Testbed, ns: &str, id: &str, s3: &PrivateS3) -> Proc {
-    spawn_builder_with(tb, ns, "p", id, |cmd| {
-        cmd.env("AWS_ENDPOINT", s3.endpoint());
-    })
+    spawn_builder_with(tb, ns, "p", id, s3.point())
 }
 
 #[derive(Default, Debug)]

@@ -47,13 +47,7 @@ async fn a_stale_builder_finishing_its_upload_never_replaces_a_committed_blocks_
     // Slow reads (seconds a job) leave time to freeze the object store between a builder's
     // check for an existing manifest and its upload.
     s.broker().set_round_trip_time(Duration::from_millis(500));
-    let through = |server: &PrivateS3| {
-        let endpoint = server.endpoint();
-        move |cmd: &mut std::process::Command| {
-            cmd.env("AWS_ENDPOINT", &endpoint);
-        }
-    };
-    let stale = s.spawn_builder_with("stale", through(&held_up));
+    let stale = s.spawn_builder_with("stale", held_up.point());
     let job = wait_for_a_job_on(&s.tb, &s.ns, &s.name, "stale").await;
     let scratch = s.tb.dir.join("scratch").join(&s.ns).join("stale");
     wait_for(
@@ -82,7 +76,7 @@ async fn a_stale_builder_finishing_its_upload_never_replaces_a_committed_blocks_
         )
         .await
         .expect("patch the job's compression");
-    let _fresh = s.spawn_builder_with("fresh", through(&other));
+    let _fresh = s.spawn_builder_with("fresh", other.point());
     let committed = wait_for(
         "the job committed by the fresh builder",
         Duration::from_secs(120),
