@@ -720,11 +720,11 @@ mod tests {
             Err(TestError::Read(err @ ReadError::Unreachable { .. })) => err,
             other => panic!("expected Unreachable, got {other:?}"),
         };
+        let msg = err.to_string();
         assert!(
             err.is_transient(),
-            "refused connections are an outage: {err}"
+            "refused connections are an outage: {msg}"
         );
-        let msg = err.to_string();
         assert!(
             msg.contains("127.0.0.1:1") && msg.contains("Connection refused"),
             "{msg}"

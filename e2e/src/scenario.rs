@@ -8,22 +8,25 @@
 //!     .jobs(json!({"maxRecords": 2500}))
 //!     .operator()
 //!     .builders(3)
-//!     .start()
 //!     .await;
 //! s.wait_committed_then_audit(Duration::from_secs(400)).await;
 //! ```
 //!
-//! `start` makes a namespace, a topic (on a broker of the test's own with
+//! Awaiting it makes a namespace, a topic (on a broker of the test's own with
 //! [`Scenario::private_broker`]), produces the records, applies pipeline `p` writing to a fresh
 //! local directory, and spawns the operator and builders asked for, in that order.
 
 use std::collections::BTreeMap;
+use std::future::IntoFuture;
 use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
 use blocksmith_crds::domain::default_consumer_group;
 use blocksmith_crds::{BlockJob, BlockPipeline, JobPhase};
+use derive_setters::Setters;
+use futures::FutureExt;
+use futures::future::LocalBoxFuture;
 use serde_json::{Value, json};
 
 pub use crate::Testbed;
@@ -42,21 +45,53 @@ type PipelineEdit = Box<dyn FnOnce(&mut BlockPipeline)>;
 type CommandEdit = Box<dyn Fn(&mut Command)>;
 
 /// How a scenario starts; see the module documentation.
+#[derive(Setters)]
+#[setters(generate = false)]
 pub struct Scenario {
     test: String,
+    /// Partitions of the topic (1 unless said).
+    #[setters(generate)]
     partitions: i32,
+    /// Records produced over the partitions before the pipeline is applied (none unless said).
+    #[setters(generate)]
     records: u64,
+    /// Every value of this many bytes (mixed sizes unless said).
+    #[setters(generate, strip_option)]
     value_size: Option<usize>,
-    create_topic: bool,
+    /// The topic is named but not created (nor written to).
+    #[setters(generate, bool)]
+    missing_topic: bool,
+    /// A broker of the test's own (named after the namespace), e.g. to slow it down.
+    #[setters(generate, bool)]
     private_broker: bool,
+    /// The pipeline's name (`p` unless said).
+    #[setters(generate, rename = "named", into)]
     name: String,
+    /// `spec.jobs` settings merged over [`pipeline`]'s defaults.
+    #[setters(generate)]
     jobs: Value,
+    /// `spec.output.url` (a fresh local directory unless said).
+    #[setters(generate, strip_option, into)]
     output: Option<String>,
     edits: Vec<PipelineEdit>,
-    apply: bool,
+    /// The pipeline is built but not applied: the test applies [`Run::bp`] when it is ready.
+    #[setters(generate, bool)]
+    unapplied: bool,
+    /// An operator, `op`, watching the namespace.
+    #[setters(generate, bool)]
     operator: bool,
     builders: usize,
     builder_edit: Option<CommandEdit>,
+}
+
+/// Awaiting a scenario starts it.
+impl IntoFuture for Scenario {
+    type Output = Run;
+    type IntoFuture = LocalBoxFuture<'static, Run>;
+
+    fn into_future(self) -> Self::IntoFuture {
+        self.start().boxed_local()
+    }
 }
 
 impl Scenario {
@@ -67,82 +102,22 @@ impl Scenario {
             partitions: 1,
             records: 0,
             value_size: None,
-            create_topic: true,
+            missing_topic: false,
             private_broker: false,
             name: "p".into(),
             jobs: json!({}),
             output: None,
             edits: Vec::new(),
-            apply: true,
+            unapplied: false,
             operator: false,
             builders: 0,
             builder_edit: None,
         }
     }
 
-    /// Partitions of the topic (1 unless said).
-    pub fn partitions(mut self, n: i32) -> Scenario {
-        self.partitions = n;
-        self
-    }
-
-    /// Records produced over the partitions before the pipeline is applied (none unless said).
-    pub fn records(mut self, n: u64) -> Scenario {
-        self.records = n;
-        self
-    }
-
-    /// Every value of this many bytes (mixed sizes unless said).
-    pub fn value_size(mut self, bytes: usize) -> Scenario {
-        self.value_size = Some(bytes);
-        self
-    }
-
-    /// The topic is named but not created (nor written to).
-    pub fn missing_topic(mut self) -> Scenario {
-        self.create_topic = false;
-        self
-    }
-
-    /// A broker of the test's own (named after the namespace), e.g. to slow it down.
-    pub fn private_broker(mut self) -> Scenario {
-        self.private_broker = true;
-        self
-    }
-
-    /// The pipeline's name (`p` unless said).
-    pub fn named(mut self, name: &str) -> Scenario {
-        self.name = name.into();
-        self
-    }
-
-    /// `spec.jobs` settings merged over [`pipeline`]'s defaults.
-    pub fn jobs(mut self, jobs: Value) -> Scenario {
-        self.jobs = jobs;
-        self
-    }
-
-    /// `spec.output.url` (a fresh local directory unless said).
-    pub fn output(mut self, url: &str) -> Scenario {
-        self.output = Some(url.into());
-        self
-    }
-
     /// Any other change to the pipeline before it is applied.
     pub fn pipeline(mut self, edit: impl FnOnce(&mut BlockPipeline) + 'static) -> Scenario {
         self.edits.push(Box::new(edit));
-        self
-    }
-
-    /// The pipeline is built but not applied: the test applies [`Run::bp`] when it is ready.
-    pub fn unapplied(mut self) -> Scenario {
-        self.apply = false;
-        self
-    }
-
-    /// An operator, `op`, watching the namespace.
-    pub fn operator(mut self) -> Scenario {
-        self.operator = true;
         self
     }
 
@@ -164,7 +139,7 @@ impl Scenario {
         self.builders_with(n, s3.point())
     }
 
-    pub async fn start(self) -> Run {
+    async fn start(self) -> Run {
         let shared = Testbed::get().await;
         let ns = shared.namespace(&self.test).await;
         let broker = self
@@ -173,7 +148,7 @@ impl Scenario {
         let tb = broker
             .as_ref()
             .map_or(shared.clone(), |b| b.testbed(&shared));
-        let topic = if self.create_topic {
+        let topic = if !self.missing_topic {
             tb.topic(&self.test, self.partitions)
         } else {
             format!("{}-{:08x}", self.test, rand::random::<u32>())
@@ -193,7 +168,7 @@ impl Scenario {
         for edit in self.edits {
             edit(&mut bp);
         }
-        if self.apply {
+        if !self.unapplied {
             apply_pipeline(&tb, &ns, &bp).await;
         }
         let mut run = Run {

@@ -75,7 +75,6 @@ async fn invalid_specs_are_rejected_by_the_schema_or_reported_with_the_field() {
         .value_size(16)
         .unapplied()
         .operator()
-        .start()
         .await;
     let (tb, ns) = (&s.tb, &s.ns);
     let base = |name: &str| {
@@ -351,7 +350,6 @@ async fn a_missing_topic_is_reported_until_it_is_created_then_everything_is_writ
         .jobs(json!({"maxRecords": 1000}))
         .operator()
         .builders(2)
-        .start()
         .await;
     let topic = s.topic.clone();
 
@@ -388,7 +386,6 @@ async fn partitions_added_to_the_pipeline_mid_run_are_written_exactly_once() {
         .jobs(json!({"maxRecords": 500, "maxInFlightPerPartition": 2}))
         .pipeline(|bp| bp.spec.kafka.partitions = Some(vec![0, 1, 7]))
         .operator()
-        .start()
         .await;
     let (tb, topic, mut bp) = (s.tb.clone(), s.topic.clone(), s.bp.clone());
     let message = s.wait(Cond::ready_false("TopicNotFound")).await.message;
@@ -454,7 +451,6 @@ async fn a_commit_below_the_low_watermark_stops_until_skipping_is_allowed() {
         .value_size(200)
         .jobs(json!({"maxRecords": 5000}))
         .unapplied()
-        .start()
         .await;
     let (tb, group, topic) = (s.tb.clone(), s.group.clone(), s.topic.clone());
     let (low, high) = {
@@ -537,7 +533,6 @@ async fn kafka_credentials_problems_name_the_secret_and_recover_once_fixed() {
             bp.spec.kafka.sasl = Some(serde_json::from_value(sasl_refs("kafka-creds")).unwrap());
         })
         .operator()
-        .start()
         .await;
     let mut bp = s.bp.clone();
 

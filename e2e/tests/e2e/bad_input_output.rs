@@ -183,7 +183,6 @@ async fn wrong_object_store_credentials_fail_the_jobs_hold_the_commit_and_a_fix_
             bp.spec.output.credentials_secret_ref = Some(serde_json::from_value(secret).unwrap());
         })
         .unapplied()
-        .start()
         .await;
     let (tb, ns, root) = (&s.tb, &s.ns, &server.root);
     let access_key = std::env::var("AWS_ACCESS_KEY_ID").unwrap();
@@ -265,11 +264,10 @@ async fn a_missing_output_location_fails_the_jobs_naming_it_and_creating_it_then
         .partitions(2)
         .records(2000)
         .value_size(100)
-        .output(&file_url(&location))
+        .output(file_url(&location))
         .jobs(json!({"maxRecords": 500, "backoffLimit": 2}))
         .operator()
         .builders(1)
-        .start()
         .await;
     let (tb, ns) = (&s.tb, &s.ns);
 
@@ -304,7 +302,6 @@ async fn a_record_over_max_record_bytes_fails_its_job_writes_nothing_and_a_raise
     let mut s = Scenario::new("bio-big")
         .jobs(json!({"maxRecords": 1000, "backoffLimit": 2}))
         .unapplied()
-        .start()
         .await;
     let (tb, topic) = (s.tb.clone(), s.topic.clone());
     // Offsets [0, 1500) and [1501, 3000) of ~100 bytes, offset 1500 of over 5000 bytes.
@@ -410,7 +407,6 @@ async fn deleting_a_pipeline_mid_run_collects_its_jobs_and_leaves_builders_idle_
         .value_size(200)
         .jobs(json!({"maxRecords": 1000, "leaseDurationSeconds": 120}))
         .operator()
-        .start()
         .await;
     s.broker().set_round_trip_time(Duration::from_millis(300));
     s.builders = s.spawn_builders(2);
@@ -512,7 +508,6 @@ async fn changing_max_records_compression_and_url_mid_run_applies_to_new_jobs_on
         .value_size(100)
         .jobs(json!({"maxRecords": 500}))
         .unapplied()
-        .start()
         .await;
     let (tb, blocks) = (s.tb.clone(), s.blocks.clone());
     std::fs::create_dir_all(blocks.join("a")).unwrap();

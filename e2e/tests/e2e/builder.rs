@@ -20,7 +20,6 @@ async fn three_builders_write_every_offset_exactly_once_to_files() {
         .jobs(json!({"maxRecords": 2500}))
         .operator()
         .builders(3)
-        .start()
         .await;
     s.wait_committed_then_audit(Duration::from_secs(400)).await;
     assert!(
@@ -44,13 +43,12 @@ async fn builders_write_to_s3_including_multipart_blocks() {
         .partitions(4)
         .records(8_000)
         .value_size(2048)
-        .output(&format!("s3://{bucket}/{prefix}"))
+        .output(format!("s3://{bucket}/{prefix}"))
         .jobs(json!({"maxRecords": 2000}))
         .operator()
         .builders_with(2, |cmd| {
             cmd.args(["--multipart-threshold", "1048576"]);
         })
-        .start()
         .await;
     // s3s-fs keeps objects as files under its root: audit them there with pyarrow.
     let blocks = s.tb.s3_root.join(&s.tb.s3_bucket).join(&prefix);
@@ -81,7 +79,6 @@ async fn a_killed_builder_loses_its_job_to_another_and_nothing_is_lost() {
         .value_size(200)
         .jobs(json!({"maxRecords": 1000, "leaseDurationSeconds": 4}))
         .operator()
-        .start()
         .await;
     s.broker().set_round_trip_time(Duration::from_millis(300));
     let mut victim = s.spawn_builder("victim");
@@ -132,7 +129,6 @@ async fn two_builders_racing_for_fifty_jobs_complete_each_once() {
         .value_size(64)
         .jobs(json!({"maxRecords": 100}))
         .operator()
-        .start()
         .await;
     s.wait_jobs(50).await;
     let a = s.spawn_builder("racer-a");
@@ -223,7 +219,6 @@ async fn a_retried_job_keeps_a_committed_block_and_rebuilds_an_uncommitted_one_i
         .jobs(json!({"maxRecords": 3000}))
         .operator()
         .builders(1)
-        .start()
         .await;
     let (tb, builder) = (&s.tb, &s.builders[0]);
     let first = wait_for("first run", Duration::from_secs(120), || async {
@@ -312,7 +307,6 @@ async fn api_writes_per_job_lifecycle_are_counted() {
         .builders_with(1, move |cmd| {
             cmd.args(["--metrics-addr", &format!("127.0.0.1:{builder_port}")]);
         })
-        .start()
         .await;
     let jobs_total = 20.0;
     s.wait_all_committed(Duration::from_secs(300)).await;
@@ -376,7 +370,6 @@ async fn sigterm_stops_claiming_and_finishes_or_releases_the_current_job() {
         .value_size(200)
         .jobs(json!({"maxRecords": 1000}))
         .operator()
-        .start()
         .await;
     let mut first = s.spawn_builder("first");
     wait_for_a_job_on(&s.tb, &s.ns, "p", "first").await;

@@ -42,7 +42,6 @@ async fn a_stale_builder_finishing_its_upload_never_replaces_a_committed_blocks_
         .output("s3://blocksmith/stale")
         .jobs(json!({"maxRecords": 200, "leaseDurationSeconds": 4}))
         .operator()
-        .start()
         .await;
     // Slow reads (seconds a job) leave time to freeze the object store between a builder's
     // check for an existing manifest and its upload.
@@ -132,7 +131,6 @@ async fn a_commit_past_the_end_of_the_log_waits_for_a_reset_and_skips_nothing() 
         .value_size(16)
         .jobs(json!({"maxRecords": 500}))
         .unapplied()
-        .start()
         .await;
     // The group's offset in the old log: 5000, where the new log has 1000 records.
     s.set_committed(BTreeMap::from([(0, 5000)])).await;

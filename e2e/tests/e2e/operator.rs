@@ -28,7 +28,6 @@ async fn plans_exactly_the_expected_jobs_and_no_more() {
     let s = scenario("op-plan", 4, 40_000)
         .named("orders")
         .jobs(json!({"maxAge": "1h"}))
-        .start()
         .await;
 
     let planned = s.wait_jobs(40).await;
@@ -69,7 +68,7 @@ async fn plans_exactly_the_expected_jobs_and_no_more() {
 
 #[tokio::test]
 async fn commits_move_only_over_contiguous_succeeded_prefixes() {
-    let s = scenario("op-commit", 2, 10_000).start().await;
+    let s = scenario("op-commit", 2, 10_000).await;
     let mut planned = s.wait_jobs(10).await;
 
     planned.shuffle(&mut rand::rngs::StdRng::seed_from_u64(7));
@@ -117,7 +116,6 @@ async fn commits_move_only_over_contiguous_succeeded_prefixes() {
 async fn an_expired_lease_returns_the_job_and_fences_the_old_holder() {
     let s = scenario("op-lease", 1, 1000)
         .jobs(json!({"leaseDurationSeconds": 3}))
-        .start()
         .await;
     let job = s.wait_jobs(1).await.remove(0);
     let stale = FakeBuilder::new(&s.tb, &s.ns, "stale-builder");
@@ -154,7 +152,6 @@ async fn an_expired_lease_returns_the_job_and_fences_the_old_holder() {
 async fn a_job_failing_past_its_backoff_limit_degrades_and_holds_the_commit_until_deleted() {
     let s = scenario("op-fail", 1, 3000)
         .jobs(json!({"backoffLimit": 2}))
-        .start()
         .await;
     let planned = s.wait_jobs(3).await;
     let b = FakeBuilder::new(&s.tb, &s.ns, "b");
@@ -230,7 +227,6 @@ async fn a_restarted_operator_neither_replans_nor_regresses() {
         .partitions(2)
         .records(6000)
         .value_size(16)
-        .start()
         .await;
     let mut op = s.spawn_operator("op-1");
     let planned = s.wait_jobs(6).await;
@@ -331,7 +327,6 @@ async fn unreachable_kafka_degrades_and_suspend_stops_planning() {
     let s = scenario("op-suspend", 1, 2000)
         .pipeline(|bp| bp.spec.suspend = true)
         .unapplied()
-        .start()
         .await;
 
     // Nothing listens on port 1.
@@ -412,7 +407,6 @@ async fn an_idle_pipeline_commits_its_unchanged_offsets_again_before_kafka_could
         .records(1000)
         .value_size(16)
         .jobs(json!({"maxRecords": 1000}))
-        .start()
         .await;
     let op = spawn_operator_with(&s.tb, &s.ns, "op", &["--offset-refresh-interval", "3"]);
     let job = s.wait_jobs(1).await.remove(0);

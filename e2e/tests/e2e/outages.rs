@@ -53,7 +53,6 @@ async fn run_into_an_s3_outage(
         .jobs(jobs)
         .operator()
         .builders_on(2, &server)
-        .start()
         .await;
     s.wait_some_progress().await;
     server.kill();
@@ -89,7 +88,6 @@ async fn a_kafka_outage_outlasting_every_attempt_heals_by_itself() {
         .jobs(one_attempt())
         .operator()
         .builders(2)
-        .start()
         .await;
     s.wait_some_progress().await;
     s.broker().down();
