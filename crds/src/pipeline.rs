@@ -180,6 +180,14 @@ pub struct JobsSpec {
     #[serde(default = "defaults::max_in_flight")]
     #[schemars(range(min = 1))]
     pub max_in_flight_per_partition: i32,
+    /// Jobs per partition not yet below the committed offset (unfinished, or succeeded and
+    /// waiting for an earlier job before their offsets can be committed). Planning pauses
+    /// at this many, so a job that holds the commit (failed, or slow) cannot let succeeded
+    /// jobs pile up in etcd at the topic's write rate. Refilling a deleted job's range is
+    /// never paused. Unset: 4 × `maxInFlightPerPartition`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub max_uncommitted_jobs_per_partition: Option<i32>,
     /// A builder that has not renewed its lease for this long loses the job.
     #[serde(default = "defaults::lease_duration")]
     #[schemars(range(min = 3))]
@@ -204,6 +212,7 @@ impl Default for JobsSpec {
             max_records: defaults::max_records(),
             max_age: defaults::max_age(),
             max_in_flight_per_partition: defaults::max_in_flight(),
+            max_uncommitted_jobs_per_partition: None,
             lease_duration_seconds: defaults::lease_duration(),
             backoff_limit: defaults::backoff_limit(),
             ttl_seconds_after_succeeded: defaults::ttl_after_succeeded(),

@@ -21,6 +21,9 @@ pub struct PlanPolicy {
     pub max_age: Duration,
     /// Unfinished (not succeeded) jobs allowed per partition.
     pub max_in_flight: usize,
+    /// Jobs not yet below the start (unfinished or succeeded) after which new ranges past
+    /// the last job wait; refilling gaps is not bounded by it.
+    pub max_uncommitted: usize,
     /// Where to start when the group has no committed offset and there are no jobs.
     pub start_offset: StartOffset,
     /// Restart at the low watermark when the committed offset is below it.
@@ -34,6 +37,12 @@ impl PlanPolicy {
             max_records: spec.jobs.max_records,
             max_age: parse_duration(&spec.jobs.max_age)?,
             max_in_flight: usize::try_from(spec.jobs.max_in_flight_per_partition).unwrap_or(0),
+            max_uncommitted: usize::try_from(
+                spec.jobs
+                    .max_uncommitted_jobs_per_partition
+                    .unwrap_or(spec.jobs.max_in_flight_per_partition.saturating_mul(4)),
+            )
+            .unwrap_or(0),
             start_offset: spec.kafka.start_offset,
             skip_missing_data: spec.kafka.skip_missing_data,
         })
@@ -117,7 +126,9 @@ pub struct PartitionPlan {
 /// After the last job, full jobs of `max_records` are cut up to the high watermark, and a
 /// shorter tail once it has waited `max_age` since `tail_since`. New jobs never overlap
 /// existing ones, and unfinished jobs never exceed `max_in_flight` (gaps are filled
-/// first: they hold back the commit).
+/// first: they hold back the commit). Jobs past the last one are cut only while the jobs
+/// from the start number fewer than `max_uncommitted`; refilling a gap only restores a job
+/// that was there, and is what lets the commit, and with it cleanup, go on.
 pub fn plan_partition(
     p: &PartitionOffsets,
     existing: &[ExistingJob],
@@ -158,6 +169,7 @@ pub fn plan_partition(
         .collect();
     live.sort_by_key(|j| (j.start, j.end));
     let unfinished = live.iter().filter(|j| !j.succeeded).count();
+    let live_count = live.len();
 
     let mut cutter = Cutter {
         partition: p.partition,
@@ -179,6 +191,10 @@ pub fn plan_partition(
         cursor = cursor.max(job.end);
     }
 
+    let uncommitted = live_count + cutter.jobs.len();
+    cutter.budget = cutter
+        .budget
+        .min(policy.max_uncommitted.saturating_sub(uncommitted));
     let full = (p.high.saturating_sub(cursor)).max(0) / cutter.max_records * cutter.max_records;
     cursor = cutter.cut(cursor, cursor + full);
     let max_age = SignedDuration::try_from(policy.max_age).unwrap_or(SignedDuration::MAX);
@@ -350,6 +366,7 @@ mod tests {
             max_records,
             max_age: Duration::from_secs(60),
             max_in_flight,
+            max_uncommitted: usize::MAX,
             start_offset: StartOffset::Earliest,
             skip_missing_data: false,
         }
@@ -529,6 +546,45 @@ mod tests {
     }
 
     #[test]
+    fn succeeded_jobs_held_behind_an_unfinished_one_pause_planning_at_the_bound() {
+        // [1000, 2000) failed; the three after it succeeded and wait for it.
+        let jobs = existing(&[
+            (0, 1000, true),
+            (1000, 2000, false),
+            (2000, 3000, true),
+            (3000, 4000, true),
+            (4000, 5000, true),
+        ]);
+        let p = offsets(0, 100_000, Some(1000));
+        let bounded = |max_uncommitted| PlanPolicy {
+            max_uncommitted,
+            ..policy(1000, 4)
+        };
+        assert_eq!(
+            ranges(&plan_fresh(&p, &jobs, &bounded(6))),
+            [(5000, 6000), (6000, 7000)]
+        );
+        let held = plan_fresh(&p, &jobs, &bounded(4));
+        assert!(held.new_jobs.is_empty(), "{held:?}");
+        assert_eq!(held.planned_offset, 5000);
+        assert_eq!(held.tail_since, Some(t(0)), "unplanned data is waiting");
+    }
+
+    #[test]
+    fn a_deleted_job_is_refilled_at_the_bound() {
+        let jobs = existing(&[(0, 1000, true), (2000, 3000, true), (3000, 4000, true)]);
+        let plan = plan_fresh(
+            &offsets(0, 100_000, Some(1000)),
+            &jobs,
+            &PlanPolicy {
+                max_uncommitted: 2,
+                ..policy(1000, 4)
+            },
+        );
+        assert_eq!(ranges(&plan), [(1000, 2000)]);
+    }
+
+    #[test]
     fn unfilled_gap_bounds_the_planned_offset() {
         let jobs = existing(&[(1000, 2000, false), (3000, 4000, false)]);
         let plan = plan_fresh(&offsets(0, 4000, Some(0)), &jobs, &policy(500, 3));
@@ -661,6 +717,16 @@ mod tests {
         let frontier = all.iter().map(|j| j.1).max().unwrap_or(start).max(start);
 
         prop_assert!(plan.new_jobs.len() <= pol.max_in_flight.saturating_sub(unfinished));
+        let last_end = live.iter().map(|j| j.end).max().unwrap_or(start).max(start);
+        let (past_last, gaps): (Vec<&PlannedJob>, Vec<&PlannedJob>) =
+            plan.new_jobs.iter().partition(|j| j.start >= last_end);
+        prop_assert!(
+            past_last.len() <= pol.max_uncommitted.saturating_sub(live.len() + gaps.len()),
+            "{} jobs past the last with {} live and {} refilled",
+            past_last.len(),
+            live.len(),
+            gaps.len()
+        );
 
         // Tail bookkeeping.
         if p.high > frontier {
@@ -670,7 +736,9 @@ mod tests {
         }
 
         // Liveness: with in-flight room left, everything due is planned.
-        if unfinished + plan.new_jobs.len() < pol.max_in_flight {
+        if unfinished + plan.new_jobs.len() < pol.max_in_flight
+            && live.len() + plan.new_jobs.len() < pol.max_uncommitted
+        {
             prop_assert_eq!(plan.planned_offset, frontier, "unfilled gap");
             prop_assert!(
                 p.high - frontier < pol.max_records,
@@ -715,6 +783,7 @@ mod tests {
             latest in any::<bool>(),
             skip_missing_data in any::<bool>(),
             max_in_flight in 1usize..6,
+            max_uncommitted in 1usize..12,
             max_records in 1i64..40,
             max_age_secs in 0u64..120,
             rounds in prop::collection::vec(round(), 1..12),
@@ -724,6 +793,7 @@ mod tests {
                 max_records,
                 max_age: Duration::from_secs(max_age_secs),
                 max_in_flight,
+                max_uncommitted,
                 start_offset: if latest { StartOffset::Latest } else { StartOffset::Earliest },
                 skip_missing_data,
             };

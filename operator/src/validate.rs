@@ -91,6 +91,18 @@ pub fn validate(spec: &BlockPipelineSpec) -> Result<(), InvalidSpec> {
             "must be at least 1",
         ));
     }
+    if let Some(max) = j.max_uncommitted_jobs_per_partition
+        && max < j.max_in_flight_per_partition
+    {
+        return Err(invalid(
+            "jobs.maxUncommittedJobsPerPartition",
+            format!(
+                "{max} is below maxInFlightPerPartition ({}): it bounds all jobs not yet \
+                 committed, unfinished ones included",
+                j.max_in_flight_per_partition
+            ),
+        ));
+    }
     if j.lease_duration_seconds < 3 {
         return Err(invalid("jobs.leaseDurationSeconds", "must be at least 3"));
     }
@@ -274,6 +286,10 @@ mod tests {
             (
                 |s| s.jobs.max_in_flight_per_partition = 0,
                 "jobs.maxInFlightPerPartition",
+            ),
+            (
+                |s| s.jobs.max_uncommitted_jobs_per_partition = Some(3),
+                "jobs.maxUncommittedJobsPerPartition",
             ),
             (
                 |s| s.jobs.lease_duration_seconds = 1,

@@ -255,6 +255,12 @@ async fn invalid_specs_are_rejected_by_the_schema_or_reported_with_the_field() {
             r#"invalid duration "99999999999999999999s""#,
         ),
         (
+            "/jobs/maxUncommittedJobsPerPartition",
+            json!(3),
+            "spec.jobs.maxUncommittedJobsPerPartition: ",
+            "3 is below maxInFlightPerPartition (1000)",
+        ),
+        (
             "/output/url",
             json!("s3:///"),
             "spec.output.url: ",

@@ -377,6 +377,90 @@ async fn a_record_over_max_record_bytes_fails_its_job_writes_nothing_and_a_raise
     assert_eq!(retried.attempt(), 1);
 }
 
+/// A job failed for good holds the commit, and the jobs after it succeed and wait for it.
+/// While records keep arriving, planning stops at `maxUncommittedJobsPerPartition` jobs
+/// instead of piling succeeded jobs up in etcd at the topic's write rate; the retried job
+/// then lets everything through, each offset once.
+#[tokio::test]
+async fn jobs_held_behind_a_failed_one_stop_at_their_bound_while_records_keep_arriving() {
+    let mut s = Scenario::new("bio-bound")
+        .jobs(json!({
+            "maxRecords": 100,
+            "maxInFlightPerPartition": 2,
+            "maxUncommittedJobsPerPartition": 4,
+            "backoffLimit": 1,
+        }))
+        .unapplied()
+        .await;
+    let (tb, topic) = (s.tb.clone(), s.topic.clone());
+    // Offset 150 is over the record limit, so job [100, 200) fails for good.
+    let small = produce_data(&tb, fixed(&topic, 1, 150, 100, 1)).await;
+    let big = produce_data(&tb, fixed(&topic, 1, 1, 5000, 2)).await;
+    let rest = produce_data(&tb, fixed(&topic, 1, 49, 100, 3)).await;
+    s.produced = merge(merge(small, big), rest);
+    let bp = |limit: i64| {
+        let mut bp = s.bp.clone();
+        bp.spec.output.max_record_bytes = Some(limit);
+        bp
+    };
+    s.apply(&bp(1000)).await;
+    let _op = s.spawn_operator("op");
+    let _builder = s.spawn_builder("b");
+    let bad = job_name("p", 0, 100);
+    wait_for("the job Failed", Duration::from_secs(120), || async {
+        s.jobs()
+            .await
+            .into_iter()
+            .find(|j| j.metadata.name.as_deref() == Some(&bad) && exhausted(j, 1))
+    })
+    .await;
+
+    let uncommitted = |js: Vec<BlockJob>| -> Vec<BlockJob> {
+        js.into_iter()
+            .filter(|j| j.spec.start_offset >= 100)
+            .collect()
+    };
+    for seed in 4..14 {
+        let more = produce_data(&tb, fixed(&topic, 1, 100, 100, seed)).await;
+        s.produced = merge(std::mem::take(&mut s.produced), more);
+        let live = uncommitted(s.jobs().await);
+        assert!(live.len() <= 4, "{} jobs not committed", live.len());
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let held = wait_for(
+        "planning stopped at the bound",
+        Duration::from_secs(60),
+        || async {
+            let live = uncommitted(s.jobs().await);
+            let succeeded = live
+                .iter()
+                .filter(|j| j.phase() == JobPhase::Succeeded)
+                .count();
+            (live.len() == 4 && succeeded == 3).then_some(live)
+        },
+    )
+    .await;
+    let mut ranges: Vec<_> = held
+        .iter()
+        .map(|j| (j.spec.start_offset, j.spec.end_offset))
+        .collect();
+    ranges.sort_unstable();
+    assert_eq!(ranges, [(100, 200), (200, 300), (300, 400), (400, 500)]);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(uncommitted(s.jobs().await).len(), 4);
+    let partition = s.get().await.status.unwrap().partitions.remove(0);
+    assert_eq!(
+        (partition.high_watermark, partition.planned_offset),
+        (1200, Some(500))
+    );
+    assert_eq!(s.committed().await, BTreeMap::from([(0, 100)]));
+
+    s.apply(&bp(8192)).await;
+    wait_observed(&s).await;
+    assert_eq!(delete_failed(&tb, &s.ns).await, vec![bad]);
+    s.wait_committed_then_audit(Duration::from_secs(120)).await;
+}
+
 /// Waits until the operator has seen the pipeline's current spec.
 async fn wait_observed(s: &Run) {
     wait_for("the new spec observed", Duration::from_secs(30), || async {
