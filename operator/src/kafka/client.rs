@@ -156,10 +156,31 @@ impl KafkaOffsets {
             .collect())
     }
 
-    /// The group's committed offset of each partition that has one.
+    /// The group's committed offset of each partition that has one. A partition whose
+    /// offset the broker could not read is an error, not "no offset": planning from none
+    /// would commit a start offset over it.
     fn committed(&self, topic: &str, partitions: &[i32]) -> Result<BTreeMap<i32, i64>, KafkaError> {
+        let mut committed = BTreeMap::new();
+        for (p, read) in self.read_committed(topic, partitions)? {
+            let offset = read.map_err(|e| {
+                KafkaError::Unavailable(format!(
+                    "reading the group's committed offset of partition {p} failed: {e}"
+                ))
+            })?;
+            committed.extend(offset.map(|o| (p, o)));
+        }
+        Ok(committed)
+    }
+
+    /// Each partition's committed offset (`None`: the group has none), or why the broker
+    /// could not read it.
+    fn read_committed(
+        &self,
+        topic: &str,
+        partitions: &[i32],
+    ) -> Result<BTreeMap<i32, Result<Option<i64>, String>>, KafkaError> {
         // The request ignores the offsets in the list.
-        let committed = self
+        let answer = self
             .consumer
             .committed_offsets(
                 partition_list(topic, partitions, Offset::Invalid)?,
@@ -168,10 +189,35 @@ impl KafkaOffsets {
             .map_err(|e| self.failed(e))?;
         Ok(partitions
             .iter()
-            .filter_map(|p| match committed.find_partition(topic, *p)?.offset() {
-                Offset::Offset(o) => Some((*p, o)),
-                _ => None,
+            .map(|p| {
+                let read = match answer.find_partition(topic, *p) {
+                    None => Err("the broker did not answer for it".to_string()),
+                    Some(e) => e
+                        .error()
+                        .map_err(|e| e.to_string())
+                        .map(|()| match e.offset() {
+                            Offset::Offset(o) => Some(o),
+                            _ => None,
+                        }),
+                };
+                (*p, read)
             })
+            .collect())
+    }
+
+    /// The partitions whose committed offset is not at least its target in `offsets`, as
+    /// read back from the broker after a commit.
+    fn not_committed(
+        &self,
+        topic: &str,
+        offsets: &BTreeMap<i32, i64>,
+    ) -> Result<Vec<i32>, KafkaError> {
+        let partitions: Vec<i32> = offsets.keys().copied().collect();
+        Ok(self
+            .read_committed(topic, &partitions)?
+            .into_iter()
+            .filter(|(p, read)| !matches!(read, Ok(Some(o)) if o >= &offsets[p]))
+            .map(|(p, _)| p)
             .collect())
     }
 
@@ -248,22 +294,33 @@ impl KafkaOffsets {
             tpl.add_partition_offset(topic, *p, Offset::Offset(*o))
                 .map_err(unavailable)?;
         }
-        self.consumer
-            .commit(&tpl, CommitMode::Sync)
-            .map_err(|e| match e.rdkafka_error_code() {
-                Some(
-                    RDKafkaErrorCode::UnknownMemberId
-                    | RDKafkaErrorCode::IllegalGeneration
-                    | RDKafkaErrorCode::RebalanceInProgress
-                    | RDKafkaErrorCode::FencedInstanceId,
-                ) => KafkaError::CommitRefused {
-                    group: self.group.clone(),
-                    reason: e.to_string(),
-                },
-                _ => self.failed(e),
-            })?;
-        // Only the request's own error counts: per-partition results are not checked.
-        Ok(())
+        let result = self.consumer.commit(&tpl, CommitMode::Sync);
+        if let Err(e) = &result
+            && let Some(
+                RDKafkaErrorCode::UnknownMemberId
+                | RDKafkaErrorCode::IllegalGeneration
+                | RDKafkaErrorCode::RebalanceInProgress
+                | RDKafkaErrorCode::FencedInstanceId,
+            ) = e.rdkafka_error_code()
+        {
+            return Err(KafkaError::CommitRefused {
+                group: self.group.clone(),
+                reason: e.to_string(),
+            });
+        }
+        // The request's result speaks for the whole request (at best for one partition):
+        // which partitions took the commit is read back from the broker.
+        match (result, self.not_committed(topic, offsets)) {
+            (_, Ok(failed)) if failed.is_empty() => Ok(()),
+            (Err(e), Ok(failed)) => Err(KafkaError::Unavailable(format!(
+                "the offset commit failed for partitions {failed:?}: {e}"
+            ))),
+            (Ok(()), Ok(failed)) => Err(KafkaError::Unavailable(format!(
+                "Kafka accepted the offset commit, but partitions {failed:?} do not have it"
+            ))),
+            (Err(e), Err(_)) => Err(self.failed(e)),
+            (Ok(()), Err(read_back)) => Err(read_back),
+        }
     }
 }
 
@@ -341,6 +398,43 @@ mod tests {
                 && message.contains(r#"secret "kafka-creds""#),
             "{message}"
         );
+    }
+
+    fn mock_with_topic(
+        partitions: i32,
+    ) -> (
+        rdkafka::mocking::MockCluster<'static, rdkafka::producer::DefaultProducerContext>,
+        KafkaOffsets,
+    ) {
+        let cluster = rdkafka::mocking::MockCluster::new(1).unwrap();
+        cluster.create_topic("t", partitions, 1).unwrap();
+        let k = KafkaOffsets::connect(
+            &conn(&cluster.bootstrap_servers(), &[]),
+            Duration::from_secs(5),
+        )
+        .unwrap();
+        (cluster, k)
+    }
+
+    #[test]
+    fn a_partition_the_commit_failed_for_fails_the_commit() {
+        // Partition 7 does not exist: the broker refuses it and accepts partition 0.
+        let (_cluster, k) = mock_with_topic(1);
+        let e = k
+            .commit_as_is("t", &BTreeMap::from([(0, 10), (7, 10)]))
+            .unwrap_err();
+        let message = e.to_string();
+        assert!(message.contains("partitions [7]"), "{message}");
+        assert_eq!(k.committed("t", &[0]).unwrap(), BTreeMap::from([(0, 10)]));
+    }
+
+    #[test]
+    fn a_partition_whose_committed_offset_cannot_be_read_is_an_error_not_no_offset() {
+        let (_cluster, k) = mock_with_topic(1);
+        k.commit_as_is("t", &BTreeMap::from([(0, 10)])).unwrap();
+        let e = k.committed("t", &[0, 7]).unwrap_err();
+        assert!(e.to_string().contains("partition 7"), "{e}");
+        assert_eq!(k.committed("t", &[0]).unwrap(), BTreeMap::from([(0, 10)]));
     }
 
     #[test]
