@@ -1,0 +1,63 @@
+//! The design switches: each names one choice issue 11 questions, so that the checker can
+//! compare the design that breaks a promise with the one that keeps it.
+
+/// How an operator that decided a commit from an earlier reading makes it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum CommitGuard {
+    /// Commit the offset it decided, whatever the group's offset is by now.
+    Blind,
+    /// Read the group's offset again just before committing and leave it alone when it is
+    /// already there or past (`committer::forward_only` in `KafkaOffsets::commit`). The read
+    /// and the commit are two requests: another operator can commit between them.
+    RereadForward,
+    /// A commit is accepted only from the current holder of the leader lease. No code does
+    /// this yet (issue 11, scenario 5): Kafka has no compare-and-swap for a group offset
+    /// committed outside the group, so this stands for a fence still to be built.
+    LeaseFenced,
+}
+
+/// One choice per scenario of issue 11.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Design {
+    /// Scenario 2. A data object's name carries its digest (`<start>-<end>.<sha16>.parquet`,
+    /// `crds::domain::data_name`) rather than only its range (`<start>-<end>.parquet`), so
+    /// a put of other bytes lands beside the object a manifest names, never over it.
+    pub content_addressed_data: bool,
+    /// Scenario 3, first half. Planning treats the manifests in the output as jobs that
+    /// exist: it starts after the blocks contiguous from its start (the group offset, or the
+    /// low watermark without one) and never cuts a range over a block. Today the planner
+    /// knows only the group offset and the live jobs; this is the intended fix, not code.
+    pub plan_after_written_blocks: bool,
+    /// Scenario 3, second half. Planning remembers every range it cut, where deleting jobs
+    /// does not lose it, and re-creates a deleted job with exactly its old range; new cuts
+    /// start only after the last range ever cut. Without it a builder still working on a
+    /// deleted job writes its block after the planner re-cut the range differently: reading
+    /// the output first cannot see a block that is not there yet. Not code yet either.
+    pub keep_cut_points: bool,
+    /// Scenario 5: how a commit decided from an earlier reading is made.
+    pub commit_guard: CommitGuard,
+    /// Scenario 8. The committer counts a `Succeeded` job only once the manifest of its range
+    /// is in the output, instead of trusting whoever patched the status.
+    pub commit_only_confirmed_blocks: bool,
+}
+
+impl Design {
+    /// What `main` does (commit 465228c): content-addressed data, planning from the group
+    /// offset and the live jobs, a re-read before each commit, trust in `Succeeded`.
+    pub const CURRENT: Design = Design {
+        content_addressed_data: true,
+        plan_after_written_blocks: false,
+        keep_cut_points: false,
+        commit_guard: CommitGuard::RereadForward,
+        commit_only_confirmed_blocks: false,
+    };
+
+    /// Every fix issue 11 asks for.
+    pub const FIXED: Design = Design {
+        content_addressed_data: true,
+        plan_after_written_blocks: true,
+        keep_cut_points: true,
+        commit_guard: CommitGuard::LeaseFenced,
+        commit_only_confirmed_blocks: true,
+    };
+}
