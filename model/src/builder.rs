@@ -11,11 +11,15 @@ use crate::state::{
 
 pub fn claim(state: &State, builder: BuilderId, name: Offset) -> Option<State> {
     let job = *state.jobs.get(&name)?;
-    let idle = state.builders[usize::from(builder)] == Builder::Idle;
-    if !idle || job.phase != Phase::Pending {
+    if state.builder(builder) != Builder::Idle || job.phase != Phase::Pending {
         return None;
     }
-    let mut next = state.clone();
+    let claim = Claim {
+        name,
+        range: job.range,
+        attempt: job.attempt,
+    };
+    let mut next = state.with_builder(builder, Builder::Uploading(claim));
     let running = Phase::Running { holder: builder };
     next.jobs.insert(
         name,
@@ -24,54 +28,45 @@ pub fn claim(state: &State, builder: BuilderId, name: Offset) -> Option<State> {
             ..job
         },
     );
-    next.builders[usize::from(builder)] = Builder::Uploading(Claim {
-        name,
-        range: job.range,
-        attempt: job.attempt,
-    });
     Some(next)
 }
 
 pub fn put_data(design: &Design, state: &State, builder: BuilderId) -> Option<State> {
-    let Builder::Uploading(claim) = state.builders[usize::from(builder)] else {
+    let Builder::Uploading(claim) = state.builder(builder) else {
         return None;
     };
     let bytes = Bytes { writer: builder };
-    let mut next = state.clone();
-    next.store
-        .data
-        .insert(data_key(design, claim, bytes), bytes);
-    next.builders[usize::from(builder)] = Builder::Publishing(claim);
+    let mut next = state.with_builder(builder, Builder::Publishing(claim));
+    let key = data_key(design, claim, bytes);
+    next.store.data.insert(key, bytes);
     Some(next)
 }
 
 pub fn put_manifest(design: &Design, state: &State, builder: BuilderId) -> Option<State> {
-    let Builder::Publishing(claim) = state.builders[usize::from(builder)] else {
+    let Builder::Publishing(claim) = state.builder(builder) else {
         return None;
     };
     let ours = Bytes { writer: builder };
-    let mut next = state.clone();
     let outcome = match state.store.manifests.get(&claim.range) {
-        None => {
-            let data = data_key(design, claim, ours);
-            let manifest = Manifest { data, sha256: ours };
-            next.store.manifests.insert(claim.range, manifest);
-            Outcome::Succeeded
-        }
+        None => Outcome::Succeeded,
         // An earlier attempt with the same bytes committed the block: it is this block.
         Some(existing) if existing.sha256 == ours => Outcome::Succeeded,
         Some(_) => Outcome::Failed,
     };
-    next.builders[usize::from(builder)] = Builder::Reporting(claim, outcome);
+    let mut next = state.with_builder(builder, Builder::Reporting(claim, outcome));
+    let data = data_key(design, claim, ours);
+    next.store
+        .manifests
+        .entry(claim.range)
+        .or_insert(Manifest { data, sha256: ours });
     Some(next)
 }
 
 pub fn report(state: &State, builder: BuilderId) -> Option<State> {
-    let Builder::Reporting(claim, outcome) = state.builders[usize::from(builder)] else {
+    let Builder::Reporting(claim, outcome) = state.builder(builder) else {
         return None;
     };
-    let mut next = state.clone();
-    next.builders[usize::from(builder)] = Builder::Idle;
+    let mut next = state.with_builder(builder, Builder::Idle);
     if let Some(job) = next.jobs.get_mut(&claim.name) {
         let holds_lease = job.range == claim.range
             && job.attempt == claim.attempt

@@ -1,6 +1,8 @@
 //! The design switches: each names one choice issue 11 questions, so that the checker can
 //! compare the design that breaks a promise with the one that keeps it.
 
+use derive_setters::Setters;
+
 /// How an operator that decided a commit from an earlier reading makes it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum CommitGuard {
@@ -17,7 +19,8 @@ pub enum CommitGuard {
 }
 
 /// One choice per scenario of issue 11.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+/// Tests start from a constant and turn one switch: `Design::FIXED.keep_cut_points(false)`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Setters)]
 pub struct Design {
     /// Scenario 2. A data object's name carries its digest (`<start>-<end>.<sha16>.parquet`,
     /// `crds::domain::data_name`) rather than only its range (`<start>-<end>.parquet`), so

@@ -3,11 +3,10 @@
 use crate::state::{Builder, BuilderId, CHANGED_MAX_RECORDS, Offset, Phase, State};
 
 pub fn crash_builder(state: &State, builder: BuilderId) -> Option<State> {
-    let busy = state.builders[usize::from(builder)] != Builder::Idle;
+    let busy = state.builder(builder) != Builder::Idle;
     (busy && state.faults_left.builder_crashes > 0).then(|| {
-        let mut next = state.clone();
+        let mut next = state.with_builder(builder, Builder::Idle);
         next.faults_left.builder_crashes -= 1;
-        next.builders[usize::from(builder)] = Builder::Idle;
         next
     })
 }

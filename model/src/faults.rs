@@ -4,7 +4,10 @@
 //! Lease expiry needs no budget: it is always possible for a running job (time is not
 //! modelled, so a lease can run out at any step), and the job's attempts bound it.
 
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+use derive_setters::Setters;
+
+/// Tests name the budgets they use: `Faults::NONE.job_deletions(2)`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Setters)]
 pub struct Faults {
     /// A builder process dies and is replaced: what it was doing is gone, its lease stays
     /// until it expires.

@@ -208,6 +208,17 @@ impl State {
         }
     }
 
+    pub fn builder(&self, id: BuilderId) -> Builder {
+        self.builders[usize::from(id)]
+    }
+
+    /// This state with builder `id` moved on to `to`.
+    pub fn with_builder(&self, id: BuilderId, to: Builder) -> State {
+        let mut next = self.clone();
+        next.builders[usize::from(id)] = to;
+        next
+    }
+
     /// Sets the group's offset, remembering whether that moved it below an earlier commit.
     pub fn commit(&mut self, offset: Offset) {
         self.commit_moved_backwards |= offset < self.highest_commit;

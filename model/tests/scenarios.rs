@@ -56,10 +56,7 @@ fn in_order(actions: &[Action], steps: &[fn(&Action) -> bool]) -> bool {
 
 #[test]
 fn scenario_2_data_under_a_fixed_name_is_replaced_by_a_stale_builder() {
-    let design = Design {
-        content_addressed_data: false,
-        ..Design::FIXED
-    };
+    let design = Design::FIXED.content_addressed_data(false);
     let run = counterexample(design, Faults::NONE, BLOCK_BYTES_NEVER_CHANGE);
     // Both builders put their bytes under the one name, the second after the first lost
     // its lease; whichever landed last, the manifest names the other's.
@@ -93,11 +90,7 @@ const STALE_PLANNING: Design = Design {
 
 #[test]
 fn scenario_3_deleted_jobs_are_recut_over_their_blocks_after_max_records_changed() {
-    let faults = Faults {
-        job_deletions: 2,
-        max_records_changes: 1,
-        ..Faults::NONE
-    };
+    let faults = Faults::NONE.job_deletions(2).max_records_changes(1);
     let run = counterexample(STALE_PLANNING, faults, NO_OFFSET_IN_TWO_BLOCKS);
     assert!(matches!(run.last(), Some(Action::PutManifest(_))));
     assert!(run.contains(&Action::ChangeMaxRecords));
@@ -108,15 +101,8 @@ fn scenario_3_deleted_jobs_are_recut_over_their_blocks_after_max_records_changed
 /// job writes its block after the planner re-cut the range.
 #[test]
 fn scenario_3_planning_after_written_blocks_alone_overlaps_a_deleted_jobs_late_block() {
-    let design = Design {
-        keep_cut_points: false,
-        ..Design::FIXED
-    };
-    let faults = Faults {
-        job_deletions: 2,
-        max_records_changes: 1,
-        ..Faults::NONE
-    };
+    let design = Design::FIXED.keep_cut_points(false);
+    let faults = Faults::NONE.job_deletions(2).max_records_changes(1);
     let run = counterexample(design, faults, NO_OFFSET_IN_TWO_BLOCKS);
     assert!(matches!(run.last(), Some(Action::PutManifest(_))));
     assert!(in_order(
@@ -134,14 +120,8 @@ fn scenario_3_planning_after_written_blocks_alone_overlaps_a_deleted_jobs_late_b
 /// below the blocks and commits that start.
 #[test]
 fn scenario_3_a_lost_group_offset_restarts_planning_below_the_commit() {
-    let design = Design {
-        plan_after_written_blocks: false,
-        ..Design::FIXED
-    };
-    let faults = Faults {
-        group_offset_losses: 1,
-        ..Faults::NONE
-    };
+    let design = Design::FIXED.plan_after_written_blocks(false);
+    let faults = Faults::NONE.group_offset_losses(1);
     let run = counterexample(design, faults, COMMITS_NEVER_MOVE_BACKWARDS);
     assert_eq!(run.last(), Some(&Action::Plan));
     assert!(run.contains(&Action::LoseGroupOffset));
@@ -149,11 +129,7 @@ fn scenario_3_a_lost_group_offset_restarts_planning_below_the_commit() {
 
 #[test]
 fn scenario_3_a_lost_group_offset_and_new_max_records_cut_over_written_blocks() {
-    let faults = Faults {
-        group_offset_losses: 1,
-        max_records_changes: 1,
-        ..Faults::NONE
-    };
+    let faults = Faults::NONE.group_offset_losses(1).max_records_changes(1);
     let run = counterexample(STALE_PLANNING, faults, NO_OFFSET_IN_TWO_BLOCKS);
     assert!(run.contains(&Action::LoseGroupOffset));
     assert!(run.contains(&Action::ChangeMaxRecords));
@@ -161,12 +137,10 @@ fn scenario_3_a_lost_group_offset_and_new_max_records_cut_over_written_blocks() 
 
 #[test]
 fn scenario_3_planning_after_written_blocks_with_the_old_cuts_never_overlaps_or_goes_back() {
-    let faults = Faults {
-        job_deletions: 2,
-        group_offset_losses: 1,
-        max_records_changes: 1,
-        ..Faults::NONE
-    };
+    let faults = Faults::NONE
+        .job_deletions(2)
+        .group_offset_losses(1)
+        .max_records_changes(1);
     assert_keeps_every_promise(Design::FIXED, faults);
 }
 
@@ -179,10 +153,7 @@ const DEPOSED_LEADER: Faults = Faults {
 
 #[test]
 fn scenario_5_a_deposed_leader_committing_blindly_moves_the_offset_backwards() {
-    let design = Design {
-        commit_guard: CommitGuard::Blind,
-        ..Design::FIXED
-    };
+    let design = Design::FIXED.commit_guard(CommitGuard::Blind);
     let run = counterexample(design, DEPOSED_LEADER, COMMITS_NEVER_MOVE_BACKWARDS);
     assert_eq!(run.last(), Some(&Action::DeposedCommit));
 }
@@ -191,10 +162,7 @@ fn scenario_5_a_deposed_leader_committing_blindly_moves_the_offset_backwards() {
 /// commit, and the checker still finds it: the new leader commits in between.
 #[test]
 fn scenario_5_rereading_before_committing_still_lets_a_deposed_leader_move_it_backwards() {
-    let design = Design {
-        commit_guard: CommitGuard::RereadForward,
-        ..Design::FIXED
-    };
+    let design = Design::FIXED.commit_guard(CommitGuard::RereadForward);
     let run = counterexample(design, DEPOSED_LEADER, COMMITS_NEVER_MOVE_BACKWARDS);
     let tail = &run[run.len() - 3..];
     assert_eq!(
@@ -217,10 +185,7 @@ const FORGED_SUCCESS: Faults = Faults {
 
 #[test]
 fn scenario_8_committing_on_a_forged_succeeded_status_commits_unwritten_offsets() {
-    let design = Design {
-        commit_only_confirmed_blocks: false,
-        ..Design::FIXED
-    };
+    let design = Design::FIXED.commit_only_confirmed_blocks(false);
     let run = counterexample(design, FORGED_SUCCESS, COMMITTED_OFFSETS_ARE_IN_BLOCKS);
     assert_eq!(run.last(), Some(&Action::Commit));
     assert!(run.iter().any(|a| matches!(a, Action::ForgeSucceeded(_))));
@@ -235,10 +200,7 @@ fn scenario_8_committing_only_confirmed_blocks_commits_only_written_offsets() {
 
 #[test]
 fn crashed_builders_and_expired_leases_lose_and_duplicate_nothing() {
-    let faults = Faults {
-        builder_crashes: 2,
-        ..Faults::NONE
-    };
+    let faults = Faults::NONE.builder_crashes(2);
     assert_keeps_every_promise(Design::FIXED, faults);
 }
 
@@ -247,14 +209,12 @@ fn crashed_builders_and_expired_leases_lose_and_duplicate_nothing() {
 /// What `main` does today breaks three promises once the faults of issue 11 happen.
 #[test]
 fn the_current_design_breaks_three_promises_under_the_faults_of_issue_11() {
-    let faults = Faults {
-        job_deletions: 2,
-        group_offset_losses: 1,
-        max_records_changes: 1,
-        forged_successes: 1,
-        deposed_leader: true,
-        ..Faults::NONE
-    };
+    let faults = Faults::NONE
+        .job_deletions(2)
+        .group_offset_losses(1)
+        .max_records_changes(1)
+        .forged_successes(1)
+        .deposed_leader(true);
     let broken = [
         COMMITTED_OFFSETS_ARE_IN_BLOCKS,
         NO_OFFSET_IN_TWO_BLOCKS,

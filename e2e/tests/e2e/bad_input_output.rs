@@ -296,6 +296,23 @@ async fn a_missing_output_location_fails_the_jobs_naming_it_and_creating_it_then
         .await;
 }
 
+/// Produces `before` records of 100 bytes, one of 5000 bytes (at offset `before`) and
+/// `after` more of 100 bytes to the scenario's one-partition topic.
+async fn produce_around_one_big_record(s: &mut Run, before: u64, after: u64) {
+    let (tb, topic) = (&s.tb, &s.topic);
+    let small = produce_data(tb, fixed(topic, 1, before, 100, 1)).await;
+    let big = produce_data(tb, fixed(topic, 1, 1, 5000, 2)).await;
+    let rest = produce_data(tb, fixed(topic, 1, after, 100, 3)).await;
+    assert_eq!(big.records[0].offset, before as i64);
+    s.produced = merge(merge(small, big), rest);
+}
+
+fn with_record_limit(bp: &BlockPipeline, limit: i64) -> BlockPipeline {
+    let mut bp = bp.clone();
+    bp.spec.output.max_record_bytes = Some(limit);
+    bp
+}
+
 #[tokio::test]
 async fn a_record_over_max_record_bytes_fails_its_job_writes_nothing_and_a_raised_limit_writes_it_once()
  {
@@ -303,18 +320,9 @@ async fn a_record_over_max_record_bytes_fails_its_job_writes_nothing_and_a_raise
         .jobs(json!({"maxRecords": 1000, "backoffLimit": 2}))
         .unapplied()
         .await;
-    let (tb, topic) = (s.tb.clone(), s.topic.clone());
-    // Offsets [0, 1500) and [1501, 3000) of ~100 bytes, offset 1500 of over 5000 bytes.
-    let small = produce_data(&tb, fixed(&topic, 1, 1500, 100, 1)).await;
-    let big = produce_data(&tb, fixed(&topic, 1, 1, 5000, 2)).await;
-    let rest = produce_data(&tb, fixed(&topic, 1, 1499, 100, 3)).await;
-    assert_eq!(big.records[0].offset, 1500);
-    s.produced = merge(merge(small, big), rest);
-    let bp = |limit: i64| {
-        let mut bp = s.bp.clone();
-        bp.spec.output.max_record_bytes = Some(limit);
-        bp
-    };
+    let tb = s.tb.clone();
+    produce_around_one_big_record(&mut s, 1500, 1499).await;
+    let bp = |limit| with_record_limit(&s.bp, limit);
     s.apply(&bp(1000)).await;
     let _op = s.spawn_operator("op");
     let _builder = s.spawn_builder("b");
@@ -394,15 +402,8 @@ async fn jobs_held_behind_a_failed_one_stop_at_their_bound_while_records_keep_ar
         .await;
     let (tb, topic) = (s.tb.clone(), s.topic.clone());
     // Offset 150 is over the record limit, so job [100, 200) fails for good.
-    let small = produce_data(&tb, fixed(&topic, 1, 150, 100, 1)).await;
-    let big = produce_data(&tb, fixed(&topic, 1, 1, 5000, 2)).await;
-    let rest = produce_data(&tb, fixed(&topic, 1, 49, 100, 3)).await;
-    s.produced = merge(merge(small, big), rest);
-    let bp = |limit: i64| {
-        let mut bp = s.bp.clone();
-        bp.spec.output.max_record_bytes = Some(limit);
-        bp
-    };
+    produce_around_one_big_record(&mut s, 150, 49).await;
+    let bp = |limit| with_record_limit(&s.bp, limit);
     s.apply(&bp(1000)).await;
     let _op = s.spawn_operator("op");
     let _builder = s.spawn_builder("b");
