@@ -80,8 +80,14 @@ pub fn parse_duration(s: &str) -> Result<Duration, DurationError> {
 }
 
 /// When a lease renewed at `renew_time` for `duration_seconds` runs out.
+/// A renewal near the end of time (a corrupt or hostile `renewTime`) expires at the end of
+/// time rather than overflowing.
 pub fn lease_expiry(renew_time: Timestamp, duration_seconds: i32) -> Timestamp {
-    renew_time + jiff::SignedDuration::from_secs(i64::from(duration_seconds.max(0)))
+    renew_time
+        .checked_add(jiff::SignedDuration::from_secs(i64::from(
+            duration_seconds.max(0),
+        )))
+        .unwrap_or(Timestamp::MAX)
 }
 
 /// How often a holder renews: a third of the lease, so two renewals can fail before expiry.
@@ -149,5 +155,6 @@ mod tests {
         assert_eq!(retry_backoff(3), Duration::from_secs(10));
         assert_eq!(retry_backoff(100), Duration::from_secs(300));
         assert_eq!(renew_interval(30), Duration::from_secs(10));
+        assert_eq!(lease_expiry(Timestamp::MAX, 30), Timestamp::MAX);
     }
 }

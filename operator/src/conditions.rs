@@ -100,6 +100,31 @@ pub struct Observed {
     pub unfinished_jobs: i64,
 }
 
+/// Problems listed in full in the `Degraded` message; the rest are counted.
+const LISTED_PROBLEMS: usize = 5;
+/// Characters kept of each listed problem's message (a job's last error can be long).
+const PROBLEM_CHARS: usize = 1024;
+
+/// Every problem's message, bounded: with thousands of failed jobs, each with a long error,
+/// the condition must still fit in a status update (etcd's request size).
+fn degraded_message(problems: &[Problem]) -> String {
+    let mut listed: Vec<String> = problems
+        .iter()
+        .take(LISTED_PROBLEMS)
+        .map(|p| match p.message.char_indices().nth(PROBLEM_CHARS) {
+            Some((cut, _)) => format!("{}…", &p.message[..cut]),
+            None => p.message.clone(),
+        })
+        .collect();
+    if problems.len() > LISTED_PROBLEMS {
+        listed.push(format!(
+            "and {} more problems",
+            problems.len() - LISTED_PROBLEMS
+        ));
+    }
+    listed.join("; ")
+}
+
 /// The new condition list. `lastTransitionTime` only moves when a condition's status flips.
 pub fn conditions(
     old: &[Condition],
@@ -117,16 +142,7 @@ pub fn conditions(
         ),
     };
     let (degraded, degraded_reason, degraded_msg) = match first {
-        Some(p) => (
-            "True",
-            p.reason,
-            observed
-                .problems
-                .iter()
-                .map(|p| p.message.as_str())
-                .collect::<Vec<_>>()
-                .join("; "),
-        ),
+        Some(p) => ("True", p.reason, degraded_message(&observed.problems)),
         None => ("False", Reason::AsExpected, String::new()),
     };
     let (progressing, progressing_reason, progressing_msg) = if observed.suspended {
@@ -195,6 +211,28 @@ pub fn find<'a>(conditions: &'a [Condition], type_: &str) -> Option<&'a Conditio
 mod tests {
     use super::*;
     use blocksmith_crds::{BlockJobStatus, JobPhase};
+
+    #[test]
+    fn the_degraded_message_lists_a_few_problems_and_counts_the_rest() {
+        let problem = |i: usize| Problem {
+            reason: Reason::JobFailed,
+            message: format!("job {i}: {}", "é".repeat(10_000)),
+        };
+        let many: Vec<Problem> = (0..1000).map(problem).collect();
+        let message = degraded_message(&many);
+        assert!(message.len() < 16 * 1024, "{} bytes", message.len());
+        assert!(message.starts_with("job 0: éé"), "{message}");
+        assert!(message.contains("; job 4: "), "{message}");
+        assert!(!message.contains("job 5: "), "{message}");
+        assert!(message.ends_with("; and 995 more problems"), "{message}");
+
+        let few = [problem(0), Problem::invalid_spec("spec.x: y".into())];
+        assert_eq!(
+            degraded_message(&few[1..]),
+            "spec.x: y",
+            "short messages are kept whole"
+        );
+    }
 
     #[test]
     fn problems_name_what_happened_and_what_to_do() {

@@ -33,7 +33,7 @@ struct Args {
     #[arg(long, env = "BLOCKSMITH_WATCH_NAMESPACE")]
     namespace: Option<String>,
     /// Seconds between lag polls of an otherwise quiet pipeline.
-    #[arg(long, env = "BLOCKSMITH_POLL_INTERVAL", default_value_t = 10.0)]
+    #[arg(long, env = "BLOCKSMITH_POLL_INTERVAL", default_value_t = 10.0, value_parser = seconds)]
     poll_interval: f64,
     /// Seconds between commits of an idle pipeline's unchanged offsets, which keep Kafka
     /// from expiring them (`offsets.retention.minutes`: 7 days by default, one before Kafka
@@ -41,11 +41,12 @@ struct Args {
     #[arg(
         long,
         env = "BLOCKSMITH_OFFSET_REFRESH_INTERVAL",
-        default_value_t = 3600.0
+        default_value_t = 3600.0,
+        value_parser = seconds
     )]
     offset_refresh_interval: f64,
     /// Timeout of each Kafka request, in seconds.
-    #[arg(long, env = "BLOCKSMITH_KAFKA_TIMEOUT", default_value_t = 10.0)]
+    #[arg(long, env = "BLOCKSMITH_KAFKA_TIMEOUT", default_value_t = 10.0, value_parser = seconds)]
     kafka_timeout: f64,
     /// Quiet period before a reconcile runs after a change, in milliseconds, so bursts of
     /// job status updates cause one reconcile.
@@ -249,6 +250,15 @@ impl Requeues {
     }
 }
 
+/// A duration flag in seconds: a number of at least 0.2 (anything shorter would spin).
+fn seconds(value: &str) -> Result<f64, String> {
+    match value.parse::<f64>() {
+        Ok(s) if s.is_finite() && s >= 0.2 => Ok(s),
+        Ok(_) => Err(format!("{value} seconds: use at least 0.2")),
+        Err(e) => Err(format!("{value:?} is not a number of seconds: {e}")),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use kube::core::DynamicObject;
@@ -266,6 +276,27 @@ mod tests {
 
     fn erased(name: &str) -> Box<ObjectRef<DynamicObject>> {
         Box::new(pipeline(name).erase())
+    }
+
+    #[test]
+    fn duration_flags_below_a_fifth_of_a_second_are_refused_at_startup() {
+        let parse = |flag: &str, value: &str| {
+            Args::try_parse_from(["blocksmith-operator", &format!("{flag}={value}")]).map(|_| ())
+        };
+        for flag in [
+            "--poll-interval",
+            "--kafka-timeout",
+            "--offset-refresh-interval",
+        ] {
+            assert!(parse(flag, "0.2").is_ok(), "{flag}");
+            for bad in ["0.1", "0", "-1", "NaN", "inf", "ten"] {
+                let err = parse(flag, bad).unwrap_err().to_string();
+                assert!(
+                    err.contains(flag) && err.contains(bad),
+                    "{flag} {bad}: {err}"
+                );
+            }
+        }
     }
 
     #[test]

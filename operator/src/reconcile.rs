@@ -31,7 +31,7 @@ use crate::offsets::KafkaRead;
 use crate::planner::{JobRanges, PlanPolicy, PlannedJob, job_ranges, plan_pipeline};
 use crate::status;
 use crate::validate::{
-    InvalidSpec, validate, validate_cluster_unchanged, validate_topic_unchanged,
+    InvalidSpec, validate, validate_cluster_unchanged, validate_name, validate_topic_unchanged,
 };
 
 /// How many planned jobs are created at once.
@@ -164,6 +164,7 @@ impl<'a> Pass<'a> {
     }
 
     fn validate_spec(&self) -> Result<PlanPolicy, Halt> {
+        validate_name(&self.name).map_err(Halt::InvalidSpec)?;
         validate(&self.bp.spec)?;
         PlanPolicy::from_spec(&self.bp.spec)
             .map_err(|e| Halt::InvalidSpec(format!("spec.jobs.maxAge: {e}")))
@@ -522,7 +523,7 @@ fn requeue_after(
     let until_wake = wake
         .map(|w| w.duration_since(now).try_into().unwrap_or(Duration::ZERO))
         .unwrap_or(poll);
-    until_wake.clamp(Duration::from_millis(200), poll)
+    until_wake.min(poll).max(Duration::from_millis(200))
 }
 
 fn is_api_error(e: &kube::Error, codes: &[u16]) -> bool {
@@ -552,6 +553,12 @@ mod tests {
             requeue_after(Some(t(0)), t(0), poll, false),
             Duration::from_millis(200),
             "never a busy loop"
+        );
+        let short = Duration::from_millis(100);
+        assert_eq!(
+            requeue_after(None, t(0), short, false),
+            Duration::from_millis(200),
+            "a poll interval under the floor is no panic"
         );
     }
 

@@ -19,6 +19,20 @@ fn invalid(field: &'static str, problem: impl Into<String>) -> InvalidSpec {
     }
 }
 
+/// A pipeline's name is a label value on its jobs and builders, which Kubernetes limits to 63
+/// characters; a longer one would fail every job create with a 422 the user never sees.
+pub fn validate_name(name: &str) -> Result<(), String> {
+    const MAX: usize = 63;
+    if name.len() > MAX {
+        return Err(format!(
+            "metadata.name: {} characters, over the {MAX} a label value allows (the name labels \
+             the pipeline's jobs and builders): create the pipeline under a shorter name",
+            name.len()
+        ));
+    }
+    Ok(())
+}
+
 pub fn validate(spec: &BlockPipelineSpec) -> Result<(), InvalidSpec> {
     let k = &spec.kafka;
     if k.bootstrap_servers.trim().is_empty() {
@@ -325,6 +339,16 @@ mod tests {
                 "{err}"
             );
         }
+    }
+
+    #[test]
+    fn a_name_longer_than_a_label_value_is_invalid() {
+        assert_eq!(validate_name(&"p".repeat(63)), Ok(()));
+        let err = validate_name(&"p".repeat(64)).unwrap_err();
+        assert!(
+            err.starts_with("metadata.name: 64 characters, over the 63"),
+            "{err}"
+        );
     }
 
     #[test]

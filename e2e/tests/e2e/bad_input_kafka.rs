@@ -6,9 +6,9 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use blocksmith_crds::BlockPipeline;
 use blocksmith_crds::domain::default_consumer_group;
 use blocksmith_crds::pipeline::SecurityProtocol;
+use blocksmith_crds::{BlockJob, BlockPipeline};
 use blocksmith_e2e::datagen::{DataSpec, ValueSizes};
 use blocksmith_e2e::scenario::*;
 use k8s_openapi::ByteString;
@@ -211,7 +211,7 @@ async fn invalid_specs_are_rejected_by_the_schema_or_reported_with_the_field() {
 
     // Accepted by the schema, reported by the operator: (pointer, value, message start,
     // what else it says).
-    let operator_cases: Vec<(&str, Value, &str, &str)> = vec![
+    let mut operator_cases: Vec<(&str, Value, &str, &str)> = vec![
         (
             "/kafka/bootstrapServers",
             json!("  "),
@@ -288,6 +288,17 @@ async fn invalid_specs_are_rejected_by_the_schema_or_reported_with_the_field() {
         assert!(ok, "{pointer} = {value} rejected by the schema: {stderr}");
         names.push(name);
     }
+    // A name too long for the label values it becomes on jobs and builders.
+    let long = "n".repeat(64);
+    let (ok, stderr) = kubectl_apply(ns, &base(&long));
+    assert!(ok, "a 64-character name rejected: {stderr}");
+    names.push(long);
+    operator_cases.push((
+        "/metadata/name",
+        json!("n".repeat(64)),
+        "metadata.name: ",
+        "64 characters, over the 63 a label value allows",
+    ));
     for (name, (pointer, value, start, says)) in names.iter().zip(&operator_cases) {
         let invalid = Cond::ready_false("InvalidSpec");
         let message = wait_condition(tb, ns, name, &invalid).await.message;
@@ -305,8 +316,12 @@ async fn invalid_specs_are_rejected_by_the_schema_or_reported_with_the_field() {
     }
     // More reconciles: still nothing planned, nothing committed, no builder Deployment.
     tokio::time::sleep(Duration::from_secs(3)).await;
+    let planned = Api::<BlockJob>::namespaced(tb.client.clone(), ns)
+        .list(&Default::default())
+        .await
+        .unwrap();
+    assert!(planned.items.is_empty(), "invalid pipelines planned jobs");
     for name in &names {
-        assert!(jobs(tb, ns, name).await.is_empty(), "{name} planned jobs");
         let group = default_consumer_group(ns, name);
         assert!(
             group_offsets(&tb.kafka_bootstrap, &group, &s.topic, 1)
