@@ -5,6 +5,7 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use blocksmith_crds::BlockJob;
+use k8s_openapi::api::apps::v1::Deployment;
 use kube::runtime::events::Reporter;
 use kube::runtime::reflector::Store;
 
@@ -27,10 +28,19 @@ impl Error {
     }
 }
 
+/// The caches reconciles read instead of the API server.
+pub struct Caches {
+    pub jobs: Store<BlockJob>,
+    pub builders: Store<Deployment>,
+}
+
 pub struct Context {
     pub client: kube::Client,
     /// Every BlockJob the operator watches, kept current by a reflector.
     pub jobs: Store<BlockJob>,
+    /// The builder Deployments, kept current by a reflector: one deleted behind the
+    /// operator's back is applied again.
+    pub builders: Store<Deployment>,
     pub metrics: Metrics,
     pub reporter: Reporter,
     /// How often lag is polled when nothing else wakes the pipeline.
@@ -49,7 +59,7 @@ pub struct Context {
 impl Context {
     pub fn new(
         client: kube::Client,
-        jobs: Store<BlockJob>,
+        caches: Caches,
         metrics: Metrics,
         poll_interval: Duration,
         offset_refresh: Duration,
@@ -58,7 +68,8 @@ impl Context {
     ) -> Self {
         Self {
             client,
-            jobs,
+            jobs: caches.jobs,
+            builders: caches.builders,
             metrics,
             reporter: Reporter {
                 controller: MANAGER.into(),

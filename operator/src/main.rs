@@ -8,10 +8,11 @@ use blocksmith_operator::builders::AutoscalingApi;
 use blocksmith_operator::external_metrics;
 use blocksmith_operator::leader::LeaderElector;
 use blocksmith_operator::metrics::{self, Metrics, RECONCILE_HEARTBEAT};
-use blocksmith_operator::reconcile::{Context, error_policy, reconcile};
+use blocksmith_operator::reconcile::{Caches, Context, error_policy, reconcile};
 use blocksmith_runtime::shutdown_signal;
 use clap::Parser;
 use futures::StreamExt;
+use k8s_openapi::api::apps::v1::Deployment;
 use kube::runtime::controller::Action;
 use kube::runtime::reflector::{Lookup, ObjectRef};
 use kube::runtime::{Controller, WatchStreamExt, controller, reflector, watcher};
@@ -119,12 +120,17 @@ async fn main() -> anyhow::Result<()> {
         }
     }
 
-    let (pipelines, jobs) = match &args.namespace {
+    let (pipelines, jobs, deployments) = match &args.namespace {
         Some(ns) => (
             Api::<BlockPipeline>::namespaced(client.clone(), ns),
             Api::<BlockJob>::namespaced(client.clone(), ns),
+            Api::<Deployment>::namespaced(client.clone(), ns),
         ),
-        None => (Api::all(client.clone()), Api::all(client.clone())),
+        None => (
+            Api::all(client.clone()),
+            Api::all(client.clone()),
+            Api::all(client.clone()),
+        ),
     };
     // Reconciles read jobs from this cache rather than LISTing them (seconds at 10,000 jobs).
     // The controller's own watch of owned jobs only triggers reconciles and keeps no objects.
@@ -145,10 +151,30 @@ async fn main() -> anyhow::Result<()> {
         }
     });
     tokio::spawn(job_reflector);
+    let (builder_cache, builder_writer) = reflector::store();
+    let builder_reflector = reflector(
+        builder_writer,
+        watcher(
+            deployments.clone(),
+            watcher::Config::default().labels(LABEL_PIPELINE),
+        )
+        .default_backoff()
+        .modify(|d| d.managed_fields_mut().clear()),
+    )
+    .for_each(|event| async move {
+        if let Err(e) = event {
+            warn!(error = %e, "watching builder Deployments");
+        }
+    });
+    tokio::spawn(builder_reflector);
     job_cache.wait_until_ready().await?;
+    builder_cache.wait_until_ready().await?;
     let ctx = Arc::new(Context::new(
         client.clone(),
-        job_cache,
+        Caches {
+            jobs: job_cache,
+            builders: builder_cache,
+        },
         metrics.clone(),
         Duration::from_secs_f64(args.poll_interval),
         Duration::from_secs_f64(args.offset_refresh_interval),
@@ -157,6 +183,11 @@ async fn main() -> anyhow::Result<()> {
     ));
     let controller = Controller::new(pipelines, watcher::Config::default())
         .owns(jobs, watcher::Config::default().labels(LABEL_PIPELINE))
+        // A deleted builder Deployment wakes its pipeline, which applies it again.
+        .owns(
+            deployments,
+            watcher::Config::default().labels(LABEL_PIPELINE),
+        )
         .with_config(
             controller::Config::default().debounce(Duration::from_millis(args.debounce_ms)),
         )

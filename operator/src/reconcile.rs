@@ -14,11 +14,12 @@ use jiff::Timestamp;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::ResourceExt;
 use kube::runtime::controller::Action;
+use kube::runtime::reflector::ObjectRef;
 use tracing::{info, warn};
 
-pub use crate::context::{Context, Error};
+pub use crate::context::{Caches, Context, Error};
 
-use crate::builders;
+use crate::builders::{self, deployment_name};
 use crate::committer::{next_commits, refresh_due};
 use crate::conditions::{Observed, Problem};
 use crate::jobs::{self, JobStore};
@@ -186,7 +187,9 @@ impl<'a> Pass<'a> {
         ))
         .unwrap_or_default();
         let applied = &self.ctx.builders_applied;
-        if applied.lock().expect("builders lock").get(&key) == Some(&desired) {
+        let deployment = ObjectRef::new(&deployment_name(&self.name)).within(&self.ns);
+        let deleted = bp.spec.builders.is_some() && self.ctx.builders.get(&deployment).is_none();
+        if !deleted && applied.lock().expect("builders lock").get(&key) == Some(&desired) {
             return Ok(());
         }
         let ctx = self.ctx;

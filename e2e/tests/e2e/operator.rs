@@ -7,7 +7,9 @@ use std::time::Duration;
 use blocksmith_crds::domain::job_name;
 use blocksmith_crds::{BlockJob, JobPhase};
 use blocksmith_e2e::scenario::*;
-use kube::api::{Api, DeleteParams};
+use k8s_openapi::api::apps::v1::Deployment;
+use kube::ResourceExt;
+use kube::api::{Api, DeleteParams, ListParams};
 use rand::SeedableRng;
 use rand::seq::SliceRandom;
 use serde_json::json;
@@ -441,4 +443,38 @@ async fn an_idle_pipeline_commits_its_unchanged_offsets_again_before_kafka_could
         "{}",
         op.proc.log_text()
     );
+}
+
+/// A builder Deployment deleted behind the operator's back is applied again: the operator
+/// watches the Deployments it owns instead of trusting what it last applied.
+#[tokio::test]
+async fn a_deleted_builder_deployment_is_applied_again() {
+    let s = scenario("op-deploy", 1, 0)
+        .pipeline(|bp| {
+            bp.spec.builders = Some(
+                serde_json::from_value(json!({
+                    "image": "blocksmith-e2e/not-pulled:never",
+                    "minReplicas": 0,
+                    "maxReplicas": 1,
+                }))
+                .unwrap(),
+            )
+        })
+        .await;
+    let api: Api<Deployment> = Api::namespaced(s.tb.client.clone(), &s.ns);
+    let builders = || async {
+        let list = api.list(&ListParams::default()).await.unwrap();
+        list.items.into_iter().next()
+    };
+    let first = wait_for("the builder Deployment", Duration::from_secs(60), builders).await;
+    api.delete(&first.name_any(), &DeleteParams::default())
+        .await
+        .unwrap();
+    let again = wait_for(
+        "the builder Deployment applied again",
+        Duration::from_secs(60),
+        || async { builders().await.filter(|d| d.uid() != first.uid()) },
+    )
+    .await;
+    assert_eq!(again.name_any(), first.name_any());
 }
