@@ -134,39 +134,8 @@ async fn main() -> anyhow::Result<()> {
     };
     // Reconciles read jobs from this cache rather than LISTing them (seconds at 10,000 jobs).
     // The controller's own watch of owned jobs only triggers reconciles and keeps no objects.
-    let (job_cache, job_writer) = reflector::store();
-    let job_reflector = reflector(
-        job_writer,
-        watcher(
-            jobs.clone(),
-            watcher::Config::default().labels(LABEL_PIPELINE),
-        )
-        .default_backoff()
-        // Not needed for decisions, and most of a job's size.
-        .modify(|job| job.managed_fields_mut().clear()),
-    )
-    .for_each(|event| async move {
-        if let Err(e) = event {
-            warn!(error = %e, "watching BlockJobs");
-        }
-    });
-    tokio::spawn(job_reflector);
-    let (builder_cache, builder_writer) = reflector::store();
-    let builder_reflector = reflector(
-        builder_writer,
-        watcher(
-            deployments.clone(),
-            watcher::Config::default().labels(LABEL_PIPELINE),
-        )
-        .default_backoff()
-        .modify(|d| d.managed_fields_mut().clear()),
-    )
-    .for_each(|event| async move {
-        if let Err(e) = event {
-            warn!(error = %e, "watching builder Deployments");
-        }
-    });
-    tokio::spawn(builder_reflector);
+    let job_cache = spawn_cache(jobs.clone(), "BlockJobs");
+    let builder_cache = spawn_cache(deployments.clone(), "builder Deployments");
     job_cache.wait_until_ready().await?;
     builder_cache.wait_until_ready().await?;
     let ctx = Arc::new(Context::new(
@@ -279,6 +248,29 @@ impl Requeues {
     fn forget<K: Lookup + ?Sized>(&mut self, obj: &ObjectRef<K>) {
         self.0.remove(&(obj.namespace.clone(), obj.name.clone()));
     }
+}
+
+/// A cache of the objects of `api` that belong to a pipeline, kept current in the background.
+fn spawn_cache<K>(api: Api<K>, what: &'static str) -> reflector::Store<K>
+where
+    K: kube::Resource<DynamicType = ()> + Clone + std::fmt::Debug + Send + Sync,
+    K: serde::de::DeserializeOwned + 'static,
+{
+    let (cache, writer) = reflector::store();
+    let updates = reflector(
+        writer,
+        watcher(api, watcher::Config::default().labels(LABEL_PIPELINE))
+            .default_backoff()
+            // Not needed for decisions, and most of an object's size.
+            .modify(|object| object.managed_fields_mut().clear()),
+    )
+    .for_each(move |event| async move {
+        if let Err(e) = event {
+            warn!(error = %e, "watching {what}");
+        }
+    });
+    tokio::spawn(updates);
+    cache
 }
 
 /// A duration flag in seconds: a number of at least 0.2 (anything shorter would spin).
