@@ -102,8 +102,21 @@ pub struct Observed {
 
 /// Problems listed in full in the `Degraded` message; the rest are counted.
 const LISTED_PROBLEMS: usize = 5;
-/// Characters kept of each listed problem's message (a job's last error can be long).
-const PROBLEM_CHARS: usize = 1024;
+/// Characters kept of each listed problem's message (a job's last error can be long): its
+/// start, which names the job, and its end, which says what is held and what to do.
+const PROBLEM_HEAD_CHARS: usize = 1024;
+const PROBLEM_TAIL_CHARS: usize = 1024;
+
+/// `message` with its middle cut out when it is longer than head + tail characters.
+fn shortened(message: &str) -> String {
+    let chars = message.chars().count();
+    if chars <= PROBLEM_HEAD_CHARS + PROBLEM_TAIL_CHARS {
+        return message.to_string();
+    }
+    let head: String = message.chars().take(PROBLEM_HEAD_CHARS).collect();
+    let tail: String = message.chars().skip(chars - PROBLEM_TAIL_CHARS).collect();
+    format!("{head} … {tail}")
+}
 
 /// Every problem's message, bounded: with thousands of failed jobs, each with a long error,
 /// the condition must still fit in a status update (etcd's request size).
@@ -111,10 +124,7 @@ fn degraded_message(problems: &[Problem]) -> String {
     let mut listed: Vec<String> = problems
         .iter()
         .take(LISTED_PROBLEMS)
-        .map(|p| match p.message.char_indices().nth(PROBLEM_CHARS) {
-            Some((cut, _)) => format!("{}…", &p.message[..cut]),
-            None => p.message.clone(),
-        })
+        .map(|p| shortened(&p.message))
         .collect();
     if problems.len() > LISTED_PROBLEMS {
         listed.push(format!(
@@ -216,13 +226,19 @@ mod tests {
     fn the_degraded_message_lists_a_few_problems_and_counts_the_rest() {
         let problem = |i: usize| Problem {
             reason: Reason::JobFailed,
-            message: format!("job {i}: {}", "é".repeat(10_000)),
+            message: format!("job {i}: {}; held at offset {i}", "é".repeat(10_000)),
         };
         let many: Vec<Problem> = (0..1000).map(problem).collect();
         let message = degraded_message(&many);
-        assert!(message.len() < 16 * 1024, "{} bytes", message.len());
+        let chars = message.chars().count();
+        assert!(chars < 11 * 1024, "{chars} characters");
         assert!(message.starts_with("job 0: éé"), "{message}");
         assert!(message.contains("; job 4: "), "{message}");
+        assert!(message.contains("éé … éé"), "the middle is cut: {message}");
+        assert!(
+            message.contains("; held at offset 4; "),
+            "the end is kept: {message}"
+        );
         assert!(!message.contains("job 5: "), "{message}");
         assert!(message.ends_with("; and 995 more problems"), "{message}");
 
