@@ -9,7 +9,8 @@
 //! - [`procs`]: operator, builder and private S3 processes;
 //! - [`fake_builder`]: acting as a builder through the API;
 //! - [`metrics`]: reading Prometheus endpoints;
-//! - [`broker`], [`apiserver`]: private servers; [`datagen`]: test data; [`helm`]: the chart.
+//! - [`broker`], [`apiserver`]: private servers; [`forwarder`]: an API server a test cuts
+//!   off for one process; [`datagen`]: test data; [`helm`]: the chart.
 
 pub mod apiserver;
 pub mod blocks;
@@ -17,6 +18,7 @@ pub mod broker;
 pub mod cluster;
 pub mod datagen;
 pub mod fake_builder;
+pub mod forwarder;
 pub mod helm;
 pub mod kafka;
 pub mod metrics;

@@ -41,6 +41,8 @@ pub fn spawn_operator_with(tb: &Testbed, ns: &str, name: &str, extra: &[&str]) -
         "1",
         "--lease-duration",
         "6",
+        "--kafka-timeout",
+        "3",
     ])
     .args([
         "--metrics-addr",

@@ -12,9 +12,12 @@ pub enum CommitGuard {
     /// already there or past (`committer::forward_only` in `KafkaOffsets::commit`). The read
     /// and the commit are two requests: another operator can commit between them.
     RereadForward,
-    /// A commit is accepted only from the current holder of the leader lease. No code does
-    /// this yet (issue 11, scenario 5): Kafka has no compare-and-swap for a group offset
-    /// committed outside the group, so this stands for a fence still to be built.
+    /// A commit is made only by the current holder of the leader lease. Kafka has no
+    /// compare-and-swap for a group offset committed outside the group, so the code fences by
+    /// time (`operator/src/leader.rs` `Leadership`): a commit is sent only while the leader
+    /// is sure to lead for the whole Kafka timeout, which ends a third of the lease before
+    /// anyone else may take it over. The model takes those timing assumptions (clocks that
+    /// run at nearly one rate, a commit request that lands within its timeout) as given.
     LeaseFenced,
 }
 
@@ -45,13 +48,14 @@ pub struct Design {
 }
 
 impl Design {
-    /// What `main` does (commit 465228c): content-addressed data, planning from the group
-    /// offset and the live jobs, a re-read before each commit, trust in `Succeeded`.
+    /// What `main` does: content-addressed data, planning from the group offset and the live
+    /// jobs, commits fenced by the leader lease (and a re-read before each), trust in
+    /// `Succeeded`.
     pub const CURRENT: Design = Design {
         content_addressed_data: true,
         plan_after_written_blocks: false,
         keep_cut_points: false,
-        commit_guard: CommitGuard::RereadForward,
+        commit_guard: CommitGuard::LeaseFenced,
         commit_only_confirmed_blocks: false,
     };
 

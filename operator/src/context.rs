@@ -11,6 +11,7 @@ use kube::runtime::reflector::Store;
 
 use crate::builders::AutoscalingApi;
 use crate::jobs::MANAGER;
+use crate::leader::Leadership;
 use crate::metrics::Metrics;
 use crate::offsets::OffsetClients;
 
@@ -81,6 +82,14 @@ impl Context {
             kafka: OffsetClients::new(kafka_timeout),
             autoscaling,
             builders_applied: Mutex::default(),
+        }
+    }
+
+    /// Commits only within `leadership` (see [`OffsetClients::fenced_by`]).
+    pub fn fenced_by(self, leadership: Leadership, patience: Duration) -> Self {
+        Self {
+            kafka: self.kafka.fenced_by(leadership, patience),
+            ..self
         }
     }
 }

@@ -10,7 +10,7 @@ use blocksmith_operator::leader::LeaderElector;
 use blocksmith_operator::metrics::{self, Metrics, RECONCILE_HEARTBEAT};
 use blocksmith_operator::reconcile::{Caches, Context, error_policy, reconcile};
 use blocksmith_runtime::shutdown_signal;
-use clap::Parser;
+use clap::{CommandFactory, Parser};
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::Deployment;
 use kube::runtime::controller::Action;
@@ -46,8 +46,9 @@ struct Args {
         value_parser = seconds
     )]
     offset_refresh_interval: f64,
-    /// Timeout of each Kafka request, in seconds.
-    #[arg(long, env = "BLOCKSMITH_KAFKA_TIMEOUT", default_value_t = 10.0, value_parser = seconds)]
+    /// Timeout of each Kafka request, in seconds. With leader election, at most half the
+    /// lease: a commit must end while the leader is sure it still leads.
+    #[arg(long, env = "BLOCKSMITH_KAFKA_TIMEOUT", default_value_t = 5.0, value_parser = seconds)]
     kafka_timeout: f64,
     /// Quiet period before a reconcile runs after a change, in milliseconds, so bursts of
     /// job status updates cause one reconcile.
@@ -65,7 +66,8 @@ struct Args {
         default_value = "blocksmith-operator"
     )]
     lease_name: String,
-    /// Leader lease duration in seconds.
+    /// Leader lease duration in seconds (at least 3). The leader renews it every sixth and
+    /// stops acting when two thirds have passed without a renewal.
     #[arg(long, env = "BLOCKSMITH_LEASE_DURATION", default_value_t = 15)]
     lease_duration: u64,
     /// This replica's identity in the Lease (default: $POD_NAME, else host-pid).
@@ -73,10 +75,38 @@ struct Args {
     identity: Option<String>,
 }
 
+impl Args {
+    /// What clap cannot check: the flags' relations.
+    fn check(&self) -> Result<(), String> {
+        if self.no_leader_election {
+            return Ok(());
+        }
+        if self.lease_duration < 3 {
+            return Err(format!(
+                "--lease-duration {} is under 3 seconds",
+                self.lease_duration
+            ));
+        }
+        let half_lease = self.lease_duration as f64 / 2.0;
+        if self.kafka_timeout > half_lease {
+            return Err(format!(
+                "--kafka-timeout {} is over half of --lease-duration {}: a commit must end while the leader is sure it still leads; lower the timeout or lengthen the lease",
+                self.kafka_timeout, self.lease_duration
+            ));
+        }
+        Ok(())
+    }
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     blocksmith_runtime::init_logging();
     let args = Args::parse();
+    if let Err(e) = args.check() {
+        Args::command()
+            .error(clap::error::ErrorKind::ArgumentConflict, e)
+            .exit();
+    }
     let client = kube::Client::try_default().await?;
     let metrics = Metrics::default();
     let health = metrics.health().clone();
@@ -138,7 +168,7 @@ async fn main() -> anyhow::Result<()> {
     let builder_cache = spawn_cache(deployments.clone(), "builder Deployments");
     job_cache.wait_until_ready().await?;
     builder_cache.wait_until_ready().await?;
-    let ctx = Arc::new(Context::new(
+    let ctx = Context::new(
         client.clone(),
         Caches {
             jobs: job_cache,
@@ -149,7 +179,12 @@ async fn main() -> anyhow::Result<()> {
         Duration::from_secs_f64(args.offset_refresh_interval),
         Duration::from_secs_f64(args.kafka_timeout),
         autoscaling,
-    ));
+    );
+    // Kafka knows nothing of the lease: commits stop with leadership.
+    let ctx = Arc::new(match &elector {
+        Some(e) => ctx.fenced_by(e.leadership(), 2 * e.renew_period()),
+        None => ctx,
+    });
     let controller = Controller::new(pipelines, watcher::Config::default())
         .owns(jobs, watcher::Config::default().labels(LABEL_PIPELINE))
         // A deleted builder Deployment wakes its pipeline, which applies it again.
@@ -204,7 +239,11 @@ async fn main() -> anyhow::Result<()> {
     info!("controller started");
     match &elector {
         Some(e) => tokio::select! {
-            _ = controller => info!("controller stopped"),
+            _ = controller => {
+                info!("controller stopped");
+                // Nothing acts any more: let a standby take over without waiting the lease out.
+                e.release().await;
+            }
             _ = e.hold() => {
                 // Stop writing at once: exit rather than risk a second acting replica.
                 error!("lost leadership; exiting");
@@ -320,6 +359,27 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn a_kafka_timeout_over_half_the_lease_is_refused_at_startup() {
+        let check = |flags: &[&str]| {
+            let args = ["blocksmith-operator"].iter().chain(flags);
+            Args::try_parse_from(args).unwrap().check()
+        };
+        assert_eq!(check(&[]), Ok(()), "the defaults fit");
+        assert_eq!(check(&["--lease-duration=6", "--kafka-timeout=3"]), Ok(()));
+        let e = check(&["--lease-duration=6", "--kafka-timeout=3.5"]).unwrap_err();
+        assert!(
+            e.contains("--kafka-timeout 3.5") && e.contains("--lease-duration 6"),
+            "{e}"
+        );
+        assert!(check(&["--lease-duration=2", "--kafka-timeout=1"]).is_err());
+        assert_eq!(
+            check(&["--no-leader-election", "--kafka-timeout=30"]),
+            Ok(()),
+            "no lease, no bound"
+        );
     }
 
     #[test]

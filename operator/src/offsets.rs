@@ -8,19 +8,32 @@ use std::time::Duration;
 use blocksmith_crds::BlockPipeline;
 
 use crate::kafka::{KafkaConnection, KafkaError, KafkaOffsets};
+use crate::leader::Leadership;
 use crate::planner::PartitionOffsets;
 
 /// One client per pipeline, replaced when its connection settings change.
 pub struct OffsetClients {
     timeout: Duration,
     clients: Mutex<HashMap<String, (KafkaConnection, Arc<KafkaOffsets>)>>,
+    fence: Option<Fence>,
 }
 
 /// One reading of a pipeline's Kafka cluster, and the client that made it.
 pub struct KafkaRead {
     client: Arc<KafkaOffsets>,
+    fence: Option<Fence>,
     pub cluster_id: Option<String>,
     pub offsets: Vec<PartitionOffsets>,
+}
+
+/// Commits only while this replica surely leads for as long as a commit may take (the Kafka
+/// timeout): nothing in Kafka stops a deposed leader's commit from landing after the next
+/// leader's and moving the offset backwards.
+#[derive(Clone)]
+struct Fence {
+    leadership: Leadership,
+    /// How long to wait for a renewal that leaves a commit time enough.
+    patience: Duration,
 }
 
 impl OffsetClients {
@@ -28,6 +41,19 @@ impl OffsetClients {
         Self {
             timeout,
             clients: Mutex::default(),
+            fence: None,
+        }
+    }
+
+    /// Commits only within `leadership` (see [`Fence`]), waiting up to `patience` for a
+    /// renewal when the current one leaves too little time.
+    pub fn fenced_by(self, leadership: Leadership, patience: Duration) -> Self {
+        Self {
+            fence: Some(Fence {
+                leadership,
+                patience,
+            }),
+            ..self
         }
     }
 
@@ -50,6 +76,7 @@ impl OffsetClients {
         .map_err(|e| KafkaError::Unavailable(e.to_string()))??;
         Ok(KafkaRead {
             client,
+            fence: self.fence.clone(),
             cluster_id,
             offsets,
         })
@@ -79,9 +106,27 @@ impl KafkaRead {
         let k = self.client.clone();
         let topic = topic.to_string();
         let offsets = offsets.clone();
-        tokio::task::spawn_blocking(move || k.commit(&topic, &offsets))
+        let may_commit = self.may_commit().await?;
+        tokio::task::spawn_blocking(move || k.commit(&topic, &offsets, &*may_commit))
             .await
             .map_err(|e| KafkaError::Unavailable(e.to_string()))?
+    }
+
+    /// Once this replica surely leads for a commit's time (waiting a little for a renewal if
+    /// need be), the check to make again right before the commit request is sent.
+    async fn may_commit(&self) -> Result<Box<dyn Fn() -> bool + Send>, KafkaError> {
+        let work = self.client.timeout();
+        let Some(fence) = self.fence.clone() else {
+            return Ok(Box::new(|| true));
+        };
+        if !fence
+            .leadership
+            .wait_confirmed_for(work, fence.patience)
+            .await
+        {
+            return Err(KafkaError::NotLeading(work));
+        }
+        Ok(Box::new(move || fence.leadership.confirmed_for(work)))
     }
 
     /// Commits the partitions' committed offsets again, unchanged (see
@@ -90,7 +135,8 @@ impl KafkaRead {
         let k = self.client.clone();
         let topic = topic.to_string();
         let partitions: Vec<i32> = self.committed().into_keys().collect();
-        tokio::task::spawn_blocking(move || k.refresh(&topic, &partitions))
+        let may_commit = self.may_commit().await?;
+        tokio::task::spawn_blocking(move || k.refresh(&topic, &partitions, &*may_commit))
             .await
             .map_err(|e| KafkaError::Unavailable(e.to_string()))?
     }

@@ -361,7 +361,7 @@ impl<'a> Pass<'a> {
     ) -> bool {
         match kafka.commit(&self.bp.spec.kafka.topic, starts).await {
             Err(e) => {
-                self.observed.problems.insert(0, kafka_problem(&e));
+                self.kafka_failed(&e);
                 return false;
             }
             // Someone else committed meanwhile: this plan is stale; plan again at once.
@@ -496,6 +496,11 @@ impl<'a> Pass<'a> {
     }
 
     fn kafka_failed(&mut self, e: &KafkaError) {
+        if let KafkaError::NotLeading(_) = e {
+            // This replica is about to stop acting; the pipeline has no problem.
+            warn!(namespace = %self.ns, pipeline = %self.name, "{e}");
+            return;
+        }
         self.ctx.metrics.kafka_error(&self.ns, &self.name);
         self.observed.problems.insert(0, kafka_problem(e));
     }

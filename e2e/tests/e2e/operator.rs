@@ -2,10 +2,12 @@
 //! (server-side apply on `blockjobs/status`, the builders' exact contract).
 
 use std::collections::BTreeMap;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use blocksmith_crds::domain::job_name;
 use blocksmith_crds::{BlockJob, JobPhase};
+use blocksmith_e2e::datagen::{DataSpec, ValueSizes};
+use blocksmith_e2e::forwarder::CuttableApiserver;
 use blocksmith_e2e::scenario::*;
 use k8s_openapi::api::apps::v1::Deployment;
 use kube::ResourceExt;
@@ -318,6 +320,130 @@ async fn two_operators_elect_one_leader_and_fail_over() {
         "took {:?}",
         started.elapsed()
     );
+}
+
+#[tokio::test]
+async fn a_leader_stopped_by_sigterm_hands_the_lease_over_at_once() {
+    let tb = Testbed::get().await;
+    let ns = tb.namespace("op-release").await;
+    let mut a = spawn_operator(&tb, &ns, "op-a");
+    wait_for("op-a leads", Duration::from_secs(30), || async {
+        a.proc.log_text().contains("became leader").then_some(())
+    })
+    .await;
+    let b = spawn_operator(&tb, &ns, "op-b");
+    wait_for("op-b on standby", Duration::from_secs(30), || async {
+        b.proc
+            .log_text()
+            .contains("waiting for leadership")
+            .then_some(())
+    })
+    .await;
+    let stopped = Instant::now();
+    let exit = a.proc.terminate(Duration::from_secs(10));
+    assert!(
+        exit.is_some_and(|e| e.success()),
+        "op-a exits cleanly: {exit:?}"
+    );
+    wait_for("op-b leads", Duration::from_secs(30), || async {
+        b.proc.log_text().contains("became leader").then_some(())
+    })
+    .await;
+    // Without the release op-b waits out the 6 s lease; with it, one attempt (every 1 s).
+    let took = stopped.elapsed();
+    assert!(took < Duration::from_secs(4), "handover took {took:?}");
+    assert!(a.proc.log_text().contains("released the leader lease"));
+}
+
+#[tokio::test]
+async fn a_leader_cut_off_from_the_apiserver_stops_acting_before_another_can_lead() {
+    // A broker of its own, slowed to a 300 ms round trip, so that jobs and commits are
+    // under way when the leader is cut off.
+    let mut s = Scenario::new("op-cut")
+        .private_broker()
+        .partitions(2)
+        .records(20_000)
+        .value_size(16)
+        .pipeline(|bp| bp.spec.jobs.max_records = 1000)
+        .builders(2)
+        .await;
+    s.broker().set_round_trip_time(Duration::from_millis(300));
+    // op-a reaches the API server only through a forwarder the test cuts; op-b directly.
+    let (apiserver, via_forwarder) = CuttableApiserver::start(&s.tb, "op-a");
+    let mut a = spawn_operator(&via_forwarder, &s.ns, "op-a");
+    wait_for("op-a leads", Duration::from_secs(30), || async {
+        a.proc.log_text().contains("became leader").then_some(())
+    })
+    .await;
+    let b = s.spawn_operator("op-b");
+    // Every reading of the group's offsets, to check they never move back.
+    let mut commits = vec![];
+    let started = Instant::now();
+    while !commits
+        .last()
+        .is_some_and(|c: &BTreeMap<i32, i64>| c.values().any(|o| *o > 0))
+    {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "no first commit"
+        );
+        commits.push(s.committed().await);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    apiserver.cut();
+    let cut_at = Instant::now();
+    let (mut a_stopped, mut b_leads) = (None, None);
+    while a_stopped.is_none() || b_leads.is_none() {
+        assert!(cut_at.elapsed() < Duration::from_secs(60), "no handover");
+        if a_stopped.is_none() && !a.proc.is_running() {
+            a_stopped = Some(cut_at.elapsed());
+        }
+        if b_leads.is_none() && b.proc.log_text().contains("became leader") {
+            b_leads = Some(cut_at.elapsed());
+        }
+        commits.push(s.committed().await);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (a_stopped, b_leads) = (a_stopped.unwrap(), b_leads.unwrap());
+    println!("after the cut: op-a stopped at {a_stopped:?}, op-b led at {b_leads:?}");
+    // The lease is 6 s: op-a acts for at most 4 s after its last renewal (one every 1 s)
+    // and op-b takes over only once it has seen the lease unchanged for 6 s.
+    assert!(
+        a_stopped < b_leads,
+        "op-a stopped at {a_stopped:?}, after op-b led at {b_leads:?}"
+    );
+    assert!(a_stopped <= Duration::from_secs(5), "{a_stopped:?}");
+    assert!(
+        a.proc.log_text().contains("lost leadership; exiting"),
+        "{}",
+        a.proc.log_text()
+    );
+
+    s.broker().set_round_trip_time(Duration::ZERO);
+    // More records: op-b plans and commits them.
+    let more = produce_data(
+        &s.tb,
+        DataSpec {
+            seed: 2,
+            value_sizes: ValueSizes::Fixed(16),
+            ..DataSpec::new(&s.topic, 2, 20_000)
+        },
+    )
+    .await;
+    s.produced.records.extend(more.records);
+    s.produced.partitions = more.partitions;
+    let committed = s.wait_committed_then_audit(Duration::from_secs(120)).await;
+    commits.push(committed);
+    for pair in commits.windows(2) {
+        for (p, before) in &pair[0] {
+            let after = pair[1].get(p).copied().unwrap_or(-1);
+            assert!(
+                after >= *before,
+                "partition {p}'s commit moved back from {before} to {after}"
+            );
+        }
+    }
 }
 
 // Invalid specs, missing topics and partitions, retention and credentials: see

@@ -43,6 +43,11 @@ impl KafkaOffsets {
         })
     }
 
+    /// How long a request may take.
+    pub fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
     /// Serves the client's queued events: connection errors reach `ConnectionErrors` only
     /// through a poll (and would otherwise pile up in the queue). The consumer has no
     /// assignment, so no message can come.
@@ -252,10 +257,14 @@ impl KafkaOffsets {
     /// partition's offset backwards: one the group has already reached, read just before the
     /// commit, is left as it is (another operator committed past it, e.g. the next leader
     /// while this one was being deposed). Returns what was committed.
+    ///
+    /// `may_commit` is asked right before the commit request is sent; when it says no,
+    /// nothing is committed ([`KafkaError::NotLeading`]).
     pub fn commit(
         &self,
         topic: &str,
         offsets: &BTreeMap<i32, i64>,
+        may_commit: &dyn Fn() -> bool,
     ) -> Result<BTreeMap<i32, i64>, KafkaError> {
         let partitions: Vec<i32> = offsets.keys().copied().collect();
         let current = self.committed(topic, &partitions)?;
@@ -269,7 +278,7 @@ impl KafkaOffsets {
                 "not moving a committed offset backwards: the group is already there"
             );
         }
-        self.commit_as_is(topic, &forward)?;
+        self.commit_as_is(topic, &forward, may_commit)?;
         Ok(forward)
     }
 
@@ -279,15 +288,24 @@ impl KafkaOffsets {
         &self,
         topic: &str,
         partitions: &[i32],
+        may_commit: &dyn Fn() -> bool,
     ) -> Result<BTreeMap<i32, i64>, KafkaError> {
         let current = self.committed(topic, partitions)?;
-        self.commit_as_is(topic, &current)?;
+        self.commit_as_is(topic, &current, may_commit)?;
         Ok(current)
     }
 
-    fn commit_as_is(&self, topic: &str, offsets: &BTreeMap<i32, i64>) -> Result<(), KafkaError> {
+    fn commit_as_is(
+        &self,
+        topic: &str,
+        offsets: &BTreeMap<i32, i64>,
+        may_commit: &dyn Fn() -> bool,
+    ) -> Result<(), KafkaError> {
         if offsets.is_empty() {
             return Ok(());
+        }
+        if !may_commit() {
+            return Err(KafkaError::NotLeading(self.timeout));
         }
         let mut tpl = TopicPartitionList::new();
         for (p, o) in offsets {
@@ -421,7 +439,7 @@ mod tests {
         // Partition 7 does not exist: the broker refuses it and accepts partition 0.
         let (_cluster, k) = mock_with_topic(1);
         let e = k
-            .commit_as_is("t", &BTreeMap::from([(0, 10), (7, 10)]))
+            .commit_as_is("t", &BTreeMap::from([(0, 10), (7, 10)]), &|| true)
             .unwrap_err();
         let message = e.to_string();
         assert!(message.contains("partitions [7]"), "{message}");
@@ -431,7 +449,8 @@ mod tests {
     #[test]
     fn a_partition_whose_committed_offset_cannot_be_read_is_an_error_not_no_offset() {
         let (_cluster, k) = mock_with_topic(1);
-        k.commit_as_is("t", &BTreeMap::from([(0, 10)])).unwrap();
+        k.commit_as_is("t", &BTreeMap::from([(0, 10)]), &|| true)
+            .unwrap();
         let e = k.committed("t", &[0, 7]).unwrap_err();
         assert!(e.to_string().contains("partition 7"), "{e}");
         assert_eq!(k.committed("t", &[0]).unwrap(), BTreeMap::from([(0, 10)]));
@@ -447,16 +466,36 @@ mod tests {
         )
         .unwrap();
         let committed = |k: &KafkaOffsets| k.committed("t", &[0, 1]).unwrap();
-        let done = k.commit("t", &BTreeMap::from([(0, 100), (1, 10)])).unwrap();
+        let done = k
+            .commit("t", &BTreeMap::from([(0, 100), (1, 10)]), &|| true)
+            .unwrap();
         assert_eq!(done, BTreeMap::from([(0, 100), (1, 10)]));
         // A deposed leader's commit from an older reading: partition 0 stays at 100.
-        let stale = k.commit("t", &BTreeMap::from([(0, 50), (1, 20)])).unwrap();
+        let stale = k
+            .commit("t", &BTreeMap::from([(0, 50), (1, 20)]), &|| true)
+            .unwrap();
         assert_eq!(stale, BTreeMap::from([(1, 20)]));
         assert_eq!(committed(&k), BTreeMap::from([(0, 100), (1, 20)]));
         assert!(
-            k.commit("t", &BTreeMap::from([(0, 100)]))
+            k.commit("t", &BTreeMap::from([(0, 100)]), &|| true)
                 .unwrap()
                 .is_empty()
         );
+    }
+
+    #[test]
+    fn no_commit_or_refresh_is_sent_once_the_fence_says_no() {
+        let (_cluster, k) = mock_with_topic(1);
+        k.commit("t", &BTreeMap::from([(0, 10)]), &|| true).unwrap();
+        let e = k
+            .commit("t", &BTreeMap::from([(0, 20)]), &|| false)
+            .unwrap_err();
+        assert!(matches!(e, KafkaError::NotLeading(_)), "{e}");
+        assert!(e.to_string().contains("leader lease"), "says why: {e}");
+        assert!(matches!(
+            k.refresh("t", &[0], &|| false),
+            Err(KafkaError::NotLeading(_))
+        ));
+        assert_eq!(k.committed("t", &[0]).unwrap(), BTreeMap::from([(0, 10)]));
     }
 }

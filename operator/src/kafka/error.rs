@@ -33,6 +33,12 @@ pub enum KafkaError {
         "Kafka refused the offset commit for group {group:?}: {reason}. The group must belong to this pipeline alone (no other consumers may join it)"
     )]
     CommitRefused { group: String, reason: String },
+    /// Not a Kafka error: this operator replica cannot be sure it leads for as long as a
+    /// commit may take, so it makes none (see `leader::Leadership`).
+    #[error(
+        "not committing: this operator replica has not renewed its leader lease recently enough to be sure it still leads for the next {0:?} (the Kafka timeout); the leader commits"
+    )]
+    NotLeading(std::time::Duration),
 }
 
 impl KafkaError {
@@ -45,6 +51,8 @@ impl KafkaError {
                 Reason::TopicNotFound
             }
             KafkaError::CommitRefused { .. } => Reason::CommitRefused,
+            // Never a condition: a replica in doubt stops acting and writes no status.
+            KafkaError::NotLeading(_) => Reason::KafkaUnavailable,
         }
     }
 }
