@@ -227,6 +227,16 @@ impl BlockStore {
     /// Opens the store for `url`, configured from the usual environment variables
     /// (`AWS_*`, `GOOGLE_*`, `AZURE_*`). Nothing is contacted yet.
     pub fn from_url(url: &str) -> Result<BlockStore, StoreError> {
+        Self::from_url_with(url, &[])
+    }
+
+    /// As [`Self::from_url`], with `settings` named like those environment variables (the
+    /// keys of a pipeline's `spec.output.credentialsSecretRef`) taking precedence over the
+    /// environment. Names the store does not know are ignored, as in the environment.
+    pub fn from_url_with(
+        url: &str,
+        settings: &[(String, String)],
+    ) -> Result<BlockStore, StoreError> {
         let parsed = Url::parse(url).map_err(|e| StoreError::InvalidUrl {
             url: url.to_owned(),
             reason: e.to_string(),
@@ -237,26 +247,32 @@ impl BlockStore {
         };
         let (store, prefix): (Arc<dyn ObjectStore>, Path) = match parsed.scheme() {
             "s3" | "s3a" => (
-                Arc::new(s3_builder(url)?.build().map_err(config_err)?),
+                Arc::new(s3_builder(url, settings)?.build().map_err(config_err)?),
                 url_prefix(url, &parsed)?,
             ),
             "gs" => (
                 Arc::new(
-                    GoogleCloudStorageBuilder::from_env()
-                        .with_url(url)
-                        .with_retry(retry_config())
-                        .build()
-                        .map_err(config_err)?,
+                    configured(
+                        GoogleCloudStorageBuilder::from_env(),
+                        settings,
+                        |b, k, v| b.with_config(k, v),
+                    )
+                    .with_url(url)
+                    .with_retry(retry_config())
+                    .build()
+                    .map_err(config_err)?,
                 ),
                 url_prefix(url, &parsed)?,
             ),
             "az" | "abfs" | "abfss" => (
                 Arc::new(
-                    MicrosoftAzureBuilder::from_env()
-                        .with_url(url)
-                        .with_retry(retry_config())
-                        .build()
-                        .map_err(config_err)?,
+                    configured(MicrosoftAzureBuilder::from_env(), settings, |b, k, v| {
+                        b.with_config(k, v)
+                    })
+                    .with_url(url)
+                    .with_retry(retry_config())
+                    .build()
+                    .map_err(config_err)?,
                 ),
                 url_prefix(url, &parsed)?,
             ),
@@ -471,12 +487,29 @@ impl BlockStore {
     }
 }
 
-fn s3_builder(url: &str) -> Result<AmazonS3Builder, StoreError> {
+/// `builder` with each of `settings` it knows applied (`AWS_ACCESS_KEY_ID` as
+/// `aws_access_key_id`, the way each builder's `from_env` reads its variables).
+fn configured<B, K: std::str::FromStr>(
+    builder: B,
+    settings: &[(String, String)],
+    apply: impl Fn(B, K, &str) -> B,
+) -> B {
+    settings.iter().fold(builder, |b, (name, value)| {
+        match name.to_ascii_lowercase().parse::<K>() {
+            Ok(key) => apply(b, key, value),
+            Err(_) => b,
+        }
+    })
+}
+
+fn s3_builder(url: &str, settings: &[(String, String)]) -> Result<AmazonS3Builder, StoreError> {
     // from_env reads AWS_ENDPOINT / AWS_ENDPOINT_URL, AWS_ALLOW_HTTP, credentials and region;
     // requests are path-style unless AWS_VIRTUAL_HOSTED_STYLE_REQUEST is set.
-    let builder = AmazonS3Builder::from_env()
-        .with_url(url)
-        .with_retry(retry_config());
+    let builder = configured(AmazonS3Builder::from_env(), settings, |b, k, v| {
+        b.with_config(k, v)
+    })
+    .with_url(url)
+    .with_retry(retry_config());
     let endpoint = builder
         .get_config_value(&AmazonS3ConfigKey::S3Endpoint)
         .or_else(|| builder.get_config_value(&AmazonS3ConfigKey::Endpoint));

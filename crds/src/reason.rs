@@ -29,6 +29,7 @@ pub enum Reason {
     OffsetOutOfRange,
     CommittedBeyondLog,
     JobFailed,
+    BlockUnconfirmed,
     AutoscalingUnavailable,
     // Events only
     Recovered,
@@ -75,6 +76,7 @@ impl Reason {
                 | Reason::OffsetOutOfRange
                 | Reason::CommittedBeyondLog
                 | Reason::JobFailed
+                | Reason::BlockUnconfirmed
                 | Reason::AutoscalingUnavailable
         )
     }
@@ -127,6 +129,11 @@ impl Reason {
                 "a job used up `spec.jobs.backoffLimit` attempts; its partition's commit waits \
                  until the job is deleted (which retries it)"
             }
+            Reason::BlockUnconfirmed => {
+                "a job reported `Succeeded`, but the output could not be read, or holds a \
+                 manifest under its key that describes something else; its partition's commit \
+                 waits. (A job whose manifest is missing is built again.)"
+            }
             Reason::AutoscalingUnavailable => {
                 "the cluster serves no HorizontalPodAutoscaler API blocksmith can use \
                  (`autoscaling/v2` or `v2beta2`); builders run at `minReplicas`"
@@ -167,14 +174,14 @@ mod tests {
 
     #[test]
     fn names_are_the_variants() {
-        assert_eq!(Reason::all().count(), 20);
+        assert_eq!(Reason::all().count(), 21);
         assert_eq!(Reason::JobFailed.as_str(), "JobFailed");
         assert_eq!(Reason::InvalidSpec.to_string(), "InvalidSpec");
         let problems: Vec<&str> = Reason::all()
             .filter(|r| r.is_problem())
             .map(Reason::as_str)
             .collect();
-        assert_eq!(problems.len(), 10, "{problems:?}");
+        assert_eq!(problems.len(), 11, "{problems:?}");
     }
 
     #[test]

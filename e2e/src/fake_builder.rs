@@ -1,5 +1,8 @@
 //! Acting as a builder through the API, exactly as builders do: SSA on `blockjobs/status`.
 
+use blocksmith_builder::manifest::{Manifest, SCHEMA_VERSION};
+use blocksmith_builder::store::BlockStore;
+use blocksmith_crds::domain::manifest_key;
 use blocksmith_crds::{BlockJob, JobPhase};
 use kube::api::{Api, Patch, PatchParams};
 use serde_json::{Value, json};
@@ -83,7 +86,16 @@ impl FakeBuilder {
         }
     }
 
+    /// Writes the job's manifest into its output, as a builder's block would end (without the
+    /// data: tests of the operator audit no records), and reports the job Succeeded.
     pub async fn succeed(&self, job: &BlockJob, attempt: i32) -> kube::Result<BlockJob> {
+        write_manifest(job).await;
+        self.report_success(job, attempt).await
+    }
+
+    /// Reports the job Succeeded without writing anything: a status forged by anyone who may
+    /// patch `blockjobs/status`.
+    pub async fn report_success(&self, job: &BlockJob, attempt: i32) -> kube::Result<BlockJob> {
         let extra = json!({
             "completionTime": now(),
             "output": { "objects": [], "records": job.spec.end_offset - job.spec.start_offset, "bytes": 0, "sha256": "" }
@@ -96,6 +108,36 @@ impl FakeBuilder {
         let claimed = self.claim(job).await?;
         self.succeed(&claimed, 1).await
     }
+}
+
+/// The manifest a builder writes last for `job`, in the job's output.
+pub async fn write_manifest(job: &BlockJob) {
+    let s = &job.spec;
+    let manifest = Manifest {
+        pipeline: s.pipeline.clone(),
+        topic: s.topic.clone(),
+        partition: s.partition,
+        kafka_cluster_id: s.kafka_cluster_id.clone(),
+        start_offset: s.start_offset,
+        end_offset: s.end_offset,
+        records: s.end_offset - s.start_offset,
+        first_offset: Some(s.start_offset),
+        last_offset: Some(s.end_offset - 1),
+        min_timestamp: None,
+        max_timestamp: None,
+        bytes: 0,
+        sha256: String::new(),
+        data: None,
+        format: "parquet".into(),
+        compression: "none".into(),
+        schema_version: SCHEMA_VERSION,
+    };
+    let store = BlockStore::from_url(&s.output.url).expect("the job's output");
+    let key = manifest_key(&s.topic, s.partition, s.start_offset, s.end_offset);
+    store
+        .put_manifest(&key, manifest.to_bytes(), "")
+        .await
+        .expect("write the manifest");
 }
 
 pub fn now() -> String {

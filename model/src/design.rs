@@ -49,14 +49,14 @@ pub struct Design {
 
 impl Design {
     /// What `main` does: content-addressed data, planning from the group offset and the live
-    /// jobs, commits fenced by the leader lease (and a re-read before each), trust in
-    /// `Succeeded`.
+    /// jobs, commits fenced by the leader lease (and a re-read before each), and only over
+    /// blocks whose manifests the operator has read.
     pub const CURRENT: Design = Design {
         content_addressed_data: true,
         plan_after_written_blocks: false,
         keep_cut_points: false,
         commit_guard: CommitGuard::LeaseFenced,
-        commit_only_confirmed_blocks: false,
+        commit_only_confirmed_blocks: true,
     };
 
     /// Every fix issue 11 asks for.

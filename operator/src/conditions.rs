@@ -48,6 +48,24 @@ impl Problem {
         }
     }
 
+    /// A `Succeeded` job whose block the output does not confirm: its partition's commit
+    /// waits.
+    pub fn block_unconfirmed(job: &BlockJob, why: &str) -> Self {
+        let s = &job.spec;
+        Self {
+            reason: Reason::BlockUnconfirmed,
+            message: format!(
+                "job {} (partition {}, offsets [{}, {})) reported Succeeded, but {why}; the commit of partition {} is held at offset {} until the output confirms the block",
+                job.name_any(),
+                s.partition,
+                s.start_offset,
+                s.end_offset,
+                s.partition,
+                s.start_offset,
+            ),
+        }
+    }
+
     /// Why a partition cannot be planned.
     pub fn partition_unplannable(partition: i32, error: PartitionPlanError) -> Self {
         match error {

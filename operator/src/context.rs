@@ -14,6 +14,7 @@ use crate::jobs::MANAGER;
 use crate::leader::Leadership;
 use crate::metrics::Metrics;
 use crate::offsets::OffsetClients;
+use crate::output::Confirmations;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -55,6 +56,8 @@ pub struct Context {
     pub autoscaling: AutoscalingApi,
     /// What was last applied for each pipeline's builders, so unchanged specs cost no writes.
     pub builders_applied: Mutex<HashMap<String, String>>,
+    /// Succeeded jobs whose manifests the output has confirmed.
+    pub confirmed_blocks: Confirmations,
 }
 
 impl Context {
@@ -82,6 +85,7 @@ impl Context {
             kafka: OffsetClients::new(kafka_timeout),
             autoscaling,
             builders_applied: Mutex::default(),
+            confirmed_blocks: Confirmations::default(),
         }
     }
 

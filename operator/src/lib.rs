@@ -4,7 +4,7 @@
 //! Pure decisions: [`planner`], [`committer`], [`lifecycle`], [`conditions`], [`validate`].
 //! I/O: [`reconcile`] (one pass over a pipeline, step by step), [`context`] (what every
 //! reconcile shares), [`kafka`] (the cluster's offsets) and [`offsets`] (reading and
-//! committing them per pipeline), [`jobs`] (the BlockJob queue), [`status`] (status and
+//! committing them per pipeline), [`output`] (the blocks a commit needs confirmed), [`jobs`] (the BlockJob queue), [`status`] (status and
 //! Events), [`builders`] (builder Deployment + HPA), [`external_metrics`] (queue depth for
 //! the HPA), [`leader`] (Lease-based leader election), [`metrics`] (Prometheus, probes).
 
@@ -19,6 +19,7 @@ pub mod leader;
 pub mod lifecycle;
 pub mod metrics;
 pub mod offsets;
+pub mod output;
 pub mod planner;
 pub mod reconcile;
 pub mod status;

@@ -217,6 +217,11 @@ pub fn plan_partition(
 pub type JobRanges = BTreeMap<i32, Vec<ExistingJob>>;
 
 pub fn job_ranges(jobs: &[BlockJob]) -> JobRanges {
+    job_ranges_where(jobs, |j| j.phase() == JobPhase::Succeeded)
+}
+
+/// [`job_ranges`], counting as succeeded only the jobs `succeeded` says.
+pub fn job_ranges_where(jobs: &[BlockJob], succeeded: impl Fn(&BlockJob) -> bool) -> JobRanges {
     let mut ranges = JobRanges::new();
     for j in jobs {
         ranges
@@ -225,7 +230,7 @@ pub fn job_ranges(jobs: &[BlockJob]) -> JobRanges {
             .push(ExistingJob {
                 start: j.spec.start_offset,
                 end: j.spec.end_offset,
-                succeeded: j.phase() == JobPhase::Succeeded,
+                succeeded: succeeded(j),
             });
     }
     ranges

@@ -5,10 +5,11 @@
 //! the pure functions of `planner`, `committer`, `lifecycle` and `conditions`; this module
 //! does the I/O around them.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use blocksmith_crds::Reason;
 use blocksmith_crds::{BlockJob, BlockPipeline, BlockPipelineStatus, JobPhase};
 use jiff::Timestamp;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
@@ -25,11 +26,12 @@ use crate::conditions::{Observed, Problem};
 use crate::jobs::{self, JobStore};
 use crate::kafka::{self, KafkaError};
 use crate::lifecycle::{
-    FinishedJob, JobAction, JobCounts, job_action, jobs_to_delete, next_wakeup, reset,
+    FinishedJob, JobAction, JobCounts, Reset, job_action, jobs_to_delete, next_wakeup, reset,
 };
 use crate::metrics::{RECONCILE_HEARTBEAT, reconcile_deadline};
 use crate::offsets::KafkaRead;
-use crate::planner::{JobRanges, PlanPolicy, PlannedJob, job_ranges, plan_pipeline};
+use crate::output::{self, Evidence};
+use crate::planner::{JobRanges, PlanPolicy, PlannedJob, job_ranges_where, plan_pipeline};
 use crate::status;
 use crate::validate::{
     InvalidSpec, validate, validate_cluster_unchanged, validate_name, validate_topic_unchanged,
@@ -153,7 +155,10 @@ impl<'a> Pass<'a> {
         let jobs = self.tend_jobs().await?;
         let mut committed = BTreeMap::new();
         if let Some(mut kafka) = self.read_kafka(&jobs).await? {
-            let ranges = job_ranges(&jobs);
+            let unconfirmed = self.confirm_blocks(&jobs, &kafka).await?;
+            let ranges = job_ranges_where(&jobs, |j| {
+                j.phase() == JobPhase::Succeeded && !unconfirmed.contains(&j.name_any())
+            });
             self.commit_durable_prefixes(&mut kafka, &ranges).await;
             self.plan(&kafka, &ranges, &policy).await?;
             committed = kafka.committed();
@@ -279,6 +284,81 @@ impl<'a> Pass<'a> {
         let clusters = jobs.iter().map(|j| j.spec.kafka_cluster_id.as_deref());
         validate_cluster_unchanged(&self.name, kafka.cluster_id.as_deref(), clusters)?;
         Ok(Some(kafka))
+    }
+
+    /// Checks the output for the block of every `Succeeded` job not yet committed, once per
+    /// job: a commit moves only over blocks the output confirms. A job without its manifest
+    /// is built again; one the output contradicts, or that cannot be checked, holds its
+    /// partition's commit. Returns the names of the `Succeeded` jobs not to count as such.
+    async fn confirm_blocks(
+        &mut self,
+        jobs: &[BlockJob],
+        kafka: &KafkaRead,
+    ) -> Result<HashSet<String>, Halt> {
+        let committed = kafka.committed();
+        let ctx = self.ctx;
+        let confirmations = &ctx.confirmed_blocks;
+        let to_check = |j: &BlockJob| {
+            j.phase() == JobPhase::Succeeded
+                && committed
+                    .get(&j.spec.partition)
+                    .is_none_or(|c| j.spec.end_offset > *c)
+                && !confirmations.contains(j)
+        };
+        let mut held = HashSet::new();
+        if !jobs.iter().any(to_check) {
+            return Ok(held);
+        }
+        let store = match output::open(&ctx.client, self.bp).await {
+            Ok(store) => store,
+            Err(e) => {
+                for j in jobs.iter().filter(|j| to_check(j)) {
+                    held.insert(j.name_any());
+                }
+                self.observed.problems.push(Problem {
+                    reason: Reason::BlockUnconfirmed,
+                    message: e.to_string(),
+                });
+                return Ok(held);
+            }
+        };
+        let checked: Vec<&BlockJob> = jobs.iter().filter(|j| to_check(j)).collect();
+        let specs: Vec<_> = checked.iter().map(|j| &j.spec).collect();
+        let found = output::evidence_all(&store, &specs).await;
+        for (job, evidence) in checked.into_iter().zip(found) {
+            held.insert(job.name_any());
+            match evidence {
+                Ok(Evidence::Confirmed) => {
+                    confirmations.insert(job);
+                    held.remove(&job.name_any());
+                }
+                Ok(Evidence::Missing { url }) => {
+                    warn!(namespace = %self.ns, pipeline = %self.name, job = %job.name_any(), %url, "a job reported Succeeded without its block's manifest; building it again");
+                    let reset = Reset::pending(
+                        job.attempt() + 1,
+                        self.now,
+                        format!(
+                            "reported Succeeded, but there is no manifest at {url}: building it again"
+                        ),
+                        None,
+                    );
+                    self.store.reset(job, &reset).await?;
+                }
+                Ok(Evidence::Contradicts { url, why }) => {
+                    let why = format!("the manifest at {url} does not vouch for it: {why}");
+                    self.observed
+                        .problems
+                        .push(Problem::block_unconfirmed(job, &why));
+                }
+                Err(e) => {
+                    let why = format!("its manifest cannot be read: {e}");
+                    self.observed
+                        .problems
+                        .push(Problem::block_unconfirmed(job, &why));
+                }
+            }
+        }
+        Ok(held)
     }
 
     /// Moves each partition's committed offset over the succeeded jobs that start at it.

@@ -117,6 +117,52 @@ async fn commits_move_only_over_contiguous_succeeded_prefixes() {
 }
 
 #[tokio::test]
+async fn a_success_reported_without_a_block_commits_nothing_and_the_job_is_built_again() {
+    // Anything that may patch `blockjobs/status` reports job [0, 1000) Succeeded without
+    // writing its block; the next job is built properly.
+    let s = scenario("op-forged", 1, 2000).await;
+    let planned = s.wait_jobs(2).await;
+    let (first, second) = (&planned[0], &planned[1]);
+    assert_eq!(first.spec.start_offset, 0);
+    let forger = FakeBuilder::new(&s.tb, &s.ns, "forger");
+    let claimed = forger.claim(first).await.unwrap();
+    forger.report_success(&claimed, 1).await.unwrap();
+    let builder = FakeBuilder::new(&s.tb, &s.ns, "builder");
+    builder.claim_and_succeed(second).await.unwrap();
+    // The operator finds no manifest for [0, 1000): the job goes back to Pending, attempt 2.
+    let back = wait_for(
+        "the forged job pending again",
+        Duration::from_secs(30),
+        || async {
+            let j = s.job(&first.metadata.name).await?;
+            (j.phase() == JobPhase::Pending && j.attempt() == 2).then_some(j)
+        },
+    )
+    .await;
+    let message = back.status.as_ref().and_then(|st| st.message.clone());
+    assert!(
+        message
+            .as_deref()
+            .is_some_and(|m| m.contains("no manifest at") && m.contains("building it again")),
+        "{message:?}"
+    );
+    assert_eq!(
+        s.committed().await.get(&0).copied().unwrap_or(0),
+        0,
+        "nothing committed over the forged job"
+    );
+    // Built for real: the commit moves over both.
+    let claimed = builder.claim(&back).await.unwrap();
+    builder.succeed(&claimed, 2).await.unwrap();
+    wait_for(
+        "the commit over both jobs",
+        Duration::from_secs(30),
+        || async { (s.committed().await.get(&0) == Some(&2000)).then_some(()) },
+    )
+    .await;
+}
+
+#[tokio::test]
 async fn an_expired_lease_returns_the_job_and_fences_the_old_holder() {
     let s = scenario("op-lease", 1, 1000)
         .jobs(json!({"leaseDurationSeconds": 3}))

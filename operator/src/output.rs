@@ -1,0 +1,226 @@
+//! What a pipeline's output holds, as the committer needs it: a job's range is committed only
+//! once the manifest that vouches for it is in the output, whatever the job's status says.
+//! Anything that may patch `blockjobs/status` (every builder's ServiceAccount) could otherwise
+//! make the operator commit past records no block holds.
+
+use std::collections::HashSet;
+use std::sync::Mutex;
+
+use blocksmith_builder::manifest::Manifest;
+use blocksmith_builder::store::{BlockStore, StoreError};
+use blocksmith_crds::domain::manifest_key;
+use blocksmith_crds::{BlockJob, BlockJobSpec, BlockPipeline};
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::Secret;
+use kube::Api;
+
+/// What the output says of a job that reported `Succeeded`.
+#[derive(Debug, PartialEq)]
+pub enum Evidence {
+    /// Its manifest is there and vouches for the job's range.
+    Confirmed,
+    /// No manifest at its key: no block holds the range.
+    Missing { url: String },
+    /// A manifest is there but describes something else.
+    Contradicts { url: String, why: String },
+}
+
+/// Why the output could not be consulted.
+#[derive(Debug, thiserror::Error)]
+pub enum OutputError {
+    #[error(
+        "spec.output.credentialsSecretRef: secret {0:?} cannot be read ({1}); the operator reads the output's manifests with it before committing"
+    )]
+    Secret(String, String),
+    #[error("the output cannot be read to confirm succeeded jobs' blocks: {0}")]
+    Store(#[from] StoreError),
+}
+
+/// Whether `manifest` vouches for `job`'s range: the same topic, partition, range and Kafka
+/// cluster (when both recorded one), and no more records than the range has offsets.
+pub fn vouches_for(manifest: &Manifest, job: &BlockJobSpec) -> Result<(), String> {
+    let range = job.end_offset - job.start_offset;
+    let mismatch = |what: &str, found: String, want: String| {
+        Err(format!("its {what} is {found}, the job's {want}"))
+    };
+    if manifest.topic != job.topic || manifest.partition != job.partition {
+        return mismatch(
+            "topic/partition",
+            format!("{}/{}", manifest.topic, manifest.partition),
+            format!("{}/{}", job.topic, job.partition),
+        );
+    }
+    if (manifest.start_offset, manifest.end_offset) != (job.start_offset, job.end_offset) {
+        return mismatch(
+            "range",
+            format!("[{}, {})", manifest.start_offset, manifest.end_offset),
+            format!("[{}, {})", job.start_offset, job.end_offset),
+        );
+    }
+    if let (Some(found), Some(want)) = (&manifest.kafka_cluster_id, &job.kafka_cluster_id)
+        && found != want
+    {
+        return mismatch("Kafka cluster", format!("{found:?}"), format!("{want:?}"));
+    }
+    if !(0..=range).contains(&manifest.records) {
+        return Err(format!(
+            "it counts {} records in a range of {range} offsets",
+            manifest.records
+        ));
+    }
+    Ok(())
+}
+
+/// The jobs whose blocks have been confirmed (by uid), so each manifest is read once.
+#[derive(Default)]
+pub struct Confirmations(Mutex<HashSet<String>>);
+
+impl Confirmations {
+    pub fn contains(&self, job: &BlockJob) -> bool {
+        let uid = job.metadata.uid.as_deref().unwrap_or_default();
+        self.0.lock().expect("confirmations lock").contains(uid)
+    }
+
+    pub fn insert(&self, job: &BlockJob) {
+        if let Some(uid) = &job.metadata.uid {
+            self.0
+                .lock()
+                .expect("confirmations lock")
+                .insert(uid.clone());
+        }
+    }
+}
+
+/// The pipeline's output as its builders see it: its URL, with the settings of
+/// `spec.output.credentialsSecretRef` (the builders get them as environment variables)
+/// over the operator's own environment.
+pub async fn open(client: &kube::Client, bp: &BlockPipeline) -> Result<BlockStore, OutputError> {
+    let mut settings = Vec::new();
+    if let Some(reference) = &bp.spec.output.credentials_secret_ref {
+        let ns = bp.metadata.namespace.clone().unwrap_or_default();
+        let secret = Api::<Secret>::namespaced(client.clone(), &ns)
+            .get(&reference.name)
+            .await
+            .map_err(|e| OutputError::Secret(reference.name.clone(), e.to_string()))?;
+        for (name, value) in secret.data.unwrap_or_default() {
+            if let Ok(value) = String::from_utf8(value.0) {
+                settings.push((name, value));
+            }
+        }
+    }
+    Ok(BlockStore::from_url_with(&bp.spec.output.url, &settings)?)
+}
+
+/// Manifests read at once by [`evidence_all`]: a read is one round trip to the store.
+const CONCURRENT_READS: usize = 16;
+
+/// [`evidence`] for each of `jobs`, in their order, several read at once.
+pub async fn evidence_all(
+    store: &BlockStore,
+    jobs: &[&BlockJobSpec],
+) -> Vec<Result<Evidence, StoreError>> {
+    // The reads are made before the stream so that no closure lives across an await (the
+    // reconcile future must be `Send` for every lifetime).
+    let reads: Vec<_> = jobs.iter().map(|job| evidence(store, job)).collect();
+    futures::stream::iter(reads)
+        .buffered(CONCURRENT_READS)
+        .collect()
+        .await
+}
+
+/// What `store` holds for `job`.
+pub async fn evidence(store: &BlockStore, job: &BlockJobSpec) -> Result<Evidence, StoreError> {
+    let key = manifest_key(&job.topic, job.partition, job.start_offset, job.end_offset);
+    let url = store.url_of(&key);
+    Ok(match store.existing_manifest(&key).await {
+        Ok(Some(manifest)) => match vouches_for(&manifest, job) {
+            Ok(()) => Evidence::Confirmed,
+            Err(why) => Evidence::Contradicts { url, why },
+        },
+        Ok(None) => Evidence::Missing { url },
+        Err(StoreError::CorruptManifest { reason, .. }) => {
+            Evidence::Contradicts { url, why: reason }
+        }
+        Err(e) => return Err(e),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::job;
+
+    fn job_spec(partition: i32, start: i64, end: i64, cluster: Option<&str>) -> BlockJobSpec {
+        let mut spec = job(partition, start, end).spec;
+        spec.kafka_cluster_id = cluster.map(str::to_owned);
+        spec
+    }
+
+    fn manifest_of(job: &BlockJobSpec) -> Manifest {
+        Manifest {
+            pipeline: job.pipeline.clone(),
+            topic: job.topic.clone(),
+            partition: job.partition,
+            kafka_cluster_id: job.kafka_cluster_id.clone(),
+            start_offset: job.start_offset,
+            end_offset: job.end_offset,
+            records: job.end_offset - job.start_offset,
+            first_offset: Some(job.start_offset),
+            last_offset: Some(job.end_offset - 1),
+            min_timestamp: None,
+            max_timestamp: None,
+            bytes: 1,
+            sha256: "00".into(),
+            data: None,
+            format: "parquet".into(),
+            compression: "zstd".into(),
+            schema_version: 2,
+        }
+    }
+
+    #[test]
+    fn a_manifest_vouches_only_for_its_own_range_topic_and_cluster() {
+        let job = job_spec(3, 100, 200, Some("cluster-a"));
+        assert_eq!(vouches_for(&manifest_of(&job), &job), Ok(()));
+        let other = |edit: fn(&mut Manifest)| {
+            let mut m = manifest_of(&job);
+            edit(&mut m);
+            vouches_for(&m, &job).unwrap_err()
+        };
+        assert!(other(|m| m.end_offset = 150).contains("range is [100, 150)"));
+        assert!(other(|m| m.partition = 4).contains("topic/partition"));
+        assert!(other(|m| m.topic = "x".into()).contains("topic/partition"));
+        assert!(other(|m| m.kafka_cluster_id = Some("b".into())).contains("Kafka cluster"));
+        assert!(other(|m| m.records = 101).contains("101 records in a range of 100"));
+        let mut unrecorded = manifest_of(&job);
+        unrecorded.kafka_cluster_id = None;
+        assert_eq!(
+            vouches_for(&unrecorded, &job),
+            Ok(()),
+            "a block that recorded no cluster is taken as the same"
+        );
+    }
+
+    #[tokio::test]
+    async fn evidence_reads_the_manifest_at_the_jobs_key() {
+        let dir = std::env::temp_dir().join(format!("bs-output-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let store = BlockStore::from_url(&format!("file://{}", dir.display())).unwrap();
+        let job = job_spec(0, 0, 10, None);
+        assert!(matches!(
+            evidence(&store, &job).await.unwrap(),
+            Evidence::Missing { .. }
+        ));
+        let key = manifest_key(&job.topic, 0, 0, 10);
+        let path = dir.join(&key);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(&path, manifest_of(&job).to_bytes()).unwrap();
+        assert_eq!(evidence(&store, &job).await.unwrap(), Evidence::Confirmed);
+        std::fs::write(&path, b"{}").unwrap();
+        assert!(matches!(
+            evidence(&store, &job).await.unwrap(),
+            Evidence::Contradicts { .. }
+        ));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
