@@ -3,7 +3,7 @@
 //! Anything that may patch `blockjobs/status` (every builder's ServiceAccount) could otherwise
 //! make the operator commit past records no block holds.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::Mutex;
 
 use blocksmith_builder::manifest::Manifest;
@@ -91,10 +91,12 @@ impl Confirmations {
     }
 }
 
-/// The pipeline's output as its builders see it: its URL, with the settings of
-/// `spec.output.credentialsSecretRef` (the builders get them as environment variables)
-/// over the operator's own environment.
-pub async fn open(client: &kube::Client, bp: &BlockPipeline) -> Result<BlockStore, OutputError> {
+/// The settings the pipeline's builders get as environment variables: the keys of
+/// `spec.output.credentialsSecretRef`.
+pub async fn settings(
+    client: &kube::Client,
+    bp: &BlockPipeline,
+) -> Result<Vec<(String, String)>, OutputError> {
     let mut settings = Vec::new();
     if let Some(reference) = &bp.spec.output.credentials_secret_ref {
         let ns = bp.metadata.namespace.clone().unwrap_or_default();
@@ -108,7 +110,13 @@ pub async fn open(client: &kube::Client, bp: &BlockPipeline) -> Result<BlockStor
             }
         }
     }
-    Ok(BlockStore::from_url_with(&bp.spec.output.url, &settings)?)
+    Ok(settings)
+}
+
+/// The output at `url` (a job's: the pipeline's URL may have changed since the job was
+/// planned) as the builders see it, with `settings` over the operator's own environment.
+pub fn open(url: &str, settings: &[(String, String)]) -> Result<BlockStore, OutputError> {
+    Ok(BlockStore::from_url_with(url, settings)?)
 }
 
 /// Manifests read at once by [`evidence_all`]: a read is one round trip to the store.
@@ -126,6 +134,41 @@ pub async fn evidence_all(
         .buffered(CONCURRENT_READS)
         .collect()
         .await
+}
+
+/// What the output holds for each of `jobs`, in their order, read where each job wrote (its
+/// own `output.url`: the pipeline's may have changed since it was planned).
+pub async fn evidence_of(
+    jobs: &[&BlockJob],
+    settings: &[(String, String)],
+) -> Result<Vec<Result<Evidence, StoreError>>, OutputError> {
+    let mut urls: Vec<&str> = jobs.iter().map(|j| j.spec.output.url.as_str()).collect();
+    urls.sort_unstable();
+    urls.dedup();
+    let mut found: HashMap<&str, Result<Evidence, StoreError>> = HashMap::new();
+    for url in urls {
+        let store = open(url, settings)?;
+        let here: Vec<&BlockJob> = jobs
+            .iter()
+            .copied()
+            .filter(|j| j.spec.output.url == url)
+            .collect();
+        let specs: Vec<&BlockJobSpec> = here.iter().map(|j| &j.spec).collect();
+        let read = evidence_all(&store, &specs).await;
+        found.extend(
+            here.iter()
+                .map(|j| j.metadata.name.as_deref().unwrap_or_default())
+                .zip(read),
+        );
+    }
+    Ok(jobs
+        .iter()
+        .map(|j| {
+            found
+                .remove(j.metadata.name.as_deref().unwrap_or_default())
+                .expect("every job was read")
+        })
+        .collect())
 }
 
 /// What `store` holds for `job`.
@@ -199,6 +242,31 @@ mod tests {
             Ok(()),
             "a block that recorded no cluster is taken as the same"
         );
+    }
+
+    #[tokio::test]
+    async fn each_job_is_confirmed_where_it_wrote_not_where_the_pipeline_writes_now() {
+        // The pipeline's output.url changed between the two jobs.
+        let root = std::env::temp_dir().join(format!("bs-outputs-{}", std::process::id()));
+        let (old, new) = (root.join("old"), root.join("new"));
+        let at = |dir: &std::path::Path, start: i64| {
+            let mut j = job(0, start, start + 10);
+            j.spec.output.url = format!("file://{}", dir.display());
+            j
+        };
+        let (first, second) = (at(&old, 0), at(&new, 10));
+        for (dir, j) in [(&old, &first), (&new, &second)] {
+            let key = manifest_key(&j.spec.topic, 0, j.spec.start_offset, j.spec.end_offset);
+            let path = dir.join(&key);
+            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+            std::fs::write(&path, manifest_of(&j.spec).to_bytes()).unwrap();
+        }
+        let found = evidence_of(&[&first, &second], &[]).await.unwrap();
+        assert_eq!(found.len(), 2);
+        for f in found {
+            assert_eq!(f.unwrap(), Evidence::Confirmed);
+        }
+        std::fs::remove_dir_all(&root).unwrap();
     }
 
     #[tokio::test]

@@ -309,12 +309,15 @@ impl<'a> Pass<'a> {
         if !jobs.iter().any(to_check) {
             return Ok(held);
         }
-        let store = match output::open(&ctx.client, self.bp).await {
-            Ok(store) => store,
+        let checked: Vec<&BlockJob> = jobs.iter().filter(|j| to_check(j)).collect();
+        let read = async {
+            let settings = output::settings(&ctx.client, self.bp).await?;
+            output::evidence_of(&checked, &settings).await
+        };
+        let found = match read.await {
+            Ok(found) => found,
             Err(e) => {
-                for j in jobs.iter().filter(|j| to_check(j)) {
-                    held.insert(j.name_any());
-                }
+                held.extend(checked.iter().map(|j| j.name_any()));
                 self.observed.problems.push(Problem {
                     reason: Reason::BlockUnconfirmed,
                     message: e.to_string(),
@@ -322,9 +325,6 @@ impl<'a> Pass<'a> {
                 return Ok(held);
             }
         };
-        let checked: Vec<&BlockJob> = jobs.iter().filter(|j| to_check(j)).collect();
-        let specs: Vec<_> = checked.iter().map(|j| &j.spec).collect();
-        let found = output::evidence_all(&store, &specs).await;
         for (job, evidence) in checked.into_iter().zip(found) {
             held.insert(job.name_any());
             match evidence {
