@@ -2,6 +2,7 @@
 
 use blocksmith_crds::domain::LABEL_PIPELINE;
 use blocksmith_crds::{BlockJob, BlockPipeline};
+use k8s_openapi::api::core::v1::Secret;
 use kube::api::{Api, ListParams, Patch, PatchParams};
 use serde_json::{Value, json};
 
@@ -33,6 +34,24 @@ pub fn pipeline(
         }
     }))
     .expect("pipeline manifest")
+}
+
+/// Creates or replaces Secret `name` with `data` (string values).
+pub async fn apply_secret(tb: &Testbed, ns: &str, name: &str, data: Value) {
+    let secret: Secret = serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "Secret",
+        "metadata": { "name": name },
+        "stringData": data,
+    }))
+    .unwrap();
+    Api::<Secret>::namespaced(tb.client.clone(), ns)
+        .patch(
+            name,
+            &PatchParams::apply("e2e-test").force(),
+            &Patch::Apply(&secret),
+        )
+        .await
+        .expect("apply secret");
 }
 
 pub async fn apply_pipeline(tb: &Testbed, ns: &str, bp: &BlockPipeline) {

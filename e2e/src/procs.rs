@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use blocksmith_crds::BlockJob;
+use blocksmith_crds::{BlockJob, BlockPipeline};
 
 use crate::Testbed;
 use crate::cluster::{jobs, running_on};
@@ -109,6 +109,24 @@ pub fn spawn_s3(tb: &Testbed, name: &str, root: &Path, port: u16) -> Proc {
     tb.spawn(name, cmd)
 }
 
+/// The Secret [`PrivateS3::serve`] gives a pipeline.
+const OUTPUT_SECRET: &str = "output";
+
+/// Makes `bp` write to `prefix` of bucket `blocksmith` of the server `settings` name, with
+/// them in Secret `output` of `ns` (applied here).
+pub async fn serve_output(
+    tb: &Testbed,
+    ns: &str,
+    bp: &mut BlockPipeline,
+    settings: serde_json::Value,
+    prefix: &str,
+) {
+    crate::cluster::apply_secret(tb, ns, OUTPUT_SECRET, settings).await;
+    bp.spec.output.url = format!("s3://blocksmith/{prefix}");
+    bp.spec.output.credentials_secret_ref =
+        Some(serde_json::from_value(serde_json::json!({"name": OUTPUT_SECRET})).unwrap());
+}
+
 /// A private S3 server with a bucket `blocksmith`, on a free port, that a test may stop and
 /// start again.
 pub struct PrivateS3 {
@@ -152,6 +170,26 @@ impl PrivateS3 {
         move |cmd| {
             cmd.env("AWS_ENDPOINT", &endpoint);
         }
+    }
+
+    /// The settings a pipeline's `spec.output.credentialsSecretRef` gives for this server
+    /// (the operator reads the output with them; builders spawned by a test get
+    /// [`Self::point`] instead).
+    pub fn settings(&self) -> serde_json::Value {
+        let var = |name: &str| std::env::var(name).unwrap_or_default();
+        serde_json::json!({
+            "AWS_ENDPOINT": self.endpoint(),
+            "AWS_ACCESS_KEY_ID": var("AWS_ACCESS_KEY_ID"),
+            "AWS_SECRET_ACCESS_KEY": var("AWS_SECRET_ACCESS_KEY"),
+            "AWS_REGION": "us-east-1",
+            "AWS_ALLOW_HTTP": "true",
+        })
+    }
+
+    /// Makes `bp` write to `prefix` of this server, with its settings in Secret `output` of
+    /// `ns` (applied here).
+    pub async fn serve(&self, tb: &Testbed, ns: &str, bp: &mut BlockPipeline, prefix: &str) {
+        serve_output(tb, ns, bp, self.settings(), prefix).await;
     }
 
     /// Where the server keeps the objects under `prefix` of bucket `blocksmith`.

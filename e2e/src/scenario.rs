@@ -74,6 +74,8 @@ pub struct Scenario {
     #[setters(generate, strip_option, into)]
     output: Option<String>,
     edits: Vec<PipelineEdit>,
+    /// The output on a private S3 server: (its settings for Secret `output`, prefix).
+    output_on: Option<(Value, String)>,
     /// The pipeline is built but not applied: the test applies [`Run::bp`] when it is ready.
     #[setters(generate, bool)]
     unapplied: bool,
@@ -108,6 +110,7 @@ impl Scenario {
             jobs: json!({}),
             output: None,
             edits: Vec::new(),
+            output_on: None,
             unapplied: false,
             operator: false,
             builders: 0,
@@ -131,6 +134,13 @@ impl Scenario {
     pub fn builders_with(mut self, n: usize, edit: impl Fn(&mut Command) + 'static) -> Scenario {
         self.builders = n;
         self.builder_edit = Some(Box::new(edit));
+        self
+    }
+
+    /// The pipeline writes to `prefix` of `s3`, with the server's settings in its
+    /// `credentialsSecretRef` (as the operator and a Deployment's builders read them).
+    pub fn output_on(mut self, s3: &PrivateS3, prefix: &str) -> Scenario {
+        self.output_on = Some((s3.settings(), prefix.to_string()));
         self
     }
 
@@ -165,6 +175,9 @@ impl Scenario {
         let blocks = blocks_dir(&tb, &self.test);
         let url = self.output.unwrap_or_else(|| file_url(&blocks));
         let mut bp = pipeline(&self.name, &topic, &tb.kafka_bootstrap, &url, self.jobs);
+        if let Some((settings, prefix)) = self.output_on {
+            serve_output(&tb, &ns, &mut bp, settings, &prefix).await;
+        }
         for edit in self.edits {
             edit(&mut bp);
         }

@@ -18,7 +18,7 @@ use blocksmith_e2e::datagen::{DataSpec, Produced, ValueSizes};
 use blocksmith_e2e::process::Proc;
 use blocksmith_e2e::scenario::*;
 use k8s_openapi::api::core::v1::Secret;
-use kube::api::{Api, DeleteParams, Patch, PatchParams};
+use kube::api::{Api, DeleteParams};
 use serde_json::{Value, json};
 
 /// `bp` with `output` fields merged over its own.
@@ -139,23 +139,6 @@ async fn spawn_builder_with_secret(tb: &Testbed, ns: &str, id: &str, secret: &st
             cmd.env(k, String::from_utf8(v.0).unwrap());
         }
     })
-}
-
-async fn apply_secret(tb: &Testbed, ns: &str, name: &str, data: Value) {
-    let secret: Secret = serde_json::from_value(json!({
-        "apiVersion": "v1", "kind": "Secret",
-        "metadata": { "name": name },
-        "stringData": data,
-    }))
-    .unwrap();
-    Api::<Secret>::namespaced(tb.client.clone(), ns)
-        .patch(
-            name,
-            &PatchParams::apply("e2e-test").force(),
-            &Patch::Apply(&secret),
-        )
-        .await
-        .expect("apply secret");
 }
 
 fn error_lines(log: &str) -> Vec<&str> {

@@ -87,18 +87,9 @@ async fn run(shared: &Testbed, seed: u64, records: u64) {
     let produced = produce_data_to(&servers.broker.bootstrap, spec).await;
 
     let jobs = json!({"maxRecords": 1000, "leaseDurationSeconds": 4, "backoffLimit": 1000});
-    apply_pipeline(
-        tb,
-        &ns,
-        &pipeline(
-            "p",
-            "chaos",
-            &servers.broker.bootstrap,
-            "s3://blocksmith/chaos",
-            jobs,
-        ),
-    )
-    .await;
+    let mut bp = pipeline("p", "chaos", &servers.broker.bootstrap, "unset", jobs);
+    servers.s3.serve(tb, &ns, &mut bp, "chaos").await;
+    apply_pipeline(tb, &ns, &bp).await;
     let mut operator = spawn_operator(tb, &ns, "op-0");
     let mut builders: Vec<Proc> = (0..3)
         .map(|i| chaos_builder(tb, &ns, &format!("b{i}-0"), &servers.s3))

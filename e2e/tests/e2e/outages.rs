@@ -49,7 +49,7 @@ async fn run_into_an_s3_outage(
     let s = Scenario::new(name)
         .partitions(partitions)
         .records(records)
-        .output("s3://blocksmith/outage")
+        .output_on(&server, "outage")
         .jobs(jobs)
         .operator()
         .builders_on(2, &server)
