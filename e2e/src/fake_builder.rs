@@ -1,6 +1,7 @@
 //! Acting as a builder through the API, exactly as builders do: SSA on `blockjobs/status`.
 
-use blocksmith_builder::manifest::{Manifest, SCHEMA_VERSION};
+use blocksmith_builder::block::BlockStats;
+use blocksmith_builder::manifest::Manifest;
 use blocksmith_builder::store::BlockStore;
 use blocksmith_crds::domain::manifest_key;
 use blocksmith_crds::{BlockJob, JobPhase};
@@ -113,25 +114,13 @@ impl FakeBuilder {
 /// The manifest a builder writes last for `job`, in the job's output.
 pub async fn write_manifest(job: &BlockJob) {
     let s = &job.spec;
-    let manifest = Manifest {
-        pipeline: s.pipeline.clone(),
-        topic: s.topic.clone(),
-        partition: s.partition,
-        kafka_cluster_id: s.kafka_cluster_id.clone(),
-        start_offset: s.start_offset,
-        end_offset: s.end_offset,
+    let written = BlockStats {
         records: s.end_offset - s.start_offset,
         first_offset: Some(s.start_offset),
         last_offset: Some(s.end_offset - 1),
-        min_timestamp: None,
-        max_timestamp: None,
-        bytes: 0,
-        sha256: String::new(),
-        data: None,
-        format: "parquet".into(),
-        compression: "none".into(),
-        schema_version: SCHEMA_VERSION,
+        ..BlockStats::default()
     };
+    let manifest = Manifest::new(s, &written);
     let store = BlockStore::from_url(&s.output.url).expect("the job's output");
     let key = manifest_key(&s.topic, s.partition, s.start_offset, s.end_offset);
     store

@@ -258,22 +258,10 @@ impl LeaderElector {
     /// standby takes over at its next attempt instead of waiting the lease out. Best effort:
     /// bounded by a renew period, and the lease expires anyway.
     pub async fn release(&self) {
-        let released = tokio::time::timeout(self.renew_period(), async {
-            let current = self.api.get(&self.name).await?;
-            let spec = current.spec.clone().unwrap_or_default();
-            if spec.holder_identity.as_deref() != Some(self.identity.as_str()) {
-                return Ok(false);
-            }
-            let mut lease = self.lease(
-                spec.lease_transitions.unwrap_or(0),
-                spec.acquire_time,
-                current.metadata.resource_version.clone(),
-            );
-            if let Some(spec) = lease.spec.as_mut() {
-                spec.holder_identity = None;
-            }
-            self.replace(&lease).await
-        })
+        let released = tokio::time::timeout(
+            self.renew_period(),
+            self.rewrite_own(|spec| spec.holder_identity = None),
+        )
         .await;
         match released {
             Ok(Ok(true)) => info!(identity = %self.identity, "released the leader lease"),
@@ -285,16 +273,25 @@ impl LeaderElector {
 
     /// Ok(false): someone else holds the lease now.
     async fn renew(&self) -> kube::Result<bool> {
+        self.rewrite_own(|_| {}).await
+    }
+
+    /// Writes the lease again as this replica's, renewed now and changed by `edit`, if this
+    /// replica still holds it. Ok(false): someone else holds it, or wrote it since it was read.
+    async fn rewrite_own(&self, edit: impl FnOnce(&mut LeaseSpec)) -> kube::Result<bool> {
         let current = self.api.get(&self.name).await?;
         let spec = current.spec.clone().unwrap_or_default();
         if spec.holder_identity.as_deref() != Some(self.identity.as_str()) {
             return Ok(false);
         }
-        let lease = self.lease(
+        let mut lease = self.lease(
             spec.lease_transitions.unwrap_or(0),
             spec.acquire_time,
             current.metadata.resource_version.clone(),
         );
+        if let Some(spec) = lease.spec.as_mut() {
+            edit(spec);
+        }
         self.replace(&lease).await
     }
 

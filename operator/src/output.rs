@@ -122,14 +122,16 @@ pub fn open(url: &str, settings: &[(String, String)]) -> Result<BlockStore, Outp
 /// Manifests read at once by [`evidence_all`]: a read is one round trip to the store.
 const CONCURRENT_READS: usize = 16;
 
-/// [`evidence`] for each of `jobs`, in their order, several read at once.
+/// [`evidence`] for each `(store, job)`, in their order, several read at once.
 pub async fn evidence_all(
-    store: &BlockStore,
-    jobs: &[&BlockJobSpec],
+    reads: &[(&BlockStore, &BlockJobSpec)],
 ) -> Vec<Result<Evidence, StoreError>> {
     // The reads are made before the stream so that no closure lives across an await (the
     // reconcile future must be `Send` for every lifetime).
-    let reads: Vec<_> = jobs.iter().map(|job| evidence(store, job)).collect();
+    let reads: Vec<_> = reads
+        .iter()
+        .map(|(store, job)| evidence(store, job))
+        .collect();
     futures::stream::iter(reads)
         .buffered(CONCURRENT_READS)
         .collect()
@@ -142,33 +144,18 @@ pub async fn evidence_of(
     jobs: &[&BlockJob],
     settings: &[(String, String)],
 ) -> Result<Vec<Result<Evidence, StoreError>>, OutputError> {
-    let mut urls: Vec<&str> = jobs.iter().map(|j| j.spec.output.url.as_str()).collect();
-    urls.sort_unstable();
-    urls.dedup();
-    let mut found: HashMap<&str, Result<Evidence, StoreError>> = HashMap::new();
-    for url in urls {
-        let store = open(url, settings)?;
-        let here: Vec<&BlockJob> = jobs
-            .iter()
-            .copied()
-            .filter(|j| j.spec.output.url == url)
-            .collect();
-        let specs: Vec<&BlockJobSpec> = here.iter().map(|j| &j.spec).collect();
-        let read = evidence_all(&store, &specs).await;
-        found.extend(
-            here.iter()
-                .map(|j| j.metadata.name.as_deref().unwrap_or_default())
-                .zip(read),
-        );
+    let mut stores: HashMap<&str, BlockStore> = HashMap::new();
+    for job in jobs {
+        let url = job.spec.output.url.as_str();
+        if !stores.contains_key(url) {
+            stores.insert(url, open(url, settings)?);
+        }
     }
-    Ok(jobs
+    let reads: Vec<(&BlockStore, &BlockJobSpec)> = jobs
         .iter()
-        .map(|j| {
-            found
-                .remove(j.metadata.name.as_deref().unwrap_or_default())
-                .expect("every job was read")
-        })
-        .collect())
+        .map(|j| (&stores[j.spec.output.url.as_str()], &j.spec))
+        .collect();
+    Ok(evidence_all(&reads).await)
 }
 
 /// What `store` holds for `job`.
@@ -190,6 +177,8 @@ pub async fn evidence(store: &BlockStore, job: &BlockJobSpec) -> Result<Evidence
 
 #[cfg(test)]
 mod tests {
+    use blocksmith_builder::block::BlockStats;
+
     use super::*;
     use crate::testing::job;
 
@@ -200,25 +189,13 @@ mod tests {
     }
 
     fn manifest_of(job: &BlockJobSpec) -> Manifest {
-        Manifest {
-            pipeline: job.pipeline.clone(),
-            topic: job.topic.clone(),
-            partition: job.partition,
-            kafka_cluster_id: job.kafka_cluster_id.clone(),
-            start_offset: job.start_offset,
-            end_offset: job.end_offset,
+        let written = BlockStats {
             records: job.end_offset - job.start_offset,
             first_offset: Some(job.start_offset),
             last_offset: Some(job.end_offset - 1),
-            min_timestamp: None,
-            max_timestamp: None,
-            bytes: 1,
-            sha256: "00".into(),
-            data: None,
-            format: "parquet".into(),
-            compression: "zstd".into(),
-            schema_version: 2,
-        }
+            ..BlockStats::default()
+        };
+        Manifest::new(job, &written)
     }
 
     #[test]

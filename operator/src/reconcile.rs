@@ -326,12 +326,11 @@ impl<'a> Pass<'a> {
             }
         };
         for (job, evidence) in checked.into_iter().zip(found) {
-            held.insert(job.name_any());
+            if !matches!(evidence, Ok(Evidence::Confirmed)) {
+                held.insert(job.name_any());
+            }
             match evidence {
-                Ok(Evidence::Confirmed) => {
-                    confirmations.insert(job);
-                    held.remove(&job.name_any());
-                }
+                Ok(Evidence::Confirmed) => confirmations.insert(job),
                 Ok(Evidence::Missing { url }) => {
                     warn!(namespace = %self.ns, pipeline = %self.name, job = %job.name_any(), %url, "a job reported Succeeded without its block's manifest; building it again");
                     let reset = Reset::pending(

@@ -62,9 +62,9 @@ async fn confirm_ms(url: &str, topic: &str, jobs: i64) -> anyhow::Result<(f64, f
         anyhow::ensure!(evidence(&store, &j.spec).await? == Evidence::Confirmed);
     }
     let one_at_a_time = per_job(started);
-    let specs: Vec<_> = all.iter().map(|j| &j.spec).collect();
+    let reads: Vec<_> = all.iter().map(|j| (&store, &j.spec)).collect();
     let started = Instant::now();
-    for found in evidence_all(&store, &specs).await {
+    for found in evidence_all(&reads).await {
         anyhow::ensure!(found? == Evidence::Confirmed);
     }
     Ok((one_at_a_time, per_job(started)))
