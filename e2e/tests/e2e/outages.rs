@@ -69,9 +69,32 @@ async fn an_s3_outage_of_twenty_seconds_is_survived_exactly() {
         .await;
 }
 
+/// Waits until the operator has planned jobs that no builder has taken yet: started after
+/// this, builders meet the outage on every job, however fast they would have been.
+async fn wait_jobs_planned(s: &Run) {
+    wait_for("jobs planned", Duration::from_secs(60), || async {
+        (!s.jobs().await.is_empty()).then_some(())
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn an_object_store_outage_outlasting_every_attempt_heals_by_itself() {
-    let (mut server, s) = run_into_an_s3_outage("out-s3", 2, 20_000, one_attempt()).await;
+    let tb = Testbed::get().await;
+    let mut server = PrivateS3::spawn(&tb, "out-s3");
+    let mut s = Scenario::new("out-s3")
+        .partitions(2)
+        .records(20_000)
+        .output_on(&server, "outage")
+        .jobs(one_attempt())
+        .operator()
+        .await;
+    wait_jobs_planned(&s).await;
+    server.kill();
+    s.builders = vec![
+        s.spawn_builder_with("b0", server.point()),
+        s.spawn_builder_with("b1", server.point()),
+    ];
     // Three failures in a row: 5 + 10 s of backoff at least, past the one attempt.
     wait_outage_retries(&s, 3).await;
     server.start();
@@ -81,16 +104,16 @@ async fn an_object_store_outage_outlasting_every_attempt_heals_by_itself() {
 
 #[tokio::test]
 async fn a_kafka_outage_outlasting_every_attempt_heals_by_itself() {
-    let s = Scenario::new("out-kafka")
+    let mut s = Scenario::new("out-kafka")
         .private_broker()
         .partitions(2)
         .records(20_000)
         .jobs(one_attempt())
         .operator()
-        .builders(2)
         .await;
-    s.wait_some_progress().await;
+    wait_jobs_planned(&s).await;
     s.broker().down();
+    s.builders = s.spawn_builders(2);
     wait_outage_retries(&s, 3).await;
     s.broker().up();
     s.wait_committed_then_audit(Duration::from_secs(300)).await;
