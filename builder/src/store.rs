@@ -6,7 +6,9 @@ use std::path::{Path as FsPath, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use blocksmith_crds::domain::{blocks_from_key, manifest_range, partition_folder};
 use bytes::{Bytes, BytesMut};
+use futures::TryStreamExt;
 use object_store::aws::{AmazonS3Builder, AmazonS3ConfigKey};
 use object_store::azure::MicrosoftAzureBuilder;
 use object_store::client::{HttpError, HttpErrorKind};
@@ -14,8 +16,8 @@ use object_store::gcp::GoogleCloudStorageBuilder;
 use object_store::local::LocalFileSystem;
 use object_store::path::Path;
 use object_store::{
-    BackoffConfig, ClientConfigKey, ObjectStore, ObjectStoreExt, PutMode, PutPayload, RetryConfig,
-    WriteMultipart,
+    BackoffConfig, ClientConfigKey, ObjectMeta, ObjectStore, ObjectStoreExt, PutMode, PutPayload,
+    RetryConfig, WriteMultipart,
 };
 use tokio::io::AsyncReadExt;
 use url::Url;
@@ -453,6 +455,32 @@ impl BlockStore {
             })
     }
 
+    /// The ranges of the partition's manifests that start at or after `from`, in offset
+    /// order: the blocks written there, whatever jobs wrote them.
+    pub async fn manifest_ranges(
+        &self,
+        topic: &str,
+        partition: i32,
+        from: i64,
+    ) -> Result<Vec<(i64, i64)>, StoreError> {
+        let folder = partition_folder(topic, partition);
+        let prefix = self.location(&folder)?;
+        let offset = self.location(&blocks_from_key(topic, partition, from))?;
+        let listed: Vec<ObjectMeta> = self
+            .store
+            .list_with_offset(Some(&prefix), &offset)
+            .try_collect()
+            .await
+            .map_err(|source| self.backend_err("list", &folder, source))?;
+        let mut ranges: Vec<(i64, i64)> = listed
+            .iter()
+            .filter_map(|o| manifest_range(o.location.filename()?))
+            .filter(|&(start, _)| start >= from)
+            .collect();
+        ranges.sort_unstable();
+        Ok(ranges)
+    }
+
     /// Deletes an object (absent already counts as deleted).
     pub async fn delete(&self, key: &str) -> Result<(), StoreError> {
         let location = self.location(key)?;
@@ -585,6 +613,8 @@ fn manifest_sha256(bytes: &[u8]) -> Result<String, String> {
 
 #[cfg(test)]
 mod tests {
+    use blocksmith_crds::domain::{data_name, manifest_key};
+
     use super::*;
 
     fn file_url(dir: &FsPath) -> String {
@@ -660,6 +690,33 @@ mod tests {
         let src = write_temp(b"four");
         let err = store.put_data("k", src.path(), 5).await.unwrap_err();
         assert!(matches!(err, StoreError::SizeMismatch { .. }), "{err}");
+    }
+
+    #[tokio::test]
+    async fn manifest_ranges_lists_the_partitions_blocks_from_an_offset_and_nothing_else() {
+        let (_dir, store) = local_store();
+        assert_eq!(store.manifest_ranges("t", 1, 0).await.unwrap(), []);
+        let put = |key: String| {
+            let store = &store;
+            async move { store.put_manifest(&key, b"{}".to_vec(), "x").await.unwrap() }
+        };
+        for (start, end) in [(0, 1000), (1000, 1500), (1500, 3500), (12_000, 13_000)] {
+            put(manifest_key("t", 1, start, end)).await;
+        }
+        put(manifest_key("t", 2, 1000, 2000)).await;
+        put(manifest_key("t-other", 1, 1000, 2000)).await;
+        let src = write_temp(b"data");
+        let data = format!("t/1/{}", data_name(1000, 1500, "ab"));
+        store.put_data(&data, src.path(), 4).await.unwrap();
+
+        assert_eq!(
+            store.manifest_ranges("t", 1, 1000).await.unwrap(),
+            [(1000, 1500), (1500, 3500), (12_000, 13_000)]
+        );
+        assert_eq!(
+            store.manifest_ranges("t", 1, 1001).await.unwrap(),
+            [(1500, 3500), (12_000, 13_000)]
+        );
     }
 
     #[tokio::test]

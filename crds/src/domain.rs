@@ -45,6 +45,27 @@ pub fn manifest_key(topic: &str, partition: i32, start: i64, end: i64) -> String
     )
 }
 
+/// The range `[start, end)` of the manifest named `file_name` (the last part of a
+/// [`manifest_key`]); `None` for any other object.
+pub fn manifest_range(file_name: &str) -> Option<(i64, i64)> {
+    let (start, end) = file_name.strip_suffix(".json")?.split_once('-')?;
+    let offset = |s: &str| {
+        (s.len() == OFFSET_WIDTH && s.bytes().all(|b| b.is_ascii_digit()))
+            .then(|| s.parse().ok())
+            .flatten()
+    };
+    Some((offset(start)?, offset(end)?))
+}
+
+/// A key that sorts just before the keys of every block of the partition starting at or
+/// after `start`: where a listing of its manifests from `start` begins.
+pub fn blocks_from_key(topic: &str, partition: i32, start: i64) -> String {
+    format!(
+        "{}/{start:0OFFSET_WIDTH$}",
+        partition_folder(topic, partition)
+    )
+}
+
 /// The folder, relative to the output URL's prefix, that holds a partition's blocks.
 pub fn partition_folder(topic: &str, partition: i32) -> String {
     format!("{topic}/{partition}")
@@ -136,6 +157,19 @@ mod tests {
             manifest_key("t", 1, 0, 1000),
             "t/1/00000000000000000000-00000000000000001000.json"
         );
+    }
+
+    #[test]
+    fn a_manifest_key_gives_back_its_range_and_no_other_object_does() {
+        let key = manifest_key("t", 1, 2000, 4000);
+        let name = key.rsplit('/').next().unwrap();
+        assert_eq!(manifest_range(name), Some((2000, 4000)));
+        let data = data_name(2000, 4000, "abababababababababab");
+        for other in [data.as_str(), "2000-4000.json", "x.json", "manifest.json"] {
+            assert_eq!(manifest_range(other), None, "{other}");
+        }
+        let from = blocks_from_key("t", 1, 2000);
+        assert!(from < key && from > manifest_key("t", 1, 1999, 2000));
     }
 
     #[test]

@@ -371,6 +371,11 @@ pub struct PartitionStatus {
     /// until the committed offset changes, even if the log grows past it again.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub committed_beyond_log_since: Option<Time>,
+    /// End of the furthest range ever planned in the partition. A range planned below it (a
+    /// deleted job's gap, a lost committed offset) is first checked against the blocks in
+    /// the output, so that none is cut over a block already written.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cut_offset: Option<i64>,
 }
 
 #[cfg(test)]

@@ -30,6 +30,7 @@ pub enum Reason {
     CommittedBeyondLog,
     JobFailed,
     BlockUnconfirmed,
+    OutputUnreadable,
     AutoscalingUnavailable,
     // Events only
     Recovered,
@@ -77,6 +78,7 @@ impl Reason {
                 | Reason::CommittedBeyondLog
                 | Reason::JobFailed
                 | Reason::BlockUnconfirmed
+                | Reason::OutputUnreadable
                 | Reason::AutoscalingUnavailable
         )
     }
@@ -134,6 +136,11 @@ impl Reason {
                  manifest under its key that describes something else; its partition's commit \
                  waits. (A job whose manifest is missing is built again.)"
             }
+            Reason::OutputUnreadable => {
+                "the output could not be listed to plan a range below ones planned before (a \
+                 deleted job, a lost committed offset, a re-created pipeline); nothing is \
+                 planned there until it can be, so no range is cut over a block already written"
+            }
             Reason::AutoscalingUnavailable => {
                 "the cluster serves no HorizontalPodAutoscaler API blocksmith can use \
                  (`autoscaling/v2` or `v2beta2`); builders run at `minReplicas`"
@@ -174,14 +181,14 @@ mod tests {
 
     #[test]
     fn names_are_the_variants() {
-        assert_eq!(Reason::all().count(), 21);
+        assert_eq!(Reason::all().count(), 22);
         assert_eq!(Reason::JobFailed.as_str(), "JobFailed");
         assert_eq!(Reason::InvalidSpec.to_string(), "InvalidSpec");
         let problems: Vec<&str> = Reason::all()
             .filter(|r| r.is_problem())
             .map(Reason::as_str)
             .collect();
-        assert_eq!(problems.len(), 11, "{problems:?}");
+        assert_eq!(problems.len(), 12, "{problems:?}");
     }
 
     #[test]

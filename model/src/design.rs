@@ -53,7 +53,7 @@ impl Design {
     /// blocks whose manifests the operator has read.
     pub const CURRENT: Design = Design {
         content_addressed_data: true,
-        plan_after_written_blocks: false,
+        plan_after_written_blocks: true,
         keep_cut_points: false,
         commit_guard: CommitGuard::LeaseFenced,
         commit_only_confirmed_blocks: true,

@@ -28,16 +28,25 @@ pub fn plan(
 ) -> Plan {
     let mut taken: Vec<Range> = jobs.values().map(|j| j.range).collect();
     let start = if design.plan_after_written_blocks {
-        taken.extend(manifests.keys());
-        after_contiguous_blocks(group_offset.unwrap_or(0), manifests)
+        // Without a committed offset, the low watermark moved past the blocks from there.
+        past_written_blocks(group_offset.unwrap_or(0), manifests, group_offset.is_none())
     } else {
         // Without a committed offset, the smallest start of the live jobs, else the low
-        // watermark: whatever the output already holds is not looked at.
+        // watermark (what the code did before it read the output).
         group_offset.unwrap_or_else(|| taken.iter().map(|r| r.start).min().unwrap_or(0))
     };
     taken.retain(|r| r.end > start);
 
     let mut new_jobs = Vec::new();
+    if design.plan_after_written_blocks {
+        // A block no job holds comes back as a job of exactly its range.
+        for block in manifests.keys().filter(|r| r.start >= start) {
+            if !taken.iter().any(|r| r.overlaps(block)) {
+                new_jobs.push(*block);
+                taken.push(*block);
+            }
+        }
+    }
     // A range cut before that nothing holds now was a deleted job: it comes back as it was.
     for old in cuts.iter().filter(|r| r.end > start) {
         if !taken.iter().any(|r| r.overlaps(old)) {
@@ -54,16 +63,25 @@ pub fn plan(
         cursor = cursor.max(range.end);
     }
     cut(cursor, LOG_END, max_records, &mut new_jobs);
+    new_jobs.sort();
     Plan {
         commit_start: group_offset.is_none().then_some(start),
         new_jobs,
     }
 }
 
-/// The first offset from `start` on that no block holds, following blocks end to start.
-fn after_contiguous_blocks(start: Offset, manifests: &BTreeMap<Range, Manifest>) -> Offset {
+/// `start`, moved past the blocks that hold it (as `operator/src/planner.rs`
+/// `start_past_written`): inside one, or, when the commit was lost, at a block's start.
+fn past_written_blocks(
+    start: Offset,
+    manifests: &BTreeMap<Range, Manifest>,
+    commit_lost: bool,
+) -> Offset {
     let mut cursor = start;
-    while let Some(block) = manifests.keys().find(|r| r.contains(cursor)) {
+    while let Some(block) = manifests
+        .keys()
+        .find(|r| r.contains(cursor) && (commit_lost || r.start < cursor))
+    {
         cursor = block.end;
     }
     cursor
@@ -126,17 +144,24 @@ mod tests {
     }
 
     #[test]
-    fn today_a_block_without_a_job_is_cut_over() {
-        let plan = plan_with(Design::CURRENT, Some(0), &[], &[range(0, 2)], &[], 3);
+    fn without_the_output_a_block_without_a_job_is_cut_over() {
+        let design = Design::FIXED.plan_after_written_blocks(false);
+        let plan = plan_with(design, Some(0), &[], &[range(0, 2)], &[], 3);
         assert_eq!(plan.new_jobs, [range(0, 3), range(3, 4)]);
     }
 
     #[test]
-    fn the_fix_starts_after_the_blocks_and_cuts_around_them() {
+    fn a_block_without_a_job_comes_back_as_a_job_of_its_range() {
+        let plan = plan_with(Design::CURRENT, Some(0), &[], &[range(0, 2)], &[], 3);
+        assert_eq!(plan.new_jobs, [range(0, 2), range(2, 4)]);
+    }
+
+    #[test]
+    fn a_lost_commit_starts_after_the_blocks_and_cuts_around_them() {
         let blocks = [range(0, 2), range(3, 4)];
         let plan = plan_with(Design::FIXED, None, &[], &blocks, &[], 3);
         assert_eq!(plan.commit_start, Some(2));
-        assert_eq!(plan.new_jobs, [range(2, 3)]);
+        assert_eq!(plan.new_jobs, [range(2, 3), range(3, 4)]);
     }
 
     #[test]

@@ -206,31 +206,28 @@ fn crashed_builders_and_expired_leases_lose_and_duplicate_nothing() {
 
 // Everything at once.
 
-/// What `main` does today breaks three promises once the faults of issue 11 happen.
+/// What `main` does today still puts an offset in two blocks once the faults of issue 11
+/// happen: it plans around the blocks in the output but keeps no cut points, so a builder
+/// of a deleted job can write its block after the planner read the output (scenario 3's
+/// second half). Checking that the other promises hold takes the whole state space (over a
+/// minute); the fixed design's tests above cover them.
 #[test]
-fn the_current_design_breaks_three_promises_under_the_faults_of_issue_11() {
+fn the_current_design_still_puts_an_offset_in_two_blocks_under_the_faults_of_issue_11() {
     let faults = Faults::NONE
         .job_deletions(2)
         .group_offset_losses(1)
         .max_records_changes(1)
         .forged_successes(1)
         .deposed_leader(true);
-    let broken = [
-        COMMITTED_OFFSETS_ARE_IN_BLOCKS,
-        NO_OFFSET_IN_TWO_BLOCKS,
-        COMMITS_NEVER_MOVE_BACKWARDS,
-    ];
     let checker = Protocol {
         design: Design::CURRENT,
         faults,
     }
     .checker()
-    .finish_when(HasDiscoveries::AllOf(BTreeSet::from(broken)))
+    .finish_when(HasDiscoveries::AnyOf(BTreeSet::from([NO_OFFSET_IN_TWO_BLOCKS])))
     .spawn_bfs()
     .join();
-    for promise in broken {
-        assert!(checker.discovery(promise).is_some(), "{promise:?} held");
-    }
+    assert!(checker.discovery(NO_OFFSET_IN_TWO_BLOCKS).is_some());
 }
 
 /// About a minute and 8 million states in release mode: too slow for every test run.

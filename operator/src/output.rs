@@ -29,10 +29,10 @@ pub enum Evidence {
 #[derive(Debug, thiserror::Error)]
 pub enum OutputError {
     #[error(
-        "spec.output.credentialsSecretRef: secret {0:?} cannot be read ({1}); the operator reads the output's manifests with it before committing"
+        "spec.output.credentialsSecretRef: secret {0:?} cannot be read ({1}); the operator reads the output's manifests with it before committing and planning"
     )]
     Secret(String, String),
-    #[error("the output cannot be read to confirm succeeded jobs' blocks: {0}")]
+    #[error("the output cannot be read: {0}")]
     Store(#[from] StoreError),
 }
 

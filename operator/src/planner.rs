@@ -115,10 +115,11 @@ pub struct PartitionPlan {
 
 /// Plans one partition.
 ///
-/// The start is the committed offset, or without one the smallest start of the existing
-/// jobs (the commit was lost, e.g. expired by Kafka), else the low or high watermark per
-/// `start_offset`. Only a committed offset is checked against the low watermark: jobs
-/// below it may well have succeeded before retention caught up.
+/// The start is the committed offset. Without one, where jobs or blocks exist (the commit
+/// was lost, e.g. expired by Kafka) it is the low watermark moved past the blocks written
+/// from there on, so the commit it makes first is never below the lost one; elsewhere the
+/// low or high watermark per `start_offset`. Only a committed offset is checked against
+/// the low watermark: jobs below it may well have succeeded before retention caught up.
 ///
 /// Existing jobs ending at or before the start are history. From the start, gaps before
 /// existing jobs (a job the user deleted to retry it) are refilled in cuts of
@@ -129,9 +130,17 @@ pub struct PartitionPlan {
 /// first: they hold back the commit). Jobs past the last one are cut only while the jobs
 /// from the start number fewer than `max_uncommitted`; refilling a gap only restores a job
 /// that was there, and is what lets the commit, and with it cleanup, go on.
+///
+/// `written` are blocks found in the output (see [`output_reads`]), whatever jobs wrote
+/// them. No new range overlaps one: a block without a job of its range comes back as a job
+/// of exactly its range (its builder finds the block and reports it), and gaps are cut
+/// around them. A block holding the start moves the start to the block's end, committed
+/// first: its records are written already; without a committed offset, so do the blocks
+/// contiguous from the start.
 pub fn plan_partition(
     p: &PartitionOffsets,
     existing: &[ExistingJob],
+    written: &[(i64, i64)],
     tail_since: Option<Timestamp>,
     now: Timestamp,
     policy: &PlanPolicy,
@@ -149,18 +158,21 @@ pub fn plan_partition(
                 low: p.low,
             });
         }
+        // The commit was lost (e.g. expired by Kafka) if jobs or blocks exist: start at the
+        // low watermark, past the blocks written from there on (below).
+        None if !existing.is_empty() || !written.is_empty() => (p.low, Some(p.low)),
         None => {
-            let start = existing
-                .iter()
-                .filter(|j| j.start < j.end)
-                .map(|j| j.start)
-                .min()
-                .unwrap_or(match policy.start_offset {
-                    StartOffset::Earliest => p.low,
-                    StartOffset::Latest => p.high,
-                });
+            let start = match policy.start_offset {
+                StartOffset::Earliest => p.low,
+                StartOffset::Latest => p.high,
+            };
             (start, Some(start))
         }
+    };
+
+    let (start, commit_start) = match start_past_written(start, written, p.committed.is_none()) {
+        moved if moved > start => (moved, Some(moved)),
+        _ => (start, commit_start),
     };
 
     let mut live: Vec<&ExistingJob> = existing
@@ -170,6 +182,18 @@ pub fn plan_partition(
     live.sort_by_key(|j| (j.start, j.end));
     let unfinished = live.iter().filter(|j| !j.succeeded).count();
     let live_count = live.len();
+    let overlaps_a_job = |&(a, b): &(i64, i64)| existing.iter().any(|j| j.start < b && a < j.end);
+    let mut obstacles: Vec<Obstacle> = live
+        .iter()
+        .map(|j| Obstacle::Job(j.start, j.end))
+        .chain(
+            written
+                .iter()
+                .filter(|&&(a, b)| a < b && a >= start && !overlaps_a_job(&(a, b)))
+                .map(|&(a, b)| Obstacle::Block(a, b)),
+        )
+        .collect();
+    obstacles.sort_by_key(|o| o.range());
 
     let mut cutter = Cutter {
         partition: p.partition,
@@ -181,14 +205,28 @@ pub fn plan_partition(
     // the budget could not fill.
     let mut cursor = start;
     let mut hole = None;
-    for job in live {
-        if job.start > cursor {
-            let reached = cutter.cut(cursor, job.start);
-            if reached < job.start {
+    for obstacle in obstacles {
+        let (from, to) = obstacle.range();
+        if from > cursor {
+            let reached = cutter.cut(cursor, from);
+            if reached < from {
                 hole.get_or_insert(reached);
             }
+            cursor = reached;
         }
-        cursor = cursor.max(job.end);
+        match obstacle {
+            Obstacle::Job(..) => cursor = cursor.max(to),
+            // Blocks overlapping each other (written under other cut points) are taken as
+            // they chain; the others are left to the history they came from.
+            Obstacle::Block(..) if from == cursor => {
+                if cutter.take(from, to) {
+                    cursor = to;
+                } else {
+                    hole.get_or_insert(from);
+                }
+            }
+            Obstacle::Block(..) => {}
+        }
     }
 
     let uncommitted = live_count + cutter.jobs.len();
@@ -252,11 +290,16 @@ pub struct PipelinePlan {
     pub errors: Vec<(i32, PartitionPlanError)>,
 }
 
+/// Blocks found in the output, by partition: `(start, end)` of each manifest.
+pub type WrittenBlocks = BTreeMap<i32, Vec<(i64, i64)>>;
+
 /// Plans each partition of `offsets`; `previous` is the partitions' last published status
-/// (for their `tail_since`).
+/// (for their `tail_since` and `cut_offset`); `written` the blocks read from the output for
+/// the partitions [`output_reads`] named.
 pub fn plan_pipeline(
     offsets: &[PartitionOffsets],
     ranges: &JobRanges,
+    written: &WrittenBlocks,
     previous: &[PartitionStatus],
     suspended: bool,
     now: Timestamp,
@@ -275,6 +318,9 @@ pub fn plan_pipeline(
             lag: po.high - po.committed.unwrap_or(po.low),
             tail_since: old.and_then(|p| p.tail_since.clone()),
             committed_beyond_log_since: None,
+            cut_offset: old
+                .and_then(|p| p.cut_offset)
+                .max(existing.iter().map(|j| j.end).max()),
         };
         if let Some(since) = committed_beyond_log_since(po, old, now) {
             let committed = po.committed.unwrap_or_default();
@@ -291,7 +337,8 @@ pub fn plan_pipeline(
             plan.partitions.push(status);
             continue;
         }
-        match plan_partition(po, existing, tail_since, now, policy) {
+        let blocks = written.get(&po.partition).map_or(&[][..], Vec::as_slice);
+        match plan_partition(po, existing, blocks, tail_since, now, policy) {
             Ok(p) => {
                 if let Some(start) = p.commit_start {
                     plan.initial_commits.insert(po.partition, start);
@@ -303,6 +350,8 @@ pub fn plan_pipeline(
                 status.planned_offset = Some(p.planned_offset);
                 status.tail_since = p.tail_since.map(Time);
                 if !suspended {
+                    let new_end = p.new_jobs.iter().map(|j| j.end).max();
+                    status.cut_offset = status.cut_offset.max(new_end);
                     plan.new_jobs.extend(p.new_jobs);
                 }
             }
@@ -311,6 +360,35 @@ pub fn plan_pipeline(
         plan.partitions.push(status);
     }
     plan
+}
+
+/// The partitions whose output must be read before `plan`'s jobs are created, and the
+/// offset to read from: those where a new job starts below the furthest range ever cut
+/// (`previous` status's `cut_offset`), or where none is known (a new or re-created
+/// pipeline). Anything cut there may meet a block already written: a deleted job's, one of
+/// a pipeline deleted before, one past a lost committed offset. Cutting past the furthest
+/// range needs no read, so steady planning never lists the output. The read starts
+/// `max_records` early, to find a block that holds the start.
+pub fn output_reads(
+    plan: &PipelinePlan,
+    previous: &[PartitionStatus],
+    max_records: i64,
+) -> BTreeMap<i32, i64> {
+    let mut reads = BTreeMap::new();
+    for job in &plan.new_jobs {
+        let cut = previous
+            .iter()
+            .find(|p| p.partition == job.partition)
+            .and_then(|p| p.cut_offset);
+        if cut.is_none_or(|cut| job.start < cut) {
+            let from = job.start.saturating_sub(max_records.max(1)).max(0);
+            reads
+                .entry(job.partition)
+                .and_modify(|f: &mut i64| *f = (*f).min(from))
+                .or_insert(from);
+        }
+    }
+    reads
 }
 
 /// Since when the group's committed offset has been past the end of the partition's log, if
@@ -341,7 +419,51 @@ struct Cutter {
     jobs: Vec<PlannedJob>,
 }
 
+/// What new cuts must go around.
+#[derive(Clone, Copy, Debug)]
+enum Obstacle {
+    /// A job that exists.
+    Job(i64, i64),
+    /// A block in the output with no job of its range.
+    Block(i64, i64),
+}
+
+impl Obstacle {
+    fn range(&self) -> (i64, i64) {
+        match *self {
+            Obstacle::Job(a, b) | Obstacle::Block(a, b) => (a, b),
+        }
+    }
+}
+
+/// `start`, moved past the written blocks that hold it. Without a committed offset, also
+/// past the blocks contiguous from it: the commit was lost, and starting below what was
+/// committed would move the commit backwards.
+fn start_past_written(mut start: i64, written: &[(i64, i64)], commit_lost: bool) -> i64 {
+    let holds = |start: i64, (a, b): (i64, i64)| {
+        a < b && (a < start || commit_lost && a == start) && start < b
+    };
+    while let Some(&(_, end)) = written.iter().find(|&&block| holds(start, block)) {
+        start = end;
+    }
+    start
+}
+
 impl Cutter {
+    /// Plans exactly `[from, to)` if the in-flight budget allows; returns whether it did.
+    fn take(&mut self, from: i64, to: i64) -> bool {
+        if self.budget == 0 {
+            return false;
+        }
+        self.jobs.push(PlannedJob {
+            partition: self.partition,
+            start: from,
+            end: to,
+        });
+        self.budget -= 1;
+        true
+    }
+
     /// Cuts `[from, to)` into jobs of at most `max_records` while the in-flight budget
     /// lasts; returns how far it got.
     fn cut(&mut self, mut from: i64, to: i64) -> i64 {
@@ -388,7 +510,7 @@ mod tests {
 
     /// Plans at `t(0)` with no tail seen yet; the plan must succeed.
     fn plan_fresh(p: &PartitionOffsets, jobs: &[ExistingJob], pol: &PlanPolicy) -> PartitionPlan {
-        plan_partition(p, jobs, None, t(0), pol).unwrap()
+        plan_partition(p, jobs, &[], None, t(0), pol).unwrap()
     }
 
     fn ranges(plan: &PartitionPlan) -> Vec<(i64, i64)> {
@@ -427,11 +549,11 @@ mod tests {
 
         let done = existing(&[(0, 1000, false), (1000, 2000, false)]);
         let p = offsets(0, 2700, Some(0));
-        let early = plan_partition(&p, &done, first.tail_since, t(59), &pol).unwrap();
+        let early = plan_partition(&p, &done, &[], first.tail_since, t(59), &pol).unwrap();
         assert!(early.new_jobs.is_empty());
         assert_eq!(early.tail_since, Some(t(0)), "kept while the tail remains");
 
-        let due = plan_partition(&p, &done, first.tail_since, t(60), &pol).unwrap();
+        let due = plan_partition(&p, &done, &[], first.tail_since, t(60), &pol).unwrap();
         assert_eq!(ranges(&due), [(2000, 2700)]);
         assert_eq!(due.tail_since, None);
         assert_eq!(due.planned_offset, 2700);
@@ -468,10 +590,14 @@ mod tests {
     }
 
     #[test]
-    fn without_commit_existing_jobs_give_the_start() {
+    fn without_commit_existing_jobs_start_at_the_low_watermark_whatever_start_offset_says() {
         let jobs = existing(&[(3000, 4000, true), (2000, 3000, true)]);
-        let plan = plan_fresh(&offsets(2500, 5000, None), &jobs, &policy(1000, 100));
-        assert_eq!(plan.commit_start, Some(2000));
+        let latest = PlanPolicy {
+            start_offset: StartOffset::Latest,
+            ..policy(1000, 100)
+        };
+        let plan = plan_fresh(&offsets(2500, 5000, None), &jobs, &latest);
+        assert_eq!(plan.commit_start, Some(2500));
         assert_eq!(ranges(&plan), [(4000, 5000)]);
     }
 
@@ -479,7 +605,7 @@ mod tests {
     fn committed_below_low_watermark_is_out_of_range() {
         let p = offsets(500, 5000, Some(100));
         assert_eq!(
-            plan_partition(&p, &[], None, t(0), &policy(1000, 100)),
+            plan_partition(&p, &[], &[], None, t(0), &policy(1000, 100)),
             Err(PartitionPlanError::OffsetOutOfRange {
                 committed: 100,
                 low: 500
@@ -523,7 +649,7 @@ mod tests {
             .collect();
         let deleted = jobs.remove(1);
 
-        let again = plan_partition(&p, &jobs, first.tail_since, t(1), &pol).unwrap();
+        let again = plan_partition(&p, &jobs, &[], first.tail_since, t(1), &pol).unwrap();
         assert_eq!(ranges(&again), [(deleted.start, deleted.end)]);
         assert_eq!(again.planned_offset, first.planned_offset);
     }
@@ -763,7 +889,7 @@ mod tests {
             end: j.end,
             succeeded: false,
         }));
-        let again = plan_partition(p, &with_new, plan.tail_since, now, pol).unwrap();
+        let again = plan_partition(p, &with_new, &[], plan.tail_since, now, pol).unwrap();
         prop_assert!(again.new_jobs.is_empty(), "replanned {:?}", again.new_jobs);
         prop_assert_eq!(again.planned_offset, plan.planned_offset);
         prop_assert_eq!(again.tail_since, plan.tail_since);
@@ -771,7 +897,7 @@ mod tests {
         // Deterministic, whatever the order jobs are listed in.
         let reversed: Vec<ExistingJob> = jobs.iter().rev().copied().collect();
         prop_assert_eq!(
-            &plan_partition(p, &reversed, tail_since, now, pol).unwrap(),
+            &plan_partition(p, &reversed, &[], tail_since, now, pol).unwrap(),
             plan
         );
         Ok(())
@@ -807,7 +933,7 @@ mod tests {
             let mut now = t(0);
 
             for r in rounds {
-                let plan = match plan_partition(&p, &jobs, tail_since, now, &pol) {
+                let plan = match plan_partition(&p, &jobs, &[], tail_since, now, &pol) {
                     Ok(plan) => plan,
                     Err(e) => {
                         let c = p.committed.unwrap();
@@ -854,6 +980,156 @@ mod tests {
         }
     }
 
+    /// Issue 11, scenario 3: jobs deleted in any phase (a succeeded tail job too), a
+    /// changing `maxRecords`, lost commits and retention; blocks stay in the output. Planning
+    /// with the output's blocks never cuts a range over one: no offset is in two blocks.
+    #[test]
+    fn planning_around_written_blocks_never_puts_an_offset_in_two_blocks() {
+        let overlap = |a: (i64, i64), b: (i64, i64)| a.0 < b.1 && b.0 < a.1;
+        let config = ProptestConfig::with_cases(512);
+        proptest!(config, |(rounds in prop::collection::vec(round(), 1..12), max_records in 1i64..40)| {
+            let mut p = PartitionOffsets { partition: 0, low: 0, high: 0, committed: None };
+            let mut pol = PlanPolicy { skip_missing_data: true, ..policy(max_records, 4) };
+            let mut jobs: Vec<ExistingJob> = Vec::new();
+            let mut blocks: Vec<(i64, i64)> = Vec::new();
+            let mut tail_since = None;
+            let mut now = t(0);
+            for r in rounds {
+                let plan = plan_partition(&p, &jobs, &blocks, tail_since, now, &pol).unwrap();
+                for j in &plan.new_jobs {
+                    let range = (j.start, j.end);
+                    prop_assert!(
+                        blocks.iter().all(|&b| b == range || !overlap(b, range)),
+                        "{range:?} cut over one of the blocks {blocks:?}; jobs {jobs:?}, {p:?}"
+                    );
+                    prop_assert!(jobs.iter().all(|e| !overlap((e.start, e.end), range)));
+                }
+                if let Some(c) = plan.commit_start {
+                    p.committed = Some(c);
+                }
+                jobs.extend(plan.new_jobs.iter().map(|j| ExistingJob { start: j.start, end: j.end, succeeded: false }));
+                tail_since = plan.tail_since;
+
+                // Builders finish some jobs (a block already there is reported, not written
+                // again); the user deletes some jobs, whatever their phase.
+                jobs.sort_by_key(|j| j.start);
+                for (i, j) in jobs.iter_mut().enumerate() {
+                    if bit(r.succeed, i) && !j.succeeded {
+                        j.succeeded = true;
+                        if !blocks.contains(&(j.start, j.end)) {
+                            blocks.push((j.start, j.end));
+                        }
+                    }
+                }
+                let mut i = 0;
+                jobs.retain(|_| { i += 1; !bit(r.delete, i) });
+                for (i, a) in blocks.iter().enumerate() {
+                    for b in &blocks[i + 1..] {
+                        prop_assert!(!overlap(*a, *b), "blocks {a:?} and {b:?} overlap");
+                    }
+                }
+
+                let progress: Vec<JobProgress> = jobs.iter().map(|j| JobProgress { start: j.start, end: j.end, succeeded: j.succeeded }).collect();
+                let committed = next_commit(p.committed.unwrap(), &progress);
+                p.committed = Some(committed);
+                let mut i = 0;
+                jobs.retain(|j| { i += 1; j.end > committed || !bit(r.clean_up, i) });
+                if r.lose_commit {
+                    p.committed = None;
+                }
+                p.high += r.produced;
+                p.low = (p.low + r.retention).min(p.high);
+                now += Duration::from_secs(r.elapsed_secs);
+                if r.max_records > 0 {
+                    pol.max_records = r.max_records;
+                }
+            }
+        });
+    }
+
+    #[test]
+    fn a_deleted_tail_job_whose_block_was_written_comes_back_with_its_range() {
+        // [1000, 1300) was cut short by maxAge, built, then deleted; 2700 more arrived.
+        let p = offsets(0, 4000, Some(1000));
+        let plan = plan_partition(&p, &[], &[(1000, 1300)], None, t(0), &policy(1000, 10)).unwrap();
+        assert_eq!(ranges(&plan), [(1000, 1300), (1300, 2300), (2300, 3300)]);
+        let without = plan_fresh(&p, &[], &policy(1000, 10));
+        assert_eq!(
+            ranges(&without)[0],
+            (1000, 2000),
+            "the overlap the blocks prevent"
+        );
+    }
+
+    #[test]
+    fn a_block_holding_the_start_moves_it_to_the_blocks_end_committed_first() {
+        // The commit was lost; retention's low watermark falls inside a written block.
+        let written = [(1000, 2000), (2000, 3000), (3500, 4000)];
+        let p = offsets(1500, 5000, Some(1500));
+        let plan = plan_partition(&p, &[], &written, None, t(0), &policy(1000, 10)).unwrap();
+        assert_eq!((plan.start, plan.commit_start), (2000, Some(2000)));
+        assert_eq!(
+            ranges(&plan),
+            [(2000, 3000), (3000, 3500), (3500, 4000), (4000, 5000)]
+        );
+
+        // Without a committed offset the start also moves past the blocks contiguous from
+        // it, so the commit it makes first is not below the one that was lost.
+        let lost = offsets(1500, 5000, None);
+        let plan = plan_partition(&lost, &[], &written, None, t(0), &policy(1000, 10)).unwrap();
+        assert_eq!((plan.start, plan.commit_start), (3000, Some(3000)));
+        assert_eq!(ranges(&plan), [(3000, 3500), (3500, 4000), (4000, 5000)]);
+    }
+
+    #[test]
+    fn blocks_of_jobs_that_exist_and_blocks_below_the_start_change_nothing() {
+        let jobs = existing(&[(1000, 2000, true), (2000, 3000, false)]);
+        let written = [(0, 1000), (1000, 2000)];
+        let p = offsets(0, 3000, Some(1000));
+        let plan = plan_partition(&p, &jobs, &written, None, t(0), &policy(1000, 10)).unwrap();
+        assert_eq!(plan, plan_fresh(&p, &jobs, &policy(1000, 10)));
+    }
+
+    #[test]
+    fn the_output_is_read_only_where_a_range_is_cut_below_the_furthest_cut() {
+        let status = |partition, cut_offset| PartitionStatus {
+            partition,
+            cut_offset,
+            ..Default::default()
+        };
+        let plan = PipelinePlan {
+            new_jobs: vec![
+                PlannedJob {
+                    partition: 0,
+                    start: 5000,
+                    end: 6000,
+                },
+                PlannedJob {
+                    partition: 1,
+                    start: 2000,
+                    end: 3000,
+                },
+                PlannedJob {
+                    partition: 1,
+                    start: 3000,
+                    end: 3500,
+                },
+                PlannedJob {
+                    partition: 2,
+                    start: 0,
+                    end: 1000,
+                },
+            ],
+            ..Default::default()
+        };
+        // Partition 0 cuts past its furthest cut, 1 refills below it, 2 has none recorded.
+        let previous = [status(0, Some(5000)), status(1, Some(3500))];
+        assert_eq!(
+            output_reads(&plan, &previous, 1000),
+            BTreeMap::from([(1, 1000), (2, 0)])
+        );
+    }
+
     #[test]
     fn a_commit_past_the_end_of_the_log_waits_until_the_offset_is_reset() {
         let at = |high: i64, committed: i64| PartitionOffsets {
@@ -866,6 +1142,7 @@ mod tests {
             plan_pipeline(
                 &[po],
                 &JobRanges::new(),
+                &WrittenBlocks::new(),
                 previous,
                 false,
                 now,
@@ -938,7 +1215,15 @@ mod tests {
             tail_since: Some(Time(t(-30))),
             ..Default::default()
         }];
-        let plan = plan_pipeline(&offsets, &ranges, &previous, false, t(0), &policy(100, 4));
+        let plan = plan_pipeline(
+            &offsets,
+            &ranges,
+            &WrittenBlocks::new(),
+            &previous,
+            false,
+            t(0),
+            &policy(100, 4),
+        );
 
         assert_eq!(plan.initial_commits, BTreeMap::from([(0, 0)]));
         assert_eq!(
@@ -973,9 +1258,19 @@ mod tests {
             "the tail keeps its age"
         );
 
-        let suspended = plan_pipeline(&offsets, &ranges, &previous, true, t(0), &policy(100, 4));
+        let suspended = plan_pipeline(
+            &offsets,
+            &ranges,
+            &WrittenBlocks::new(),
+            &previous,
+            true,
+            t(0),
+            &policy(100, 4),
+        );
         assert!(suspended.new_jobs.is_empty());
-        assert_eq!(suspended.partitions, plan.partitions);
+        let mut nothing_cut = plan.partitions.clone();
+        assert_eq!(nothing_cut[0].cut_offset.take(), Some(200));
+        assert_eq!(suspended.partitions, nothing_cut);
         assert_eq!(suspended.initial_commits, plan.initial_commits);
     }
 

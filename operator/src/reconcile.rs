@@ -30,8 +30,10 @@ use crate::lifecycle::{
 };
 use crate::metrics::{RECONCILE_HEARTBEAT, reconcile_deadline};
 use crate::offsets::KafkaRead;
-use crate::output::{self, Evidence};
-use crate::planner::{JobRanges, PlanPolicy, PlannedJob, job_ranges_where, plan_pipeline};
+use crate::output::{self, Evidence, OutputError};
+use crate::planner::{
+    JobRanges, PlanPolicy, PlannedJob, WrittenBlocks, job_ranges_where, output_reads, plan_pipeline,
+};
 use crate::status;
 use crate::validate::{
     InvalidSpec, validate, validate_cluster_unchanged, validate_name, validate_topic_unchanged,
@@ -320,7 +322,7 @@ impl<'a> Pass<'a> {
                 held.extend(checked.iter().map(|j| j.name_any()));
                 self.observed.problems.push(Problem {
                     reason: Reason::BlockUnconfirmed,
-                    message: e.to_string(),
+                    message: format!("succeeded jobs' blocks cannot be confirmed: {e}"),
                 });
                 return Ok(held);
             }
@@ -404,14 +406,35 @@ impl<'a> Pass<'a> {
         ranges: &JobRanges,
         policy: &PlanPolicy,
     ) -> Result<(), Halt> {
-        let plan = plan_pipeline(
-            &kafka.offsets,
-            ranges,
-            &self.old.partitions,
-            self.bp.spec.suspend,
-            self.now,
-            policy,
-        );
+        let plan_over = |written: &WrittenBlocks| {
+            plan_pipeline(
+                &kafka.offsets,
+                ranges,
+                written,
+                &self.old.partitions,
+                self.bp.spec.suspend,
+                self.now,
+                policy,
+            )
+        };
+        let mut plan = plan_over(&WrittenBlocks::new());
+        let reads = output_reads(&plan, &self.old.partitions, policy.max_records);
+        if !reads.is_empty() {
+            match self.read_written_blocks(&reads).await {
+                Ok(written) => plan = plan_over(&written),
+                Err(e) => {
+                    plan.new_jobs.retain(|j| !reads.contains_key(&j.partition));
+                    plan.initial_commits.retain(|p, _| !reads.contains_key(p));
+                    let partitions: Vec<&i32> = reads.keys().collect();
+                    self.observed.problems.push(Problem {
+                        reason: Reason::OutputUnreadable,
+                        message: format!(
+                            "partitions {partitions:?} need ranges planned below ones planned before, and the output cannot be listed to find the blocks already written there: {e}; nothing is planned there until it can be"
+                        ),
+                    });
+                }
+            }
+        }
         for (partition, error) in plan.errors {
             self.observed
                 .problems
@@ -428,6 +451,25 @@ impl<'a> Pass<'a> {
         }
         self.create_jobs(&plan.new_jobs, &kafka.cluster_id).await?;
         Ok(())
+    }
+
+    /// The blocks the pipeline's output holds in each partition of `reads`, from its offset.
+    async fn read_written_blocks(
+        &self,
+        reads: &BTreeMap<i32, i64>,
+    ) -> Result<WrittenBlocks, OutputError> {
+        let settings = output::settings(&self.ctx.client, self.bp).await?;
+        let store = output::open(&self.bp.spec.output.url, &settings)?;
+        let topic = &self.bp.spec.kafka.topic;
+        let mut written = WrittenBlocks::new();
+        for (&partition, &from) in reads {
+            let blocks = store.manifest_ranges(topic, partition, from).await?;
+            if !blocks.is_empty() {
+                info!(namespace = %self.ns, pipeline = %self.name, partition, from, blocks = blocks.len(), "planning around blocks already in the output");
+            }
+            written.insert(partition, blocks);
+        }
+        Ok(written)
     }
 
     /// Without a committed offset a partition's start would move with the watermarks: makes
