@@ -875,3 +875,118 @@ async fn changing_the_brokers_to_another_cluster_mid_run_is_invalid_and_never_mi
         &high_watermarks(&a.data),
     );
 }
+
+/// Waits until the jobs starting at `starts` have all succeeded.
+async fn wait_succeeded(s: &Run, starts: &[i64]) {
+    wait_for(
+        &format!("jobs at {starts:?} Succeeded"),
+        Duration::from_secs(120),
+        || async {
+            let jobs = s.jobs().await;
+            starts
+                .iter()
+                .all(|start| {
+                    jobs.iter().any(|j| {
+                        j.spec.start_offset == *start && j.phase() == JobPhase::Succeeded
+                    })
+                })
+                .then_some(())
+        },
+    )
+    .await;
+}
+
+/// Issue 11, scenario 3: the user deletes the tail job after it wrote its block (the commit
+/// held behind a failed job) and after more records arrived. Planning again from the group
+/// offset alone cut `[1000, 2000)` over the block `[1000, 1300)`: offsets 1000–1299 in two
+/// blocks. The operator reads the output and plans the block's range again, as it was.
+#[tokio::test]
+async fn a_deleted_tail_job_whose_block_was_written_comes_back_with_its_range() {
+    let mut s = Scenario::new("bio-tail")
+        .jobs(json!({"maxRecords": 1000, "maxAge": "1s", "backoffLimit": 1}))
+        .unapplied()
+        .await;
+    let (tb, topic) = (s.tb.clone(), s.topic.clone());
+    // Offset 500 is over the record limit: job [0, 1000) fails and holds the commit at 0.
+    produce_around_one_big_record(&mut s, 500, 799).await;
+    let bp = |limit| with_record_limit(&s.bp, limit);
+    s.apply(&bp(1000)).await;
+    let _op = s.spawn_operator("op");
+    let _builder = s.spawn_builder("b");
+    wait_succeeded(&s, &[1000]).await;
+    let tail = s.jobs().await.into_iter().find(|j| j.spec.start_offset == 1000);
+    assert_eq!(tail.map(|j| j.spec.end_offset), Some(1300), "a tail cut by maxAge");
+
+    // Suspended, so that nothing is planned between the new records and the deletion.
+    let mut suspended = bp(1000);
+    suspended.spec.suspend = true;
+    s.apply(&suspended).await;
+    wait_observed(&s).await;
+    let more = produce_data(&tb, fixed(&topic, 1, 2000, 100, 4)).await;
+    s.produced = merge(std::mem::take(&mut s.produced), more);
+    let jobs: Api<BlockJob> = Api::namespaced(tb.client.clone(), &s.ns);
+    jobs.delete(&job_name("p", 0, 1000), &DeleteParams::default())
+        .await
+        .expect("delete the tail job");
+    s.apply(&bp(1000)).await;
+
+    let mut ranges = wait_for(
+        "jobs up to the new high watermark Succeeded",
+        Duration::from_secs(120),
+        || async {
+            let jobs = s.jobs().await;
+            let built = jobs.iter().filter(|j| j.spec.start_offset >= 1000);
+            let all_done = built.clone().all(|j| j.phase() == JobPhase::Succeeded);
+            let end = built.map(|j| j.spec.end_offset).max();
+            (all_done && end == Some(3300)).then(|| {
+                jobs.iter()
+                    .map(|j| (j.spec.start_offset, j.spec.end_offset))
+                    .collect::<Vec<_>>()
+            })
+        },
+    )
+    .await;
+    ranges.sort_unstable();
+    assert_eq!(ranges, [(0, 1000), (1000, 1300), (1300, 2300), (2300, 3300)]);
+
+    s.apply(&bp(8192)).await;
+    wait_observed(&s).await;
+    assert_eq!(delete_failed(&tb, &s.ns).await, vec![job_name("p", 0, 0)]);
+    s.wait_committed_then_audit(Duration::from_secs(120)).await;
+}
+
+/// Issue 11, scenario 3: a pipeline deleted while its commit was held, re-created over the
+/// same output with another `maxRecords`. From the group offset alone it cut `[0, 1500)` and
+/// `[1500, 3000)` over the blocks `[1000, 2000)` and `[2000, 3000)`. The operator reads the
+/// output first: the blocks come back as jobs of their own ranges.
+#[tokio::test]
+async fn a_pipeline_recreated_over_its_output_with_another_max_records_writes_each_offset_once()
+{
+    let mut s = Scenario::new("bio-again")
+        .jobs(json!({"maxRecords": 1000, "backoffLimit": 1}))
+        .unapplied()
+        .await;
+    let tb = s.tb.clone();
+    produce_around_one_big_record(&mut s, 500, 2499).await;
+    s.apply(&with_record_limit(&s.bp, 1000)).await;
+    let _op = s.spawn_operator("op");
+    let _builder = s.spawn_builder("b");
+    wait_succeeded(&s, &[1000, 2000]).await;
+
+    Api::<BlockPipeline>::namespaced(tb.client.clone(), &s.ns)
+        .delete("p", &DeleteParams::background())
+        .await
+        .expect("delete pipeline");
+    wait_for(
+        "the jobs garbage-collected",
+        Duration::from_secs(60),
+        || async { s.jobs().await.is_empty().then_some(()) },
+    )
+    .await;
+    assert_eq!(s.committed().await, BTreeMap::from([(0, 0)]));
+
+    let mut again = with_record_limit(&s.bp, 8192);
+    again.spec.jobs.max_records = 1500;
+    s.apply(&again).await;
+    s.wait_committed_then_audit(Duration::from_secs(120)).await;
+}
