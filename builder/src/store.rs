@@ -137,6 +137,17 @@ pub enum StoreError {
 }
 
 impl StoreError {
+    /// True when the store answered that the object, or the bucket, does not exist.
+    pub fn is_not_found(&self) -> bool {
+        matches!(
+            self,
+            StoreError::Backend {
+                source: object_store::Error::NotFound { .. },
+                ..
+            }
+        )
+    }
+
     /// True when retrying the same operation later may succeed (network trouble, 5xx,
     /// timeouts); false for misconfiguration, missing buckets, auth and precondition failures.
     pub fn is_transient(&self) -> bool {
@@ -148,16 +159,20 @@ impl StoreError {
     }
 }
 
+const CREDENTIALS_HINT: &str = " (check the object-storage credentials, e.g. \
+    AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, GOOGLE_SERVICE_ACCOUNT or AZURE_STORAGE_ACCOUNT_KEY, \
+    and that they may read and write this bucket; builders read them from their environment \
+    (the Secret of spec.output.credentialsSecretRef) when they start, so restart them after \
+    fixing it, then delete the failed jobs to retry them)";
+
 fn hint(op: &str, err: &object_store::Error) -> &'static str {
     use object_store::Error as E;
+    // Some requests (a list) report a refusal only as a bare status.
+    let refused = matches!(err, E::Generic { .. })
+        && matches!(http_status(&err.to_string()), Some(401 | 403));
     match err {
-        E::Unauthenticated { .. } | E::PermissionDenied { .. } => {
-            " (check the object-storage credentials, e.g. AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, \
-             GOOGLE_SERVICE_ACCOUNT or AZURE_STORAGE_ACCOUNT_KEY, and that they may read and \
-             write this bucket; builders read them from their environment (the Secret of \
-             spec.output.credentialsSecretRef) when they start, so restart them after fixing it, \
-             then delete the failed jobs to retry them)"
-        }
+        E::Unauthenticated { .. } | E::PermissionDenied { .. } => CREDENTIALS_HINT,
+        E::Generic { .. } if refused => CREDENTIALS_HINT,
         E::NotFound { .. } if op != "download" => {
             " (the bucket or container does not exist: create it or fix spec.output.url, then \
              delete the failed jobs to retry them)"
@@ -690,6 +705,24 @@ mod tests {
         let src = write_temp(b"four");
         let err = store.put_data("k", src.path(), 5).await.unwrap_err();
         assert!(matches!(err, StoreError::SizeMismatch { .. }), "{err}");
+    }
+
+    #[test]
+    fn a_refusal_reported_only_as_a_status_still_points_at_the_credentials() {
+        let refused = |status: &str| StoreError::Backend {
+            op: "list",
+            url: "s3://b/p".into(),
+            source: object_store::Error::Generic {
+                store: "S3",
+                source: format!("Server returned non-2xx status code: {status}").into(),
+            },
+        };
+        assert!(
+            refused("403 Forbidden")
+                .to_string()
+                .contains("check the object-storage credentials")
+        );
+        assert!(!refused("500 Internal").to_string().contains("credentials"));
     }
 
     #[tokio::test]

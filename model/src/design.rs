@@ -29,16 +29,17 @@ pub struct Design {
     /// `crds::domain::data_name`) rather than only its range (`<start>-<end>.parquet`), so
     /// a put of other bytes lands beside the object a manifest names, never over it.
     pub content_addressed_data: bool,
-    /// Scenario 3, first half. Planning treats the manifests in the output as jobs that
-    /// exist: it starts after the blocks contiguous from its start (the group offset, or the
-    /// low watermark without one) and never cuts a range over a block. Today the planner
-    /// knows only the group offset and the live jobs; this is the intended fix, not code.
+    /// Scenario 3, first half. Planning reads the manifests in the output: a block no job
+    /// holds comes back as a job of exactly its range, no range is cut over a block, and
+    /// without a group offset it starts at the low watermark moved past the blocks from
+    /// there (`operator/src/planner.rs` `plan_partition`). Without it, the planner knows only
+    /// the group offset and the live jobs, and starts at the smallest job start.
     pub plan_after_written_blocks: bool,
     /// Scenario 3, second half. Planning remembers every range it cut, where deleting jobs
     /// does not lose it, and re-creates a deleted job with exactly its old range; new cuts
     /// start only after the last range ever cut. Without it a builder still working on a
     /// deleted job writes its block after the planner re-cut the range differently: reading
-    /// the output first cannot see a block that is not there yet. Not code yet either.
+    /// the output first cannot see a block that is not there yet. Not code yet.
     pub keep_cut_points: bool,
     /// Scenario 5: how a commit decided from an earlier reading is made.
     pub commit_guard: CommitGuard,
@@ -48,9 +49,9 @@ pub struct Design {
 }
 
 impl Design {
-    /// What `main` does: content-addressed data, planning from the group offset and the live
-    /// jobs, commits fenced by the leader lease (and a re-read before each), and only over
-    /// blocks whose manifests the operator has read.
+    /// What `main` does: content-addressed data, planning around the blocks in the output
+    /// (without keeping the cut points of deleted jobs), commits fenced by the leader lease
+    /// (and a re-read before each), and only over blocks whose manifests the operator read.
     pub const CURRENT: Design = Design {
         content_addressed_data: true,
         plan_after_written_blocks: true,

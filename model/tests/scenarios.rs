@@ -224,7 +224,9 @@ fn the_current_design_still_puts_an_offset_in_two_blocks_under_the_faults_of_iss
         faults,
     }
     .checker()
-    .finish_when(HasDiscoveries::AnyOf(BTreeSet::from([NO_OFFSET_IN_TWO_BLOCKS])))
+    .finish_when(HasDiscoveries::AnyOf(BTreeSet::from([
+        NO_OFFSET_IN_TWO_BLOCKS,
+    ])))
     .spawn_bfs()
     .join();
     assert!(checker.discovery(NO_OFFSET_IN_TWO_BLOCKS).is_some());

@@ -3,7 +3,7 @@
 //! Anything that may patch `blockjobs/status` (every builder's ServiceAccount) could otherwise
 //! make the operator commit past records no block holds.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Mutex;
 
 use blocksmith_builder::manifest::Manifest;
@@ -13,6 +13,8 @@ use blocksmith_crds::{BlockJob, BlockJobSpec, BlockPipeline};
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::Secret;
 use kube::Api;
+
+use crate::planner::WrittenBlocks;
 
 /// What the output says of a job that reported `Succeeded`.
 #[derive(Debug, PartialEq)]
@@ -156,6 +158,44 @@ pub async fn evidence_of(
         .map(|j| (&stores[j.spec.output.url.as_str()], &j.spec))
         .collect();
     Ok(evidence_all(&reads).await)
+}
+
+/// The blocks the output at `url` holds in each partition of `reads`, from its offset, whose
+/// manifests vouch for them as the pipeline's (`spec_of` gives the job spec a range would
+/// have): a block of another topic or Kafka cluster under the same keys is not one. An
+/// output location that does not exist (a local root, a bucket) holds none.
+pub async fn written_blocks(
+    url: &str,
+    settings: &[(String, String)],
+    reads: &BTreeMap<i32, i64>,
+    spec_of: impl Fn(i32, i64, i64) -> BlockJobSpec,
+) -> Result<WrittenBlocks, OutputError> {
+    let store = match open(url, settings) {
+        Err(OutputError::Store(StoreError::LocalRoot { .. })) => return Ok(WrittenBlocks::new()),
+        opened => opened?,
+    };
+    let mut written = WrittenBlocks::new();
+    for (&partition, &from) in reads {
+        let specs: Vec<BlockJobSpec> = {
+            let topic = &spec_of(partition, 0, 0).topic;
+            match store.manifest_ranges(topic, partition, from).await {
+                Err(e) if e.is_not_found() => Vec::new(),
+                listed => listed?
+                    .into_iter()
+                    .map(|(start, end)| spec_of(partition, start, end))
+                    .collect(),
+            }
+        };
+        let reads: Vec<(&BlockStore, &BlockJobSpec)> = specs.iter().map(|s| (&store, s)).collect();
+        let mut blocks = Vec::new();
+        for (spec, evidence) in specs.iter().zip(evidence_all(&reads).await) {
+            if evidence? == Evidence::Confirmed {
+                blocks.push((spec.start_offset, spec.end_offset));
+            }
+        }
+        written.insert(partition, blocks);
+    }
+    Ok(written)
 }
 
 /// What `store` holds for `job`.

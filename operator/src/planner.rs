@@ -170,7 +170,8 @@ pub fn plan_partition(
         }
     };
 
-    let (start, commit_start) = match start_past_written(start, written, p.committed.is_none()) {
+    let in_log: Vec<(i64, i64)> = written.iter().copied().filter(|b| b.1 <= p.high).collect();
+    let (start, commit_start) = match start_past_written(start, &in_log, p.committed.is_none()) {
         moved if moved > start => (moved, Some(moved)),
         _ => (start, commit_start),
     };
@@ -189,7 +190,7 @@ pub fn plan_partition(
         .chain(
             written
                 .iter()
-                .filter(|&&(a, b)| a < b && a >= start && !overlaps_a_job(&(a, b)))
+                .filter(|&&(a, b)| a < b && a >= start && b <= p.high && !overlaps_a_job(&(a, b)))
                 .map(|&(a, b)| Obstacle::Block(a, b)),
         )
         .collect();

@@ -420,7 +420,7 @@ impl<'a> Pass<'a> {
         let mut plan = plan_over(&WrittenBlocks::new());
         let reads = output_reads(&plan, &self.old.partitions, policy.max_records);
         if !reads.is_empty() {
-            match self.read_written_blocks(&reads).await {
+            match self.read_written_blocks(&reads, &kafka.cluster_id).await {
                 Ok(written) => plan = plan_over(&written),
                 Err(e) => {
                     plan.new_jobs.retain(|j| !reads.contains_key(&j.partition));
@@ -429,7 +429,7 @@ impl<'a> Pass<'a> {
                     self.observed.problems.push(Problem {
                         reason: Reason::OutputUnreadable,
                         message: format!(
-                            "partitions {partitions:?} need ranges planned below ones planned before, and the output cannot be listed to find the blocks already written there: {e}; nothing is planned there until it can be"
+                            "before planning partitions {partitions:?} the operator lists the blocks already in the output (a re-created pipeline, a deleted job or a lost commit would otherwise write records twice), and it cannot: {e}. Nothing is planned there until it can; planning resumes by itself once the output can be read"
                         ),
                     });
                 }
@@ -457,17 +457,21 @@ impl<'a> Pass<'a> {
     async fn read_written_blocks(
         &self,
         reads: &BTreeMap<i32, i64>,
+        cluster_id: &Option<String>,
     ) -> Result<WrittenBlocks, OutputError> {
         let settings = output::settings(&self.ctx.client, self.bp).await?;
-        let store = output::open(&self.bp.spec.output.url, &settings)?;
-        let topic = &self.bp.spec.kafka.topic;
-        let mut written = WrittenBlocks::new();
-        for (&partition, &from) in reads {
-            let blocks = store.manifest_ranges(topic, partition, from).await?;
-            if !blocks.is_empty() {
-                info!(namespace = %self.ns, pipeline = %self.name, partition, from, blocks = blocks.len(), "planning around blocks already in the output");
-            }
-            written.insert(partition, blocks);
+        let spec_of = |partition, start, end| {
+            let range = PlannedJob {
+                partition,
+                start,
+                end,
+            };
+            jobs::job_spec(self.bp, &range, cluster_id.clone())
+        };
+        let url = &self.bp.spec.output.url;
+        let written = output::written_blocks(url, &settings, reads, spec_of).await?;
+        for (partition, blocks) in written.iter().filter(|(_, b)| !b.is_empty()) {
+            info!(namespace = %self.ns, pipeline = %self.name, partition, blocks = blocks.len(), "planning around blocks already in the output");
         }
         Ok(written)
     }

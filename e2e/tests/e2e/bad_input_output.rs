@@ -148,8 +148,8 @@ fn error_lines(log: &str) -> Vec<&str> {
 }
 
 #[tokio::test]
-async fn wrong_object_store_credentials_fail_the_jobs_hold_the_commit_and_a_fix_writes_everything_once()
- {
+async fn wrong_object_store_credentials_hold_planning_naming_them_and_a_fix_writes_everything_once()
+{
     let tb = Testbed::get().await;
     // A private S3 server with the testbed's credentials; the pipeline's Secret has the
     // right access key but a wrong secret key.
@@ -183,42 +183,37 @@ async fn wrong_object_store_credentials_fail_the_jobs_hold_the_commit_and_a_fix_
     let _op = s.spawn_operator("op");
     let mut builder = spawn_builder_with_secret(tb, ns, "b1", "s3").await;
 
-    let failed = wait_all_failed(tb, ns, 4, 2).await;
-    for j in &failed {
-        let m = job_message(j);
-        assert!(
-            m.contains("s3://blocksmith/creds/")
-                && m.contains("check the object-storage credentials")
-                && m.contains("credentialsSecretRef"),
-            "{m}"
-        );
-    }
-    println!("job message: {}", job_message(&failed[0]));
-    assert_job_failure_reported(
-        tb,
-        ns,
-        "check the object-storage credentials",
-        0,
-        "credentials",
-    )
-    .await;
-    assert_eq!(
-        s.committed().await,
-        BTreeMap::from([(0, 0), (1, 0)]),
-        "the commit holds at the failed jobs"
+    // Before planning a new pipeline the operator lists the blocks already in its output,
+    // with the pipeline's Secret: refused, so nothing is planned (no job would succeed).
+    let unreadable = Cond::new("Degraded")
+        .status("True")
+        .reason("OutputUnreadable");
+    let message = s.wait(unreadable).await.message;
+    println!("condition message: {message}");
+    assert!(
+        message.contains("s3://blocksmith/creds/")
+            && message.contains("check the object-storage credentials")
+            && message.contains("credentialsSecretRef")
+            && message.contains("planning resumes by itself"),
+        "{message}"
     );
+    let event = s.wait_event("OutputUnreadable").await;
+    assert!(
+        event.contains("check the object-storage credentials"),
+        "{event}"
+    );
+    assert!(s.jobs().await.is_empty(), "nothing planned");
     assert!(
         files(&root.join("blocksmith")).is_empty(),
         "nothing written"
     );
 
-    // The fix: correct the Secret, restart the builders (they read it at start-up), delete
-    // the failed jobs.
+    // The fix: correct the Secret and restart the builders (they read it at start-up); no
+    // job to delete.
     apply_secret(tb, ns, "s3", creds(&secret_key)).await;
     let status = builder.terminate(Duration::from_secs(15)).expect("exits");
     assert!(status.success(), "{status:?}");
     let _builder = spawn_builder_with_secret(tb, ns, "b2", "s3").await;
-    assert_eq!(delete_failed(tb, ns).await.len(), 4);
     s.wait_committed_then_audit_in(&server.dir("creds"), Duration::from_secs(120))
         .await;
     assert!(
@@ -886,9 +881,8 @@ async fn wait_succeeded(s: &Run, starts: &[i64]) {
             starts
                 .iter()
                 .all(|start| {
-                    jobs.iter().any(|j| {
-                        j.spec.start_offset == *start && j.phase() == JobPhase::Succeeded
-                    })
+                    jobs.iter()
+                        .any(|j| j.spec.start_offset == *start && j.phase() == JobPhase::Succeeded)
                 })
                 .then_some(())
         },
@@ -914,8 +908,16 @@ async fn a_deleted_tail_job_whose_block_was_written_comes_back_with_its_range() 
     let _op = s.spawn_operator("op");
     let _builder = s.spawn_builder("b");
     wait_succeeded(&s, &[1000]).await;
-    let tail = s.jobs().await.into_iter().find(|j| j.spec.start_offset == 1000);
-    assert_eq!(tail.map(|j| j.spec.end_offset), Some(1300), "a tail cut by maxAge");
+    let tail = s
+        .jobs()
+        .await
+        .into_iter()
+        .find(|j| j.spec.start_offset == 1000);
+    assert_eq!(
+        tail.map(|j| j.spec.end_offset),
+        Some(1300),
+        "a tail cut by maxAge"
+    );
 
     // Suspended, so that nothing is planned between the new records and the deletion.
     let mut suspended = bp(1000);
@@ -947,7 +949,10 @@ async fn a_deleted_tail_job_whose_block_was_written_comes_back_with_its_range() 
     )
     .await;
     ranges.sort_unstable();
-    assert_eq!(ranges, [(0, 1000), (1000, 1300), (1300, 2300), (2300, 3300)]);
+    assert_eq!(
+        ranges,
+        [(0, 1000), (1000, 1300), (1300, 2300), (2300, 3300)]
+    );
 
     s.apply(&bp(8192)).await;
     wait_observed(&s).await;
@@ -960,8 +965,7 @@ async fn a_deleted_tail_job_whose_block_was_written_comes_back_with_its_range() 
 /// `[1500, 3000)` over the blocks `[1000, 2000)` and `[2000, 3000)`. The operator reads the
 /// output first: the blocks come back as jobs of their own ranges.
 #[tokio::test]
-async fn a_pipeline_recreated_over_its_output_with_another_max_records_writes_each_offset_once()
-{
+async fn a_pipeline_recreated_over_its_output_with_another_max_records_writes_each_offset_once() {
     let mut s = Scenario::new("bio-again")
         .jobs(json!({"maxRecords": 1000, "backoffLimit": 1}))
         .unapplied()
