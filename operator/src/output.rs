@@ -167,6 +167,7 @@ pub async fn evidence_of(
 pub async fn written_blocks(
     url: &str,
     settings: &[(String, String)],
+    topic: &str,
     reads: &BTreeMap<i32, i64>,
     spec_of: impl Fn(i32, i64, i64) -> BlockJobSpec,
 ) -> Result<WrittenBlocks, OutputError> {
@@ -176,16 +177,14 @@ pub async fn written_blocks(
     };
     let mut written = WrittenBlocks::new();
     for (&partition, &from) in reads {
-        let specs: Vec<BlockJobSpec> = {
-            let topic = &spec_of(partition, 0, 0).topic;
-            match store.manifest_ranges(topic, partition, from).await {
-                Err(e) if e.is_not_found() => Vec::new(),
-                listed => listed?
-                    .into_iter()
-                    .map(|(start, end)| spec_of(partition, start, end))
-                    .collect(),
-            }
+        let listed = match store.manifest_ranges(topic, partition, from).await {
+            Err(e) if e.is_not_found() => Vec::new(),
+            listed => listed?,
         };
+        let specs: Vec<BlockJobSpec> = listed
+            .into_iter()
+            .map(|(start, end)| spec_of(partition, start, end))
+            .collect();
         let reads: Vec<(&BlockStore, &BlockJobSpec)> = specs.iter().map(|s| (&store, s)).collect();
         let mut blocks = Vec::new();
         for (spec, evidence) in specs.iter().zip(evidence_all(&reads).await) {

@@ -170,7 +170,12 @@ pub fn plan_partition(
         }
     };
 
-    let in_log: Vec<(i64, i64)> = written.iter().copied().filter(|b| b.1 <= p.high).collect();
+    // Blocks past the high watermark cannot be this log's (a truncated or re-created one).
+    let in_log: Vec<(i64, i64)> = written
+        .iter()
+        .copied()
+        .filter(|&(a, b)| a < b && b <= p.high)
+        .collect();
     let (start, commit_start) = match start_past_written(start, &in_log, p.committed.is_none()) {
         moved if moved > start => (moved, Some(moved)),
         _ => (start, commit_start),
@@ -183,14 +188,14 @@ pub fn plan_partition(
     live.sort_by_key(|j| (j.start, j.end));
     let unfinished = live.iter().filter(|j| !j.succeeded).count();
     let live_count = live.len();
-    let overlaps_a_job = |&(a, b): &(i64, i64)| existing.iter().any(|j| j.start < b && a < j.end);
+    let overlaps_a_job = |a: i64, b: i64| existing.iter().any(|j| j.start < b && a < j.end);
     let mut obstacles: Vec<Obstacle> = live
         .iter()
         .map(|j| Obstacle::Job(j.start, j.end))
         .chain(
-            written
+            in_log
                 .iter()
-                .filter(|&&(a, b)| a < b && a >= start && b <= p.high && !overlaps_a_job(&(a, b)))
+                .filter(|&&(a, b)| a >= start && !overlaps_a_job(a, b))
                 .map(|&(a, b)| Obstacle::Block(a, b)),
         )
         .collect();
@@ -441,9 +446,8 @@ impl Obstacle {
 /// past the blocks contiguous from it: the commit was lost, and starting below what was
 /// committed would move the commit backwards.
 fn start_past_written(mut start: i64, written: &[(i64, i64)], commit_lost: bool) -> i64 {
-    let holds = |start: i64, (a, b): (i64, i64)| {
-        a < b && (a < start || commit_lost && a == start) && start < b
-    };
+    let holds =
+        |start: i64, (a, b): (i64, i64)| (a < start || commit_lost && a == start) && start < b;
     while let Some(&(_, end)) = written.iter().find(|&&block| holds(start, block)) {
         start = end;
     }
@@ -791,6 +795,42 @@ mod tests {
         (mask >> (i % 64)) & 1 == 1
     }
 
+    /// The end of a round, after the builds and deletions: the committer advances, cleanup
+    /// removes some committed jobs, the commit may be lost; Kafka and the clock move on, and
+    /// the spec may change.
+    fn end_round(
+        r: &Round,
+        p: &mut PartitionOffsets,
+        jobs: &mut Vec<ExistingJob>,
+        now: &mut Timestamp,
+        pol: &mut PlanPolicy,
+    ) {
+        let progress: Vec<JobProgress> = jobs
+            .iter()
+            .map(|j| JobProgress {
+                start: j.start,
+                end: j.end,
+                succeeded: j.succeeded,
+            })
+            .collect();
+        let committed = next_commit(p.committed.unwrap(), &progress);
+        p.committed = Some(committed);
+        let mut i = 0;
+        jobs.retain(|j| {
+            i += 1;
+            j.end > committed || !bit(r.clean_up, i)
+        });
+        if r.lose_commit {
+            p.committed = None;
+        }
+        p.high += r.produced;
+        p.low = (p.low + r.retention).min(p.high);
+        *now += Duration::from_secs(r.elapsed_secs);
+        if r.max_records > 0 {
+            pol.max_records = r.max_records;
+        }
+    }
+
     /// Checks one plan against its inputs.
     fn check_plan(
         p: &PartitionOffsets,
@@ -960,23 +1000,7 @@ mod tests {
                 let mut i = 0;
                 jobs.retain(|j| { i += 1; j.succeeded || !bit(r.delete, i) });
 
-                // The committer advances; cleanup removes some committed jobs.
-                let progress: Vec<JobProgress> = jobs.iter().map(|j| JobProgress { start: j.start, end: j.end, succeeded: j.succeeded }).collect();
-                let committed = next_commit(p.committed.unwrap(), &progress);
-                p.committed = Some(committed);
-                let mut i = 0;
-                jobs.retain(|j| { i += 1; j.end > committed || !bit(r.clean_up, i) });
-                if r.lose_commit {
-                    p.committed = None;
-                }
-
-                // Kafka and the clock move on; the spec may change.
-                p.high += r.produced;
-                p.low = (p.low + r.retention).min(p.high);
-                now += Duration::from_secs(r.elapsed_secs);
-                if r.max_records > 0 {
-                    pol.max_records = r.max_records;
-                }
+                end_round(&r, &mut p, &mut jobs, &mut now, &mut pol);
             }
         }
     }
@@ -1030,20 +1054,7 @@ mod tests {
                     }
                 }
 
-                let progress: Vec<JobProgress> = jobs.iter().map(|j| JobProgress { start: j.start, end: j.end, succeeded: j.succeeded }).collect();
-                let committed = next_commit(p.committed.unwrap(), &progress);
-                p.committed = Some(committed);
-                let mut i = 0;
-                jobs.retain(|j| { i += 1; j.end > committed || !bit(r.clean_up, i) });
-                if r.lose_commit {
-                    p.committed = None;
-                }
-                p.high += r.produced;
-                p.low = (p.low + r.retention).min(p.high);
-                now += Duration::from_secs(r.elapsed_secs);
-                if r.max_records > 0 {
-                    pol.max_records = r.max_records;
-                }
+                end_round(&r, &mut p, &mut jobs, &mut now, &mut pol);
             }
         });
     }

@@ -468,8 +468,8 @@ impl<'a> Pass<'a> {
             };
             jobs::job_spec(self.bp, &range, cluster_id.clone())
         };
-        let url = &self.bp.spec.output.url;
-        let written = output::written_blocks(url, &settings, reads, spec_of).await?;
+        let (url, topic) = (&self.bp.spec.output.url, &self.bp.spec.kafka.topic);
+        let written = output::written_blocks(url, &settings, topic, reads, spec_of).await?;
         for (partition, blocks) in written.iter().filter(|(_, b)| !b.is_empty()) {
             info!(namespace = %self.ns, pipeline = %self.name, partition, blocks = blocks.len(), "planning around blocks already in the output");
         }

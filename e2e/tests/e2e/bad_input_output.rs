@@ -285,6 +285,16 @@ async fn produce_around_one_big_record(s: &mut Run, before: u64, after: u64) {
     s.produced = merge(merge(small, big), rest);
 }
 
+/// [`produce_around_one_big_record`], then the pipeline applied with a record limit of 1000
+/// bytes (so the job holding the big record fails), and an operator and a builder that `s`
+/// keeps running.
+async fn run_into_a_big_record(s: &mut Run, before: u64, after: u64) {
+    produce_around_one_big_record(s, before, after).await;
+    s.apply(&with_record_limit(&s.bp, 1000)).await;
+    s.operator = Some(s.spawn_operator("op"));
+    s.builders = vec![s.spawn_builder("b")];
+}
+
 fn with_record_limit(bp: &BlockPipeline, limit: i64) -> BlockPipeline {
     let mut bp = bp.clone();
     bp.spec.output.max_record_bytes = Some(limit);
@@ -299,11 +309,8 @@ async fn a_record_over_max_record_bytes_fails_its_job_writes_nothing_and_a_raise
         .unapplied()
         .await;
     let tb = s.tb.clone();
-    produce_around_one_big_record(&mut s, 1500, 1499).await;
+    run_into_a_big_record(&mut s, 1500, 1499).await;
     let bp = |limit| with_record_limit(&s.bp, limit);
-    s.apply(&bp(1000)).await;
-    let _op = s.spawn_operator("op");
-    let _builder = s.spawn_builder("b");
     let (ns, blocks) = (&s.ns, &s.blocks);
 
     let bad = job_name("p", 0, 1000);
@@ -380,11 +387,8 @@ async fn jobs_held_behind_a_failed_one_stop_at_their_bound_while_records_keep_ar
         .await;
     let (tb, topic) = (s.tb.clone(), s.topic.clone());
     // Offset 150 is over the record limit, so job [100, 200) fails for good.
-    produce_around_one_big_record(&mut s, 150, 49).await;
+    run_into_a_big_record(&mut s, 150, 49).await;
     let bp = |limit| with_record_limit(&s.bp, limit);
-    s.apply(&bp(1000)).await;
-    let _op = s.spawn_operator("op");
-    let _builder = s.spawn_builder("b");
     let bad = job_name("p", 0, 100);
     wait_for("the job Failed", Duration::from_secs(120), || async {
         s.jobs()
@@ -902,11 +906,8 @@ async fn a_deleted_tail_job_whose_block_was_written_comes_back_with_its_range() 
         .await;
     let (tb, topic) = (s.tb.clone(), s.topic.clone());
     // Offset 500 is over the record limit: job [0, 1000) fails and holds the commit at 0.
-    produce_around_one_big_record(&mut s, 500, 799).await;
+    run_into_a_big_record(&mut s, 500, 799).await;
     let bp = |limit| with_record_limit(&s.bp, limit);
-    s.apply(&bp(1000)).await;
-    let _op = s.spawn_operator("op");
-    let _builder = s.spawn_builder("b");
     wait_succeeded(&s, &[1000]).await;
     let tail = s
         .jobs()
@@ -971,10 +972,7 @@ async fn a_pipeline_recreated_over_its_output_with_another_max_records_writes_ea
         .unapplied()
         .await;
     let tb = s.tb.clone();
-    produce_around_one_big_record(&mut s, 500, 2499).await;
-    s.apply(&with_record_limit(&s.bp, 1000)).await;
-    let _op = s.spawn_operator("op");
-    let _builder = s.spawn_builder("b");
+    run_into_a_big_record(&mut s, 500, 2499).await;
     wait_succeeded(&s, &[1000, 2000]).await;
 
     Api::<BlockPipeline>::namespaced(tb.client.clone(), &s.ns)
