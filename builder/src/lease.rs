@@ -127,7 +127,16 @@ impl LeaseClient {
         if result.is_err() {
             held.renew_time = previous;
         }
-        result
+        result?;
+        // Deleted while the operator's finalizer keeps it for its replacement: stop, as
+        // for a job already gone.
+        if held.job.is_terminating() {
+            return Err(LeaseError::Lost {
+                job: held.job.name_any(),
+                reason: "the job was deleted".into(),
+            });
+        }
+        Ok(())
     }
 
     pub async fn complete(

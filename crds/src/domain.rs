@@ -18,6 +18,24 @@ pub fn job_name(pipeline: &str, partition: i32, start_offset: i64) -> String {
     format!("{pipeline}-p{partition}-{start_offset:0OFFSET_WIDTH$}")
 }
 
+/// The operator's finalizer on every job it creates. A job the user deletes before its
+/// range is committed stays (terminating) until the operator has created its replacement
+/// with exactly the same range: a builder still finishing the deleted job then writes the
+/// block the replacement would, under the same manifest key, never one overlapping a range
+/// cut anew.
+pub const FINALIZER_KEEP_RANGE: &str = "blocksmith.io/keep-range";
+
+/// Name of the job that takes over a deleted job's range: `<job>-r1`, then `-r2`, ... A
+/// name apart from [`job_name`], so that the replacement can be created while the deleted
+/// job still holds the name (and the range) until it is gone.
+pub fn replacement_name(job: &str) -> String {
+    let (base, n) = job
+        .rsplit_once("-r")
+        .and_then(|(base, n)| Some((base, n.parse::<u32>().ok()?)))
+        .unwrap_or((job, 0));
+    format!("{base}-r{}", n.saturating_add(1))
+}
+
 /// Name of a block's data object in its partition's folder. It carries the first hex digits of
 /// the object's sha256: an object is only ever written with one content, so no writer (a
 /// stale one, another version) can replace the bytes a manifest vouches for, and a retry
@@ -133,6 +151,18 @@ pub fn retry_backoff(next_attempt: i32) -> Duration {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_replacement_is_named_apart_from_every_planned_job_and_counts_up() {
+        let planned = job_name("orders-r1", 3, 120);
+        let first = replacement_name(&planned);
+        assert_eq!(first, "orders-r1-p3-00000000000000000120-r1");
+        assert_eq!(
+            replacement_name(&first),
+            "orders-r1-p3-00000000000000000120-r2"
+        );
+        assert_ne!(first, job_name("orders-r1", 3, 120));
+    }
 
     #[test]
     fn names_sort_by_offset_and_are_valid_dns_labels() {

@@ -168,4 +168,16 @@ impl BlockJob {
     pub fn attempt(&self) -> i32 {
         self.status.as_ref().map(|s| s.attempt()).unwrap_or(1)
     }
+    /// Deleted, and kept only by finalizers until they are released.
+    pub fn is_terminating(&self) -> bool {
+        self.metadata.deletion_timestamp.is_some()
+    }
+    /// Whether the operator's [`FINALIZER_KEEP_RANGE`](crate::domain::FINALIZER_KEEP_RANGE)
+    /// is on the job.
+    pub fn keeps_range(&self) -> bool {
+        self.metadata
+            .finalizers
+            .as_ref()
+            .is_some_and(|f| f.iter().any(|f| f == crate::domain::FINALIZER_KEEP_RANGE))
+    }
 }

@@ -22,7 +22,7 @@ pub enum CommitGuard {
 }
 
 /// One choice per scenario of issue 11.
-/// Tests start from a constant and turn one switch: `Design::FIXED.keep_cut_points(false)`.
+/// Tests start from a constant and turn one switch: `Design::FIXED.keep_deleted_ranges(false)`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Setters)]
 pub struct Design {
     /// Scenario 2. A data object's name carries its digest (`<start>-<end>.<sha16>.parquet`,
@@ -35,12 +35,13 @@ pub struct Design {
     /// there (`operator/src/planner.rs` `plan_partition`). Without it, the planner knows only
     /// the group offset and the live jobs, and starts at the smallest job start.
     pub plan_after_written_blocks: bool,
-    /// Scenario 3, second half. Planning remembers every range it cut, where deleting jobs
-    /// does not lose it, and re-creates a deleted job with exactly its old range; new cuts
-    /// start only after the last range ever cut. Without it a builder still working on a
-    /// deleted job writes its block after the planner re-cut the range differently: reading
-    /// the output first cannot see a block that is not there yet. Not code yet.
-    pub keep_cut_points: bool,
+    /// Scenario 3, second half. A job deleted before its range is committed comes back as a
+    /// job of exactly its range (`operator/src/reconcile.rs` `keep_deleted_ranges`: the
+    /// operator's finalizer keeps the deleted job, and with it its range, until the
+    /// replacement exists). Without it a builder still working on a deleted job writes its
+    /// block after the planner re-cut the range differently: reading the output first
+    /// cannot see a block that is not there yet.
+    pub keep_deleted_ranges: bool,
     /// Scenario 5: how a commit decided from an earlier reading is made.
     pub commit_guard: CommitGuard,
     /// Scenario 8. The committer counts a `Succeeded` job only once the manifest of its range
@@ -49,13 +50,13 @@ pub struct Design {
 }
 
 impl Design {
-    /// What `main` does: content-addressed data, planning around the blocks in the output
-    /// (without keeping the cut points of deleted jobs), commits fenced by the leader lease
-    /// (and a re-read before each), and only over blocks whose manifests the operator read.
+    /// What `main` does: content-addressed data, planning around the blocks in the output,
+    /// deleted jobs' ranges kept, commits fenced by the leader lease (and a re-read before
+    /// each), and only over blocks whose manifests the operator read.
     pub const CURRENT: Design = Design {
         content_addressed_data: true,
         plan_after_written_blocks: true,
-        keep_cut_points: false,
+        keep_deleted_ranges: true,
         commit_guard: CommitGuard::LeaseFenced,
         commit_only_confirmed_blocks: true,
     };
@@ -64,7 +65,7 @@ impl Design {
     pub const FIXED: Design = Design {
         content_addressed_data: true,
         plan_after_written_blocks: true,
-        keep_cut_points: true,
+        keep_deleted_ranges: true,
         commit_guard: CommitGuard::LeaseFenced,
         commit_only_confirmed_blocks: true,
     };

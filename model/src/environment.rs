@@ -1,6 +1,7 @@
 //! The faults: steps no blocksmith component takes, each allowed while its budget lasts.
 
-use crate::state::{Builder, BuilderId, CHANGED_MAX_RECORDS, Offset, Phase, State};
+use crate::design::Design;
+use crate::state::{Builder, BuilderId, CHANGED_MAX_RECORDS, Job, Offset, Phase, State};
 
 pub fn crash_builder(state: &State, builder: BuilderId) -> Option<State> {
     let busy = state.builder(builder) != Builder::Idle;
@@ -11,11 +12,21 @@ pub fn crash_builder(state: &State, builder: BuilderId) -> Option<State> {
     })
 }
 
-pub fn delete_job(state: &State, name: Offset) -> Option<State> {
-    (state.jobs.contains_key(&name) && state.faults_left.job_deletions > 0).then(|| {
+/// With `keep_deleted_ranges`, a job whose range is not committed comes back at once as a
+/// new job of its range: the operator's finalizer keeps the deleted job (and its range
+/// taken) until the replacement exists, so no step sees the range free in between. A
+/// builder still holding the deleted job holds no lease on the replacement.
+pub fn delete_job(design: &Design, state: &State, name: Offset) -> Option<State> {
+    let job = *state.jobs.get(&name)?;
+    (state.faults_left.job_deletions > 0).then(|| {
         let mut next = state.clone();
         next.faults_left.job_deletions -= 1;
-        next.jobs.remove(&name);
+        let committed = state.group_offset.is_some_and(|c| job.range.end <= c);
+        if design.keep_deleted_ranges && !committed {
+            next.jobs.insert(name, Job::new(job.range));
+        } else {
+            next.jobs.remove(&name);
+        }
         next
     })
 }

@@ -12,7 +12,6 @@ pub fn plan_jobs(design: &Design, state: &State) -> Option<State> {
         state.group_offset,
         &state.jobs,
         &state.store.manifests,
-        &state.cuts,
         state.max_records,
     );
     if plan.commit_start.is_none() && plan.new_jobs.is_empty() {
@@ -25,9 +24,6 @@ pub fn plan_jobs(design: &Design, state: &State) -> Option<State> {
     for range in plan.new_jobs {
         // Create-only: a job of that name that exists stays as it is.
         next.jobs.entry(range.start).or_insert(Job::new(range));
-        if design.keep_cut_points {
-            next.cuts.insert(range);
-        }
     }
     Some(next)
 }

@@ -5,7 +5,7 @@
 //! Left out: `maxAge` (a tail is cut at once, as if it had waited long enough),
 //! `maxInFlightPerPartition`, and retention (the low watermark is 0).
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 
 use crate::design::Design;
 use crate::state::{Job, LOG_END, Manifest, Offset, Range};
@@ -23,7 +23,6 @@ pub fn plan(
     group_offset: Option<Offset>,
     jobs: &BTreeMap<Offset, Job>,
     manifests: &BTreeMap<Range, Manifest>,
-    cuts: &BTreeSet<Range>,
     max_records: Offset,
 ) -> Plan {
     let mut taken: Vec<Range> = jobs.values().map(|j| j.range).collect();
@@ -47,14 +46,6 @@ pub fn plan(
             }
         }
     }
-    // A range cut before that nothing holds now was a deleted job: it comes back as it was.
-    for old in cuts.iter().filter(|r| r.end > start) {
-        if !taken.iter().any(|r| r.overlaps(old)) {
-            new_jobs.push(*old);
-            taken.push(*old);
-        }
-    }
-    taken.extend(cuts.iter().filter(|r| r.end > start));
     taken.sort();
 
     let mut cursor = start;
@@ -105,13 +96,12 @@ mod tests {
         Range { start, end }
     }
 
-    /// Plans with pending `jobs`, blocks of `blocks` and earlier `cuts`.
+    /// Plans with pending `jobs` and blocks of `blocks`.
     fn plan_with(
         design: Design,
         group_offset: Option<Offset>,
         jobs: &[Range],
         blocks: &[Range],
-        cuts: &[Range],
         max_records: Offset,
     ) -> Plan {
         let jobs = jobs.iter().map(|r| (r.start, Job::new(*r))).collect();
@@ -126,48 +116,40 @@ mod tests {
                 (*r, Manifest { data, sha256 })
             })
             .collect();
-        let cuts = cuts.iter().copied().collect();
-        plan(&design, group_offset, &jobs, &manifests, &cuts, max_records)
+        plan(&design, group_offset, &jobs, &manifests, max_records)
     }
 
     #[test]
     fn cuts_the_log_from_the_group_offset_and_commits_a_missing_start() {
-        let plan = plan_with(Design::CURRENT, None, &[], &[], &[], 3);
+        let plan = plan_with(Design::CURRENT, None, &[], &[], 3);
         assert_eq!(plan.commit_start, Some(0));
         assert_eq!(plan.new_jobs, [range(0, 3), range(3, 4)]);
     }
 
     #[test]
     fn refills_a_deleted_job_with_its_range_up_to_the_next_job() {
-        let plan = plan_with(Design::CURRENT, Some(0), &[range(2, 4)], &[], &[], 2);
+        let plan = plan_with(Design::CURRENT, Some(0), &[range(2, 4)], &[], 2);
         assert_eq!(plan.new_jobs, [range(0, 2)]);
     }
 
     #[test]
     fn without_the_output_a_block_without_a_job_is_cut_over() {
         let design = Design::FIXED.plan_after_written_blocks(false);
-        let plan = plan_with(design, Some(0), &[], &[range(0, 2)], &[], 3);
+        let plan = plan_with(design, Some(0), &[], &[range(0, 2)], 3);
         assert_eq!(plan.new_jobs, [range(0, 3), range(3, 4)]);
     }
 
     #[test]
     fn a_block_without_a_job_comes_back_as_a_job_of_its_range() {
-        let plan = plan_with(Design::CURRENT, Some(0), &[], &[range(0, 2)], &[], 3);
+        let plan = plan_with(Design::CURRENT, Some(0), &[], &[range(0, 2)], 3);
         assert_eq!(plan.new_jobs, [range(0, 2), range(2, 4)]);
     }
 
     #[test]
     fn a_lost_commit_starts_after_the_blocks_and_cuts_around_them() {
         let blocks = [range(0, 2), range(3, 4)];
-        let plan = plan_with(Design::FIXED, None, &[], &blocks, &[], 3);
+        let plan = plan_with(Design::FIXED, None, &[], &blocks, 3);
         assert_eq!(plan.commit_start, Some(2));
         assert_eq!(plan.new_jobs, [range(2, 3), range(3, 4)]);
-    }
-
-    #[test]
-    fn the_fix_recreates_deleted_jobs_with_their_old_ranges_whatever_max_records_is_now() {
-        let cuts = [range(0, 2), range(2, 4)];
-        let plan = plan_with(Design::FIXED, Some(0), &[], &[], &cuts, 3);
-        assert_eq!(plan.new_jobs, [range(0, 2), range(2, 4)]);
     }
 }

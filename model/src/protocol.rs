@@ -70,7 +70,7 @@ impl Model for Protocol {
             Action::DeposedReread => operator::deposed_reread(design, state),
             Action::DeposedCommit => operator::deposed_commit(design, state),
             Action::CrashBuilder(b) => environment::crash_builder(state, b),
-            Action::DeleteJob(name) => environment::delete_job(state, name),
+            Action::DeleteJob(name) => environment::delete_job(design, state, name),
             Action::LoseGroupOffset => environment::lose_group_offset(state),
             Action::ChangeMaxRecords => environment::change_max_records(state),
             Action::ForgeSucceeded(name) => environment::forge_succeeded(state, name),

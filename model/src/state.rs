@@ -1,7 +1,7 @@
 //! The state of the whole system at one instant: the BlockJobs in etcd, the builders, the
 //! object store, the Kafka group's offset, a deposed leader, and what faults are left.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 
 use crate::faults::Faults;
 
@@ -176,9 +176,6 @@ pub struct State {
     /// The Kafka group's committed offset: the next offset to read.
     pub group_offset: Option<Offset>,
     pub max_records: Offset,
-    /// Every range the planner ever cut, kept where deleting jobs does not lose it (the
-    /// pipeline's status, or the output). Empty unless `Design::keep_cut_points`.
-    pub cuts: BTreeSet<Range>,
     pub deposed: DeposedLeader,
     /// What faults may still happen.
     pub faults_left: Faults,
@@ -196,7 +193,6 @@ impl State {
             store: ObjectStore::default(),
             group_offset: None,
             max_records: MAX_RECORDS,
-            cuts: BTreeSet::new(),
             deposed: if faults.deposed_leader {
                 DeposedLeader::Reading
             } else {

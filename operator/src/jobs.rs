@@ -7,10 +7,12 @@
 
 use std::collections::BTreeMap;
 
-use blocksmith_crds::domain::{LABEL_PARTITION, LABEL_PHASE, LABEL_PIPELINE, job_name};
+use blocksmith_crds::domain::{
+    FINALIZER_KEEP_RANGE, LABEL_PARTITION, LABEL_PHASE, LABEL_PIPELINE, job_name, replacement_name,
+};
 use blocksmith_crds::{BlockJob, BlockJobSpec, BlockPipeline, JobOutputSpec, JobPhase};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
-use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
+use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams, Preconditions};
 use kube::runtime::reflector::Store;
 use kube::{Resource, ResourceExt};
 use serde_json::json;
@@ -65,15 +67,18 @@ impl JobStore {
             .collect()
     }
 
-    /// Creates a planned job. `Ok(None)` when it already exists: the cache had not seen it
-    /// yet, and the existing job (whatever its range) stays as it is.
+    /// Creates a planned job, with the finalizer that keeps its range if it is deleted
+    /// before its range is committed. `Ok(None)` when it already exists: the cache had not
+    /// seen it yet, and the existing job (whatever its range) stays as it is.
     pub async fn create(&self, job: &BlockJob) -> kube::Result<Option<BlockJob>> {
         self.metrics.api_write("create_job");
         let pp = PostParams {
             field_manager: Some(MANAGER.into()),
             ..Default::default()
         };
-        match self.api.create(&pp, job).await {
+        let mut job = job.clone();
+        job.metadata.finalizers = Some(vec![FINALIZER_KEEP_RANGE.into()]);
+        match self.api.create(&pp, &job).await {
             Ok(j) => Ok(Some(j)),
             Err(kube::Error::Api(e)) if e.code == 409 => Ok(None),
             Err(e) => Err(e),
@@ -147,11 +152,65 @@ impl JobStore {
         }
     }
 
-    pub async fn delete(&self, name: &str) -> kube::Result<()> {
+    /// Creates the job that takes over the range of `deleted`, a job being deleted: the same
+    /// range, in the pipeline's current output settings, from attempt 1. `Ok(())` when it
+    /// exists already (a pass before this one created it).
+    pub async fn replace(&self, bp: &BlockPipeline, deleted: &BlockJob) -> kube::Result<()> {
+        let spec = BlockJobSpec {
+            output: job_spec_output(bp),
+            bootstrap_servers: bp.spec.kafka.bootstrap_servers.clone(),
+            lease_duration_seconds: bp.spec.jobs.lease_duration_seconds,
+            ..deleted.spec.clone()
+        };
+        let mut job = desired_job(bp, spec, JobPhase::Pending);
+        job.metadata.name = Some(replacement_name(&deleted.name_any()));
+        self.create(&job).await.map(|_| ())
+    }
+
+    /// Removes the operator's finalizer from `job`, if it is still the version read.
+    pub async fn release(&self, job: &BlockJob) -> kube::Result<BlockJob> {
+        let kept: Vec<&String> = job
+            .finalizers()
+            .iter()
+            .filter(|f| *f != FINALIZER_KEEP_RANGE)
+            .collect();
+        let patch = json!({
+            "metadata": { "resourceVersion": job.resource_version(), "finalizers": kept },
+        });
+        self.metrics.api_write("release_job");
+        self.api
+            .patch(
+                &job.name_any(),
+                &PatchParams::default(),
+                &Patch::Merge(patch),
+            )
+            .await
+    }
+
+    /// Deletes `job` if it is still the object and version read: a job re-created under the
+    /// same name, or changed since, is left to the next pass. Its finalizer is released
+    /// first: only jobs whose range is committed are deleted this way.
+    pub async fn delete(&self, job: &BlockJob) -> kube::Result<()> {
+        let job = if job.keeps_range() {
+            match self.release(job).await {
+                Ok(released) => released,
+                Err(kube::Error::Api(e)) if e.code == 404 || e.code == 409 => return Ok(()),
+                Err(e) => return Err(e),
+            }
+        } else {
+            job.clone()
+        };
+        let params = DeleteParams {
+            preconditions: Some(Preconditions {
+                uid: job.uid(),
+                resource_version: job.resource_version(),
+            }),
+            ..DeleteParams::background()
+        };
         self.metrics.api_write("delete_job");
-        match self.api.delete(name, &DeleteParams::background()).await {
+        match self.api.delete(&job.name_any(), &params).await {
             Ok(_) => Ok(()),
-            Err(kube::Error::Api(e)) if e.code == 404 => Ok(()),
+            Err(kube::Error::Api(e)) if e.code == 404 || e.code == 409 => Ok(()),
             Err(e) => Err(e),
         }
     }
@@ -179,7 +238,6 @@ pub fn job_spec(
     planned: &PlannedJob,
     kafka_cluster_id: Option<String>,
 ) -> BlockJobSpec {
-    let o = &bp.spec.output;
     BlockJobSpec {
         pipeline: bp.name_any(),
         topic: bp.spec.kafka.topic.clone(),
@@ -189,14 +247,20 @@ pub fn job_spec(
         bootstrap_servers: bp.spec.kafka.bootstrap_servers.clone(),
         kafka_cluster_id,
         lease_duration_seconds: bp.spec.jobs.lease_duration_seconds,
-        output: JobOutputSpec {
-            url: o.url.clone(),
-            format: o.format,
-            compression: o.compression,
-            compression_level: o.compression_level,
-            row_group_size: o.row_group_size,
-            max_record_bytes: o.max_record_bytes,
-        },
+        output: job_spec_output(bp),
+    }
+}
+
+/// The pipeline's output settings as a job records them.
+fn job_spec_output(bp: &BlockPipeline) -> JobOutputSpec {
+    let o = &bp.spec.output;
+    JobOutputSpec {
+        url: o.url.clone(),
+        format: o.format,
+        compression: o.compression,
+        compression_level: o.compression_level,
+        row_group_size: o.row_group_size,
+        max_record_bytes: o.max_record_bytes,
     }
 }
 

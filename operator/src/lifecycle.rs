@@ -281,6 +281,54 @@ impl FinishedJob {
     }
 }
 
+/// What becomes of a deleted job the operator's finalizer still keeps.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Deleted {
+    /// Let it go: its range is committed, or it is not this pipeline's work any more.
+    Release,
+    /// Create a job of exactly its range first (see [`FINALIZER_KEEP_RANGE`]), then let it
+    /// go.
+    ///
+    /// [`FINALIZER_KEEP_RANGE`]: blocksmith_crds::domain::FINALIZER_KEEP_RANGE
+    Replace,
+}
+
+/// The pipeline a deleted job is judged against.
+#[derive(Clone, Copy)]
+pub struct Source<'a> {
+    pub pipeline_uid: Option<&'a str>,
+    pub topic: &'a str,
+    pub kafka_cluster_id: Option<&'a str>,
+}
+
+/// Whether a deleted job's range must come back. Not when its range is committed, nor when
+/// it belongs to another pipeline of the same name (deleted and re-created), another topic
+/// or another Kafka cluster (the user moved the pipeline and deleted the old jobs, as the
+/// `InvalidSpec` message tells them).
+pub fn on_deletion(job: &BlockJob, source: &Source, committed: Option<i64>) -> Deleted {
+    let owner = job
+        .owner_references()
+        .iter()
+        .find(|o| o.controller == Some(true));
+    let other_pipeline = match (owner, source.pipeline_uid) {
+        (Some(o), Some(uid)) => o.uid != uid,
+        _ => false,
+    };
+    let other_cluster = match (
+        job.spec.kafka_cluster_id.as_deref(),
+        source.kafka_cluster_id,
+    ) {
+        (Some(a), Some(b)) => a != b,
+        _ => false,
+    };
+    let committed = committed.is_some_and(|c| job.spec.end_offset <= c);
+    if other_pipeline || job.spec.topic != source.topic || other_cluster || committed {
+        Deleted::Release
+    } else {
+        Deleted::Replace
+    }
+}
+
 /// Names of succeeded jobs to delete, sorted. Only jobs whose whole range is committed
 /// (`end <= committed` of their partition) are eligible: the others still hold back or
 /// explain the commit. Eligible jobs are deleted once `ttl` has passed since they
@@ -341,6 +389,44 @@ mod tests {
         BlockJobStatus {
             not_before: Some(Time(t(not_before))),
             ..status(JobPhase::Pending, 2)
+        }
+    }
+
+    #[test]
+    fn a_deleted_job_comes_back_unless_committed_or_of_another_source() {
+        use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
+        let mut job = crate::testing::job(0, 1000, 2000);
+        job.spec.topic = "orders".into();
+        job.spec.kafka_cluster_id = Some("c1".into());
+        job.metadata.owner_references = Some(vec![OwnerReference {
+            uid: "u1".into(),
+            controller: Some(true),
+            ..Default::default()
+        }]);
+        let source = Source {
+            pipeline_uid: Some("u1"),
+            topic: "orders",
+            kafka_cluster_id: Some("c1"),
+        };
+        assert_eq!(on_deletion(&job, &source, Some(1000)), Deleted::Replace);
+        assert_eq!(on_deletion(&job, &source, None), Deleted::Replace);
+        assert_eq!(on_deletion(&job, &source, Some(2000)), Deleted::Release);
+        let moved = [
+            Source {
+                pipeline_uid: Some("u2"),
+                ..source
+            },
+            Source {
+                topic: "payments",
+                ..source
+            },
+            Source {
+                kafka_cluster_id: Some("c2"),
+                ..source
+            },
+        ];
+        for other in moved {
+            assert_eq!(on_deletion(&job, &other, Some(1000)), Deleted::Release);
         }
     }
 

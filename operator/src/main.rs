@@ -8,7 +8,9 @@ use blocksmith_operator::builders::AutoscalingApi;
 use blocksmith_operator::external_metrics;
 use blocksmith_operator::leader::LeaderElector;
 use blocksmith_operator::metrics::{self, Metrics, RECONCILE_HEARTBEAT};
-use blocksmith_operator::reconcile::{Caches, Context, error_policy, reconcile};
+use blocksmith_operator::reconcile::{
+    Caches, Context, error_policy, reconcile, release_jobs_of_deleted_pipeline,
+};
 use blocksmith_runtime::shutdown_signal;
 use clap::{CommandFactory, Parser};
 use futures::StreamExt;
@@ -209,6 +211,7 @@ async fn main() -> anyhow::Result<()> {
     );
     let mut requeues = Requeues::default();
     let beats = health.clone();
+    let for_gone = ctx.clone();
     let controller = controller
         .run(reconcile, error_policy, ctx)
         .for_each(move |res| {
@@ -218,12 +221,15 @@ async fn main() -> anyhow::Result<()> {
             } else {
                 beats.disarm(RECONCILE_HEARTBEAT);
             }
+            let gone_ctx = for_gone.clone();
             async move {
                 match res {
-                    // A job event for a pipeline that was just deleted (its jobs are being
-                    // garbage-collected): nothing to do, nothing wrong.
+                    // A job event for a pipeline that was just deleted: its jobs are being
+                    // garbage-collected, and the finalizer has no range left to keep.
                     Err(controller::Error::ObjectNotFound(obj)) => {
-                        debug!(object = %obj, "pipeline gone; ignoring an event of its jobs");
+                        debug!(object = %obj, "pipeline gone; releasing its jobs");
+                        let ns = obj.namespace.clone().unwrap_or_default();
+                        release_jobs_of_deleted_pipeline(&gone_ctx, &ns, &obj.name).await;
                     }
                     Err(e) => warn!(error = %e, "reconcile"),
                     Ok(_) => {}

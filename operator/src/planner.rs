@@ -280,6 +280,23 @@ pub fn job_ranges_where(jobs: &[BlockJob], succeeded: impl Fn(&BlockJob) -> bool
     ranges
 }
 
+/// Adds the ranges of deleted jobs still kept by the operator's finalizer, as unfinished
+/// jobs, where no live job (their replacement) has the same range: until they are gone
+/// their ranges are taken, whether or not the cache shows the replacement yet.
+pub fn add_deleted_ranges(ranges: &mut JobRanges, deleted: &[BlockJob]) {
+    for j in deleted {
+        let jobs = ranges.entry(j.spec.partition).or_default();
+        let (start, end) = (j.spec.start_offset, j.spec.end_offset);
+        if !jobs.iter().any(|e| e.start == start && e.end == end) {
+            jobs.push(ExistingJob {
+                start,
+                end,
+                succeeded: false,
+            });
+        }
+    }
+}
+
 /// The plan for every partition of a pipeline, and the status each partition reports.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct PipelinePlan {
@@ -1284,6 +1301,20 @@ mod tests {
         assert_eq!(nothing_cut[0].cut_offset.take(), Some(200));
         assert_eq!(suspended.partitions, nothing_cut);
         assert_eq!(suspended.initial_commits, plan.initial_commits);
+    }
+
+    #[test]
+    fn a_deleted_jobs_range_stays_taken_once_whether_or_not_its_replacement_is_seen() {
+        let deleted = [crate::testing::job(0, 1000, 2000)];
+        let mut ranges = job_ranges(&[crate::testing::job(0, 0, 1000)]);
+        add_deleted_ranges(&mut ranges, &deleted);
+        assert_eq!(
+            ranges[&0],
+            existing(&[(0, 1000, false), (1000, 2000, false)])
+        );
+        let mut with_replacement = job_ranges(&[crate::testing::job(0, 1000, 2000)]);
+        add_deleted_ranges(&mut with_replacement, &deleted);
+        assert_eq!(with_replacement[&0], existing(&[(1000, 2000, false)]));
     }
 
     #[test]

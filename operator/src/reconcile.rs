@@ -5,7 +5,7 @@
 //! the pure functions of `planner`, `committer`, `lifecycle` and `conditions`; this module
 //! does the I/O around them.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -26,13 +26,15 @@ use crate::conditions::{Observed, Problem};
 use crate::jobs::{self, JobStore};
 use crate::kafka::{self, KafkaError};
 use crate::lifecycle::{
-    FinishedJob, JobAction, JobCounts, Reset, job_action, jobs_to_delete, next_wakeup, reset,
+    Deleted, FinishedJob, JobAction, JobCounts, Reset, Source, job_action, jobs_to_delete,
+    next_wakeup, on_deletion, reset,
 };
 use crate::metrics::{RECONCILE_HEARTBEAT, reconcile_deadline};
 use crate::offsets::KafkaRead;
 use crate::output::{self, Evidence, OutputError};
 use crate::planner::{
-    JobRanges, PlanPolicy, PlannedJob, WrittenBlocks, job_ranges_where, output_reads, plan_pipeline,
+    JobRanges, PlanPolicy, PlannedJob, WrittenBlocks, add_deleted_ranges, job_ranges_where,
+    output_reads, plan_pipeline,
 };
 use crate::status;
 use crate::validate::{
@@ -54,6 +56,53 @@ pub async fn reconcile(bp: Arc<BlockPipeline>, ctx: Arc<Context>) -> Result<Acti
     ctx.metrics
         .observe_reconcile(started.elapsed().as_secs_f64());
     result
+}
+
+/// Lets go of the jobs of a deleted pipeline that garbage collection is deleting: the
+/// operator's finalizer keeps a deleted job's range for its pipeline, and there is none left.
+/// A pipeline of the same name created since keeps its own jobs' ranges.
+pub async fn release_jobs_of_deleted_pipeline(ctx: &Context, namespace: &str, pipeline: &str) {
+    let store = JobStore::new(
+        ctx.client.clone(),
+        ctx.jobs.clone(),
+        namespace,
+        pipeline,
+        ctx.metrics.clone(),
+    );
+    let kept: Vec<BlockJob> = store
+        .cached()
+        .into_iter()
+        .filter(|j| j.is_terminating() && j.keeps_range())
+        .collect();
+    if kept.is_empty() {
+        return;
+    }
+    let pipelines: kube::Api<BlockPipeline> = kube::Api::namespaced(ctx.client.clone(), namespace);
+    let current = match pipelines.get_opt(pipeline).await {
+        Ok(bp) => bp.and_then(|bp| bp.metadata.uid),
+        Err(e) => {
+            warn!(namespace, pipeline, error = %e, "reading a pipeline whose jobs are being deleted");
+            return;
+        }
+    };
+    for job in kept {
+        let owner = job
+            .owner_references()
+            .iter()
+            .find(|o| o.controller == Some(true));
+        if current.is_some() && owner.map(|o| &o.uid) == current.as_ref() {
+            continue;
+        }
+        match store.release(&job).await {
+            Ok(_) => {
+                info!(namespace, pipeline, job = %job.name_any(), "released a job of a deleted pipeline")
+            }
+            Err(e) if is_api_error(&e, &[404, 409]) => {}
+            Err(e) => {
+                warn!(namespace, pipeline, job = %job.name_any(), error = %e, "releasing a job of a deleted pipeline")
+            }
+        }
+    }
 }
 
 pub fn error_policy(_bp: Arc<BlockPipeline>, error: &Error, ctx: Arc<Context>) -> Action {
@@ -154,13 +203,15 @@ impl<'a> Pass<'a> {
     async fn steps(&mut self) -> Result<(), Halt> {
         let policy = self.validate_spec()?;
         self.apply_builders().await?;
-        let jobs = self.tend_jobs().await?;
+        let (jobs, deleted) = self.tend_jobs().await?;
         let mut committed = BTreeMap::new();
         if let Some(mut kafka) = self.read_kafka(&jobs).await? {
+            self.keep_deleted_ranges(&deleted, &kafka).await?;
             let unconfirmed = self.confirm_blocks(&jobs, &kafka).await?;
-            let ranges = job_ranges_where(&jobs, |j| {
+            let mut ranges = job_ranges_where(&jobs, |j| {
                 j.phase() == JobPhase::Succeeded && !unconfirmed.contains(&j.name_any())
             });
+            add_deleted_ranges(&mut ranges, &deleted);
             self.commit_durable_prefixes(&mut kafka, &ranges).await;
             self.plan(&kafka, &ranges, &policy).await?;
             committed = kafka.committed();
@@ -213,9 +264,15 @@ impl<'a> Pass<'a> {
 
     /// Brings each job up to date (see [`Pass::tend_job`]) and notes when the jobs need the
     /// operator next and which of them wait for the user. Returns the jobs as they now are,
-    /// without those that changed under us.
-    async fn tend_jobs(&mut self) -> Result<Vec<BlockJob>, Halt> {
-        let listed = self.store.cached();
+    /// without those that changed under us, and apart from them the deleted jobs the
+    /// operator's finalizer still keeps (see [`Pass::keep_deleted_ranges`]).
+    async fn tend_jobs(&mut self) -> Result<(Vec<BlockJob>, Vec<BlockJob>), Halt> {
+        let (deleted, listed): (Vec<BlockJob>, Vec<BlockJob>) = self
+            .store
+            .cached()
+            .into_iter()
+            .partition(BlockJob::is_terminating);
+        let deleted = deleted.into_iter().filter(BlockJob::keeps_range).collect();
         let topics = listed.iter().map(|j| j.spec.topic.as_str());
         validate_topic_unchanged(&self.name, &self.bp.spec, topics)?;
         let backoff_limit = self.bp.spec.jobs.backoff_limit;
@@ -233,7 +290,38 @@ impl<'a> Pass<'a> {
             }
             jobs.push(job);
         }
-        Ok(jobs)
+        Ok((jobs, deleted))
+    }
+
+    /// Deleted jobs whose range is not committed come back as jobs of exactly their range
+    /// before the finalizer lets them go, so that a builder still finishing one writes the
+    /// block its replacement would, never one overlapping new cut points. The replacement
+    /// is created before the release: any cache that no longer shows the deleted job shows
+    /// its replacement, so the range is never seen free.
+    async fn keep_deleted_ranges(
+        &mut self,
+        deleted: &[BlockJob],
+        kafka: &KafkaRead,
+    ) -> Result<(), kube::Error> {
+        let committed = kafka.committed();
+        let source = Source {
+            pipeline_uid: self.bp.metadata.uid.as_deref(),
+            topic: &self.bp.spec.kafka.topic,
+            kafka_cluster_id: kafka.cluster_id.as_deref(),
+        };
+        for job in deleted {
+            let decision = on_deletion(job, &source, committed.get(&job.spec.partition).copied());
+            if decision == Deleted::Replace {
+                info!(namespace = %self.ns, pipeline = %self.name, job = %job.name_any(), start = job.spec.start_offset, end = job.spec.end_offset, "a deleted job comes back with its range");
+                self.store.replace(self.bp, job).await?;
+            }
+            match self.store.release(job).await {
+                Ok(_) => {}
+                Err(e) if is_api_error(&e, &[404, 409]) => self.wake_at(self.now),
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
     }
 
     /// Applies the job's lifecycle [`reset`] and keeps its phase label in sync. Returns the
@@ -566,8 +654,11 @@ impl<'a> Pass<'a> {
         let finished: Vec<FinishedJob> = jobs.iter().filter_map(FinishedJob::of).collect();
         let ttl = Duration::from_secs(spec.ttl_seconds_after_succeeded.max(0) as u64);
         let limit = spec.successful_jobs_history_limit.max(0) as usize;
+        let by_name: HashMap<String, &BlockJob> = jobs.iter().map(|j| (j.name_any(), j)).collect();
         for name in jobs_to_delete(&finished, committed, ttl, limit, self.now) {
-            self.store.delete(&name).await?;
+            if let Some(job) = by_name.get(&name) {
+                self.store.delete(job).await?;
+            }
         }
         Ok(())
     }

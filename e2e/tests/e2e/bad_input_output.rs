@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use blocksmith_crds::domain::{default_consumer_group, job_name};
+use blocksmith_crds::domain::{default_consumer_group, job_name, replacement_name};
 use blocksmith_crds::{BlockJob, BlockPipeline, JobPhase};
 use blocksmith_e2e::broker::PrivateBroker;
 use blocksmith_e2e::datagen::{DataSpec, Produced, ValueSizes};
@@ -356,12 +356,13 @@ async fn a_record_over_max_record_bytes_fails_its_job_writes_nothing_and_a_raise
         "{written:?}"
     );
 
-    // Raise the limit, delete the job: re-created under the new limit, written once.
+    // Raise the limit, delete the job: re-created (as its replacement) under the new limit,
+    // written once.
     s.apply(&bp(8192)).await;
     wait_observed(&s).await;
     assert_eq!(delete_failed(&tb, ns).await, vec![bad.clone()]);
     s.wait_committed_then_audit(Duration::from_secs(120)).await;
-    let retried = s.job(&Some(bad)).await.unwrap();
+    let retried = s.job(&Some(replacement_name(&bad))).await.unwrap();
     assert_eq!(
         (retried.spec.start_offset, retried.spec.end_offset),
         (1000, 2000)

@@ -4,10 +4,12 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+use blocksmith_crds::domain::replacement_name;
 use blocksmith_crds::{BlockJob, JobPhase};
 use blocksmith_e2e::datagen::{DataSpec, ValueSizes};
 use blocksmith_e2e::scenario::*;
-use kube::api::{Api, Patch, PatchParams};
+use kube::ResourceExt;
+use kube::api::{Api, DeleteParams, Patch, PatchParams};
 use serde_json::json;
 
 /// Bytes the S3 server on `port` has been sent but not read: a frozen server's pending
@@ -185,4 +187,71 @@ async fn a_commit_past_the_end_of_the_log_waits_for_a_reset_and_skips_nothing() 
     let committed = s.wait_all_committed(Duration::from_secs(180)).await;
     s.wait(Cond::reconciled()).await;
     audit_exact(&s.tb, &s.blocks, &s.produced, &committed);
+}
+
+/// Issue 11, scenario 3, second half: a job deleted while its builder still works on it,
+/// after `maxRecords` changed. Cut again by the new `maxRecords` (`[0, 600)`, `[600, 1000)`),
+/// its range would overlap the block its builder may still write, and reading the output
+/// first cannot see a block not written yet. The operator's finalizer keeps the deleted job
+/// until a job of exactly its range replaces it; the builder, seeing its job deleted, stops;
+/// the range is written once.
+#[tokio::test]
+async fn a_job_deleted_while_its_builder_works_comes_back_with_exactly_its_range() {
+    let s = Scenario::new("eo-keep")
+        .private_broker()
+        .records(2000)
+        .value_size(200)
+        .jobs(json!({"maxRecords": 1000, "leaseDurationSeconds": 30}))
+        .operator()
+        .await;
+    s.broker().set_round_trip_time(Duration::from_millis(300));
+    let victim = s.spawn_builder("victim");
+    let held = freeze_in_a_job(&s.tb, &s.ns, &s.name, &victim, "victim").await;
+    let (start, end) = (held.spec.start_offset, held.spec.end_offset);
+
+    let mut smaller = s.bp.clone();
+    smaller.spec.jobs.max_records = 600;
+    s.apply(&smaller).await;
+    wait_for("the new spec observed", Duration::from_secs(30), || async {
+        let bp = s.get().await;
+        (bp.status?.observed_generation == bp.metadata.generation).then_some(())
+    })
+    .await;
+    let api: Api<BlockJob> = Api::namespaced(s.tb.client.clone(), &s.ns);
+    api.delete(&held.name_any(), &DeleteParams::default())
+        .await
+        .expect("delete the running job");
+
+    let replacement = replacement_name(&held.name_any());
+    let back = wait_for(
+        "the deleted job back as its replacement",
+        Duration::from_secs(60),
+        || async {
+            let jobs = s.jobs().await;
+            let gone = !jobs.iter().any(|j| j.name_any() == held.name_any());
+            let back = jobs.into_iter().find(|j| j.name_any() == replacement);
+            back.filter(|_| gone)
+        },
+    )
+    .await;
+    assert_eq!((back.spec.start_offset, back.spec.end_offset), (start, end));
+    assert_eq!(back.attempt(), 1, "a deleted job is the user's retry");
+    let overlapping: Vec<(i64, i64)> = s
+        .jobs()
+        .await
+        .iter()
+        .map(|j| (j.spec.start_offset, j.spec.end_offset))
+        .filter(|&(a, b)| a < end && start < b && (a, b) != (start, end))
+        .collect();
+    assert!(
+        overlapping.is_empty(),
+        "ranges cut over the deleted job's: {overlapping:?}"
+    );
+
+    // The deleted job's builder goes on, finds its job deleted and stops; another builds
+    // the replacement.
+    s.broker().set_round_trip_time(Duration::ZERO);
+    victim.signal("CONT");
+    let _rescuer = s.spawn_builder("rescuer");
+    s.wait_committed_then_audit(Duration::from_secs(120)).await;
 }

@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use blocksmith_crds::domain::job_name;
+use blocksmith_crds::domain::{job_name, replacement_name};
 use blocksmith_crds::{BlockJob, JobPhase};
 use blocksmith_e2e::datagen::{DataSpec, ValueSizes};
 use blocksmith_e2e::forwarder::CuttableApiserver;
@@ -243,7 +243,8 @@ async fn a_job_failing_past_its_backoff_limit_degrades_and_holds_the_commit_unti
     let j = s.job(&bad.metadata.name).await.unwrap();
     assert_eq!(j.phase(), JobPhase::Failed, "stays Failed");
 
-    // The user's retry: delete it; it comes back fresh with the same range.
+    // The user's retry: delete it; it comes back fresh with the same range, as its
+    // replacement (the operator's finalizer keeps the deleted job until it exists).
     Api::<BlockJob>::namespaced(s.tb.client.clone(), &s.ns)
         .delete(
             bad.metadata.name.as_deref().unwrap(),
@@ -251,9 +252,9 @@ async fn a_job_failing_past_its_backoff_limit_degrades_and_holds_the_commit_unti
         )
         .await
         .unwrap();
+    let replacement = Some(replacement_name(&bad.name_any()));
     let fresh = wait_for("the job re-created", Duration::from_secs(30), || async {
-        let j = s.job(&bad.metadata.name).await?;
-        (j.metadata.uid != bad.metadata.uid).then_some(j)
+        s.job(&replacement).await
     })
     .await;
     assert_eq!(
@@ -561,8 +562,12 @@ async fn writes_from_a_stale_job_cache_never_change_or_revive_a_job() {
         Err(kube::Error::Api(e)) => assert_eq!(e.code, 409, "{e:?}"),
         other => panic!("a write from a stale version must conflict: {other:?}"),
     }
-    // A label write for a job deleted since the cache saw it must not re-create it.
+    // A label write for a job deleted since the cache saw it must not re-create it. (No
+    // operator runs here to release its finalizer once deleted: the test does.)
     api.delete(&name, &DeleteParams::default()).await.unwrap();
+    let deleted = api.get(&name).await.unwrap();
+    assert!(deleted.is_terminating() && deleted.keeps_range());
+    store.release(&deleted).await.unwrap();
     wait_for("job gone", Duration::from_secs(30), || async {
         api.get_opt(&name).await.unwrap().is_none().then_some(())
     })
