@@ -171,14 +171,11 @@ pub fn read_range<E: From<ReadError>>(
         position,
     };
 
-    let consumer = CloseInBackground(Some(consumer(cfg)?));
+    let mut consumer = CloseInBackground(Some(consumer(cfg)?));
     // An assignment to a missing partition would just wait; ask once so it fails clearly.
     check_partition(&consumer, cfg, topic, partition)?;
-    let mut assignment = TopicPartitionList::new();
-    assignment
-        .add_partition_offset(topic, partition, Offset::Offset(start))
-        .and_then(|()| consumer.assign(&assignment))
-        .map_err(|e| ReadError::Client(Box::new(e)))?;
+    assign(&consumer, topic, partition, start)?;
+    let mut from_followers = fetches_from_followers(cfg);
 
     // The offset after the last record (or transaction marker) consumed.
     let mut next = start;
@@ -218,10 +215,26 @@ pub fn read_range<E: From<ReadError>>(
                 // under read_committed). This relies on jobs being planned below the log end as
                 // seen with that isolation level: then the answer cannot run ahead of records
                 // still in flight inside the range.
-                match consumer.fetch_watermarks(topic, partition, REQUEST_TIMEOUT) {
-                    Ok((_, high)) if high >= end => break,
-                    Ok(_) => {}
-                    Err(err) => consumer.context().note(&err, "querying watermarks"),
+                //
+                // The watermark comes from the leader, the end-of-partition from the replica
+                // that served the fetch. With fetch-from-follower (`client.rack`) that may be a
+                // follower whose high watermark lags the leader's: its end says nothing of the
+                // offsets between it and the leader's. The rest of the range is then read from
+                // the leader, whose end-of-partition the leader's watermark does settle.
+                let leader_high = consumer
+                    .fetch_watermarks(topic, partition, REQUEST_TIMEOUT)
+                    .map(|(_, high)| high);
+                if let Err(err) = &leader_high {
+                    consumer.context().note(err, "querying watermarks");
+                }
+                match at_end_of_partition(end, leader_high.ok(), from_followers) {
+                    AtEnd::RangeDone => break,
+                    AtEnd::ReadRestFromLeader => {
+                        consumer = CloseInBackground(Some(consumer_of_leader(cfg)?));
+                        assign(&consumer, topic, partition, next)?;
+                        from_followers = false;
+                    }
+                    AtEnd::KeepReading => {}
                 }
             }
             Some(Err(err)) => {
@@ -258,6 +271,55 @@ impl Drop for CloseInBackground {
             std::thread::spawn(move || drop(consumer));
         }
     }
+}
+
+fn assign(
+    consumer: &BaseConsumer<ConnectionErrors>,
+    topic: &str,
+    partition: i32,
+    from: i64,
+) -> Result<(), ReadError> {
+    let mut assignment = TopicPartitionList::new();
+    assignment
+        .add_partition_offset(topic, partition, Offset::Offset(from))
+        .and_then(|()| consumer.assign(&assignment))
+        .map_err(|e| ReadError::Client(Box::new(e)))
+}
+
+/// What an end-of-partition below the range's end means.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum AtEnd {
+    /// The leader's log reaches the range's end, and the leader served the fetch: the rest
+    /// of the range holds nothing to read.
+    RangeDone,
+    /// The leader's log reaches the range's end, but a follower (its high watermark may lag
+    /// the leader's) served the fetch: read the rest from the leader.
+    ReadRestFromLeader,
+    /// The log does not reach the range's end yet (or its end is unknown).
+    KeepReading,
+}
+
+fn at_end_of_partition(end: i64, leader_high: Option<i64>, from_followers: bool) -> AtEnd {
+    match leader_high {
+        Some(high) if high >= end && from_followers => AtEnd::ReadRestFromLeader,
+        Some(high) if high >= end => AtEnd::RangeDone,
+        _ => AtEnd::KeepReading,
+    }
+}
+
+/// Whether the consumer may fetch from a follower (KIP-392): librdkafka does once the
+/// client names its rack.
+fn fetches_from_followers(cfg: &ReaderConfig) -> bool {
+    cfg.extra
+        .iter()
+        .any(|(key, value)| key == "client.rack" && !value.is_empty())
+}
+
+/// A consumer of `cfg` that fetches from the leader only.
+fn consumer_of_leader(cfg: &ReaderConfig) -> Result<BaseConsumer<ConnectionErrors>, ReadError> {
+    let mut cfg = cfg.clone();
+    cfg.extra.retain(|(key, _)| key != "client.rack");
+    consumer(&cfg)
 }
 
 fn consumer(cfg: &ReaderConfig) -> Result<BaseConsumer<ConnectionErrors>, ReadError> {
@@ -554,6 +616,60 @@ mod tests {
             Ok::<_, TestError>(())
         });
         (got, result)
+    }
+
+    /// Issue 11, scenario 6: with fetch-from-follower (`client.rack`) the follower serves the
+    /// range, whatever high watermark it reports (here 40, the leader's is 100), and the read
+    /// is exact. (librdkafka's mock follower returns the records past its watermark with it,
+    /// so it never reports an end-of-partition below the leader's: the case the reader must
+    /// not trust is covered by `only_a_leaders_end_of_partition_is_settled_by_its_watermark`.)
+    #[test]
+    fn a_lagging_followers_end_of_partition_never_ends_the_read_early() {
+        let cluster = MockCluster::new(3).unwrap();
+        cluster.create_topic(TOPIC, 1, 3).unwrap();
+        cluster.partition_leader(TOPIC, 0, Some(1)).unwrap();
+        cluster.broker_rack(2, "follower-rack").unwrap();
+        cluster.partition_follower(TOPIC, 0, 2).unwrap();
+        // Two batches: the follower serves the first, then reports its end at 40.
+        let producer = producer(&cluster);
+        produce(&producer, (0..40).map(expected));
+        produce(&producer, (40..100).map(expected));
+        cluster
+            .follower_watermarks(TOPIC, 0, None, Some(40))
+            .unwrap();
+        let mut cfg = config(&cluster);
+        cfg.extra
+            .push(("client.rack".into(), "follower-rack".into()));
+
+        let (got, result) = read(&cfg, 0, 100);
+
+        result.expect("the read finishes");
+        let offsets: Vec<i64> = got.iter().map(|r| r.offset).collect();
+        assert_eq!(offsets, (0..100).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn only_a_leaders_end_of_partition_is_settled_by_its_watermark() {
+        assert_eq!(at_end_of_partition(100, Some(100), false), AtEnd::RangeDone);
+        assert_eq!(
+            at_end_of_partition(100, Some(120), true),
+            AtEnd::ReadRestFromLeader
+        );
+        assert_eq!(
+            at_end_of_partition(100, Some(99), false),
+            AtEnd::KeepReading
+        );
+        assert_eq!(at_end_of_partition(100, None, true), AtEnd::KeepReading);
+
+        let mut cfg = ReaderConfig::new("kafka:9092");
+        assert!(!fetches_from_followers(&cfg));
+        cfg.extra.push(("client.rack".into(), String::new()));
+        assert!(
+            !fetches_from_followers(&cfg),
+            "an empty rack fetches from leaders"
+        );
+        cfg.extra.push(("client.rack".into(), "eu-west-1a".into()));
+        assert!(fetches_from_followers(&cfg));
     }
 
     #[test]
