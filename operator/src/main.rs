@@ -9,7 +9,7 @@ use blocksmith_operator::external_metrics;
 use blocksmith_operator::leader::LeaderElector;
 use blocksmith_operator::metrics::{self, Metrics, RECONCILE_HEARTBEAT};
 use blocksmith_operator::reconcile::{
-    Caches, Context, error_policy, reconcile, release_jobs_of_deleted_pipeline,
+    Caches, Context, error_policy, forget_deleted_pipeline, reconcile,
 };
 use blocksmith_runtime::shutdown_signal;
 use clap::{CommandFactory, Parser};
@@ -224,12 +224,12 @@ async fn main() -> anyhow::Result<()> {
             let gone_ctx = for_gone.clone();
             async move {
                 match res {
-                    // A job event for a pipeline that was just deleted: its jobs are being
-                    // garbage-collected, and the finalizer has no range left to keep.
+                    // The pipeline's deletion, or an event of its jobs, which garbage
+                    // collection is deleting: what the operator keeps of it goes.
                     Err(controller::Error::ObjectNotFound(obj)) => {
-                        debug!(object = %obj, "pipeline gone; releasing its jobs");
+                        debug!(object = %obj, "pipeline gone; forgetting it and releasing its jobs");
                         let ns = obj.namespace.clone().unwrap_or_default();
-                        release_jobs_of_deleted_pipeline(&gone_ctx, &ns, &obj.name).await;
+                        forget_deleted_pipeline(&gone_ctx, &ns, &obj.name).await;
                     }
                     Err(e) => warn!(error = %e, "reconcile"),
                     Ok(_) => {}

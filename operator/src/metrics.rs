@@ -1,6 +1,8 @@
 //! Prometheus metrics (`blocksmith_` prefix, units in names) and the HTTP endpoints
 //! `/metrics`, `/healthz`, `/readyz`, with the deadlines `/healthz` judges the operator by.
 
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Mutex;
 use std::time::Duration;
 
 pub use blocksmith_runtime::metrics::KindLabels;
@@ -46,7 +48,12 @@ pub struct OperatorMetrics {
     kafka_errors: Family<PipelineLabels, Counter>,
     api_writes: ApiWrites,
     reconcile_seconds: Histogram,
+    /// The partitions each pipeline reported series for, so that its series can go with it.
+    partitions: Mutex<HashMap<PipelineLabels, BTreeSet<i32>>>,
 }
+
+/// The job phases the `jobs` family has a series for.
+const PHASES: [&str; 4] = ["Pending", "Running", "Succeeded", "Failed"];
 
 impl Families for OperatorMetrics {
     const PREFIX: &'static str = "blocksmith";
@@ -72,6 +79,7 @@ impl Families for OperatorMetrics {
                 "Reconcile duration",
                 Histogram::new(exponential_buckets(0.001, 1.5, 30)),
             ),
+            partitions: Mutex::default(),
         }
     }
 
@@ -116,6 +124,12 @@ impl OperatorMetrics {
             pipeline: pipeline.into(),
             partition: partition.to_string(),
         };
+        self.partitions
+            .lock()
+            .expect("metrics lock")
+            .entry(pipeline_labels(ns, pipeline))
+            .or_default()
+            .insert(partition);
         self.lag.get_or_create(&l).set(lag);
         if let Some(c) = committed {
             self.committed.get_or_create(&l).set(c);
@@ -134,6 +148,36 @@ impl OperatorMetrics {
             };
             self.jobs.get_or_create(&l).set(*n);
         }
+    }
+
+    /// Removes every series of a deleted pipeline.
+    pub fn forget_pipeline(&self, ns: &str, pipeline: &str) {
+        let labels = pipeline_labels(ns, pipeline);
+        let partitions = self
+            .partitions
+            .lock()
+            .expect("metrics lock")
+            .remove(&labels)
+            .unwrap_or_default();
+        for partition in partitions {
+            let l = PartitionLabels {
+                namespace: ns.into(),
+                pipeline: pipeline.into(),
+                partition: partition.to_string(),
+            };
+            self.lag.remove(&l);
+            self.committed.remove(&l);
+        }
+        for phase in PHASES {
+            self.jobs.remove(&PhaseLabels {
+                namespace: ns.into(),
+                pipeline: pipeline.into(),
+                phase: phase.into(),
+            });
+        }
+        self.queue_depth.remove(&labels);
+        self.commits.remove(&labels);
+        self.kafka_errors.remove(&labels);
     }
 
     /// Queue depth of one pipeline as last reconciled (for the external metrics API).
@@ -189,6 +233,30 @@ pub fn controller_idle_deadline(poll_interval: Duration, debounce: Duration) -> 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_deleted_pipelines_series_go_with_it_and_no_others() {
+        let metrics = Metrics::default();
+        let before = metrics.encode();
+        for pipeline in ["gone", "kept"] {
+            let m = &metrics;
+            m.partition("ns", pipeline, 0, Some(5), 1);
+            m.partition("ns", pipeline, 3, None, 2);
+            m.queue("ns", pipeline, 1, &[("Pending", 1), ("Failed", 0)]);
+            m.commit("ns", pipeline);
+            m.kafka_error("ns", pipeline);
+        }
+        let kept_series = metrics.encode().matches("pipeline=\"kept\"").count();
+        metrics.forget_pipeline("ns", "gone");
+        let text = metrics.encode();
+        assert!(!before.contains("pipeline="));
+        assert!(!text.contains("pipeline=\"gone\""), "{text}");
+        assert_eq!(text.matches("pipeline=\"kept\"").count(), kept_series);
+        assert_eq!(
+            kept_series, 8,
+            "lag 2, committed 1, queue 1, jobs 2, commits, errors"
+        );
+    }
 
     #[test]
     fn deadlines_with_the_default_settings() {

@@ -57,6 +57,11 @@ impl OffsetClients {
         }
     }
 
+    /// Drops the client of a deleted pipeline (closing its connections).
+    pub fn forget(&self, key: &str) {
+        self.clients.lock().expect("clients lock").remove(key);
+    }
+
     /// The cluster id and the offsets of the pipeline's partitions; `key` names the pipeline.
     pub async fn read(
         &self,

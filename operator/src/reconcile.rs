@@ -58,10 +58,23 @@ pub async fn reconcile(bp: Arc<BlockPipeline>, ctx: Arc<Context>) -> Result<Acti
     result
 }
 
+/// What the operator keeps of a pipeline that is gone: its Kafka client, metric series and
+/// what it last applied go; its jobs, which garbage collection is deleting, are let go.
+pub async fn forget_deleted_pipeline(ctx: &Context, namespace: &str, pipeline: &str) {
+    let key = format!("{namespace}/{pipeline}");
+    ctx.kafka.forget(&key);
+    ctx.metrics.forget_pipeline(namespace, pipeline);
+    ctx.builders_applied
+        .lock()
+        .expect("builders lock")
+        .remove(&key);
+    release_jobs_of_deleted_pipeline(ctx, namespace, pipeline).await;
+}
+
 /// Lets go of the jobs of a deleted pipeline that garbage collection is deleting: the
 /// operator's finalizer keeps a deleted job's range for its pipeline, and there is none left.
 /// A pipeline of the same name created since keeps its own jobs' ranges.
-pub async fn release_jobs_of_deleted_pipeline(ctx: &Context, namespace: &str, pipeline: &str) {
+async fn release_jobs_of_deleted_pipeline(ctx: &Context, namespace: &str, pipeline: &str) {
     let store = JobStore::new(
         ctx.client.clone(),
         ctx.jobs.clone(),

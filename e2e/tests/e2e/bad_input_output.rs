@@ -512,6 +512,14 @@ async fn deleting_a_pipeline_mid_run_collects_its_jobs_and_leaves_builders_idle_
         || async { jobs(&tb, &ns, "p").await.is_empty().then_some(()) },
     )
     .await;
+    // The operator forgets it: no metric series of it is left.
+    let series = format!("namespace=\"{ns}\",pipeline=\"p\"");
+    wait_for(
+        "the pipeline's metric series removed",
+        Duration::from_secs(30),
+        || async { (!http_get(op.metrics_port, "/metrics").contains(&series)).then_some(()) },
+    )
+    .await;
     let group_at = group_offsets(&tb.kafka_bootstrap, &group, &topic, 4).await;
     builders[0].signal("CONT");
 
