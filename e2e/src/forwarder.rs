@@ -21,19 +21,27 @@ pub struct CuttableApiserver {
 impl CuttableApiserver {
     /// Starts the forwarder (on a thread of its own, so a test blocked in a synchronous call
     /// never stalls it) and returns it with a copy of `tb` whose spawned binaries reach the
-    /// API server through it. The copy's own client still goes direct.
+    /// API server of `tb`'s kubeconfig through it. The copy's own client still goes direct.
     pub fn start(tb: &Testbed, name: &str) -> (CuttableApiserver, Testbed) {
-        let server = std::env::var("BLOCKSMITH_APISERVER").expect("BLOCKSMITH_APISERVER");
+        let own = tb
+            .kubeconfig
+            .clone()
+            .unwrap_or_else(|| tb.dir.join("kubeconfig"));
+        let shared = std::fs::read_to_string(&own).expect("testbed kubeconfig");
+        let server = shared
+            .lines()
+            .find_map(|l| l.trim().strip_prefix("server: "))
+            .expect("the kubeconfig names its server")
+            .trim()
+            .to_string();
         let target: SocketAddr = server
             .trim_start_matches("https://")
             .parse()
-            .expect("BLOCKSMITH_APISERVER is https://IP:PORT");
+            .expect("the kubeconfig's server is https://IP:PORT");
         let port = free_port();
         let dir = tb.dir.join("cuttable-apiservers");
         std::fs::create_dir_all(&dir).expect("forwarder dir");
         let kubeconfig: PathBuf = dir.join(format!("{name}.kubeconfig"));
-        let shared =
-            std::fs::read_to_string(tb.dir.join("kubeconfig")).expect("testbed kubeconfig");
         std::fs::write(
             &kubeconfig,
             shared.replace(&server, &format!("https://127.0.0.1:{port}")),

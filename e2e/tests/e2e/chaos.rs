@@ -1,6 +1,10 @@
-//! Seeded chaos: a pipeline runs while builders are SIGKILLed, the operator is restarted,
-//! the Kafka broker is taken down (20 s the first time), the S3 server is stopped and the kube-apiserver is
-//! restarted; afterwards every produced offset must be in exactly one block.
+//! Seeded chaos: a pipeline runs while builders are SIGKILLed, the operator is restarted or
+//! cut off from the kube-apiserver (it must stop leading, and is started again), the Kafka
+//! broker and the S3 server are taken down (the first time for 45 s in runs of 500,000 records
+//! or more: longer than the pipeline's `backoffLimit` of attempts would last if outages
+//! counted; 20 s and 5–12 s in the suite's shorter runs), the kube-apiserver is restarted
+//! and the tail job of a partition is deleted (a user's retry, in any phase); afterwards every
+//! produced offset must be in exactly one block.
 //!
 //! `BLOCKSMITH_CHAOS_SEEDS` (comma-separated, default `1,2,3`) and `BLOCKSMITH_CHAOS_RECORDS`
 //! (default 100,000) size the run. Each run has its own broker, S3 server and kube-apiserver
@@ -8,15 +12,19 @@
 
 use std::time::{Duration, Instant};
 
+use blocksmith_crds::BlockJob;
 use blocksmith_crds::domain::default_consumer_group;
 use blocksmith_e2e::Testbed;
 use blocksmith_e2e::apiserver::PrivateApiserver;
 use blocksmith_e2e::broker::PrivateBroker;
 use blocksmith_e2e::datagen::{DataSpec, ValueSizes};
+use blocksmith_e2e::forwarder::CuttableApiserver;
 use blocksmith_e2e::process::Proc;
 use blocksmith_e2e::scenario::*;
+use kube::ResourceExt;
+use kube::api::{Api, DeleteParams};
 use rand::rngs::StdRng;
-use rand::seq::SliceRandom;
+use rand::seq::{IndexedRandom, SliceRandom};
 use rand::{Rng, SeedableRng};
 use serde_json::json;
 
@@ -32,6 +40,33 @@ fn chaos_builder(tb: &Testbed, ns: &str, id: &str, s3: &PrivateS3) -> Proc {
     spawn_builder_with(tb, ns, "p", id, s3.point())
 }
 
+/// An operator that reaches the API server through a forwarder the run can cut.
+fn chaos_operator(tb: &Testbed, ns: &str, id: &str) -> (CuttableApiserver, Operator) {
+    let (apiserver, via) = CuttableApiserver::start(tb, &format!("{ns}-{id}"));
+    (apiserver, spawn_operator(&via, ns, id))
+}
+
+/// Deletes the job with the highest start of a random partition that has jobs: the tail
+/// job, in whatever phase. Errors (the API server down meanwhile) skip it.
+async fn delete_a_tail_job(tb: &Testbed, ns: &str, rng: &mut StdRng) -> bool {
+    let api: Api<BlockJob> = Api::namespaced(tb.client.clone(), ns);
+    let Ok(list) = api.list(&Default::default()).await else {
+        return false;
+    };
+    let live: Vec<&BlockJob> = list.items.iter().filter(|j| !j.is_terminating()).collect();
+    let Some(partition) = live.choose(rng).map(|j| j.spec.partition) else {
+        return false;
+    };
+    let tail = live
+        .iter()
+        .filter(|j| j.spec.partition == partition)
+        .max_by_key(|j| j.spec.start_offset)
+        .expect("the partition has a job");
+    api.delete(&tail.name_any(), &DeleteParams::default())
+        .await
+        .is_ok()
+}
+
 #[derive(Default, Debug)]
 struct Faults {
     builder_kills: u32,
@@ -39,6 +74,8 @@ struct Faults {
     broker_outages: u32,
     s3_outages: u32,
     apiserver_restarts: u32,
+    leader_cutoffs: u32,
+    tail_job_deletions: u32,
     /// Processes that exited on their own and were started again, as a Deployment would.
     respawned: u32,
 }
@@ -86,11 +123,13 @@ async fn run(shared: &Testbed, seed: u64, records: u64) {
     };
     let produced = produce_data_to(&servers.broker.bootstrap, spec).await;
 
-    let jobs = json!({"maxRecords": 1000, "leaseDurationSeconds": 4, "backoffLimit": 1000});
+    // Four attempts: leases that run out (killed builders, API server restarts) count, so a
+    // job must not lose many; outages must not count at all.
+    let jobs = json!({"maxRecords": 1000, "leaseDurationSeconds": 4, "backoffLimit": 4});
     let mut bp = pipeline("p", "chaos", &servers.broker.bootstrap, "unset", jobs);
     servers.s3.serve(tb, &ns, &mut bp, "chaos").await;
     apply_pipeline(tb, &ns, &bp).await;
-    let mut operator = spawn_operator(tb, &ns, "op-0");
+    let (mut operator_link, mut operator) = chaos_operator(tb, &ns, "op-0");
     let mut builders: Vec<Proc> = (0..3)
         .map(|i| chaos_builder(tb, &ns, &format!("b{i}-0"), &servers.s3))
         .collect();
@@ -101,7 +140,9 @@ async fn run(shared: &Testbed, seed: u64, records: u64) {
     let started = Instant::now();
     let deadline = started + Duration::from_secs(300 + records / 2500);
     let mut generation = 0;
-    let mut first_faults = [0, 1, 2, 3, 4];
+    let mut first_faults = [0, 1, 2, 3, 4, 5, 6];
+    // The suite's short runs leave long outages to `outages.rs`.
+    let long_outage = (records >= 500_000).then_some(45);
     first_faults.shuffle(&mut rng);
     loop {
         // Faults go on for 40 s to 2 min by size, and until each kind happened once; then
@@ -113,7 +154,7 @@ async fn run(shared: &Testbed, seed: u64, records: u64) {
             let kind = first_faults
                 .get(generation)
                 .copied()
-                .unwrap_or_else(|| rng.random_range(0..5));
+                .unwrap_or_else(|| rng.random_range(0..7));
             generation += 1;
             match kind {
                 0 => {
@@ -125,14 +166,15 @@ async fn run(shared: &Testbed, seed: u64, records: u64) {
                 }
                 1 => {
                     operator.proc.kill();
-                    operator = spawn_operator(tb, &ns, &format!("op-{generation}"));
+                    (operator_link, operator) =
+                        chaos_operator(tb, &ns, &format!("op-{generation}"));
                     faults.operator_restarts += 1;
                 }
                 2 => {
                     servers.broker.down();
-                    // The first outage is 20 s; later ones 5–20 s.
+                    // The first outage is long (20 s in short runs); later ones 5–20 s.
                     let down = match faults.broker_outages {
-                        0 => 20,
+                        0 => long_outage.unwrap_or(20),
                         _ => rng.random_range(5..=20),
                     };
                     tokio::time::sleep(Duration::from_secs(down)).await;
@@ -141,22 +183,37 @@ async fn run(shared: &Testbed, seed: u64, records: u64) {
                 }
                 3 => {
                     servers.s3.kill();
-                    tokio::time::sleep(Duration::from_secs(rng.random_range(5..12))).await;
+                    let down = match (faults.s3_outages, long_outage) {
+                        (0, Some(long)) => long,
+                        _ => rng.random_range(5..12),
+                    };
+                    tokio::time::sleep(Duration::from_secs(down)).await;
                     servers.s3.start();
                     faults.s3_outages += 1;
                 }
-                _ => {
+                4 => {
                     let down = Duration::from_secs(rng.random_range(3..10));
                     apiserver.restart(tb, down).await;
                     faults.apiserver_restarts += 1;
+                }
+                // The leader stops leading by itself and exits; it is started again below.
+                5 => {
+                    operator_link.cut();
+                    faults.leader_cutoffs += 1;
+                }
+                _ => {
+                    if delete_a_tail_job(tb, &ns, &mut rng).await {
+                        faults.tail_job_deletions += 1;
+                    }
                 }
             }
         } else {
             tokio::time::sleep(Duration::from_secs(1)).await;
         }
-        // An operator that lost its leader lease while the API server was down exits.
+        // An operator that lost its leader lease (the API server down, or cut off from it)
+        // exits.
         if !operator.proc.is_running() {
-            operator = spawn_operator(tb, &ns, &format!("op-r{generation}"));
+            (operator_link, operator) = chaos_operator(tb, &ns, &format!("op-r{generation}"));
             faults.respawned += 1;
         }
         for (i, b) in builders.iter_mut().enumerate() {
