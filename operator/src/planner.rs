@@ -311,6 +311,27 @@ pub struct PipelinePlan {
     pub new_jobs: Vec<PlannedJob>,
     /// Partitions that cannot be planned, and why.
     pub errors: Vec<(i32, PartitionPlanError)>,
+    /// Each partition's `cut_offset` before this plan's new jobs (see [`PipelinePlan::hold`]).
+    cut_before: BTreeMap<i32, Option<i64>>,
+}
+
+impl PipelinePlan {
+    /// Plans nothing in `partitions` (e.g. their output could not be read): neither their
+    /// new jobs nor their start commits, and their furthest cut stays as it was.
+    pub fn hold<V>(&mut self, partitions: &BTreeMap<i32, V>) {
+        self.new_jobs
+            .retain(|j| !partitions.contains_key(&j.partition));
+        self.initial_commits
+            .retain(|p, _| !partitions.contains_key(p));
+        for status in &mut self.partitions {
+            if let (true, Some(cut)) = (
+                partitions.contains_key(&status.partition),
+                self.cut_before.get(&status.partition),
+            ) {
+                status.cut_offset = *cut;
+            }
+        }
+    }
 }
 
 /// Blocks found in the output, by partition: `(start, end)` of each manifest.
@@ -373,6 +394,7 @@ pub fn plan_pipeline(
                 status.planned_offset = Some(p.planned_offset);
                 status.tail_since = p.tail_since.map(Time);
                 if !suspended {
+                    plan.cut_before.insert(po.partition, status.cut_offset);
                     let new_end = p.new_jobs.iter().map(|j| j.end).max();
                     status.cut_offset = status.cut_offset.max(new_end);
                     plan.new_jobs.extend(p.new_jobs);
@@ -1315,6 +1337,43 @@ mod tests {
         let mut with_replacement = job_ranges(&[crate::testing::job(0, 1000, 2000)]);
         add_deleted_ranges(&mut with_replacement, &deleted);
         assert_eq!(with_replacement[&0], existing(&[(1000, 2000, false)]));
+    }
+
+    #[test]
+    fn a_held_partition_plans_nothing_and_keeps_its_furthest_cut() {
+        let offsets = [
+            PartitionOffsets {
+                partition: 0,
+                low: 0,
+                high: 3000,
+                committed: Some(0),
+            },
+            PartitionOffsets {
+                partition: 1,
+                low: 0,
+                high: 3000,
+                committed: Some(0),
+            },
+        ];
+        let ranges = job_ranges(&[crate::testing::job(0, 0, 1000)]);
+        let mut plan = plan_pipeline(
+            &offsets,
+            &ranges,
+            &WrittenBlocks::new(),
+            &[],
+            false,
+            t(0),
+            &policy(1000, 8),
+        );
+        assert_eq!(plan.partitions[0].cut_offset, Some(3000));
+        plan.hold(&BTreeMap::from([(0, 0i64)]));
+        assert!(plan.new_jobs.iter().all(|j| j.partition == 1));
+        assert_eq!(
+            plan.partitions[0].cut_offset,
+            Some(1000),
+            "the existing job's end"
+        );
+        assert_eq!(plan.partitions[1].cut_offset, Some(3000));
     }
 
     #[test]

@@ -524,8 +524,7 @@ impl<'a> Pass<'a> {
             match self.read_written_blocks(&reads, &kafka.cluster_id).await {
                 Ok(written) => plan = plan_over(&written),
                 Err(e) => {
-                    plan.new_jobs.retain(|j| !reads.contains_key(&j.partition));
-                    plan.initial_commits.retain(|p, _| !reads.contains_key(p));
+                    plan.hold(&reads);
                     let partitions: Vec<&i32> = reads.keys().collect();
                     self.observed.problems.push(Problem {
                         reason: Reason::OutputUnreadable,
