@@ -45,6 +45,11 @@ impl AutoscalingApi {
         })
     }
 
+    /// The HPA resource of the served version.
+    pub fn resource(self) -> Option<ApiResource> {
+        self.version().map(hpa_resource)
+    }
+
     fn version(self) -> Option<&'static str> {
         match self {
             AutoscalingApi::V2 => Some("v2"),
@@ -169,6 +174,11 @@ pub fn deployment(bp: &BlockPipeline, b: &BuildersSpec, autoscaling: Autoscaling
 }
 
 /// The HPA: External metric `blocksmith-queue-depth{pipeline=<name>}`, AverageValue target.
+fn hpa_resource(version: &str) -> ApiResource {
+    let gvk = GroupVersionKind::gvk("autoscaling", version, "HorizontalPodAutoscaler");
+    ApiResource::from_gvk(&gvk)
+}
+
 pub fn hpa(bp: &BlockPipeline, b: &BuildersSpec, version: &str) -> Value {
     let name = bp.name_any();
     json!({
@@ -208,8 +218,7 @@ pub async fn reconcile(
     let name = deployment_name(&bp.name_any());
     let deployments: Api<Deployment> = Api::namespaced(client.clone(), &ns);
     let hpa_api = |version: &str| {
-        let gvk = GroupVersionKind::gvk("autoscaling", version, "HorizontalPodAutoscaler");
-        Api::<DynamicObject>::namespaced_with(client.clone(), &ns, &ApiResource::from_gvk(&gvk))
+        Api::<DynamicObject>::namespaced_with(client.clone(), &ns, &hpa_resource(version))
     };
     let params = PatchParams::apply(MANAGER).force();
     let Some(b) = &bp.spec.builders else {

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use blocksmith_crds::BlockJob;
 use k8s_openapi::api::apps::v1::Deployment;
+use kube::api::DynamicObject;
 use kube::runtime::events::Reporter;
 use kube::runtime::reflector::Store;
 
@@ -34,6 +35,8 @@ impl Error {
 pub struct Caches {
     pub jobs: Store<BlockJob>,
     pub builders: Store<Deployment>,
+    /// The builders' HPAs, where the cluster serves an HPA API.
+    pub autoscalers: Option<Store<DynamicObject>>,
 }
 
 pub struct Context {
@@ -43,6 +46,8 @@ pub struct Context {
     /// The builder Deployments, kept current by a reflector: one deleted behind the
     /// operator's back is applied again.
     pub builders: Store<Deployment>,
+    /// The builders' HPAs, kept current by a reflector where the cluster serves an HPA API.
+    pub autoscalers: Option<Store<DynamicObject>>,
     pub metrics: Metrics,
     pub reporter: Reporter,
     /// How often lag is polled when nothing else wakes the pipeline.
@@ -74,6 +79,7 @@ impl Context {
             client,
             jobs: caches.jobs,
             builders: caches.builders,
+            autoscalers: caches.autoscalers,
             metrics,
             reporter: Reporter {
                 controller: MANAGER.into(),

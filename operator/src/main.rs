@@ -15,6 +15,7 @@ use blocksmith_runtime::shutdown_signal;
 use clap::{CommandFactory, Parser};
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::Deployment;
+use kube::api::DynamicObject;
 use kube::runtime::controller::Action;
 use kube::runtime::reflector::{Lookup, ObjectRef};
 use kube::runtime::{Controller, WatchStreamExt, controller, reflector, watcher};
@@ -166,15 +167,31 @@ async fn main() -> anyhow::Result<()> {
     };
     // Reconciles read jobs from this cache rather than LISTing them (seconds at 10,000 jobs).
     // The controller's own watch of owned jobs only triggers reconciles and keeps no objects.
-    let job_cache = spawn_cache(jobs.clone(), "BlockJobs");
-    let builder_cache = spawn_cache(deployments.clone(), "builder Deployments");
+    let job_cache = spawn_cache(jobs.clone(), (), "BlockJobs");
+    let builder_cache = spawn_cache(deployments.clone(), (), "builder Deployments");
+    // A builder HPA deleted behind the operator's back is applied again, like a Deployment.
+    let autoscalers = autoscaling.resource().map(|resource| {
+        let api: Api<DynamicObject> = match &args.namespace {
+            Some(ns) => Api::namespaced_with(client.clone(), ns, &resource),
+            None => Api::all_with(client.clone(), &resource),
+        };
+        (
+            api.clone(),
+            resource.clone(),
+            spawn_cache(api, resource, "builder HPAs"),
+        )
+    });
     job_cache.wait_until_ready().await?;
     builder_cache.wait_until_ready().await?;
+    if let Some((_, _, cache)) = &autoscalers {
+        cache.wait_until_ready().await?;
+    }
     let ctx = Context::new(
         client.clone(),
         Caches {
             jobs: job_cache,
             builders: builder_cache,
+            autoscalers: autoscalers.as_ref().map(|(_, _, cache)| cache.clone()),
         },
         metrics.clone(),
         Duration::from_secs_f64(args.poll_interval),
@@ -198,6 +215,14 @@ async fn main() -> anyhow::Result<()> {
             controller::Config::default().debounce(Duration::from_millis(args.debounce_ms)),
         )
         .shutdown_on_signal();
+    let controller = match autoscalers {
+        Some((api, resource, _)) => controller.owns_with(
+            api,
+            resource,
+            watcher::Config::default().labels(LABEL_PIPELINE),
+        ),
+        None => controller,
+    };
     // Ready (if not already as a standby) now that the jobs' cache has synced. Not waiting
     // for the controller's own cache of pipelines (`controller.store()`): kube-runtime 5.0's
     // `Store::wait_until_ready` wakes only the last of several waiters, and the controller
@@ -296,12 +321,14 @@ impl Requeues {
 }
 
 /// A cache of the objects of `api` that belong to a pipeline, kept current in the background.
-fn spawn_cache<K>(api: Api<K>, what: &'static str) -> reflector::Store<K>
+fn spawn_cache<K>(api: Api<K>, dyntype: K::DynamicType, what: &'static str) -> reflector::Store<K>
 where
-    K: kube::Resource<DynamicType = ()> + Clone + std::fmt::Debug + Send + Sync,
+    K: kube::Resource + Clone + std::fmt::Debug + Send + Sync,
     K: serde::de::DeserializeOwned + 'static,
+    K::DynamicType: Clone + Eq + std::hash::Hash + Send + Sync + 'static,
 {
-    let (cache, writer) = reflector::store();
+    let writer = reflector::store::Writer::new(dyntype);
+    let cache = writer.as_reader();
     let updates = reflector(
         writer,
         watcher(api, watcher::Config::default().labels(LABEL_PIPELINE))

@@ -258,8 +258,16 @@ impl<'a> Pass<'a> {
         ))
         .unwrap_or_default();
         let applied = &self.ctx.builders_applied;
-        let deployment = ObjectRef::new(&deployment_name(&self.name)).within(&self.ns);
-        let deleted = bp.spec.builders.is_some() && self.ctx.builders.get(&deployment).is_none();
+        let name = deployment_name(&self.name);
+        let deployment = ObjectRef::new(&name).within(&self.ns);
+        let autoscaler_missing = match (&self.ctx.autoscalers, self.ctx.autoscaling.resource()) {
+            (Some(cache), Some(resource)) => cache
+                .get(&ObjectRef::new_with(&name, resource).within(&self.ns))
+                .is_none(),
+            _ => false,
+        };
+        let deleted = bp.spec.builders.is_some()
+            && (self.ctx.builders.get(&deployment).is_none() || autoscaler_missing);
         if !deleted && applied.lock().expect("builders lock").get(&key) == Some(&desired) {
             return Ok(());
         }

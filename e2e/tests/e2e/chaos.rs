@@ -75,6 +75,8 @@ struct Faults {
     s3_outages: u32,
     apiserver_restarts: u32,
     leader_cutoffs: u32,
+    /// Cut-off operators that were leading, stopped and exited on their own.
+    leaders_stopped_by_themselves: u32,
     tail_job_deletions: u32,
     /// Processes that exited on their own and were started again, as a Deployment would.
     respawned: u32,
@@ -196,9 +198,22 @@ async fn run(shared: &Testbed, seed: u64, records: u64) {
                     apiserver.restart(tb, down).await;
                     faults.apiserver_restarts += 1;
                 }
-                // The leader stops leading by itself and exits; it is started again below.
+                // A leader stops leading by itself and exits (within 5 s of a 6 s lease); one
+                // cut off before it led (waiting out its predecessor's lease) waits on and is
+                // replaced, as a Deployment's second replica would take over.
                 5 => {
                     operator_link.cut();
+                    let cut_at = Instant::now();
+                    while operator.proc.is_running() && cut_at.elapsed() < Duration::from_secs(10) {
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                    }
+                    if operator.proc.is_running() {
+                        operator.proc.kill();
+                    } else {
+                        faults.leaders_stopped_by_themselves += 1;
+                    }
+                    (operator_link, operator) =
+                        chaos_operator(tb, &ns, &format!("op-{generation}"));
                     faults.leader_cutoffs += 1;
                 }
                 _ => {

@@ -11,7 +11,7 @@ use blocksmith_e2e::forwarder::CuttableApiserver;
 use blocksmith_e2e::scenario::*;
 use k8s_openapi::api::apps::v1::Deployment;
 use kube::ResourceExt;
-use kube::api::{Api, DeleteParams, ListParams};
+use kube::api::{Api, ApiResource, DeleteParams, DynamicObject, GroupVersionKind, ListParams};
 use rand::SeedableRng;
 use rand::seq::SliceRandom;
 use serde_json::json;
@@ -622,10 +622,11 @@ async fn an_idle_pipeline_commits_its_unchanged_offsets_again_before_kafka_could
     );
 }
 
-/// A builder Deployment deleted behind the operator's back is applied again: the operator
-/// watches the Deployments it owns instead of trusting what it last applied.
+/// A builder Deployment, or its HPA alone, deleted behind the operator's back is applied
+/// again: the operator watches the Deployments and HPAs it owns instead of trusting what it
+/// last applied.
 #[tokio::test]
-async fn a_deleted_builder_deployment_is_applied_again() {
+async fn a_deleted_builder_deployment_or_hpa_is_applied_again() {
     let s = scenario("op-deploy", 1, 0)
         .pipeline(|bp| {
             bp.spec.builders = Some(
@@ -651,6 +652,26 @@ async fn a_deleted_builder_deployment_is_applied_again() {
         "the builder Deployment applied again",
         Duration::from_secs(60),
         || async { builders().await.filter(|d| d.uid() != first.uid()) },
+    )
+    .await;
+    assert_eq!(again.name_any(), first.name_any());
+
+    // The same for its HPA alone (the testbed's Kubernetes 1.20 serves autoscaling/v2beta2).
+    let gvk = GroupVersionKind::gvk("autoscaling", "v2beta2", "HorizontalPodAutoscaler");
+    let hpas: Api<DynamicObject> =
+        Api::namespaced_with(s.tb.client.clone(), &s.ns, &ApiResource::from_gvk(&gvk));
+    let autoscaler = || async {
+        let list = hpas.list(&ListParams::default()).await.unwrap();
+        list.items.into_iter().next()
+    };
+    let first = wait_for("the builder HPA", Duration::from_secs(60), autoscaler).await;
+    hpas.delete(&first.name_any(), &DeleteParams::default())
+        .await
+        .unwrap();
+    let again = wait_for(
+        "the builder HPA applied again",
+        Duration::from_secs(60),
+        || async { autoscaler().await.filter(|h| h.uid() != first.uid()) },
     )
     .await;
     assert_eq!(again.name_any(), first.name_any());
