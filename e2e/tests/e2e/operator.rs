@@ -639,39 +639,33 @@ async fn a_deleted_builder_deployment_or_hpa_is_applied_again() {
             )
         })
         .await;
-    let api: Api<Deployment> = Api::namespaced(s.tb.client.clone(), &s.ns);
-    let builders = || async {
+    let deployments: Api<Deployment> = Api::namespaced(s.tb.client.clone(), &s.ns);
+    deleted_then_applied_again(&deployments, "the builder Deployment").await;
+    // The testbed's Kubernetes 1.20 serves autoscaling/v2beta2.
+    let gvk = GroupVersionKind::gvk("autoscaling", "v2beta2", "HorizontalPodAutoscaler");
+    let hpas: Api<DynamicObject> =
+        Api::namespaced_with(s.tb.client.clone(), &s.ns, &ApiResource::from_gvk(&gvk));
+    deleted_then_applied_again(&hpas, "the builder HPA").await;
+}
+
+/// Deletes the one object `api` lists, once there is one, and waits for it to be applied
+/// again under the same name.
+async fn deleted_then_applied_again<K>(api: &Api<K>, what: &str)
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    let one = || async {
         let list = api.list(&ListParams::default()).await.unwrap();
         list.items.into_iter().next()
     };
-    let first = wait_for("the builder Deployment", Duration::from_secs(60), builders).await;
+    let first = wait_for(what, Duration::from_secs(60), one).await;
     api.delete(&first.name_any(), &DeleteParams::default())
         .await
         .unwrap();
     let again = wait_for(
-        "the builder Deployment applied again",
+        &format!("{what} applied again"),
         Duration::from_secs(60),
-        || async { builders().await.filter(|d| d.uid() != first.uid()) },
-    )
-    .await;
-    assert_eq!(again.name_any(), first.name_any());
-
-    // The same for its HPA alone (the testbed's Kubernetes 1.20 serves autoscaling/v2beta2).
-    let gvk = GroupVersionKind::gvk("autoscaling", "v2beta2", "HorizontalPodAutoscaler");
-    let hpas: Api<DynamicObject> =
-        Api::namespaced_with(s.tb.client.clone(), &s.ns, &ApiResource::from_gvk(&gvk));
-    let autoscaler = || async {
-        let list = hpas.list(&ListParams::default()).await.unwrap();
-        list.items.into_iter().next()
-    };
-    let first = wait_for("the builder HPA", Duration::from_secs(60), autoscaler).await;
-    hpas.delete(&first.name_any(), &DeleteParams::default())
-        .await
-        .unwrap();
-    let again = wait_for(
-        "the builder HPA applied again",
-        Duration::from_secs(60),
-        || async { autoscaler().await.filter(|h| h.uid() != first.uid()) },
+        || async { one().await.filter(|o| o.uid() != first.uid()) },
     )
     .await;
     assert_eq!(again.name_any(), first.name_any());
