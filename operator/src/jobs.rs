@@ -156,12 +156,12 @@ impl JobStore {
     /// range, in the pipeline's current output settings, from attempt 1. `Ok(())` when it
     /// exists already (a pass before this one created it).
     pub async fn replace(&self, bp: &BlockPipeline, deleted: &BlockJob) -> kube::Result<()> {
-        let spec = BlockJobSpec {
-            output: job_spec_output(bp),
-            bootstrap_servers: bp.spec.kafka.bootstrap_servers.clone(),
-            lease_duration_seconds: bp.spec.jobs.lease_duration_seconds,
-            ..deleted.spec.clone()
+        let range = PlannedJob {
+            partition: deleted.spec.partition,
+            start: deleted.spec.start_offset,
+            end: deleted.spec.end_offset,
         };
+        let spec = job_spec(bp, &range, deleted.spec.kafka_cluster_id.clone());
         let mut job = desired_job(bp, spec, JobPhase::Pending);
         job.metadata.name = Some(replacement_name(&deleted.name_any()));
         self.create(&job).await.map(|_| ())
@@ -238,6 +238,7 @@ pub fn job_spec(
     planned: &PlannedJob,
     kafka_cluster_id: Option<String>,
 ) -> BlockJobSpec {
+    let o = &bp.spec.output;
     BlockJobSpec {
         pipeline: bp.name_any(),
         topic: bp.spec.kafka.topic.clone(),
@@ -247,20 +248,14 @@ pub fn job_spec(
         bootstrap_servers: bp.spec.kafka.bootstrap_servers.clone(),
         kafka_cluster_id,
         lease_duration_seconds: bp.spec.jobs.lease_duration_seconds,
-        output: job_spec_output(bp),
-    }
-}
-
-/// The pipeline's output settings as a job records them.
-fn job_spec_output(bp: &BlockPipeline) -> JobOutputSpec {
-    let o = &bp.spec.output;
-    JobOutputSpec {
-        url: o.url.clone(),
-        format: o.format,
-        compression: o.compression,
-        compression_level: o.compression_level,
-        row_group_size: o.row_group_size,
-        max_record_bytes: o.max_record_bytes,
+        output: JobOutputSpec {
+            url: o.url.clone(),
+            format: o.format,
+            compression: o.compression,
+            compression_level: o.compression_level,
+            row_group_size: o.row_group_size,
+            max_record_bytes: o.max_record_bytes,
+        },
     }
 }
 

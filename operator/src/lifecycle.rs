@@ -306,12 +306,8 @@ pub struct Source<'a> {
 /// or another Kafka cluster (the user moved the pipeline and deleted the old jobs, as the
 /// `InvalidSpec` message tells them).
 pub fn on_deletion(job: &BlockJob, source: &Source, committed: Option<i64>) -> Deleted {
-    let owner = job
-        .owner_references()
-        .iter()
-        .find(|o| o.controller == Some(true));
-    let other_pipeline = match (owner, source.pipeline_uid) {
-        (Some(o), Some(uid)) => o.uid != uid,
+    let other_pipeline = match (pipeline_uid(job), source.pipeline_uid) {
+        (Some(a), Some(b)) => a != b,
         _ => false,
     };
     let other_cluster = match (
@@ -327,6 +323,14 @@ pub fn on_deletion(job: &BlockJob, source: &Source, committed: Option<i64>) -> D
     } else {
         Deleted::Replace
     }
+}
+
+/// The uid of the pipeline that owns `job` (its controller owner reference).
+pub fn pipeline_uid(job: &BlockJob) -> Option<&str> {
+    job.owner_references()
+        .iter()
+        .find(|o| o.controller == Some(true))
+        .map(|o| o.uid.as_str())
 }
 
 /// Names of succeeded jobs to delete, sorted. Only jobs whose whole range is committed

@@ -27,7 +27,7 @@ use crate::jobs::{self, JobStore};
 use crate::kafka::{self, KafkaError};
 use crate::lifecycle::{
     Deleted, FinishedJob, JobAction, JobCounts, Reset, Source, job_action, jobs_to_delete,
-    next_wakeup, on_deletion, reset,
+    next_wakeup, on_deletion, pipeline_uid, reset,
 };
 use crate::metrics::{RECONCILE_HEARTBEAT, reconcile_deadline};
 use crate::offsets::KafkaRead;
@@ -99,11 +99,7 @@ async fn release_jobs_of_deleted_pipeline(ctx: &Context, namespace: &str, pipeli
         }
     };
     for job in kept {
-        let owner = job
-            .owner_references()
-            .iter()
-            .find(|o| o.controller == Some(true));
-        if current.is_some() && owner.map(|o| &o.uid) == current.as_ref() {
+        if current.is_some() && pipeline_uid(&job) == current.as_deref() {
             continue;
         }
         match store.release(&job).await {
