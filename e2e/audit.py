@@ -25,8 +25,14 @@ def digest(b):
     return hashlib.sha256(b).hexdigest()[:16]
 
 
+def header_key(h):
+    # key_bytes holds the exact key when it is not UTF-8 (key then has U+FFFD in its place).
+    exact = h.get("key_bytes")
+    return exact if exact is not None else h["key"].encode()
+
+
 def headers_digest(headers):
-    items = [[h["key"], None if h["value"] is None else h["value"].hex()] for h in headers]
+    items = [[header_key(h).hex(), None if h["value"] is None else h["value"].hex()] for h in headers]
     return digest(json.dumps(items, separators=(",", ":")).encode())
 
 

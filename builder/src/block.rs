@@ -164,6 +164,10 @@ fn header_fields() -> Fields {
     Fields::from(vec![
         Field::new("key", DataType::Utf8, false),
         Field::new("value", DataType::Binary, true),
+        // A key that is not UTF-8 (which Kafka does not allow, but brokers pass on): `key`
+        // holds it with U+FFFD for each invalid sequence, as Java consumers decode it, and
+        // `key_bytes` its exact bytes; null for every valid key.
+        Field::new("key_bytes", DataType::Binary, true),
     ])
 }
 
@@ -281,6 +285,7 @@ struct Columns {
     header_counts: Vec<usize>,
     header_keys: StringBuilder,
     header_values: BinaryBuilder,
+    header_key_bytes: BinaryBuilder,
     rows: usize,
     /// Variable-length payload buffered, to bound a batch's memory.
     bytes: usize,
@@ -297,7 +302,16 @@ impl Columns {
         let mut bytes =
             rec.key.as_ref().map_or(0, Vec::len) + rec.value.as_ref().map_or(0, Vec::len);
         for (key, value) in &rec.headers {
-            self.header_keys.append_value(key);
+            match std::str::from_utf8(key) {
+                Ok(key) => {
+                    self.header_keys.append_value(key);
+                    self.header_key_bytes.append_null();
+                }
+                Err(_) => {
+                    self.header_keys.append_value(String::from_utf8_lossy(key));
+                    self.header_key_bytes.append_value(key);
+                }
+            }
             self.header_values.append_option(value.as_deref());
             bytes += key.len() + value.as_ref().map_or(0, Vec::len);
         }
@@ -311,6 +325,7 @@ impl Columns {
             vec![
                 Arc::new(self.header_keys.finish()) as ArrayRef,
                 Arc::new(self.header_values.finish()),
+                Arc::new(self.header_key_bytes.finish()),
             ],
             None,
         );
@@ -409,6 +424,7 @@ mod tests {
                 let h = headers.value(i);
                 let h = h.as_struct();
                 let (hk, hv) = (h.column(0).as_string::<i32>(), h.column(1).as_binary());
+                let exact_key = h.column(2).as_binary::<i32>();
                 Record {
                     partition: partition.value(i),
                     offset: offset.value(i),
@@ -416,7 +432,11 @@ mod tests {
                     key: opt(key, i),
                     value: opt(value, i),
                     headers: (0..h.len())
-                        .map(|j| (hk.value(j).to_owned(), opt(hv, j)))
+                        .map(|j| {
+                            let key = opt(exact_key, j)
+                                .unwrap_or_else(|| hk.value(j).as_bytes().to_vec());
+                            (key, opt(hv, j))
+                        })
                         .collect(),
                 }
             })
@@ -466,7 +486,7 @@ mod tests {
                 timestamp_ms: None,
                 key: None,
                 value: None,
-                headers: vec![("trace".into(), Some(b"abc".to_vec()))],
+                headers: vec![(b"trace".to_vec(), Some(b"abc".to_vec()))],
             },
             Record {
                 partition: 3,
@@ -475,9 +495,11 @@ mod tests {
                 key: Some(vec![]),
                 value: Some(noise(1, 64 * 1024)),
                 headers: vec![
-                    ("a".into(), None),
-                    ("a".into(), Some(vec![])),
-                    ("ü".into(), Some(vec![0, 255])),
+                    (b"a".to_vec(), None),
+                    (b"a".to_vec(), Some(vec![])),
+                    ("ü".as_bytes().to_vec(), Some(vec![0, 255])),
+                    (b"not \xff utf-8".to_vec(), Some(b"v".to_vec())),
+                    ("\u{fffd}".as_bytes().to_vec(), None),
                 ],
             },
             Record {

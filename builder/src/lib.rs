@@ -1,11 +1,13 @@
 //! blocksmith's builder: claims BlockJobs, reads exactly their offset range from Kafka, and
 //! writes one immutable Parquet block (data, then manifest) to object storage.
 //!
-//! Pure-ish pieces: [`block`] (Parquet writer), [`manifest`]. I/O: [`reader`] (Kafka range),
+//! Pure-ish pieces: [`block`] (Parquet writer), [`manifest`]. I/O: [`reader`] (Kafka range, with
+//! [`headers`] read as bytes),
 //! [`store`] (object storage), [`lease`] (claim/renew/report), [`runner`] (one block),
 //! [`worker`] (the claim loop).
 
 pub mod block;
+pub mod headers;
 pub mod lease;
 pub mod manifest;
 pub mod metrics;

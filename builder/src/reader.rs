@@ -6,13 +6,14 @@ use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::message::{BorrowedMessage, Headers, Message};
+use rdkafka::message::{BorrowedMessage, Message};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 
 use blocksmith_runtime::kafka::{
     ConnectionError, ConnectionErrors, is_auth_failure, is_unrecoverable,
 };
 
+use crate::headers::raw_headers;
 use crate::record::Record;
 
 /// Bound for single metadata and watermark requests.
@@ -490,12 +491,9 @@ fn position(consumer: &BaseConsumer<ConnectionErrors>, topic: &str, partition: i
 }
 
 fn to_record(msg: &BorrowedMessage<'_>) -> Record {
-    let headers = msg.headers().map_or_else(Vec::new, |headers| {
-        headers
-            .iter()
-            .map(|h| (h.key.to_owned(), h.value.map(<[u8]>::to_vec)))
-            .collect()
-    });
+    let headers = raw_headers(msg)
+        .map(|(key, value)| (key.to_vec(), value.map(<[u8]>::to_vec)))
+        .collect();
     Record {
         partition: msg.partition(),
         offset: msg.offset(),
@@ -511,7 +509,9 @@ mod tests {
     use std::sync::Arc;
     use std::sync::atomic::AtomicBool;
 
-    use rdkafka::message::{Header, OwnedHeaders};
+    use rdkafka::message::OwnedHeaders;
+
+    use crate::headers::with_raw_header;
     use rdkafka::mocking::MockCluster;
     use rdkafka::producer::{BaseProducer, BaseRecord, DefaultProducerContext, Producer};
 
@@ -534,9 +534,12 @@ mod tests {
     /// What the test producer writes at `offset` (the partition starts empty, so the i-th
     /// record sent lands at offset i).
     fn expected(offset: i64) -> Record {
-        let mut headers = vec![("seq".to_owned(), Some(offset.to_be_bytes().to_vec()))];
+        let mut headers = vec![(b"seq".to_vec(), Some(offset.to_be_bytes().to_vec()))];
         if offset % 3 == 0 {
-            headers.push(("null".to_owned(), None));
+            headers.push((b"null".to_vec(), None));
+        }
+        if offset % 5 == 0 {
+            headers.push((b"not utf-8 \xff".to_vec(), Some(b"v".to_vec())));
         }
         Record {
             partition: 0,
@@ -557,13 +560,12 @@ mod tests {
 
     fn produce(producer: &BaseProducer, records: impl IntoIterator<Item = Record>) {
         for r in records {
-            let mut headers = OwnedHeaders::new();
-            for (key, value) in &r.headers {
-                headers = headers.insert(Header {
-                    key,
-                    value: value.as_deref(),
+            let headers = r
+                .headers
+                .iter()
+                .fold(OwnedHeaders::new(), |headers, (k, v)| {
+                    with_raw_header(headers, k, v.as_deref())
                 });
-            }
             let mut rec = BaseRecord::<[u8], [u8]>::to(TOPIC)
                 .partition(r.partition)
                 .timestamp(r.timestamp_ms.unwrap())

@@ -8,8 +8,9 @@ pub struct Record {
     pub timestamp_ms: Option<i64>,
     pub key: Option<Vec<u8>>,
     pub value: Option<Vec<u8>>,
-    /// Header keys in order; a header value may be null.
-    pub headers: Vec<(String, Option<Vec<u8>>)>,
+    /// Headers in order: key bytes (UTF-8 unless the producer broke the protocol) and a
+    /// value that may be null.
+    pub headers: Vec<(Vec<u8>, Option<Vec<u8>>)>,
 }
 
 /// Records above this many bytes fail the job unless the pipeline sets
@@ -76,7 +77,7 @@ mod tests {
             value: value.map(|n| vec![1; n]),
             headers: headers
                 .iter()
-                .map(|(k, v)| (k.to_string(), v.map(|n| vec![2; n])))
+                .map(|(k, v)| (k.as_bytes().to_vec(), v.map(|n| vec![2; n])))
                 .collect(),
         }
     }

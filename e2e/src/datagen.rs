@@ -9,10 +9,11 @@ use std::path::Path;
 use std::sync::Mutex;
 use std::time::Duration;
 
+use blocksmith_builder::headers::with_raw_header;
 use rand::rngs::StdRng;
 use rand::{Rng, RngCore, SeedableRng};
 use rdkafka::ClientConfig;
-use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::message::OwnedHeaders;
 use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
 use sha2::{Digest, Sha256};
 
@@ -120,11 +121,12 @@ pub fn digest(bytes: &[u8]) -> String {
     hex::encode(&Sha256::digest(bytes)[..8])
 }
 
-/// Digest of a header list: sha256 over the compact JSON `[["key","<hex value>"|null],...]`.
-pub fn headers_digest(headers: &[(String, Option<Vec<u8>>)]) -> String {
-    let list: Vec<(&str, Option<String>)> = headers
+/// Digest of a header list: sha256 over the compact JSON
+/// `[["<hex key>","<hex value>"|null],...]`.
+pub fn headers_digest(headers: &[(Vec<u8>, Option<Vec<u8>>)]) -> String {
+    let list: Vec<(String, Option<String>)> = headers
         .iter()
-        .map(|(k, v)| (k.as_str(), v.as_ref().map(hex::encode)))
+        .map(|(k, v)| (hex::encode(k), v.as_ref().map(hex::encode)))
         .collect();
     digest(
         serde_json::to_string(&list)
@@ -138,7 +140,7 @@ struct Record {
     timestamp_ms: i64,
     key: Option<Vec<u8>>,
     value: Option<Vec<u8>>,
-    headers: Vec<(String, Option<Vec<u8>>)>,
+    headers: Vec<(Vec<u8>, Option<Vec<u8>>)>,
 }
 
 fn make_record(spec: &DataSpec, rng: &mut StdRng, i: u64) -> Record {
@@ -162,12 +164,17 @@ fn make_record(spec: &DataSpec, rng: &mut StdRng, i: u64) -> Record {
         rng.fill_bytes(&mut v);
         v
     });
-    let headers = (0..rng.random_range(0..3))
+    let mut headers: Vec<_> = (0..rng.random_range(0..3))
         .map(|h| {
             let v = (h != 1).then(|| format!("h{h}-{}", rng.random_range(0..100)).into_bytes());
-            (format!("header-{h}"), v)
+            (format!("header-{h}").into_bytes(), v)
         })
         .collect();
+    // One record in 100 carries a header key that is not UTF-8, as producers outside the
+    // Java client can send: every audit then checks it is written exactly.
+    if i % 100 == 42 {
+        headers.push((b"header-\xff\xfe".to_vec(), Some(b"raw".to_vec())));
+    }
     Record {
         partition,
         timestamp_ms: spec.base_timestamp_ms + i as i64,
@@ -213,13 +220,12 @@ pub fn produce(bootstrap: &str, spec: &DataSpec) -> anyhow::Result<Produced> {
     let mut bytes = 0u64;
     for i in 0..spec.records {
         let rec = make_record(spec, &mut rng, i);
-        let mut headers = OwnedHeaders::new();
-        for (k, v) in &rec.headers {
-            headers = headers.insert(Header {
-                key: k,
-                value: v.as_deref(),
+        let headers = rec
+            .headers
+            .iter()
+            .fold(OwnedHeaders::new(), |headers, (k, v)| {
+                with_raw_header(headers, k, v.as_deref())
             });
-        }
         let row = Box::new(ExpectedRecord {
             partition: rec.partition,
             offset: -1,

@@ -21,6 +21,7 @@ use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail, ensure};
+use blocksmith_builder::headers::raw_headers;
 use blocksmith_builder::reader::ReaderConfig;
 use blocksmith_builder::runner::{BuildSettings, build_block};
 use blocksmith_builder::store::UploadSettings;
@@ -29,7 +30,7 @@ use blocksmith_crds::{BlockJobSpec, JobOutputSpec};
 use blocksmith_e2e::datagen::{DataSpec, ValueSizes, produce};
 use clap::{Parser, ValueEnum};
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::message::{Headers, Message};
+use rdkafka::message::Message;
 use rdkafka::mocking::MockCluster;
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use serde::{Deserialize, Serialize};
@@ -545,9 +546,8 @@ fn consume_raw(bootstrap: &str, topic: &str, jobs: &[Range]) -> anyhow::Result<M
                     measured.records += 1;
                     measured.bytes_in += touch(msg.key().unwrap_or_default())
                         + touch(msg.payload().unwrap_or_default());
-                    for h in msg.headers().iter().flat_map(|hs| hs.iter()) {
-                        measured.bytes_in +=
-                            touch(h.key.as_bytes()) + touch(h.value.unwrap_or_default());
+                    for (key, value) in raw_headers(&msg) {
+                        measured.bytes_in += touch(key) + touch(value.unwrap_or_default());
                     }
                     if msg.offset() >= job.end - 1 {
                         break;
