@@ -15,7 +15,7 @@ use kube::api::{Api, DeleteParams, DynamicObject, GroupVersionKind, ListParams, 
 use kube::discovery::Scope;
 use serde_json::{Value, json};
 
-use super::rbac::{builder_rbac, can_i, operator_rbac, token_client, token_kubeconfig};
+use super::rbac::{builder_rbac, can_i, operator_rbac, token_client, token_kubeconfig, user_rbac};
 use super::{BUILDER_NS, RELEASE, RELEASE_NS, describe, documents, get};
 
 /// May the builder identity list BlockJobs in its namespace (granted by the chart)?
@@ -139,6 +139,8 @@ async fn chart_installs_with_least_privilege_rbac_and_uninstalls_all_but_crds() 
         ("ServiceAccount", Some(&ns), "blocksmith-builder"),
         ("ClusterRole", None, "blocksmith-operator"),
         ("ClusterRoleBinding", None, "blocksmith-operator"),
+        ("ClusterRole", None, "blocksmith-edit"),
+        ("ClusterRole", None, "blocksmith-view"),
         (
             "Role",
             Some(RELEASE_NS),
@@ -204,6 +206,7 @@ async fn chart_installs_with_least_privilege_rbac_and_uninstalls_all_but_crds() 
 
     builder_rbac(&tb, &builder, &ns).await;
     operator_rbac(&tb, &operator, &ns).await;
+    user_rbac(&tb, &ns).await;
     pipeline_runs_with_the_charts_identities(&tb).await;
 
     // Uninstall: every object of the release goes (pods via garbage collection); CRDs stay.

@@ -256,7 +256,8 @@ const BUILDER_RULES: Rules = &[
     ("blocksmith.io", "blockjobs/status", &["patch"], "*"),
 ];
 
-const READ_WRITE: &[&str] = &["get", "list", "watch", "create", "patch", "delete"];
+/// Watched from a cache, applied, deleted; never read by name.
+const WATCH_APPLY_DELETE: &[&str] = &["list", "watch", "create", "patch", "delete"];
 
 const OPERATOR_RULES: Rules = &[
     (
@@ -272,13 +273,18 @@ const OPERATOR_RULES: Rules = &[
         &["update"],
         "*",
     ),
-    ("blocksmith.io", "blockjobs", READ_WRITE, "*"),
+    ("blocksmith.io", "blockjobs", WATCH_APPLY_DELETE, "*"),
     ("blocksmith.io", "blockjobs/status", &["patch"], "*"),
     ("events.k8s.io", "events", &["create", "patch"], "*"),
     ("", "events", &["create", "patch"], "*"),
     ("", "secrets", &["get"], "*"),
-    ("apps", "deployments", READ_WRITE, "*"),
-    ("autoscaling", "horizontalpodautoscalers", READ_WRITE, "*"),
+    ("apps", "deployments", WATCH_APPLY_DELETE, "*"),
+    (
+        "autoscaling",
+        "horizontalpodautoscalers",
+        WATCH_APPLY_DELETE,
+        "*",
+    ),
     ("", "pods", &["list", "patch"], "*"),
 ];
 
@@ -655,4 +661,135 @@ pub async fn operator_rbac(tb: &Testbed, operator: &kube::Client, ns: &str) {
         granted(operator, RELEASE_NS).await,
         all_atoms(&[OPERATOR_RULES, SELF_REVIEWS, OPERATOR_LEASE_RULES])
     );
+}
+
+/// A client of the testbed's admin acting as `user` (impersonation: the authorizer judges
+/// `user`'s own permissions).
+async fn impersonating(user: &str) -> kube::Client {
+    let mut config = kube::Config::infer().await.expect("testbed kubeconfig");
+    config.auth_info.impersonate = Some(user.into());
+    kube::Client::try_from(config).expect("client")
+}
+
+/// Binds the ClusterRole `role` to `user` in `ns`.
+async fn bind(tb: &Testbed, ns: &str, user: &str, role: &str) {
+    let binding: k8s_openapi::api::rbac::v1::RoleBinding = serde_json::from_value(json!({
+        "metadata": {"name": format!("{user}-{role}")},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": role},
+        "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": user}],
+    }))
+    .unwrap();
+    Api::<k8s_openapi::api::rbac::v1::RoleBinding>::namespaced(tb.client.clone(), ns)
+        .create(&PostParams::default(), &binding)
+        .await
+        .expect("create role binding");
+}
+
+/// Namespace users, through Kubernetes' default roles (the chart aggregates into them): one
+/// bound to `edit` manages pipelines and deletes jobs, one bound to `view` reads; neither
+/// writes job or pipeline status, nor creates jobs.
+pub async fn user_rbac(tb: &Testbed, ns: &str) {
+    bind(tb, ns, "alice", "edit").await;
+    bind(tb, ns, "bob", "view").await;
+    let alice = impersonating("alice").await;
+    let bob = impersonating("bob").await;
+    // The aggregation controller adds the chart's rules to `edit`; then the authorizer's
+    // cache catches up.
+    wait_for(
+        "edit aggregates BlockPipelines",
+        std::time::Duration::from_secs(30),
+        || async {
+            can_i(
+                &alice,
+                "create",
+                "blocksmith.io",
+                "blockpipelines",
+                Some(ns),
+            )
+            .await
+            .then_some(())
+        },
+    )
+    .await;
+    wait_for(
+        "view aggregates BlockPipelines",
+        std::time::Duration::from_secs(30),
+        || async {
+            can_i(&bob, "list", "blocksmith.io", "blockpipelines", Some(ns))
+                .await
+                .then_some(())
+        },
+    )
+    .await;
+
+    let admin_jobs = Api::<blocksmith_crds::BlockJob>::namespaced(tb.client.clone(), ns);
+    for name in ["user-job-a", "user-job-b"] {
+        admin_jobs
+            .create(&PostParams::default(), &bare_job(name))
+            .await
+            .expect("create job");
+    }
+    let jobs = blockjobs(ns);
+    let pipelines = blockpipelines(ns);
+    let bp = pipeline("users", "t", "127.0.0.1:9", "file:///tmp/x", json!({}));
+    let status = json!({"status": {"queueDepth": 7}});
+    let lease = json!({"status": {"lease": {"holder": "alice", "leaseDurationSeconds": 30}}});
+    make_calls(
+        &bob,
+        vec![
+            may("view lists pipelines", "GET", pipelines.clone()),
+            may("view lists jobs", "GET", jobs.clone()),
+            may("view gets a job", "GET", format!("{jobs}/user-job-a")),
+            may_not("view creates a pipeline", "POST", pipelines.clone()).json(&bp),
+            may_not("view deletes a job", "DELETE", format!("{jobs}/user-job-a")),
+        ],
+    )
+    .await;
+    make_calls(
+        &alice,
+        vec![
+            may("edit creates a pipeline", "POST", pipelines.clone()).json(&bp),
+            may("edit lists pipelines", "GET", pipelines.clone()),
+            may(
+                "edit changes a pipeline",
+                "PATCH",
+                format!("{pipelines}/users"),
+            )
+            .merge_patch(json!({"spec": {"suspend": true}})),
+            may_not(
+                "edit writes pipeline status",
+                "PATCH",
+                format!("{pipelines}/users/status"),
+            )
+            .merge_patch(status),
+            may("edit lists jobs", "GET", jobs.clone()),
+            may(
+                "edit deletes a job (a retry)",
+                "DELETE",
+                format!("{jobs}/user-job-a"),
+            ),
+            may_not("edit creates a job", "POST", jobs.clone()).json(bare_job("user-job-c")),
+            may_not(
+                "edit changes a job's range",
+                "PATCH",
+                format!("{jobs}/user-job-b"),
+            )
+            .merge_patch(json!({"spec": {"endOffset": 11}})),
+            may_not(
+                "edit writes job status",
+                "PATCH",
+                format!("{jobs}/user-job-b/status"),
+            )
+            .merge_patch(lease),
+            may(
+                "edit deletes a pipeline",
+                "DELETE",
+                format!("{pipelines}/users"),
+            ),
+        ],
+    )
+    .await;
+    let _ = admin_jobs
+        .delete("user-job-b", &DeleteParams::default())
+        .await;
 }

@@ -79,15 +79,33 @@ async fn chart_renders_the_apiservice_rbac_and_a_hardened_operator() {
         strings(&reader["rules"][0]["verbs"]),
         ["get", "list", "watch"]
     );
-    let delegator = get(
-        &docs,
-        "ClusterRoleBinding",
-        None,
-        "blocksmith-operator-auth-delegator",
+    // Nothing the external-metrics server does not use yet: it authenticates no caller, so
+    // it gets no TokenReview/SubjectAccessReview rights and no request-header CA.
+    assert!(docs.iter().all(|d| {
+        let role = d["roleRef"]["name"].as_str().unwrap_or_default();
+        role != "system:auth-delegator" && role != "extension-apiserver-authentication-reader"
+    }));
+
+    // Namespace users get blocksmith through Kubernetes' default roles.
+    let edit = get(&docs, "ClusterRole", None, "blocksmith-edit");
+    let labels = &edit["metadata"]["labels"];
+    assert_eq!(
+        labels["rbac.authorization.k8s.io/aggregate-to-edit"],
+        "true"
     );
-    assert_eq!(delegator["roleRef"]["name"], "system:auth-delegator");
-    assert_eq!(delegator["subjects"][0]["name"], "blocksmith-operator");
-    assert_eq!(delegator["subjects"][0]["namespace"], RELEASE_NS);
+    assert_eq!(
+        labels["rbac.authorization.k8s.io/aggregate-to-admin"],
+        "true"
+    );
+    let view = get(&docs, "ClusterRole", None, "blocksmith-view");
+    assert_eq!(
+        view["metadata"]["labels"]["rbac.authorization.k8s.io/aggregate-to-view"],
+        "true"
+    );
+    assert_eq!(
+        strings(&view["rules"][0]["verbs"]),
+        ["get", "list", "watch"]
+    );
 
     // The operator Deployment.
     let dep = get(&docs, "Deployment", Some(RELEASE_NS), "blocksmith-operator");
@@ -190,15 +208,6 @@ async fn chart_renders_the_apiservice_rbac_and_a_hardened_operator() {
             &docs,
             "ClusterRoleBinding",
             None,
-            "blocksmith-operator-auth-delegator"
-        )
-        .is_none()
-    );
-    assert!(
-        find(
-            &docs,
-            "ClusterRoleBinding",
-            None,
             "blocksmith-external-metrics-hpa-controller"
         )
         .is_none()
@@ -216,6 +225,13 @@ async fn chart_renders_the_apiservice_rbac_and_a_hardened_operator() {
     assert!(!docs.iter().any(|d| d["kind"] == "ServiceAccount" && d["metadata"]["name"] == "blocksmith-builder"));
 
     // watchNamespace: the operator's role is bound in that namespace only.
+    // Turned off, the default roles get nothing of blocksmith.
+    let docs = render(&tb, &["rbac.aggregateToDefaultRoles=false"])
+        .await
+        .expect("render without aggregated roles");
+    assert!(find(&docs, "ClusterRole", None, "blocksmith-edit").is_none());
+    assert!(find(&docs, "ClusterRole", None, "blocksmith-view").is_none());
+
     let docs = render(&tb, &["watchNamespace=team-a"])
         .await
         .expect("render namespaced");
