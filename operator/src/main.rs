@@ -1,19 +1,19 @@
 use std::collections::HashSet;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use blocksmith_crds::domain::LABEL_PIPELINE;
 use blocksmith_crds::{BlockJob, BlockPipeline};
 use blocksmith_operator::builders::AutoscalingApi;
 use blocksmith_operator::external_metrics;
-use blocksmith_operator::leader::LeaderElector;
+use blocksmith_operator::leader::{LeaderElector, Leadership};
 use blocksmith_operator::metrics::{self, Metrics, RECONCILE_HEARTBEAT};
 use blocksmith_operator::reconcile::{
     Caches, Context, error_policy, forget_deleted_pipeline, reconcile,
 };
 use blocksmith_runtime::shutdown_signal;
 use clap::{CommandFactory, Parser};
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use k8s_openapi::api::apps::v1::Deployment;
 use kube::api::DynamicObject;
 use kube::runtime::controller::Action;
@@ -33,9 +33,15 @@ struct Args {
     /// Serve external.metrics.k8s.io/v1beta1 (TLS) here, for the builders' HPAs.
     #[arg(long, env = "BLOCKSMITH_EXTERNAL_METRICS_ADDR")]
     external_metrics_addr: Option<std::net::SocketAddr>,
-    /// Watch only this namespace (default: all namespaces).
-    #[arg(long, env = "BLOCKSMITH_WATCH_NAMESPACE")]
-    namespace: Option<String>,
+    /// Watch only these namespaces (repeat the flag, or separate them by commas; default:
+    /// all namespaces). Each gets a controller of its own, so the operator needs permissions
+    /// in these namespaces only.
+    #[arg(
+        long = "namespace",
+        env = "BLOCKSMITH_WATCH_NAMESPACE",
+        value_delimiter = ','
+    )]
+    namespaces: Vec<String>,
     /// Seconds between lag polls of an otherwise quiet pipeline.
     #[arg(long, env = "BLOCKSMITH_POLL_INTERVAL", default_value_t = 10.0, value_parser = seconds)]
     poll_interval: f64,
@@ -153,119 +159,43 @@ async fn main() -> anyhow::Result<()> {
         }
     }
 
-    let (pipelines, jobs, deployments) = match &args.namespace {
-        Some(ns) => (
-            Api::<BlockPipeline>::namespaced(client.clone(), ns),
-            Api::<BlockJob>::namespaced(client.clone(), ns),
-            Api::<Deployment>::namespaced(client.clone(), ns),
-        ),
-        None => (
-            Api::all(client.clone()),
-            Api::all(client.clone()),
-            Api::all(client.clone()),
-        ),
-    };
-    // Reconciles read jobs from this cache rather than LISTing them (seconds at 10,000 jobs).
-    // The controller's own watch of owned jobs only triggers reconciles and keeps no objects.
-    let job_cache = spawn_cache(jobs.clone(), (), "BlockJobs");
-    let builder_cache = spawn_cache(deployments.clone(), (), "builder Deployments");
-    // A builder HPA deleted behind the operator's back is applied again, like a Deployment.
-    let autoscalers = autoscaling.resource().map(|resource| {
-        let api: Api<DynamicObject> = match &args.namespace {
-            Some(ns) => Api::namespaced_with(client.clone(), ns, &resource),
-            None => Api::all_with(client.clone(), &resource),
-        };
-        (
-            api.clone(),
-            resource.clone(),
-            spawn_cache(api, resource, "builder HPAs"),
-        )
-    });
-    job_cache.wait_until_ready().await?;
-    builder_cache.wait_until_ready().await?;
-    if let Some((_, _, cache)) = &autoscalers {
-        cache.wait_until_ready().await?;
-    }
-    let ctx = Context::new(
-        client.clone(),
-        Caches {
-            jobs: job_cache,
-            builders: builder_cache,
-            autoscalers: autoscalers.as_ref().map(|(_, _, cache)| cache.clone()),
-        },
-        metrics.clone(),
-        Duration::from_secs_f64(args.poll_interval),
-        Duration::from_secs_f64(args.offset_refresh_interval),
-        Duration::from_secs_f64(args.kafka_timeout),
+    let settings = Settings {
+        client: client.clone(),
+        metrics: metrics.clone(),
+        poll_interval: Duration::from_secs_f64(args.poll_interval),
+        offset_refresh: Duration::from_secs_f64(args.offset_refresh_interval),
+        kafka_timeout: Duration::from_secs_f64(args.kafka_timeout),
+        debounce: Duration::from_millis(args.debounce_ms),
         autoscaling,
-    );
-    // Kafka knows nothing of the lease: commits stop with leadership.
-    let ctx = Arc::new(match &elector {
-        Some(e) => ctx.fenced_by(e.leadership(), 2 * e.renew_period()),
-        None => ctx,
-    });
-    let controller = Controller::new(pipelines, watcher::Config::default())
-        .owns(jobs, watcher::Config::default().labels(LABEL_PIPELINE))
-        // A deleted builder Deployment wakes its pipeline, which applies it again.
-        .owns(
-            deployments,
-            watcher::Config::default().labels(LABEL_PIPELINE),
-        )
-        .with_config(
-            controller::Config::default().debounce(Duration::from_millis(args.debounce_ms)),
-        )
-        .shutdown_on_signal();
-    let controller = match autoscalers {
-        Some((api, resource, _)) => controller.owns_with(
-            api,
-            resource,
-            watcher::Config::default().labels(LABEL_PIPELINE),
-        ),
-        None => controller,
+        fence: elector
+            .as_ref()
+            .map(|e| (e.leadership(), 2 * e.renew_period())),
+        requeues: Arc::default(),
     };
-    // Ready (if not already as a standby) now that the jobs' cache has synced. Not waiting
+    // One controller per watched namespace (a watch of several namespaces would need
+    // cluster-wide permissions), or one for all.
+    let namespaces: Vec<Option<&str>> = if args.namespaces.is_empty() {
+        vec![None]
+    } else {
+        args.namespaces.iter().map(|ns| Some(ns.as_str())).collect()
+    };
+    let mut controllers = Vec::with_capacity(namespaces.len());
+    for ns in namespaces {
+        controllers.push(settings.controller(ns).await?);
+    }
+    // Ready (if not already as a standby) now that the jobs' caches have synced. Not waiting
     // for the controller's own cache of pipelines (`controller.store()`): kube-runtime 5.0's
     // `Store::wait_until_ready` wakes only the last of several waiters, and the controller
     // waits on that store itself before its first reconcile — a second waiter could leave
     // it unwoken.
-    info!("job cache synced; ready");
+    info!("job caches synced; ready");
     health.set_ready();
-    let idle_deadline = metrics::controller_idle_deadline(
-        Duration::from_secs_f64(args.poll_interval),
-        Duration::from_millis(args.debounce_ms),
-    );
-    let mut requeues = Requeues::default();
-    let beats = health.clone();
-    let for_gone = ctx.clone();
-    let controller = controller
-        .run(reconcile, error_policy, ctx)
-        .for_each(move |res| {
-            requeues.observe(&res);
-            if requeues.any() {
-                beats.arm(RECONCILE_HEARTBEAT, idle_deadline);
-            } else {
-                beats.disarm(RECONCILE_HEARTBEAT);
-            }
-            let gone_ctx = for_gone.clone();
-            async move {
-                match res {
-                    // The pipeline's deletion, or an event of its jobs, which garbage
-                    // collection is deleting: what the operator keeps of it goes.
-                    Err(controller::Error::ObjectNotFound(obj)) => {
-                        debug!(object = %obj, "pipeline gone; forgetting it and releasing its jobs");
-                        let ns = obj.namespace.clone().unwrap_or_default();
-                        forget_deleted_pipeline(&gone_ctx, &ns, &obj.name).await;
-                    }
-                    Err(e) => warn!(error = %e, "reconcile"),
-                    Ok(_) => {}
-                }
-            }
-        });
-    // Every poll of the controller is a beat of its heartbeat (see RECONCILE_HEARTBEAT).
+    let controller = futures::future::join_all(controllers);
+    // Every poll of the controllers is a beat of their heartbeat (see RECONCILE_HEARTBEAT).
     let mut controller = std::pin::pin!(controller);
     let controller = futures::future::poll_fn(move |cx| {
         health.beat(RECONCILE_HEARTBEAT);
-        controller.as_mut().poll(cx)
+        controller.as_mut().poll(cx).map(|_| ())
     });
     info!("controller started");
     match &elector {
@@ -284,6 +214,132 @@ async fn main() -> anyhow::Result<()> {
         None => controller.await,
     }
     Ok(())
+}
+
+/// What every namespace's controller shares.
+struct Settings {
+    client: kube::Client,
+    metrics: Metrics,
+    poll_interval: Duration,
+    offset_refresh: Duration,
+    kafka_timeout: Duration,
+    debounce: Duration,
+    autoscaling: AutoscalingApi,
+    /// The leadership Kafka commits are fenced by, and the patience of that fence.
+    fence: Option<(Leadership, Duration)>,
+    requeues: Arc<Mutex<Requeues>>,
+}
+
+impl Settings {
+    /// The controller of the pipelines in `namespace` (all namespaces without), once its
+    /// caches have synced: a future that runs it until shutdown.
+    async fn controller(
+        &self,
+        namespace: Option<&str>,
+    ) -> anyhow::Result<futures::future::BoxFuture<'static, ()>> {
+        let client = &self.client;
+        let (pipelines, jobs, deployments) = match namespace {
+            Some(ns) => (
+                Api::<BlockPipeline>::namespaced(client.clone(), ns),
+                Api::<BlockJob>::namespaced(client.clone(), ns),
+                Api::<Deployment>::namespaced(client.clone(), ns),
+            ),
+            None => (
+                Api::all(client.clone()),
+                Api::all(client.clone()),
+                Api::all(client.clone()),
+            ),
+        };
+        // Reconciles read jobs from this cache rather than LISTing them (seconds at 10,000
+        // jobs). The controller's own watch of owned jobs only triggers reconciles and keeps
+        // no objects.
+        let job_cache = spawn_cache(jobs.clone(), (), "BlockJobs");
+        let builder_cache = spawn_cache(deployments.clone(), (), "builder Deployments");
+        // A builder HPA deleted behind the operator's back is applied again, like a
+        // Deployment.
+        let autoscalers = self.autoscaling.resource().map(|resource| {
+            let api: Api<DynamicObject> = match namespace {
+                Some(ns) => Api::namespaced_with(client.clone(), ns, &resource),
+                None => Api::all_with(client.clone(), &resource),
+            };
+            (
+                api.clone(),
+                resource.clone(),
+                spawn_cache(api, resource, "builder HPAs"),
+            )
+        });
+        job_cache.wait_until_ready().await?;
+        builder_cache.wait_until_ready().await?;
+        if let Some((_, _, cache)) = &autoscalers {
+            cache.wait_until_ready().await?;
+        }
+        let ctx = Context::new(
+            client.clone(),
+            Caches {
+                jobs: job_cache,
+                builders: builder_cache,
+                autoscalers: autoscalers.as_ref().map(|(_, _, cache)| cache.clone()),
+            },
+            self.metrics.clone(),
+            self.poll_interval,
+            self.offset_refresh,
+            self.kafka_timeout,
+            self.autoscaling,
+        );
+        // Kafka knows nothing of the lease: commits stop with leadership.
+        let ctx = Arc::new(match &self.fence {
+            Some((leadership, patience)) => ctx.fenced_by(leadership.clone(), *patience),
+            None => ctx,
+        });
+        let controller = Controller::new(pipelines, watcher::Config::default())
+            .owns(jobs, watcher::Config::default().labels(LABEL_PIPELINE))
+            // A deleted builder Deployment wakes its pipeline, which applies it again.
+            .owns(
+                deployments,
+                watcher::Config::default().labels(LABEL_PIPELINE),
+            )
+            .with_config(controller::Config::default().debounce(self.debounce))
+            .shutdown_on_signal();
+        let controller = match autoscalers {
+            Some((api, resource, _)) => controller.owns_with(
+                api,
+                resource,
+                watcher::Config::default().labels(LABEL_PIPELINE),
+            ),
+            None => controller,
+        };
+        let idle_deadline = metrics::controller_idle_deadline(self.poll_interval, self.debounce);
+        let requeues = self.requeues.clone();
+        let beats = self.metrics.health().clone();
+        let for_gone = ctx.clone();
+        Ok(controller
+            .run(reconcile, error_policy, ctx)
+            .for_each(move |res| {
+                let mut pending = requeues.lock().expect("requeues lock");
+                pending.observe(&res);
+                if pending.any() {
+                    beats.arm(RECONCILE_HEARTBEAT, idle_deadline);
+                } else {
+                    beats.disarm(RECONCILE_HEARTBEAT);
+                }
+                drop(pending);
+                let gone_ctx = for_gone.clone();
+                async move {
+                    match res {
+                        // The pipeline's deletion, or an event of its jobs, which garbage
+                        // collection is deleting: what the operator keeps of it goes.
+                        Err(controller::Error::ObjectNotFound(obj)) => {
+                            debug!(object = %obj, "pipeline gone; forgetting it and releasing its jobs");
+                            let ns = obj.namespace.clone().unwrap_or_default();
+                            forget_deleted_pipeline(&gone_ctx, &ns, &obj.name).await;
+                        }
+                        Err(e) => warn!(error = %e, "reconcile"),
+                        Ok(_) => {}
+                    }
+                }
+            })
+            .boxed())
+    }
 }
 
 /// The pipelines the controller will reconcile again without any change: those whose last

@@ -257,7 +257,6 @@ async fn the_chart_runs_blocksmith_as_pods_that_scale_fail_over_and_write_every_
     let _release = ReleaseGuard::new(&tb, RELEASE, &release_ns);
     let chart = chart_dir();
     let builder_namespaces = format!("builders.namespaces={{{ns}}}");
-    let watch = format!("watchNamespace={ns}");
     helm_retried(
         &tb,
         &[
@@ -265,8 +264,6 @@ async fn the_chart_runs_blocksmith_as_pods_that_scale_fail_over_and_write_every_
             RELEASE,
             chart.to_str().unwrap(),
             &release_ns,
-            "--set",
-            &watch,
             "--set",
             &builder_namespaces,
             "--set",
@@ -422,7 +419,16 @@ async fn the_chart_runs_blocksmith_as_pods_that_scale_fail_over_and_write_every_
     // The leader pod is deleted: the standby takes over within the lease, and planning and
     // commits go on.
     let deleted_at = Instant::now();
-    let (ok, out) = kubectl(&["delete", "pod", "-n", &release_ns, &leader]);
+    // (Not waiting for the pod to be gone: the node's kubelet sometimes keeps a pod whose
+    // process exited by itself for a minute more, which is not what is measured here.)
+    let (ok, out) = kubectl(&[
+        "delete",
+        "pod",
+        "-n",
+        &release_ns,
+        &leader,
+        "--wait=false",
+    ]);
     assert!(ok, "kubectl delete pod {leader}: {out}");
     // (The standby, or the pod the Deployment starts in the leader's place.)
     let new_leader = wait_for("a new leader", Duration::from_secs(60), || async {
@@ -435,9 +441,10 @@ async fn the_chart_runs_blocksmith_as_pods_that_scale_fail_over_and_write_every_
     println!("leadership moved from {leader} to {new_leader} in {handover:?}");
     // The deleted leader releases the lease once its controller has stopped (SIGTERM); the
     // standby takes it at its next attempt (every 2.5 s). Had the release failed, the standby
-    // would wait out the chart's 15 s lease (from its own sight of the last renewal).
+    // would wait out the chart's 15 s lease from its own sight of the last renewal (renewed
+    // every 2.5 s): at least 12.5 s.
     assert!(
-        handover < Duration::from_secs(20),
+        handover < Duration::from_secs(10),
         "handover took {handover:?}"
     );
 

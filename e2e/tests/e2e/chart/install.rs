@@ -30,9 +30,17 @@ async fn builder_lists_jobs(builder: &kube::Client) -> bool {
     .await
 }
 
-/// May the operator identity list BlockPipelines cluster-wide (granted by the chart)?
+/// May the operator identity list BlockPipelines in the builders' namespace (granted by the
+/// chart)?
 async fn operator_lists_pipelines(operator: &kube::Client) -> bool {
-    can_i(operator, "list", "blocksmith.io", "blockpipelines", None).await
+    can_i(
+        operator,
+        "list",
+        "blocksmith.io",
+        "blockpipelines",
+        Some(BUILDER_NS),
+    )
+    .await
 }
 
 async fn ensure_namespace(tb: &Testbed, name: &str) {
@@ -138,7 +146,8 @@ async fn chart_installs_with_least_privilege_rbac_and_uninstalls_all_but_crds() 
         ("ServiceAccount", Some(BUILDER_NS), "blocksmith-builder"),
         ("ServiceAccount", Some(&ns), "blocksmith-builder"),
         ("ClusterRole", None, "blocksmith-operator"),
-        ("ClusterRoleBinding", None, "blocksmith-operator"),
+        ("RoleBinding", Some(BUILDER_NS), "blocksmith-operator"),
+        ("RoleBinding", Some(&ns), "blocksmith-operator"),
         ("ClusterRole", None, "blocksmith-edit"),
         ("ClusterRole", None, "blocksmith-view"),
         (
@@ -207,7 +216,7 @@ async fn chart_installs_with_least_privilege_rbac_and_uninstalls_all_but_crds() 
     builder_rbac(&tb, &builder, &ns).await;
     operator_rbac(&tb, &operator, &ns).await;
     user_rbac(&tb, &ns).await;
-    pipeline_runs_with_the_charts_identities(&tb).await;
+    pipeline_runs_with_the_charts_identities(&tb, &ns).await;
 
     // Uninstall: every object of the release goes (pods via garbage collection); CRDs stay.
     helm_retried(&tb, &["uninstall", RELEASE, RELEASE_NS])
@@ -276,27 +285,33 @@ fn token_kubeconfig_file(tb: &Testbed, token_var: &str) -> PathBuf {
 
 /// The operator and a builder run as the chart's ServiceAccounts (the testbed's restricted
 /// tokens) and take a pipeline in `default` all the way to committed offsets: the chart's
-/// RBAC is enough for the real job.
-async fn pipeline_runs_with_the_charts_identities(tb: &Testbed) {
+/// RBAC is enough for the real job. The same operator watches `other_ns` too (one
+/// controller per namespace, with no cluster-wide grant) and finishes a pipeline there, run
+/// by a builder with the admin's credentials (the builder token is of `default`).
+async fn pipeline_runs_with_the_charts_identities(tb: &Testbed, other_ns: &str) {
     use blocksmith_crds::domain::default_consumer_group;
     use blocksmith_e2e::datagen::{DataSpec, ValueSizes};
 
-    let topic = tb.topic("chart-run", 1);
-    let spec = DataSpec {
-        value_sizes: ValueSizes::Fixed(100),
-        ..DataSpec::new(&topic, 1, 3000)
-    };
-    produce_data(tb, spec).await;
     let name = format!("chart-run-{:06x}", rand::random::<u32>() & 0xff_ffff);
-    let url = file_url(&blocks_dir(tb, &name));
-    let bp = pipeline(
-        &name,
-        &topic,
-        &tb.kafka_bootstrap,
-        &url,
-        json!({"maxRecords": 1000}),
-    );
-    apply_pipeline(tb, "default", &bp).await;
+    let mut runs = Vec::new();
+    for (ns, records) in [("default", 3000), (other_ns, 2000)] {
+        let topic = tb.topic(&format!("chart-run-{records}"), 1);
+        let spec = DataSpec {
+            value_sizes: ValueSizes::Fixed(100),
+            ..DataSpec::new(&topic, 1, records)
+        };
+        produce_data(tb, spec).await;
+        let url = file_url(&blocks_dir(tb, &format!("{name}-{ns}")));
+        let bp = pipeline(
+            &name,
+            &topic,
+            &tb.kafka_bootstrap,
+            &url,
+            json!({"maxRecords": 1000}),
+        );
+        apply_pipeline(tb, ns, &bp).await;
+        runs.push((ns, topic, records as i64));
+    }
 
     let mut op = tb.command("blocksmith-operator");
     op.env(
@@ -305,42 +320,49 @@ async fn pipeline_runs_with_the_charts_identities(tb: &Testbed) {
     )
     .args([
         "--namespace",
-        "default",
+        &format!("default,{other_ns}"),
         "--no-leader-election",
         "--poll-interval",
         "1",
     ])
     .args(["--metrics-addr", &format!("127.0.0.1:{}", free_port())]);
     let _op = tb.spawn(&format!("{name}-operator"), op);
-    let mut b = tb.command("blocksmith-builder");
-    b.env(
-        "KUBECONFIG",
-        token_kubeconfig_file(tb, "BLOCKSMITH_BUILDER_TOKEN"),
-    )
-    .args([
-        "--namespace",
-        "default",
-        "--pipeline",
-        &name,
-        "--identity",
-        &format!("{name}-b"),
-    ])
-    .args(["--metrics-addr", &format!("127.0.0.1:{}", free_port())])
-    .arg("--work-dir")
-    .arg(tb.dir.join("scratch").join(&name));
-    let _b = tb.spawn(&format!("{name}-builder"), b);
+    let mut builders = Vec::new();
+    for (ns, _, _) in &runs {
+        let mut b = tb.command("blocksmith-builder");
+        if *ns == "default" {
+            b.env(
+                "KUBECONFIG",
+                token_kubeconfig_file(tb, "BLOCKSMITH_BUILDER_TOKEN"),
+            );
+        }
+        b.args([
+            "--namespace",
+            ns,
+            "--pipeline",
+            &name,
+            "--identity",
+            &format!("{name}-{ns}-b"),
+        ])
+        .args(["--metrics-addr", &format!("127.0.0.1:{}", free_port())])
+        .arg("--work-dir")
+        .arg(tb.dir.join("scratch").join(format!("{name}-{ns}")));
+        builders.push(tb.spawn(&format!("{name}-{ns}-builder"), b));
+    }
 
-    let group = default_consumer_group("default", &name);
-    wait_for(
-        "commit by the chart's identities",
-        Duration::from_secs(120),
-        || async {
-            let c = group_offsets(&tb.kafka_bootstrap, &group, &topic, 1).await;
-            (c.get(&0) == Some(&3000)).then_some(())
-        },
-    )
-    .await;
-    let _ = Api::<BlockPipeline>::namespaced(tb.client.clone(), "default")
-        .delete(&name, &Default::default())
+    for (ns, topic, records) in &runs {
+        let group = default_consumer_group(ns, &name);
+        wait_for(
+            &format!("commit in {ns} by the chart's operator identity"),
+            Duration::from_secs(120),
+            || async {
+                let c = group_offsets(&tb.kafka_bootstrap, &group, topic, 1).await;
+                (c.get(&0) == Some(records)).then_some(())
+            },
+        )
         .await;
+        let _ = Api::<BlockPipeline>::namespaced(tb.client.clone(), ns)
+            .delete(&name, &Default::default())
+            .await;
+    }
 }

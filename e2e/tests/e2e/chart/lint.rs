@@ -49,17 +49,17 @@ async fn chart_lint_is_clean() {
     let chart = chart_dir();
     assert_lint_clean(&tb, &chart, "the chart with its default values").await;
 
-    // The other branches of the templates: a namespaced install without leader election or
-    // external metrics, with builder namespaces.
+    // The other branches of the templates: a cluster-wide install without leader election
+    // or external metrics.
     let tmp = tempfile::tempdir().unwrap();
     let variant = chart_copy_with(tmp.path(), |v| {
-        v["watchNamespace"] = "team-a".into();
+        v["watchAllNamespaces"] = true.into();
         v["operator"]["leaderElection"] = false.into();
         v["operator"]["replicas"] = 1.into();
         v["externalMetrics"]["enabled"] = false.into();
         v["builders"]["namespaces"] = serde_yaml::from_str("[team-a, team-b]").unwrap();
     });
-    assert_lint_clean(&tb, &variant, "a namespaced, single-replica variant").await;
+    assert_lint_clean(&tb, &variant, "a cluster-wide, single-replica variant").await;
 
     // And lint does fail on a broken chart, so "clean" above means something.
     let tmp = tempfile::tempdir().unwrap();

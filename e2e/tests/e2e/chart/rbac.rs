@@ -412,8 +412,10 @@ pub async fn builder_rbac(tb: &Testbed, builder: &kube::Client, other_ns: &str) 
         .expect("delete job");
 }
 
-/// The operator identity (blocksmith-system/blocksmith-operator): everything it needs, as real
-/// requests, and nothing cluster-wide it does not.
+/// The operator identity (blocksmith-system/blocksmith-operator): everything it needs in a
+/// pipelines' namespace `ns`, as real requests, and nothing it does not, there or anywhere
+/// else (no cluster-wide grant at all: the chart binds its role in the pipelines'
+/// namespaces only).
 pub async fn operator_rbac(tb: &Testbed, operator: &kube::Client, ns: &str) {
     // A pipeline and a secret made by the admin, as a user would.
     let bp = pipeline("p", "t", "127.0.0.1:9", "file:///tmp/x", json!({}));
@@ -427,11 +429,11 @@ pub async fn operator_rbac(tb: &Testbed, operator: &kube::Client, ns: &str) {
         .await
         .expect("create secret");
 
-    // BlockPipelines: watched cluster-wide (this one among them); its status written.
-    let listed = Api::<BlockPipeline>::all(operator.clone())
+    // BlockPipelines: watched in the namespace (this one among them); its status written.
+    let listed = Api::<BlockPipeline>::namespaced(operator.clone(), ns)
         .list(&ListParams::default())
         .await
-        .expect("operator lists pipelines cluster-wide");
+        .expect("operator lists pipelines in its namespace");
     assert!(
         listed
             .items
@@ -479,8 +481,14 @@ pub async fn operator_rbac(tb: &Testbed, operator: &kube::Client, ns: &str) {
                 "operator watches pipelines",
                 "GET",
                 format!(
-                    "{BLOCKSMITH}/blockpipelines?watch=true&timeoutSeconds=1&resourceVersion=0"
+                    "{}?watch=true&timeoutSeconds=1&resourceVersion=0",
+                    blockpipelines(ns)
                 ),
+            ),
+            may_not(
+                "operator lists pipelines cluster-wide",
+                "GET",
+                format!("{BLOCKSMITH}/blockpipelines"),
             ),
             may(
                 "operator patches pipeline status",
@@ -495,8 +503,9 @@ pub async fn operator_rbac(tb: &Testbed, operator: &kube::Client, ns: &str) {
             )
             .merge_patch(json!({"spec": {"suspend": true}})),
             may_not("operator deletes a pipeline", "DELETE", pipeline),
-            may("operator creates a job", "POST", jobs).json(&j),
-            may(
+            may("operator creates a job", "POST", jobs.clone()).json(&j),
+            may("operator lists jobs", "GET", jobs.clone()),
+            may_not(
                 "operator lists jobs cluster-wide",
                 "GET",
                 format!("{BLOCKSMITH}/blockjobs"),
@@ -546,12 +555,22 @@ pub async fn operator_rbac(tb: &Testbed, operator: &kube::Client, ns: &str) {
             may(
                 "operator lists deployments",
                 "GET",
-                path("apps/v1", None, "deployments"),
+                path("apps/v1", Some(ns), "deployments"),
             ),
             may(
                 "operator lists HPAs",
                 "GET",
-                path("autoscaling/v1", None, "horizontalpodautoscalers"),
+                path("autoscaling/v1", Some(ns), "horizontalpodautoscalers"),
+            ),
+            may_not(
+                "operator lists deployments cluster-wide",
+                "GET",
+                path("apps/v1", None, "deployments"),
+            ),
+            may_not(
+                "operator lists deployments in kube-system",
+                "GET",
+                path("apps/v1", Some("kube-system"), "deployments"),
             ),
             // Leases: only its own, in its own namespace (created and updated below).
             may_not(
@@ -659,8 +678,9 @@ pub async fn operator_rbac(tb: &Testbed, operator: &kube::Client, ns: &str) {
     );
     assert_eq!(
         granted(operator, RELEASE_NS).await,
-        all_atoms(&[OPERATOR_RULES, SELF_REVIEWS, OPERATOR_LEASE_RULES])
+        all_atoms(&[SELF_REVIEWS, OPERATOR_LEASE_RULES])
     );
+    assert_eq!(granted(operator, "kube-system").await, atoms(SELF_REVIEWS));
 }
 
 /// A client of the testbed's admin acting as `user` (impersonation: the authorizer judges

@@ -131,10 +131,7 @@ async fn chart_renders_the_apiservice_rbac_and_a_hardened_operator() {
         "{args:?}"
     );
     assert!(!args.contains(&"--no-leader-election"), "{args:?}");
-    assert!(
-        !args.iter().any(|a| a.starts_with("--namespace")),
-        "{args:?}"
-    );
+    assert!(args.contains(&"--namespace=team-a,team-b"), "{args:?}");
     let env = c["env"].as_array().unwrap();
     let field_ref = |name: &str| {
         env.iter()
@@ -157,10 +154,16 @@ async fn chart_renders_the_apiservice_rbac_and_a_hardened_operator() {
     let metrics = get(&docs, "Service", Some(RELEASE_NS), "blocksmith-metrics");
     assert_eq!(metrics["spec"]["ports"][0]["targetPort"], "metrics");
 
-    // Operator RBAC: cluster-wide role and binding; the Lease only in its own namespace.
+    // Operator RBAC: its role bound in the pipelines' namespaces only; the Lease only in its
+    // own namespace.
     get(&docs, "ClusterRole", None, "blocksmith-operator");
-    let crb = get(&docs, "ClusterRoleBinding", None, "blocksmith-operator");
-    assert_eq!(crb["subjects"][0]["namespace"], RELEASE_NS);
+    assert!(find(&docs, "ClusterRoleBinding", None, "blocksmith-operator").is_none());
+    for ns in ["team-a", "team-b"] {
+        let rb = get(&docs, "RoleBinding", Some(ns), "blocksmith-operator");
+        assert_eq!(rb["roleRef"]["kind"], "ClusterRole");
+        assert_eq!(rb["roleRef"]["name"], "blocksmith-operator");
+        assert_eq!(rb["subjects"][0]["namespace"], RELEASE_NS);
+    }
     let lease = get(
         &docs,
         "Role",
@@ -222,9 +225,14 @@ async fn chart_renders_the_apiservice_rbac_and_a_hardened_operator() {
     };
     assert!(!named(&c["ports"], "ext-metrics"));
     assert!(!named(&c["env"], "BLOCKSMITH_EXTERNAL_METRICS_ADDR"));
-    assert!(!docs.iter().any(|d| d["kind"] == "ServiceAccount" && d["metadata"]["name"] == "blocksmith-builder"));
+    // The default builders.namespaces: `default`.
+    get(
+        &docs,
+        "ServiceAccount",
+        Some("default"),
+        "blocksmith-builder",
+    );
 
-    // watchNamespace: the operator's role is bound in that namespace only.
     // Turned off, the default roles get nothing of blocksmith.
     let docs = render(&tb, &["rbac.aggregateToDefaultRoles=false"])
         .await
@@ -232,15 +240,27 @@ async fn chart_renders_the_apiservice_rbac_and_a_hardened_operator() {
     assert!(find(&docs, "ClusterRole", None, "blocksmith-edit").is_none());
     assert!(find(&docs, "ClusterRole", None, "blocksmith-view").is_none());
 
-    let docs = render(&tb, &["watchNamespace=team-a"])
+    // watchAllNamespaces: cluster-wide, only when asked for.
+    let docs = render(&tb, &["watchAllNamespaces=true"])
         .await
-        .expect("render namespaced");
-    assert!(find(&docs, "ClusterRoleBinding", None, "blocksmith-operator").is_none());
-    let rb = get(&docs, "RoleBinding", Some("team-a"), "blocksmith-operator");
-    assert_eq!(rb["roleRef"]["kind"], "ClusterRole");
+        .expect("render cluster-wide");
+    let crb = get(&docs, "ClusterRoleBinding", None, "blocksmith-operator");
+    assert_eq!(crb["subjects"][0]["namespace"], RELEASE_NS);
+    assert!(find(&docs, "RoleBinding", Some("default"), "blocksmith-operator").is_none());
     let dep = get(&docs, "Deployment", Some(RELEASE_NS), "blocksmith-operator");
     let args = strings(&dep["spec"]["template"]["spec"]["containers"][0]["args"]);
-    assert!(args.contains(&"--namespace=team-a"), "{args:?}");
+    assert!(
+        !args.iter().any(|a| a.starts_with("--namespace")),
+        "{args:?}"
+    );
+    // Neither namespaces nor all of them: refused, saying what to set.
+    let err = render(&tb, &["builders.namespaces=null"])
+        .await
+        .expect_err("no namespaces to watch must not render");
+    assert!(
+        err.contains("builders.namespaces is empty") && err.contains("watchAllNamespaces"),
+        "{err}"
+    );
 
     // Without leader election only one replica is allowed, and no Lease permissions exist.
     let docs = render(&tb, &["operator.leaderElection=false,operator.replicas=1"])
