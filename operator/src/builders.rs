@@ -15,6 +15,7 @@ use serde_json::{Value, json};
 
 use crate::jobs::MANAGER;
 use crate::metrics::Metrics;
+use crate::policy::DEFAULT_BUILDER_SERVICE_ACCOUNT;
 
 /// The external metric an HPA scales builders on; selected by `pipeline=<name>`.
 pub const QUEUE_METRIC: &str = "blocksmith-queue-depth";
@@ -135,7 +136,7 @@ pub fn deployment(bp: &BlockPipeline, b: &BuildersSpec, autoscaling: Autoscaling
         "template": {
             "metadata": {"labels": labels},
             "spec": {
-                "serviceAccountName": b.service_account_name.clone().unwrap_or_else(|| "blocksmith-builder".into()),
+                "serviceAccountName": b.service_account_name.as_deref().unwrap_or(DEFAULT_BUILDER_SERVICE_ACCOUNT),
                 "terminationGracePeriodSeconds": 60,
                 "securityContext": {"runAsNonRoot": true, "seccompProfile": {"type": "RuntimeDefault"}},
                 "containers": [{

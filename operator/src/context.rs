@@ -16,6 +16,7 @@ use crate::leader::Leadership;
 use crate::metrics::Metrics;
 use crate::offsets::OffsetClients;
 use crate::output::Confirmations;
+use crate::policy::Policy;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -63,6 +64,8 @@ pub struct Context {
     pub builders_applied: Mutex<HashMap<String, String>>,
     /// Succeeded jobs whose manifests the output has confirmed.
     pub confirmed_blocks: Confirmations,
+    /// What pipelines may name (images, ServiceAccounts, Secrets).
+    pub policy: Policy,
 }
 
 impl Context {
@@ -92,7 +95,13 @@ impl Context {
             autoscaling,
             builders_applied: Mutex::default(),
             confirmed_blocks: Confirmations::default(),
+            policy: Policy::default(),
         }
+    }
+
+    /// Holds pipelines to `policy`.
+    pub fn with_policy(self, policy: Policy) -> Self {
+        Self { policy, ..self }
     }
 
     /// Commits only within `leadership` (see [`OffsetClients::fenced_by`]).

@@ -1,7 +1,8 @@
 //! blocksmith's operator: plans BlockJobs from partition lag, expires leases, retries failed
 //! jobs, and commits consumer-group offsets over the contiguous prefix of succeeded jobs.
 //!
-//! Pure decisions: [`planner`], [`committer`], [`lifecycle`], [`conditions`], [`validate`].
+//! Pure decisions: [`planner`], [`committer`], [`lifecycle`], [`conditions`], [`validate`],
+//! [`policy`] (what pipelines may name).
 //! I/O: [`reconcile`] (one pass over a pipeline, step by step), [`context`] (what every
 //! reconcile shares), [`kafka`] (the cluster's offsets) and [`offsets`] (reading and
 //! committing them per pipeline), [`output`] (the blocks a commit needs confirmed), [`jobs`] (the BlockJob queue), [`status`] (status and
@@ -21,6 +22,7 @@ pub mod metrics;
 pub mod offsets;
 pub mod output;
 pub mod planner;
+pub mod policy;
 pub mod reconcile;
 pub mod status;
 pub mod validate;

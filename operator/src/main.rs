@@ -8,6 +8,7 @@ use blocksmith_operator::builders::AutoscalingApi;
 use blocksmith_operator::external_metrics;
 use blocksmith_operator::leader::{LeaderElector, Leadership};
 use blocksmith_operator::metrics::{self, Metrics, RECONCILE_HEARTBEAT};
+use blocksmith_operator::policy::{Policy, parse_label};
 use blocksmith_operator::reconcile::{
     Caches, Context, error_policy, forget_deleted_pipeline, reconcile,
 };
@@ -42,6 +43,20 @@ struct Args {
         value_delimiter = ','
     )]
     namespaces: Vec<String>,
+    /// Images pipelines may run builders with (comma-separated): an image, a repository (any
+    /// tag or digest of it), a prefix ending in `/`, `:` or `@`, or `*`. Default: any.
+    #[arg(long, env = "BLOCKSMITH_ALLOWED_BUILDER_IMAGES", value_delimiter = ',')]
+    allowed_builder_images: Vec<String>,
+    /// ServiceAccounts builder pods may run as (comma-separated). Default: any.
+    #[arg(
+        long,
+        env = "BLOCKSMITH_ALLOWED_BUILDER_SERVICE_ACCOUNTS",
+        value_delimiter = ','
+    )]
+    allowed_builder_service_accounts: Vec<String>,
+    /// `key=value`: a label every Secret a pipeline names must carry. Default: none needed.
+    #[arg(long, env = "BLOCKSMITH_SECRET_LABEL", value_parser = parse_label)]
+    secret_label: Option<(String, String)>,
     /// Seconds between lag polls of an otherwise quiet pipeline.
     #[arg(long, env = "BLOCKSMITH_POLL_INTERVAL", default_value_t = 10.0, value_parser = seconds)]
     poll_interval: f64,
@@ -170,6 +185,11 @@ async fn main() -> anyhow::Result<()> {
         fence: elector
             .as_ref()
             .map(|e| (e.leadership(), 2 * e.renew_period())),
+        policy: Policy {
+            builder_images: args.allowed_builder_images.clone(),
+            builder_service_accounts: args.allowed_builder_service_accounts.clone(),
+            secret_label: args.secret_label.clone(),
+        },
         requeues: Arc::default(),
     };
     // One controller per watched namespace (a watch of several namespaces would need
@@ -227,6 +247,7 @@ struct Settings {
     autoscaling: AutoscalingApi,
     /// The leadership Kafka commits are fenced by, and the patience of that fence.
     fence: Option<(Leadership, Duration)>,
+    policy: Policy,
     requeues: Arc<Mutex<Requeues>>,
 }
 
@@ -285,7 +306,8 @@ impl Settings {
             self.offset_refresh,
             self.kafka_timeout,
             self.autoscaling,
-        );
+        )
+        .with_policy(self.policy.clone());
         // Kafka knows nothing of the lease: commits stop with leadership.
         let ctx = Arc::new(match &self.fence {
             Some((leadership, patience)) => ctx.fenced_by(leadership.clone(), *patience),

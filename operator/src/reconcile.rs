@@ -12,8 +12,10 @@ use std::time::{Duration, Instant};
 use blocksmith_crds::Reason;
 use blocksmith_crds::{BlockJob, BlockPipeline, BlockPipelineStatus, JobPhase};
 use jiff::Timestamp;
+use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::ResourceExt;
+use kube::api::Api;
 use kube::runtime::controller::Action;
 use kube::runtime::reflector::ObjectRef;
 use tracing::{info, warn};
@@ -36,6 +38,7 @@ use crate::planner::{
     JobRanges, PlanPolicy, PlannedJob, WrittenBlocks, add_deleted_ranges, job_ranges_where,
     output_reads, plan_pipeline,
 };
+use crate::policy::secret_references;
 use crate::status;
 use crate::validate::{
     InvalidSpec, validate, validate_cluster_unchanged, validate_name, validate_topic_unchanged,
@@ -125,6 +128,9 @@ enum Halt {
     /// The spec, or what it now reaches, cannot be acted on: reported as `InvalidSpec` before
     /// any commit or planning; the next change to the pipeline or its jobs looks again.
     InvalidSpec(String),
+    /// As `InvalidSpec`, for what can change without the pipeline changing (a Secret's
+    /// labels): looked at again after the poll interval.
+    InvalidSpecOutside(String),
     Failed(Error),
 }
 
@@ -197,6 +203,15 @@ impl<'a> Pass<'a> {
                 self.report_invalid_spec(message).await?;
                 return Ok(Action::await_change());
             }
+            Err(Halt::InvalidSpecOutside(message)) => {
+                self.report_invalid_spec(message).await?;
+                return Ok(Action::requeue(requeue_after(
+                    None,
+                    self.now,
+                    self.ctx.poll_interval,
+                    true,
+                )));
+            }
             Err(Halt::Failed(e)) => return Err(e),
         }
         let has_problems = !self.observed.problems.is_empty();
@@ -211,6 +226,7 @@ impl<'a> Pass<'a> {
 
     async fn steps(&mut self) -> Result<(), Halt> {
         let policy = self.validate_spec()?;
+        self.hold_to_operator_policy().await?;
         self.apply_builders().await?;
         let (jobs, deleted) = self.tend_jobs().await?;
         let mut committed = BTreeMap::new();
@@ -236,6 +252,33 @@ impl<'a> Pass<'a> {
         validate(&self.bp.spec)?;
         PlanPolicy::from_spec(&self.bp.spec)
             .map_err(|e| Halt::InvalidSpec(format!("spec.jobs.maxAge: {e}")))
+    }
+
+    /// Holds the pipeline to the operator's [`crate::policy::Policy`]: its builders' image and
+    /// ServiceAccount, and the label of every Secret it names, before anything reads a Secret
+    /// for it or applies its builders.
+    async fn hold_to_operator_policy(&self) -> Result<(), Halt> {
+        let policy = &self.ctx.policy;
+        policy
+            .check_builders(&self.bp.spec)
+            .map_err(Halt::InvalidSpec)?;
+        if policy.secret_label.is_none() {
+            return Ok(());
+        }
+        let secrets: Api<Secret> = Api::namespaced(self.ctx.client.clone(), &self.ns);
+        let mut checked = HashSet::new();
+        for (field, name) in secret_references(&self.bp.spec) {
+            if !checked.insert(name.clone()) {
+                continue;
+            }
+            // A missing Secret is reported where it is used (SecretNotFound).
+            if let Some(secret) = secrets.get_opt(&name).await? {
+                policy
+                    .check_secret(&secret, &field)
+                    .map_err(Halt::InvalidSpecOutside)?;
+            }
+        }
+        Ok(())
     }
 
     /// Applies the builder Deployment and HPA when what they should be has changed.

@@ -11,5 +11,6 @@ mod exactly_once;
 mod operator;
 mod outages;
 mod pods;
+mod policy;
 mod smoke;
 mod support;

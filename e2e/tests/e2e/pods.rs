@@ -234,8 +234,9 @@ async fn the_chart_runs_blocksmith_as_pods_that_scale_fail_over_and_write_every_
     let produced = produce_data_to(&broker.bootstrap, spec).await;
     broker.set_round_trip_time(Duration::from_millis(300));
 
+    // Labelled for pipelines, as the chart's policy requires.
     let s3: Secret = serde_json::from_value(json!({
-        "metadata": {"name": "s3"},
+        "metadata": {"name": "s3", "labels": {"blocksmith.io/pipeline-secret": "true"}},
         "stringData": {
             "AWS_ENDPOINT": tb.s3_endpoint,
             "AWS_ACCESS_KEY_ID": std::env::var("AWS_ACCESS_KEY_ID").unwrap(),
@@ -421,14 +422,7 @@ async fn the_chart_runs_blocksmith_as_pods_that_scale_fail_over_and_write_every_
     let deleted_at = Instant::now();
     // (Not waiting for the pod to be gone: the node's kubelet sometimes keeps a pod whose
     // process exited by itself for a minute more, which is not what is measured here.)
-    let (ok, out) = kubectl(&[
-        "delete",
-        "pod",
-        "-n",
-        &release_ns,
-        &leader,
-        "--wait=false",
-    ]);
+    let (ok, out) = kubectl(&["delete", "pod", "-n", &release_ns, &leader, "--wait=false"]);
     assert!(ok, "kubectl delete pod {leader}: {out}");
     // (The standby, or the pod the Deployment starts in the leader's place.)
     let new_leader = wait_for("a new leader", Duration::from_secs(60), || async {

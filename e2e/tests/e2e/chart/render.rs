@@ -132,6 +132,14 @@ async fn chart_renders_the_apiservice_rbac_and_a_hardened_operator() {
     );
     assert!(!args.contains(&"--no-leader-election"), "{args:?}");
     assert!(args.contains(&"--namespace=team-a,team-b"), "{args:?}");
+    // The policy, by default: the chart's image, the builder ServiceAccount, labelled Secrets.
+    for policy in [
+        "--allowed-builder-images=ghcr.io/blocksmith/blocksmith",
+        "--allowed-builder-service-accounts=blocksmith-builder",
+        "--secret-label=blocksmith.io/pipeline-secret=true",
+    ] {
+        assert!(args.contains(&policy), "{policy} not in {args:?}");
+    }
     let env = c["env"].as_array().unwrap();
     let field_ref = |name: &str| {
         env.iter()
@@ -231,6 +239,22 @@ async fn chart_renders_the_apiservice_rbac_and_a_hardened_operator() {
         "ServiceAccount",
         Some("default"),
         "blocksmith-builder",
+    );
+
+    // The policy opened up: `*` allows any image or ServiceAccount, "" no Secret label.
+    let docs = render(
+        &tb,
+        &["policy.builderImages={*},policy.builderServiceAccounts={*},policy.secretLabel="],
+    )
+    .await
+    .expect("render an open policy");
+    let dep = get(&docs, "Deployment", Some(RELEASE_NS), "blocksmith-operator");
+    let args = strings(&dep["spec"]["template"]["spec"]["containers"][0]["args"]);
+    assert!(
+        !args
+            .iter()
+            .any(|a| a.starts_with("--allowed") || a.starts_with("--secret-label")),
+        "{args:?}"
     );
 
     // Turned off, the default roles get nothing of blocksmith.
