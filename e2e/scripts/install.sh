@@ -112,11 +112,12 @@ s3s_fs() {
 python_venv() {
   # pyarrow: an independent Parquet reader for the exactly-once audit.
   # helm-sdkpy: Helm v4's library, for chart lint/install (no helm binary in Debian).
+  # prometheus-client: the Prometheus project's strict OpenMetrics parser, for the scrapes.
   local venv="$CACHE/venv"
-  [ -x "$venv/bin/python" ] && "$venv/bin/python" -c 'import pyarrow, helm_sdkpy' 2>/dev/null && return 0
-  log "creating python venv with pyarrow and helm-sdkpy"
+  [ -x "$venv/bin/python" ] && "$venv/bin/python" -c 'import pyarrow, helm_sdkpy, prometheus_client' 2>/dev/null && return 0
+  log "creating python venv with pyarrow, helm-sdkpy and prometheus-client"
   python3 -m venv "$venv"
-  "$venv/bin/pip" install -q --disable-pip-version-check pyarrow
+  "$venv/bin/pip" install -q --disable-pip-version-check pyarrow prometheus-client==0.21.1
   # Its metadata asks for Python 3.12; it works on Debian 12's 3.11 (README.md, "Known limits
   # of the local testbed").
   "$venv/bin/pip" install -q --disable-pip-version-check --ignore-requires-python helm-sdkpy==0.1.32

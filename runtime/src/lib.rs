@@ -15,8 +15,14 @@ use std::net::SocketAddr;
 use std::time::Instant;
 
 use axum::http::StatusCode;
+use axum::http::header::CONTENT_TYPE;
 use axum::routing::get;
 use tracing_subscriber::EnvFilter;
+
+/// What `/metrics` serves: prometheus-client encodes OpenMetrics text, and Prometheus picks its
+/// parser by this header (with `text/plain` it would misread the counters).
+pub const OPENMETRICS_CONTENT_TYPE: &str =
+    "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
 pub use health::Health;
 pub use shutdown::shutdown_signal;
@@ -61,7 +67,10 @@ pub fn probe_router(
 ) -> axum::Router {
     let live = health.clone();
     axum::Router::new()
-        .route("/metrics", get(move || async move { encode() }))
+        .route(
+            "/metrics",
+            get(move || async move { ([(CONTENT_TYPE, OPENMETRICS_CONTENT_TYPE)], encode()) }),
+        )
         .route(
             "/healthz",
             get(move || async move {

@@ -388,3 +388,44 @@ async fn sigterm_stops_claiming_and_finishes_or_releases_the_current_job() {
     let _second = s.spawn_builder("second");
     s.wait_committed_then_audit(Duration::from_secs(300)).await;
 }
+
+/// What Prometheus scrapes from the operator and a builder is OpenMetrics, served as such:
+/// the content type says so (with `text/plain`, Prometheus's classic parser misreads the
+/// counters' TYPE lines and their `_total` samples) and the project's strict OpenMetrics
+/// parser accepts every line.
+#[tokio::test]
+async fn metrics_are_openmetrics_served_with_its_content_type() {
+    let builder_port = free_port();
+    let s = Scenario::new("bld-openmetrics")
+        .partitions(2)
+        .records(1_000)
+        .value_size(100)
+        .jobs(json!({"maxRecords": 250}))
+        .operator()
+        .builders_with(1, move |cmd| {
+            cmd.args(["--metrics-addr", &format!("127.0.0.1:{builder_port}")]);
+        })
+        .await;
+    s.wait_all_committed(Duration::from_secs(120)).await;
+    let operator_port = s.operator.as_ref().unwrap().metrics_port;
+    for (who, port, family) in [
+        ("operator", operator_port, "blocksmith_api_writes"),
+        ("builder", builder_port, "blocksmith_builder_api_writes"),
+    ] {
+        let (head, body) = http_get_with_headers(port, "/metrics");
+        assert_eq!(
+            header(&head, "content-type"),
+            Some("application/openmetrics-text; version=1.0.0; charset=utf-8"),
+            "{who}: {head}"
+        );
+        let parsed = parse_openmetrics(&s.tb.python, &body);
+        println!("{who}: {parsed}");
+        let names: Vec<&str> = parsed["names"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|n| n.as_str().unwrap())
+            .collect();
+        assert!(names.contains(&family), "{who}: {family} not in {names:?}");
+    }
+}
