@@ -32,6 +32,7 @@ pub enum Reason {
     BlockUnconfirmed,
     OutputUnreadable,
     AutoscalingUnavailable,
+    BuildersUnavailable,
     // Events only
     Recovered,
     Resumed,
@@ -80,6 +81,7 @@ impl Reason {
                 | Reason::BlockUnconfirmed
                 | Reason::OutputUnreadable
                 | Reason::AutoscalingUnavailable
+                | Reason::BuildersUnavailable
         )
     }
 
@@ -145,6 +147,12 @@ impl Reason {
                 "the cluster serves no HorizontalPodAutoscaler API blocksmith can use \
                  (`autoscaling/v2` or `v2beta2`); builders run at `minReplicas`"
             }
+            Reason::BuildersUnavailable => {
+                "the builder pods cannot run or scale: their Deployment cannot create them (a \
+                 missing ServiceAccount, a quota), their containers wait (`ImagePullBackOff`, \
+                 `CrashLoopBackOff`, a missing Secret), they cannot be scheduled, or the HPA \
+                 cannot read its metric; the message names the object and Kubernetes' reason"
+            }
             Reason::Recovered => "the pipeline is healthy again",
             Reason::Resumed => "`spec.suspend` went back to false; planning resumed",
             Reason::SkippedMissingData => {
@@ -181,14 +189,14 @@ mod tests {
 
     #[test]
     fn names_are_the_variants() {
-        assert_eq!(Reason::all().count(), 22);
+        assert_eq!(Reason::all().count(), 23);
         assert_eq!(Reason::JobFailed.as_str(), "JobFailed");
         assert_eq!(Reason::InvalidSpec.to_string(), "InvalidSpec");
         let problems: Vec<&str> = Reason::all()
             .filter(|r| r.is_problem())
             .map(Reason::as_str)
             .collect();
-        assert_eq!(problems.len(), 12, "{problems:?}");
+        assert_eq!(problems.len(), 13, "{problems:?}");
     }
 
     #[test]

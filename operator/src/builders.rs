@@ -8,7 +8,7 @@ use blocksmith_crds::BlockPipeline;
 use blocksmith_crds::domain::LABEL_PIPELINE;
 use blocksmith_crds::pipeline::{BuildersSpec, KafkaSpec};
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::SecretKeySelector;
+use k8s_openapi::api::core::v1::{Pod, SecretKeySelector};
 use kube::api::{Api, ApiResource, DynamicObject, GroupVersionKind, Patch, PatchParams};
 use kube::{Resource, ResourceExt};
 use serde_json::{Value, json};
@@ -287,14 +287,13 @@ pub fn deletion_cost_changes(
 }
 
 /// Marks the pipeline's busy builder pods (holding a running job) so scale-down prefers idle
-/// ones. Writes only where a pod's mark is wrong.
+/// ones. Writes only where a pod's mark is wrong. Returns the pods as listed.
 pub async fn mark_busy_pods(
     client: &kube::Client,
     bp: &BlockPipeline,
     busy: &[&str],
     metrics: &Metrics,
-) -> kube::Result<()> {
-    use k8s_openapi::api::core::v1::Pod;
+) -> kube::Result<Vec<Pod>> {
     let pods: Api<Pod> = Api::namespaced(client.clone(), &bp.namespace().unwrap_or_default());
     let selector = format!(
         "{LABEL_PIPELINE}={},app.kubernetes.io/name=blocksmith-builder",
@@ -320,7 +319,7 @@ pub async fn mark_busy_pods(
             Err(e) => return Err(e),
         }
     }
-    Ok(())
+    Ok(listed.items)
 }
 
 #[cfg(test)]

@@ -106,6 +106,13 @@ impl Problem {
             message,
         }
     }
+
+    pub fn builders_unavailable(message: String) -> Self {
+        Self {
+            reason: Reason::BuildersUnavailable,
+            message,
+        }
+    }
 }
 
 /// What one reconcile learned about a pipeline.

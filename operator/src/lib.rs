@@ -2,13 +2,14 @@
 //! jobs, and commits consumer-group offsets over the contiguous prefix of succeeded jobs.
 //!
 //! Pure decisions: [`planner`], [`committer`], [`lifecycle`], [`conditions`], [`validate`],
-//! [`policy`] (what pipelines may name).
+//! [`policy`] (what pipelines may name), [`builder_health`] (why builders cannot run).
 //! I/O: [`reconcile`] (one pass over a pipeline, step by step), [`context`] (what every
 //! reconcile shares), [`kafka`] (the cluster's offsets) and [`offsets`] (reading and
 //! committing them per pipeline), [`output`] (the blocks a commit needs confirmed), [`jobs`] (the BlockJob queue), [`status`] (status and
 //! Events), [`builders`] (builder Deployment + HPA), [`external_metrics`] (queue depth for
 //! the HPA), [`leader`] (Lease-based leader election), [`metrics`] (Prometheus, probes).
 
+pub mod builder_health;
 pub mod builders;
 pub mod committer;
 pub mod conditions;

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use blocksmith_crds::Reason;
 use blocksmith_crds::{BlockJob, BlockPipeline, BlockPipelineStatus, JobPhase};
 use jiff::Timestamp;
-use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::api::core::v1::{Pod, Secret};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::ResourceExt;
 use kube::api::Api;
@@ -22,6 +22,7 @@ use tracing::{info, warn};
 
 pub use crate::context::{Caches, Context, Error};
 
+use crate::builder_health::{builder_troubles, troubles_message};
 use crate::builders::{self, deployment_name};
 use crate::committer::{next_commits, refresh_due};
 use crate::conditions::{Observed, Problem};
@@ -691,7 +692,7 @@ impl<'a> Pass<'a> {
     }
 
     /// Marks the pods of builders holding a lease, so scale-down takes idle pods first.
-    async fn mark_busy_builders(&self, jobs: &[BlockJob]) -> Result<(), kube::Error> {
+    async fn mark_busy_builders(&mut self, jobs: &[BlockJob]) -> Result<(), kube::Error> {
         if self.bp.spec.builders.is_none() {
             return Ok(());
         }
@@ -700,7 +701,32 @@ impl<'a> Pass<'a> {
             .filter(|j| j.phase() == JobPhase::Running)
             .filter_map(|j| j.status.as_ref()?.lease.as_ref().map(|l| l.holder.as_str()))
             .collect();
-        builders::mark_busy_pods(&self.ctx.client, self.bp, &busy, &self.ctx.metrics).await
+        let pods =
+            builders::mark_busy_pods(&self.ctx.client, self.bp, &busy, &self.ctx.metrics).await?;
+        self.check_builders(&pods);
+        Ok(())
+    }
+
+    /// Reports why the builders cannot run or scale, from their Deployment and HPA (cached)
+    /// and their `pods`.
+    fn check_builders(&mut self, pods: &[Pod]) {
+        let name = deployment_name(&self.name);
+        let deployment = self
+            .ctx
+            .builders
+            .get(&ObjectRef::new(&name).within(&self.ns));
+        let hpa = match (&self.ctx.autoscalers, self.ctx.autoscaling.resource()) {
+            (Some(cache), Some(resource)) => {
+                cache.get(&ObjectRef::new_with(&name, resource).within(&self.ns))
+            }
+            _ => None,
+        };
+        let troubles = builder_troubles(deployment.as_deref(), pods, hpa.as_deref());
+        if let Some(message) = troubles_message(&troubles) {
+            self.observed
+                .problems
+                .push(Problem::builders_unavailable(message));
+        }
     }
 
     /// Deletes succeeded jobs below the commit, past their TTL or beyond the history limit.

@@ -670,3 +670,62 @@ where
     .await;
     assert_eq!(again.name_any(), first.name_any());
 }
+
+/// Builders that cannot run show on the pipeline, with Kubernetes' own reasons, where
+/// `kubectl describe bp` shows them: a Deployment that cannot create pods (its ServiceAccount
+/// does not exist in the namespace), an HPA that cannot read its metric (the shared testbed
+/// serves no external-metrics API), then, with the ServiceAccount made, a pod whose image
+/// cannot be pulled.
+#[tokio::test]
+async fn builders_that_cannot_run_are_reported_on_the_pipeline() {
+    let s = scenario("op-health", 1, 0)
+        .pipeline(|bp| {
+            bp.spec.builders = Some(
+                serde_json::from_value(json!({
+                    "image": "blocksmith-e2e/not-pulled:never",
+                    "minReplicas": 1,
+                    "maxReplicas": 1,
+                }))
+                .unwrap(),
+            )
+        })
+        .await;
+    let refused = Cond::ready_false("BuildersUnavailable")
+        .message_contains("FailedCreate")
+        .within(Duration::from_secs(60));
+    let message = s.wait(refused).await.message;
+    assert!(
+        message.starts_with("builders cannot run: Deployment p-builder: FailedCreate: ")
+            && message.contains(r#"serviceaccount "blocksmith-builder" not found"#),
+        "{message}"
+    );
+    let no_metric = Cond::ready_false("BuildersUnavailable")
+        .message_contains("ScalingActive=False")
+        .within(Duration::from_secs(60));
+    let message = s.wait(no_metric).await.message;
+    assert!(
+        message.contains(
+            "HorizontalPodAutoscaler p-builder: ScalingActive=False (FailedGetExternalMetric)"
+        ),
+        "{message}"
+    );
+    s.wait(Cond::new("Degraded").reason("BuildersUnavailable"))
+        .await;
+    s.wait_event("BuildersUnavailable").await;
+
+    let account: k8s_openapi::api::core::v1::ServiceAccount =
+        serde_json::from_value(json!({"metadata": {"name": "blocksmith-builder"}})).unwrap();
+    Api::namespaced(s.tb.client.clone(), &s.ns)
+        .create(&Default::default(), &account)
+        .await
+        .expect("create the builder ServiceAccount");
+    let unpulled = Cond::ready_false("BuildersUnavailable")
+        .message_contains("container builder")
+        .within(Duration::from_secs(90));
+    let message = s.wait(unpulled).await.message;
+    assert!(
+        (message.contains("ErrImagePull") || message.contains("ImagePullBackOff"))
+            && message.contains("not-pulled"),
+        "{message}"
+    );
+}
