@@ -33,6 +33,7 @@ pub enum Reason {
     OutputUnreadable,
     AutoscalingUnavailable,
     BuildersUnavailable,
+    KubernetesRequestRefused,
     // Events only
     Recovered,
     Resumed,
@@ -82,6 +83,7 @@ impl Reason {
                 | Reason::OutputUnreadable
                 | Reason::AutoscalingUnavailable
                 | Reason::BuildersUnavailable
+                | Reason::KubernetesRequestRefused
         )
     }
 
@@ -153,6 +155,11 @@ impl Reason {
                  `CrashLoopBackOff`, a missing Secret), they cannot be scheduled, or the HPA \
                  cannot read its metric; the message names the object and Kubernetes' reason"
             }
+            Reason::KubernetesRequestRefused => {
+                "the Kubernetes API refused a request the operator made for the pipeline (403: \
+                 the operator's permissions; 422: a value the API rejects, e.g. in \
+                 `spec.builders`); the message is the API's answer; retried with backoff"
+            }
             Reason::Recovered => "the pipeline is healthy again",
             Reason::Resumed => "`spec.suspend` went back to false; planning resumed",
             Reason::SkippedMissingData => {
@@ -189,14 +196,14 @@ mod tests {
 
     #[test]
     fn names_are_the_variants() {
-        assert_eq!(Reason::all().count(), 23);
+        assert_eq!(Reason::all().count(), 24);
         assert_eq!(Reason::JobFailed.as_str(), "JobFailed");
         assert_eq!(Reason::InvalidSpec.to_string(), "InvalidSpec");
         let problems: Vec<&str> = Reason::all()
             .filter(|r| r.is_problem())
             .map(Reason::as_str)
             .collect();
-        assert_eq!(problems.len(), 13, "{problems:?}");
+        assert_eq!(problems.len(), 14, "{problems:?}");
     }
 
     #[test]

@@ -107,6 +107,24 @@ impl Problem {
         }
     }
 
+    /// A request the Kubernetes API refused for a reason a person must look at; `None` for
+    /// what passes by itself: a conflict, a missing object, throttling, an unavailable or
+    /// timed-out server. (Kubernetes 1.20 answers some invalid applies with 500.)
+    pub fn request_refused(error: &kube::Error) -> Option<Self> {
+        let kube::Error::Api(e) = error else {
+            return None;
+        };
+        let needs_a_person =
+            (400..600).contains(&e.code) && ![404, 409, 429, 503, 504].contains(&e.code);
+        needs_a_person.then(|| Self {
+            reason: Reason::KubernetesRequestRefused,
+            message: format!(
+                "the Kubernetes API answered {} {}: {}",
+                e.code, e.reason, e.message
+            ),
+        })
+    }
+
     pub fn builders_unavailable(message: String) -> Self {
         Self {
             reason: Reason::BuildersUnavailable,
@@ -244,6 +262,36 @@ pub fn find<'a>(conditions: &'a [Condition], type_: &str) -> Option<&'a Conditio
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn refusals_a_person_must_see_are_problems_and_passing_ones_are_not() {
+        let api = |code: u16, reason: &str| {
+            kube::Error::Api(
+                serde_json::from_value(serde_json::json!({
+                    "status": "Failure", "message": "m", "reason": reason, "code": code,
+                }))
+                .unwrap(),
+            )
+        };
+        for (code, reason) in [(403, "Forbidden"), (422, "Invalid"), (500, "InternalError")] {
+            let p = Problem::request_refused(&api(code, reason)).expect("a problem");
+            assert_eq!(p.reason, Reason::KubernetesRequestRefused);
+            assert_eq!(
+                p.message,
+                format!("the Kubernetes API answered {code} {reason}: m")
+            );
+        }
+        for (code, reason) in [
+            (404, "NotFound"),
+            (409, "Conflict"),
+            (429, "TooManyRequests"),
+            (503, "ServiceUnavailable"),
+            (504, "Timeout"),
+        ] {
+            assert_eq!(Problem::request_refused(&api(code, reason)), None, "{code}");
+        }
+    }
+
     use super::*;
     use blocksmith_crds::{BlockJobStatus, JobPhase};
 

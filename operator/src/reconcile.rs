@@ -213,7 +213,10 @@ impl<'a> Pass<'a> {
                     true,
                 )));
             }
-            Err(Halt::Failed(e)) => return Err(e),
+            Err(Halt::Failed(e)) => {
+                self.report_refused_request(&e).await;
+                return Err(e);
+            }
         }
         let has_problems = !self.observed.problems.is_empty();
         self.publish().await?;
@@ -794,6 +797,20 @@ impl<'a> Pass<'a> {
         self.observed.problems.push(Problem::invalid_spec(message));
         self.status.partitions = self.old.partitions.clone();
         self.publish().await
+    }
+
+    /// Shows a request the API refused on the pipeline (a condition and a Warning Event), where
+    /// it would otherwise reach only the log. The pass still fails and is retried.
+    async fn report_refused_request(&mut self, error: &Error) {
+        let Error::Kube(e) = error;
+        let Some(problem) = Problem::request_refused(e) else {
+            return;
+        };
+        self.observed.problems.insert(0, problem);
+        self.status.partitions = self.old.partitions.clone();
+        if let Err(e) = self.publish().await {
+            warn!(namespace = %self.ns, pipeline = %self.name, error = %e, "reporting a refused request");
+        }
     }
 
     fn kafka_failed(&mut self, e: &KafkaError) {

@@ -729,3 +729,43 @@ async fn builders_that_cannot_run_are_reported_on_the_pipeline() {
         "{message}"
     );
 }
+
+/// A request the Kubernetes API refuses (here the apply of the builder Deployment, for a
+/// memory limit the API cannot parse though the CRD lets it through: Kubernetes 1.20 answers
+/// it with a 500, later versions with a 422) shows on the pipeline with the
+/// API's answer, not only in the operator's log; the fix clears it.
+#[tokio::test]
+async fn a_request_the_api_refuses_is_reported_on_the_pipeline() {
+    let builders = |memory: &str| {
+        serde_json::from_value(json!({
+            "image": "blocksmith-e2e/not-pulled:never",
+            "minReplicas": 1,
+            "maxReplicas": 1,
+            "resources": {"limits": {"memory": memory}},
+        }))
+        .unwrap()
+    };
+    let s = scenario("op-refused", 1, 0)
+        .pipeline(move |bp| bp.spec.builders = Some(builders("lots")))
+        .await;
+    let message = s
+        .wait(Cond::ready_false("KubernetesRequestRefused"))
+        .await
+        .message;
+    assert!(
+        message.starts_with("the Kubernetes API answered ")
+            && message.contains("Deployment")
+            && message.contains("quantities must match"),
+        "{message}"
+    );
+    s.wait_event("KubernetesRequestRefused").await;
+
+    let mut bp = s.bp.clone();
+    bp.spec.builders = Some(builders("256Mi"));
+    s.apply(&bp).await;
+    wait_for("the refusal cleared", Duration::from_secs(30), || async {
+        let ready = s.condition("Ready").await?;
+        (ready.reason != "KubernetesRequestRefused").then_some(())
+    })
+    .await;
+}
