@@ -11,6 +11,7 @@ use kube::runtime::events::Reporter;
 use kube::runtime::reflector::Store;
 
 use crate::builders::AutoscalingApi;
+use crate::freshness::Arrivals;
 use crate::jobs::MANAGER;
 use crate::leader::Leadership;
 use crate::metrics::Metrics;
@@ -66,6 +67,8 @@ pub struct Context {
     pub confirmed_blocks: Confirmations,
     /// What pipelines may name (images, ServiceAccounts, Secrets).
     pub policy: Policy,
+    /// When each pipeline partition's records were first seen, by `namespace/pipeline`.
+    pub arrivals: Mutex<HashMap<String, HashMap<i32, Arrivals>>>,
 }
 
 impl Context {
@@ -96,6 +99,7 @@ impl Context {
             builders_applied: Mutex::default(),
             confirmed_blocks: Confirmations::default(),
             policy: Policy::default(),
+            arrivals: Mutex::default(),
         }
     }
 

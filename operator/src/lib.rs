@@ -2,7 +2,8 @@
 //! jobs, and commits consumer-group offsets over the contiguous prefix of succeeded jobs.
 //!
 //! Pure decisions: [`planner`], [`committer`], [`lifecycle`], [`conditions`], [`validate`],
-//! [`policy`] (what pipelines may name), [`builder_health`] (why builders cannot run).
+//! [`policy`] (what pipelines may name), [`builder_health`] (why builders cannot run), [`freshness`] (how old the oldest
+//! uncommitted record is).
 //! I/O: [`reconcile`] (one pass over a pipeline, step by step), [`context`] (what every
 //! reconcile shares), [`kafka`] (the cluster's offsets) and [`offsets`] (reading and
 //! committing them per pipeline), [`output`] (the blocks a commit needs confirmed), [`jobs`] (the BlockJob queue), [`status`] (status and
@@ -15,6 +16,7 @@ pub mod committer;
 pub mod conditions;
 pub mod context;
 pub mod external_metrics;
+pub mod freshness;
 pub mod jobs;
 pub mod kafka;
 pub mod leader;

@@ -42,6 +42,7 @@ pub struct OperatorMetrics {
     lag: Family<PartitionLabels, Gauge>,
     committed: Family<PartitionLabels, Gauge>,
     queue_depth: Family<PipelineLabels, Gauge>,
+    oldest_uncommitted: Family<PipelineLabels, Gauge>,
     jobs: Family<PhaseLabels, Gauge>,
     commits: Family<PipelineLabels, Counter>,
     reconcile_errors: Family<KindLabels, Counter>,
@@ -67,6 +68,11 @@ impl Families for OperatorMetrics {
             ),
             committed: registered(r, "committed_offset", "Committed consumer-group offset"),
             queue_depth: registered(r, "queue_depth_jobs", "Claimable BlockJobs"),
+            oldest_uncommitted: registered(
+                r,
+                "oldest_uncommitted_record_age_seconds",
+                "Age of the pipeline's oldest record not yet committed (in a block and its offset committed), since the operator first saw it in the log; 0 when caught up",
+            ),
             jobs: registered(r, "jobs", "BlockJobs by phase"),
             commits: registered(r, "commits", "Offset commits"),
             reconcile_errors: registered(r, "reconcile_errors", "Failed reconciles by error kind"),
@@ -136,6 +142,12 @@ impl OperatorMetrics {
         }
     }
 
+    pub fn oldest_uncommitted_age(&self, ns: &str, pipeline: &str, seconds: i64) {
+        self.oldest_uncommitted
+            .get_or_create(&pipeline_labels(ns, pipeline))
+            .set(seconds);
+    }
+
     pub fn queue(&self, ns: &str, pipeline: &str, depth: i64, by_phase: &[(&str, i64)]) {
         self.queue_depth
             .get_or_create(&pipeline_labels(ns, pipeline))
@@ -176,6 +188,7 @@ impl OperatorMetrics {
             });
         }
         self.queue_depth.remove(&labels);
+        self.oldest_uncommitted.remove(&labels);
         self.commits.remove(&labels);
         self.kafka_errors.remove(&labels);
     }

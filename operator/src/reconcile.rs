@@ -72,6 +72,7 @@ pub async fn forget_deleted_pipeline(ctx: &Context, namespace: &str, pipeline: &
         .lock()
         .expect("builders lock")
         .remove(&key);
+    ctx.arrivals.lock().expect("arrivals lock").remove(&key);
     release_jobs_of_deleted_pipeline(ctx, namespace, pipeline).await;
 }
 
@@ -777,6 +778,26 @@ impl<'a> Pass<'a> {
                 .metrics
                 .partition(ns, name, p.partition, p.committed_offset, p.lag);
         }
+        self.status.oldest_uncommitted_seconds = self.oldest_uncommitted_age().as_secs() as i64;
+        self.ctx
+            .metrics
+            .oldest_uncommitted_age(ns, name, self.status.oldest_uncommitted_seconds);
+    }
+
+    /// How long the oldest uncommitted record of any partition has waited (see
+    /// [`crate::freshness`]), from the log ends and commits of this pass.
+    fn oldest_uncommitted_age(&self) -> Duration {
+        let mut arrivals = self.ctx.arrivals.lock().expect("arrivals lock");
+        let partitions = arrivals.entry(self.key()).or_default();
+        let mut oldest = Duration::ZERO;
+        for p in &self.status.partitions {
+            let a = partitions.entry(p.partition).or_default();
+            a.observe(p.high_watermark, self.now);
+            if let Some(committed) = p.committed_offset {
+                oldest = oldest.max(a.oldest_uncommitted_age(committed, self.now));
+            }
+        }
+        oldest
     }
 
     async fn publish(&mut self) -> Result<(), Error> {

@@ -769,3 +769,42 @@ async fn a_request_the_api_refuses_is_reported_on_the_pipeline() {
     })
     .await;
 }
+
+/// How old the oldest uncommitted record is, in the status (and `kubectl get bp`) and as a
+/// metric: it grows while nothing writes the records, and is 0 once all are committed.
+#[tokio::test]
+async fn the_oldest_uncommitted_record_age_grows_until_it_is_written() {
+    let s = scenario("op-oldest", 2, 2000).await;
+    let op_port = s.operator.as_ref().unwrap().metrics_port;
+    s.wait_jobs(2).await;
+    let waiting = wait_for(
+        "the oldest uncommitted record 3 s old",
+        Duration::from_secs(30),
+        || async {
+            let status = s.get().await.status?;
+            (status.oldest_uncommitted_seconds >= 3).then_some(status.oldest_uncommitted_seconds)
+        },
+    )
+    .await;
+    let metric = format!(
+        "blocksmith_oldest_uncommitted_record_age_seconds{{namespace=\"{}\",pipeline=\"p\"}}",
+        s.ns
+    );
+    let scraped = http_get(op_port, "/metrics");
+    let value: i64 = scraped
+        .lines()
+        .find_map(|l| l.strip_prefix(&metric))
+        .unwrap_or_else(|| panic!("{metric} not in {scraped}"))
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(value >= waiting, "metric {value} < status {waiting}");
+
+    let _builders = s.spawn_builders(1);
+    s.wait_all_committed(Duration::from_secs(120)).await;
+    wait_for("nothing waiting", Duration::from_secs(30), || async {
+        let status = s.get().await.status?;
+        (status.oldest_uncommitted_seconds == 0).then_some(())
+    })
+    .await;
+}
