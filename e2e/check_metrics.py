@@ -1,7 +1,8 @@
 """Parses a /metrics scrape (stdin) as OpenMetrics with the Prometheus project's own strict
 parser (prometheus_client.openmetrics), which refuses what a Prometheus server scraping it as
 OpenMetrics would: a missing `# EOF`, samples that do not belong to their family (a counter's
-`_total`), malformed labels. Prints {"families": N, "samples": M} or exits 1 with the error."""
+`_total`), malformed labels. Prints {"families": N, "samples": M, "names": [...]} or exits 1
+with the error."""
 
 import json
 import sys

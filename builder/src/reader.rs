@@ -510,12 +510,11 @@ mod tests {
     use std::sync::atomic::AtomicBool;
 
     use rdkafka::message::OwnedHeaders;
-
-    use crate::headers::with_raw_header;
     use rdkafka::mocking::MockCluster;
     use rdkafka::producer::{BaseProducer, BaseRecord, DefaultProducerContext, Producer};
 
     use super::*;
+    use crate::headers::with_raw_header;
 
     const TOPIC: &str = "orders";
 

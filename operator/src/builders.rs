@@ -174,12 +174,13 @@ pub fn deployment(bp: &BlockPipeline, b: &BuildersSpec, autoscaling: Autoscaling
     d
 }
 
-/// The HPA: External metric `blocksmith-queue-depth{pipeline=<name>}`, AverageValue target.
+/// The HorizontalPodAutoscaler resource of autoscaling `version`.
 fn hpa_resource(version: &str) -> ApiResource {
     let gvk = GroupVersionKind::gvk("autoscaling", version, "HorizontalPodAutoscaler");
     ApiResource::from_gvk(&gvk)
 }
 
+/// The HPA: External metric `blocksmith-queue-depth{pipeline=<name>}`, AverageValue target.
 pub fn hpa(bp: &BlockPipeline, b: &BuildersSpec, version: &str) -> Value {
     let name = bp.name_any();
     json!({

@@ -15,7 +15,7 @@ use jiff::Timestamp;
 use k8s_openapi::api::core::v1::{Pod, Secret};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::ResourceExt;
-use kube::api::Api;
+use kube::api::{Api, DynamicObject};
 use kube::runtime::controller::Action;
 use kube::runtime::reflector::ObjectRef;
 use tracing::{info, warn};
@@ -304,12 +304,7 @@ impl<'a> Pass<'a> {
         let applied = &self.ctx.builders_applied;
         let name = deployment_name(&self.name);
         let deployment = ObjectRef::new(&name).within(&self.ns);
-        let autoscaler_missing = match (&self.ctx.autoscalers, self.ctx.autoscaling.resource()) {
-            (Some(cache), Some(resource)) => cache
-                .get(&ObjectRef::new_with(&name, resource).within(&self.ns))
-                .is_none(),
-            _ => false,
-        };
+        let autoscaler_missing = matches!(self.cached_autoscaler(&name), Some(None));
         let deleted = bp.spec.builders.is_some()
             && (self.ctx.builders.get(&deployment).is_none() || autoscaler_missing);
         if !deleted && applied.lock().expect("builders lock").get(&key) == Some(&desired) {
@@ -711,6 +706,17 @@ impl<'a> Pass<'a> {
         Ok(())
     }
 
+    /// The builder HPA `name` as the cache holds it, or `None` where no HPA is watched (the
+    /// cluster serves no HPA API).
+    fn cached_autoscaler(&self, name: &str) -> Option<Option<Arc<DynamicObject>>> {
+        match (&self.ctx.autoscalers, self.ctx.autoscaling.resource()) {
+            (Some(cache), Some(resource)) => {
+                Some(cache.get(&ObjectRef::new_with(name, resource).within(&self.ns)))
+            }
+            _ => None,
+        }
+    }
+
     /// Reports why the builders cannot run or scale, from their Deployment and HPA (cached)
     /// and their `pods`.
     fn check_builders(&mut self, pods: &[Pod]) {
@@ -719,12 +725,7 @@ impl<'a> Pass<'a> {
             .ctx
             .builders
             .get(&ObjectRef::new(&name).within(&self.ns));
-        let hpa = match (&self.ctx.autoscalers, self.ctx.autoscaling.resource()) {
-            (Some(cache), Some(resource)) => {
-                cache.get(&ObjectRef::new_with(&name, resource).within(&self.ns))
-            }
-            _ => None,
-        };
+        let hpa = self.cached_autoscaler(&name).flatten();
         let troubles = builder_troubles(deployment.as_deref(), pods, hpa.as_deref());
         if let Some(message) = troubles_message(&troubles) {
             self.observed
