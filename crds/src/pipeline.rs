@@ -1,11 +1,15 @@
 //! `BlockPipeline`: one Kafka topic turned into blocks in one object-store location.
 
+use std::collections::BTreeMap;
 use std::fmt;
 
 use k8s_openapi::api::core::v1::{
-    EnvVar, LocalObjectReference, ResourceRequirements, SecretKeySelector,
+    Affinity, EnvVar, LocalObjectReference, ResourceRequirements, SecretKeySelector, Toleration,
+    TopologySpreadConstraint,
 };
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::CustomResource;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -253,6 +257,9 @@ mod defaults {
     pub fn target_queue_depth() -> i32 {
         2
     }
+    pub fn scratch_size_limit() -> super::Quantity {
+        super::Quantity("10Gi".into())
+    }
 }
 
 #[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
@@ -323,6 +330,46 @@ pub struct BuildersSpec {
     #[serde(default = "defaults::target_queue_depth")]
     #[schemars(range(min = 1))]
     pub target_queue_depth_per_builder: i32,
+    /// Size limit of the scratch volume (an `emptyDir`) where a builder stages the block it is
+    /// writing: one block at a time, so at least the largest block a job makes. The kubelet
+    /// evicts a builder that goes over it.
+    #[serde(default = "defaults::scratch_size_limit")]
+    pub scratch_size_limit: Quantity,
+    /// Keeps voluntary disruptions (node drains) from taking down more builders at once than
+    /// this allows. No PodDisruptionBudget when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod_disruption_budget: Option<DisruptionBudgetSpec>,
+    /// Extra labels on builder pods (the operator's own labels cannot be overridden).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub pod_labels: BTreeMap<String, String>,
+    /// Extra annotations on builder pods.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub pod_annotations: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub node_selector: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tolerations: Vec<Toleration>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub affinity: Option<Affinity>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub topology_spread_constraints: Vec<TopologySpreadConstraint>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub priority_class_name: Option<String>,
+    /// Secrets for pulling `image` from a private registry.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub image_pull_secrets: Vec<LocalObjectReference>,
+}
+
+/// A PodDisruptionBudget for the builders: exactly one of the two.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DisruptionBudgetSpec {
+    /// Builders that may be down at once (a number, or a percentage such as `25%`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_unavailable: Option<IntOrString>,
+    /// Builders that must stay up (a number, or a percentage).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_available: Option<IntOrString>,
 }
 
 #[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]

@@ -8,10 +8,12 @@ use blocksmith_crds::BlockPipeline;
 use blocksmith_crds::domain::LABEL_PIPELINE;
 use blocksmith_crds::pipeline::{BuildersSpec, KafkaSpec};
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::{Pod, SecretKeySelector};
+use k8s_openapi::api::core::v1::{Pod, Secret, SecretKeySelector};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::APIGroupList;
 use kube::api::{Api, ApiResource, DynamicObject, GroupVersionKind, Patch, PatchParams};
 use kube::{Resource, ResourceExt};
 use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
 
 use crate::jobs::MANAGER;
 use crate::metrics::Metrics;
@@ -29,21 +31,16 @@ pub enum AutoscalingApi {
 }
 
 impl AutoscalingApi {
-    pub async fn discover(client: &kube::Client) -> kube::Result<Self> {
-        let groups = client.list_api_groups().await?;
-        let versions: Vec<String> = groups
-            .groups
-            .iter()
-            .filter(|g| g.name == "autoscaling")
-            .flat_map(|g| g.versions.iter().map(|v| v.version.clone()))
-            .collect();
-        Ok(if versions.iter().any(|v| v == "v2") {
+    /// The HPA API among the API groups the cluster serves.
+    pub fn served(groups: &APIGroupList) -> Self {
+        let versions = served_versions(groups, "autoscaling");
+        if versions.contains(&"v2") {
             AutoscalingApi::V2
-        } else if versions.iter().any(|v| v == "v2beta2") {
+        } else if versions.contains(&"v2beta2") {
             AutoscalingApi::V2beta2
         } else {
             AutoscalingApi::Unavailable
-        })
+        }
     }
 
     /// The HPA resource of the served version.
@@ -58,6 +55,22 @@ impl AutoscalingApi {
             AutoscalingApi::Unavailable => None,
         }
     }
+}
+
+/// The PodDisruptionBudget version among the API groups the cluster serves (`v1` from
+/// Kubernetes 1.21, `v1beta1` before).
+pub fn disruption_budget_version(groups: &APIGroupList) -> Option<&'static str> {
+    let versions = served_versions(groups, "policy");
+    ["v1", "v1beta1"].into_iter().find(|v| versions.contains(v))
+}
+
+fn served_versions<'a>(groups: &'a APIGroupList, group: &str) -> Vec<&'a str> {
+    groups
+        .groups
+        .iter()
+        .filter(|g| g.name == group)
+        .flat_map(|g| g.versions.iter().map(|v| v.version.as_str()))
+        .collect()
 }
 
 /// Where the builder is in blocksmith's image (`images/Dockerfile`), which holds both
@@ -98,8 +111,41 @@ fn kafka_env(k: &KafkaSpec) -> Vec<Value> {
     env
 }
 
+/// Pod template annotation holding a digest of the Secrets builders read: a changed Secret
+/// changes the template, so the builders roll and read it again.
+pub const SECRETS_DIGEST: &str = "blocksmith.io/secrets-digest";
+
+/// A digest of the Secrets a pipeline names (`(name, None)` for one that does not exist), by
+/// name and content, so that it changes exactly when one of them does.
+pub fn secrets_digest(secrets: &BTreeMap<String, Option<Secret>>) -> String {
+    let mut hash = Sha256::new();
+    for (name, secret) in secrets {
+        hash.update(name.as_bytes());
+        hash.update([0]);
+        let Some(secret) = secret else {
+            hash.update(b"absent\0");
+            continue;
+        };
+        // stringData never comes back from the API server; data holds everything.
+        for (key, value) in secret.data.iter().flatten() {
+            hash.update((key.len() as u64).to_le_bytes());
+            hash.update(key.as_bytes());
+            hash.update((value.0.len() as u64).to_le_bytes());
+            hash.update(&value.0);
+        }
+        hash.update([1]);
+    }
+    hex::encode(&hash.finalize()[..16])
+}
+
 /// The builder Deployment. Replicas are left to the HPA, except where no HPA API is served.
-pub fn deployment(bp: &BlockPipeline, b: &BuildersSpec, autoscaling: AutoscalingApi) -> Deployment {
+/// `secrets_digest` is [`secrets_digest`] of the Secrets the pipeline names.
+pub fn deployment(
+    bp: &BlockPipeline,
+    b: &BuildersSpec,
+    autoscaling: AutoscalingApi,
+    secrets_digest: &str,
+) -> Deployment {
     let name = bp.name_any();
     let labels = BTreeMap::from([
         (
@@ -112,6 +158,10 @@ pub fn deployment(bp: &BlockPipeline, b: &BuildersSpec, autoscaling: Autoscaling
         ),
         (LABEL_PIPELINE.to_string(), name.clone()),
     ]);
+    let mut pod_labels = b.pod_labels.clone();
+    pod_labels.extend(labels.clone());
+    let mut pod_annotations = b.pod_annotations.clone();
+    pod_annotations.insert(SECRETS_DIGEST.into(), secrets_digest.into());
     let mut env = vec![
         json!({"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}}),
         json!({"name": "BLOCKSMITH_BUILDER_ID", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}),
@@ -132,13 +182,27 @@ pub fn deployment(bp: &BlockPipeline, b: &BuildersSpec, autoscaling: Autoscaling
         .map(|s| json!({"secretRef": {"name": s.name}}))
         .collect();
     let mut spec = json!({
-        "selector": {"matchLabels": {LABEL_PIPELINE: name, "app.kubernetes.io/name": "blocksmith-builder"}},
+        "selector": {"matchLabels": builder_selector(&name)},
         "template": {
-            "metadata": {"labels": labels},
+            "metadata": {"labels": pod_labels, "annotations": pod_annotations},
             "spec": {
                 "serviceAccountName": b.service_account_name.as_deref().unwrap_or(DEFAULT_BUILDER_SERVICE_ACCOUNT),
                 "terminationGracePeriodSeconds": 60,
-                "securityContext": {"runAsNonRoot": true, "seccompProfile": {"type": "RuntimeDefault"}},
+                // The image's own user (images/Dockerfile), so runAsNonRoot holds for images
+                // that name their user only by name.
+                "securityContext": {
+                    "runAsNonRoot": true,
+                    "runAsUser": BUILDER_UID,
+                    "runAsGroup": BUILDER_UID,
+                    "fsGroup": BUILDER_UID,
+                    "seccompProfile": {"type": "RuntimeDefault"},
+                },
+                "nodeSelector": b.node_selector,
+                "tolerations": b.tolerations,
+                "affinity": b.affinity,
+                "topologySpreadConstraints": b.topology_spread_constraints,
+                "priorityClassName": b.priority_class_name,
+                "imagePullSecrets": b.image_pull_secrets,
                 "containers": [{
                     "name": "builder",
                     "image": b.image,
@@ -156,13 +220,14 @@ pub fn deployment(bp: &BlockPipeline, b: &BuildersSpec, autoscaling: Autoscaling
                     },
                     "volumeMounts": [{"name": "scratch", "mountPath": "/tmp/blocksmith-builder"}],
                 }],
-                "volumes": [{"name": "scratch", "emptyDir": {}}],
+                "volumes": [{"name": "scratch", "emptyDir": {"sizeLimit": b.scratch_size_limit}}],
             },
         },
     });
     if autoscaling == AutoscalingApi::Unavailable {
         spec["replicas"] = json!(b.min_replicas);
     }
+    drop_empty_fields(&mut spec["template"]["spec"]);
     let mut d: Deployment = serde_json::from_value(json!({
         "apiVersion": "apps/v1",
         "kind": "Deployment",
@@ -172,6 +237,61 @@ pub fn deployment(bp: &BlockPipeline, b: &BuildersSpec, autoscaling: Autoscaling
     .expect("deployment manifest");
     d.metadata.owner_references = bp.controller_owner_ref(&()).map(|o| vec![o]);
     d
+}
+
+/// Removes null and empty fields, so that a pod option left unset is not applied as an owned
+/// empty value.
+fn drop_empty_fields(pod: &mut Value) {
+    if let Some(fields) = pod.as_object_mut() {
+        fields.retain(|_, v| match v {
+            Value::Null => false,
+            Value::Array(a) => !a.is_empty(),
+            Value::Object(o) => !o.is_empty(),
+            _ => true,
+        });
+    }
+}
+
+/// The user and group builders run as: the `nonroot` user of blocksmith's image.
+pub const BUILDER_UID: i64 = 65532;
+
+/// The PodDisruptionBudget of `version` (`policy/v1` or `v1beta1`) for the pipeline's
+/// builders, when `spec.builders.podDisruptionBudget` asks for one.
+pub fn disruption_budget(bp: &BlockPipeline, b: &BuildersSpec, version: &str) -> Option<Value> {
+    let budget = b.pod_disruption_budget.as_ref()?;
+    let name = bp.name_any();
+    let mut spec = json!({"selector": {"matchLabels": builder_selector(&name)}});
+    if let Some(n) = &budget.max_unavailable {
+        spec["maxUnavailable"] = json!(n);
+    }
+    if let Some(n) = &budget.min_available {
+        spec["minAvailable"] = json!(n);
+    }
+    Some(json!({
+        "apiVersion": format!("policy/{version}"),
+        "kind": "PodDisruptionBudget",
+        "metadata": {
+            "name": deployment_name(&name),
+            "namespace": bp.namespace(),
+            "labels": {LABEL_PIPELINE: name},
+            "ownerReferences": bp.controller_owner_ref(&()).map(|o| vec![o]),
+        },
+        "spec": spec,
+    }))
+}
+
+/// The labels the builder Deployment (and PodDisruptionBudget) select pods by.
+fn builder_selector(pipeline: &str) -> Value {
+    json!({LABEL_PIPELINE: pipeline, "app.kubernetes.io/name": "blocksmith-builder"})
+}
+
+/// The PodDisruptionBudget resource of policy `version`.
+fn disruption_budget_resource(version: &str) -> ApiResource {
+    ApiResource::from_gvk(&GroupVersionKind::gvk(
+        "policy",
+        version,
+        "PodDisruptionBudget",
+    ))
 }
 
 /// The HorizontalPodAutoscaler resource of autoscaling `version`.
@@ -208,41 +328,52 @@ pub fn hpa(bp: &BlockPipeline, b: &BuildersSpec, version: &str) -> Value {
     })
 }
 
-/// Applies the pipeline's builder Deployment and HPA (or removes them when `spec.builders`
-/// is unset). Returns a problem message when no HPA API is served.
+/// The cluster's APIs builders need: which HPA and PodDisruptionBudget versions it serves.
+#[derive(Clone, Copy, Debug)]
+pub struct BuilderApis {
+    pub autoscaling: AutoscalingApi,
+    pub disruption_budget: Option<&'static str>,
+}
+
+/// Applies the pipeline's builder Deployment, HPA and PodDisruptionBudget (or removes what
+/// the spec no longer asks for). Returns a problem message when no HPA API is served.
 pub async fn reconcile(
     client: &kube::Client,
     bp: &BlockPipeline,
-    autoscaling: AutoscalingApi,
+    apis: BuilderApis,
+    secrets_digest: &str,
     metrics: &Metrics,
 ) -> kube::Result<Option<String>> {
     let ns = bp.namespace().unwrap_or_default();
     let name = deployment_name(&bp.name_any());
     let deployments: Api<Deployment> = Api::namespaced(client.clone(), &ns);
-    let hpa_api = |version: &str| {
-        Api::<DynamicObject>::namespaced_with(client.clone(), &ns, &hpa_resource(version))
+    let dynamic = |resource: ApiResource| {
+        Api::<DynamicObject>::namespaced_with(client.clone(), &ns, &resource)
     };
+    let hpas = apis.autoscaling.resource().map(dynamic);
+    let budgets = apis
+        .disruption_budget
+        .map(|v| (v, dynamic(disruption_budget_resource(v))));
     let params = PatchParams::apply(MANAGER).force();
-    let Some(b) = &bp.spec.builders else {
-        for result in [
-            deployments
-                .delete(&name, &Default::default())
-                .await
-                .map(|_| ()),
-            match autoscaling.version() {
-                Some(v) => hpa_api(v)
-                    .delete(&name, &Default::default())
-                    .await
-                    .map(|_| ()),
-                None => Ok(()),
-            },
-        ] {
-            match result {
-                Ok(()) => metrics.api_write("delete_builders"),
-                Err(kube::Error::Api(e)) if e.code == 404 => {}
-                Err(e) => return Err(e),
+    let delete = async |api: Option<&Api<DynamicObject>>| -> kube::Result<()> {
+        let Some(api) = api else { return Ok(()) };
+        match api.delete(&name, &Default::default()).await {
+            Ok(_) => {
+                metrics.api_write("delete_builders");
+                Ok(())
             }
+            Err(kube::Error::Api(e)) if e.code == 404 => Ok(()),
+            Err(e) => Err(e),
         }
+    };
+    let Some(b) = &bp.spec.builders else {
+        match deployments.delete(&name, &Default::default()).await {
+            Ok(_) => metrics.api_write("delete_builders"),
+            Err(kube::Error::Api(e)) if e.code == 404 => {}
+            Err(e) => return Err(e),
+        }
+        delete(hpas.as_ref()).await?;
+        delete(budgets.as_ref().map(|(_, api)| api)).await?;
         return Ok(None);
     };
     metrics.api_write("apply_builders");
@@ -250,18 +381,26 @@ pub async fn reconcile(
         .patch(
             &name,
             &params,
-            &Patch::Apply(deployment(bp, b, autoscaling)),
+            &Patch::Apply(deployment(bp, b, apis.autoscaling, secrets_digest)),
         )
         .await?;
-    match autoscaling.version() {
-        Some(version) => {
+    if let Some((version, api)) = &budgets {
+        match disruption_budget(bp, b, version) {
+            Some(budget) => {
+                metrics.api_write("apply_builders");
+                api.patch(&name, &params, &Patch::Apply(budget)).await?;
+            }
+            None => delete(Some(api)).await?,
+        }
+    }
+    match (apis.autoscaling.version(), &hpas) {
+        (Some(version), Some(api)) => {
             metrics.api_write("apply_builders");
-            hpa_api(version)
-                .patch(&name, &params, &Patch::Apply(hpa(bp, b, version)))
+            api.patch(&name, &params, &Patch::Apply(hpa(bp, b, version)))
                 .await?;
             Ok(None)
         }
-        None => Ok(Some(format!(
+        _ => Ok(Some(format!(
             "the cluster serves neither autoscaling/v2 nor autoscaling/v2beta2: builders run at minReplicas ({})",
             b.min_replicas
         ))),
@@ -356,7 +495,7 @@ mod tests {
         }))
         .unwrap();
         let b = p.spec.builders.clone().unwrap();
-        let d = serde_json::to_value(deployment(&p, &b, AutoscalingApi::V2)).unwrap();
+        let d = serde_json::to_value(deployment(&p, &b, AutoscalingApi::V2, "d")).unwrap();
         let env = &d["spec"]["template"]["spec"]["containers"][0]["env"];
         let var = |name: &str| {
             env.as_array()
@@ -397,7 +536,7 @@ mod tests {
     fn deployment_leaves_replicas_to_the_hpa_unless_none_is_served() {
         let p = bp(json!({"image": "img:1", "minReplicas": 2, "maxReplicas": 5}));
         let b = p.spec.builders.clone().unwrap();
-        let d = deployment(&p, &b, AutoscalingApi::V2beta2);
+        let d = deployment(&p, &b, AutoscalingApi::V2beta2, "d");
         let spec = d.spec.clone().unwrap();
         assert_eq!(spec.replicas, None);
         assert_eq!(d.metadata.name.as_deref(), Some("orders-builder"));
@@ -427,8 +566,121 @@ mod tests {
             Some(true)
         );
 
-        let fixed = deployment(&p, &b, AutoscalingApi::Unavailable);
+        let fixed = deployment(&p, &b, AutoscalingApi::Unavailable, "d");
         assert_eq!(fixed.spec.unwrap().replicas, Some(2));
+    }
+
+    #[test]
+    fn builder_pods_take_the_pipelines_scheduling_options_and_keep_their_own_labels() {
+        let p = bp(json!({
+            "image": "img:1",
+            "nodeSelector": {"pool": "builders"},
+            "tolerations": [{"key": "dedicated", "operator": "Equal", "value": "blocks", "effect": "NoSchedule"}],
+            "affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {
+                "nodeSelectorTerms": [{"matchExpressions": [{"key": "zone", "operator": "In", "values": ["a"]}]}]}}},
+            "topologySpreadConstraints": [{"maxSkew": 1, "topologyKey": "zone", "whenUnsatisfiable": "ScheduleAnyway",
+                "labelSelector": {"matchLabels": {"blocksmith.io/pipeline": "orders"}}}],
+            "priorityClassName": "batch-low",
+            "imagePullSecrets": [{"name": "registry"}],
+            "podLabels": {"team": "data"},
+            "podAnnotations": {"example.com/owner": "data"},
+            "scratchSizeLimit": "20Gi",
+        }));
+        let b = p.spec.builders.clone().unwrap();
+        let d = serde_json::to_value(deployment(&p, &b, AutoscalingApi::V2, "abc")).unwrap();
+        let template = &d["spec"]["template"];
+        let pod = &template["spec"];
+        assert_eq!(pod["nodeSelector"], json!({"pool": "builders"}));
+        assert_eq!(pod["tolerations"][0]["key"], "dedicated");
+        assert_eq!(
+            pod["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"]
+                [0]["matchExpressions"][0]["key"],
+            "zone"
+        );
+        assert_eq!(pod["topologySpreadConstraints"][0]["topologyKey"], "zone");
+        assert_eq!(pod["priorityClassName"], "batch-low");
+        assert_eq!(pod["imagePullSecrets"], json!([{"name": "registry"}]));
+        assert_eq!(pod["volumes"][0]["emptyDir"]["sizeLimit"], "20Gi");
+        assert_eq!(pod["securityContext"]["runAsUser"], BUILDER_UID);
+        assert_eq!(pod["securityContext"]["runAsNonRoot"], true);
+        let labels = &template["metadata"]["labels"];
+        assert_eq!(labels["team"], "data");
+        assert_eq!(labels[LABEL_PIPELINE], "orders");
+        assert_eq!(labels["app.kubernetes.io/name"], "blocksmith-builder");
+        let annotations = &template["metadata"]["annotations"];
+        assert_eq!(annotations["example.com/owner"], "data");
+        assert_eq!(annotations[SECRETS_DIGEST], "abc");
+
+        // Unset options are left out, not applied as empty values the operator would own.
+        let plain = bp(json!({"image": "img:1"}));
+        let b = plain.spec.builders.clone().unwrap();
+        let d = serde_json::to_value(deployment(&plain, &b, AutoscalingApi::V2, "abc")).unwrap();
+        let pod = d["spec"]["template"]["spec"].as_object().unwrap();
+        for unset in [
+            "nodeSelector",
+            "tolerations",
+            "affinity",
+            "topologySpreadConstraints",
+            "priorityClassName",
+            "imagePullSecrets",
+        ] {
+            assert!(!pod.contains_key(unset), "{unset} in {pod:?}");
+        }
+        assert_eq!(pod["volumes"][0]["emptyDir"]["sizeLimit"], "10Gi");
+    }
+
+    #[test]
+    fn a_disruption_budget_only_when_asked_for_selecting_the_builders() {
+        let none = bp(json!({"image": "img:1"}));
+        assert_eq!(
+            disruption_budget(&none, none.spec.builders.as_ref().unwrap(), "v1"),
+            None
+        );
+        let p = bp(json!({"image": "img:1", "podDisruptionBudget": {"maxUnavailable": "25%"}}));
+        let b = p.spec.builders.as_ref().unwrap();
+        let pdb = disruption_budget(&p, b, "v1beta1").unwrap();
+        assert_eq!(pdb["apiVersion"], "policy/v1beta1");
+        assert_eq!(pdb["metadata"]["name"], "orders-builder");
+        assert_eq!(pdb["metadata"]["ownerReferences"][0]["uid"], "u-1");
+        assert_eq!(pdb["spec"]["maxUnavailable"], "25%");
+        assert!(pdb["spec"].get("minAvailable").is_none());
+        let d = serde_json::to_value(deployment(&p, b, AutoscalingApi::V2, "")).unwrap();
+        assert_eq!(
+            pdb["spec"]["selector"], d["spec"]["selector"],
+            "the budget counts exactly the Deployment's pods"
+        );
+    }
+
+    #[test]
+    fn the_secrets_digest_changes_exactly_when_a_named_secret_does() {
+        let secret = |data: serde_json::Value| -> Option<Secret> {
+            Some(serde_json::from_value(json!({"metadata": {"name": "s"}, "data": data})).unwrap())
+        };
+        let digest = |entries: Vec<(&str, Option<Secret>)>| {
+            secrets_digest(
+                &entries
+                    .into_iter()
+                    .map(|(n, s)| (n.to_string(), s))
+                    .collect(),
+            )
+        };
+        let base = digest(vec![("kafka", secret(json!({"password": "YQ=="})))]);
+        assert_eq!(
+            base,
+            digest(vec![("kafka", secret(json!({"password": "YQ=="})))])
+        );
+        for changed in [
+            digest(vec![("kafka", secret(json!({"password": "Yg=="})))]),
+            digest(vec![("kafka", secret(json!({"passwor": "ZGE="})))]),
+            digest(vec![("kafka", None)]),
+            digest(vec![("other", secret(json!({"password": "YQ=="})))]),
+            digest(vec![
+                ("kafka", secret(json!({"password": "YQ=="}))),
+                ("s3", None),
+            ]),
+        ] {
+            assert_ne!(base, changed);
+        }
     }
 
     #[test]

@@ -10,7 +10,7 @@ use kube::api::DynamicObject;
 use kube::runtime::events::Reporter;
 use kube::runtime::reflector::Store;
 
-use crate::builders::AutoscalingApi;
+use crate::builders::BuilderApis;
 use crate::freshness::Arrivals;
 use crate::jobs::MANAGER;
 use crate::leader::Leadership;
@@ -59,8 +59,8 @@ pub struct Context {
     pub offset_refresh: Duration,
     pub kafka_timeout: Duration,
     pub kafka: OffsetClients,
-    /// Which HPA API the cluster serves (discovered at start-up).
-    pub autoscaling: AutoscalingApi,
+    /// Which HPA and PodDisruptionBudget APIs the cluster serves (discovered at start-up).
+    pub builder_apis: BuilderApis,
     /// What was last applied for each pipeline's builders, so unchanged specs cost no writes.
     pub builders_applied: Mutex<HashMap<String, String>>,
     /// Succeeded jobs whose manifests the output has confirmed.
@@ -79,7 +79,7 @@ impl Context {
         poll_interval: Duration,
         offset_refresh: Duration,
         kafka_timeout: Duration,
-        autoscaling: AutoscalingApi,
+        builder_apis: BuilderApis,
     ) -> Self {
         Self {
             client,
@@ -95,7 +95,7 @@ impl Context {
             offset_refresh,
             kafka_timeout,
             kafka: OffsetClients::new(kafka_timeout),
-            autoscaling,
+            builder_apis,
             builders_applied: Mutex::default(),
             confirmed_blocks: Confirmations::default(),
             policy: Policy::default(),

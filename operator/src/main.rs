@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use blocksmith_crds::domain::LABEL_PIPELINE;
 use blocksmith_crds::{BlockJob, BlockPipeline};
-use blocksmith_operator::builders::AutoscalingApi;
+use blocksmith_operator::builders::{AutoscalingApi, BuilderApis, disruption_budget_version};
 use blocksmith_operator::external_metrics;
 use blocksmith_operator::leader::{LeaderElector, Leadership};
 use blocksmith_operator::metrics::{self, Metrics, RECONCILE_HEARTBEAT};
@@ -143,11 +143,20 @@ async fn main() -> anyhow::Result<()> {
             }
         });
     }
-    let autoscaling = AutoscalingApi::discover(&client).await.unwrap_or_else(|e| {
-        warn!(error = %e, "discovering autoscaling API versions; assuming none");
-        AutoscalingApi::Unavailable
-    });
-    info!(?autoscaling, "HPA API");
+    let builder_apis = match client.list_api_groups().await {
+        Ok(groups) => BuilderApis {
+            autoscaling: AutoscalingApi::served(&groups),
+            disruption_budget: disruption_budget_version(&groups),
+        },
+        Err(e) => {
+            warn!(error = %e, "discovering API versions; assuming no HPA or PodDisruptionBudget API");
+            BuilderApis {
+                autoscaling: AutoscalingApi::Unavailable,
+                disruption_budget: None,
+            }
+        }
+    };
+    info!(?builder_apis, "builder APIs");
 
     let identity = args
         .identity
@@ -181,7 +190,7 @@ async fn main() -> anyhow::Result<()> {
         offset_refresh: Duration::from_secs_f64(args.offset_refresh_interval),
         kafka_timeout: Duration::from_secs_f64(args.kafka_timeout),
         debounce: Duration::from_millis(args.debounce_ms),
-        autoscaling,
+        builder_apis,
         fence: elector
             .as_ref()
             .map(|e| (e.leadership(), 2 * e.renew_period())),
@@ -244,7 +253,7 @@ struct Settings {
     offset_refresh: Duration,
     kafka_timeout: Duration,
     debounce: Duration,
-    autoscaling: AutoscalingApi,
+    builder_apis: BuilderApis,
     /// The leadership Kafka commits are fenced by, and the patience of that fence.
     fence: Option<(Leadership, Duration)>,
     policy: Policy,
@@ -278,7 +287,7 @@ impl Settings {
         let builder_cache = spawn_cache(deployments.clone(), (), "builder Deployments");
         // A builder HPA deleted behind the operator's back is applied again, like a
         // Deployment.
-        let autoscalers = self.autoscaling.resource().map(|resource| {
+        let autoscalers = self.builder_apis.autoscaling.resource().map(|resource| {
             let api: Api<DynamicObject> = match namespace {
                 Some(ns) => Api::namespaced_with(client.clone(), ns, &resource),
                 None => Api::all_with(client.clone(), &resource),
@@ -305,7 +314,7 @@ impl Settings {
             self.poll_interval,
             self.offset_refresh,
             self.kafka_timeout,
-            self.autoscaling,
+            self.builder_apis,
         )
         .with_policy(self.policy.clone());
         // Kafka knows nothing of the lease: commits stop with leadership.

@@ -5,7 +5,7 @@
 //! the pure functions of `planner`, `committer`, `lifecycle` and `conditions`; this module
 //! does the I/O around them.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet, btree_map};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -231,8 +231,9 @@ impl<'a> Pass<'a> {
 
     async fn steps(&mut self) -> Result<(), Halt> {
         let policy = self.validate_spec()?;
-        self.hold_to_operator_policy().await?;
-        self.apply_builders().await?;
+        let secrets = self.read_named_secrets().await?;
+        self.hold_to_operator_policy(&secrets)?;
+        self.apply_builders(&secrets).await?;
         let (jobs, deleted) = self.tend_jobs().await?;
         let mut committed = BTreeMap::new();
         if let Some(mut kafka) = self.read_kafka(&jobs).await? {
@@ -259,10 +260,31 @@ impl<'a> Pass<'a> {
             .map_err(|e| Halt::InvalidSpec(format!("spec.jobs.maxAge: {e}")))
     }
 
+    /// The Secrets the pipeline names (`None` for one that does not exist), read once a pass
+    /// for the policy's label check and for the digest that rolls the builders when one
+    /// changes; none when neither needs them.
+    async fn read_named_secrets(&self) -> Result<BTreeMap<String, Option<Secret>>, kube::Error> {
+        let mut read = BTreeMap::new();
+        if self.ctx.policy.secret_label.is_none() && self.bp.spec.builders.is_none() {
+            return Ok(read);
+        }
+        let secrets: Api<Secret> = Api::namespaced(self.ctx.client.clone(), &self.ns);
+        for (_, name) in secret_references(&self.bp.spec) {
+            if let btree_map::Entry::Vacant(entry) = read.entry(name) {
+                let secret = secrets.get_opt(entry.key()).await?;
+                entry.insert(secret);
+            }
+        }
+        Ok(read)
+    }
+
     /// Holds the pipeline to the operator's [`crate::policy::Policy`]: its builders' image and
-    /// ServiceAccount, and the label of every Secret it names, before anything reads a Secret
+    /// ServiceAccount, and the label of every Secret it names, before anything uses a Secret
     /// for it or applies its builders.
-    async fn hold_to_operator_policy(&self) -> Result<(), Halt> {
+    fn hold_to_operator_policy(
+        &self,
+        secrets: &BTreeMap<String, Option<Secret>>,
+    ) -> Result<(), Halt> {
         let policy = &self.ctx.policy;
         policy
             .check_builders(&self.bp.spec)
@@ -270,26 +292,26 @@ impl<'a> Pass<'a> {
         if policy.secret_label.is_none() {
             return Ok(());
         }
-        let secrets: Api<Secret> = Api::namespaced(self.ctx.client.clone(), &self.ns);
-        let mut checked = HashSet::new();
         for (field, name) in secret_references(&self.bp.spec) {
-            if !checked.insert(name.clone()) {
-                continue;
-            }
             // A missing Secret is reported where it is used (SecretNotFound).
-            if let Some(secret) = secrets.get_opt(&name).await? {
+            if let Some(Some(secret)) = secrets.get(&name) {
                 policy
-                    .check_secret(&secret, &field)
+                    .check_secret(secret, &field)
                     .map_err(Halt::InvalidSpecOutside)?;
             }
         }
         Ok(())
     }
 
-    /// Applies the builder Deployment and HPA when what they should be has changed.
-    async fn apply_builders(&mut self) -> Result<(), kube::Error> {
+    /// Applies the builder Deployment, HPA and PodDisruptionBudget when what they should be
+    /// has changed, a Secret they read included.
+    async fn apply_builders(
+        &mut self,
+        secrets: &BTreeMap<String, Option<Secret>>,
+    ) -> Result<(), kube::Error> {
         let bp = self.bp;
         let key = self.key();
+        let secrets_digest = builders::secrets_digest(secrets);
         let desired = serde_json::to_string(&(
             &bp.spec.builders,
             &bp.spec.output.credentials_secret_ref,
@@ -299,6 +321,7 @@ impl<'a> Pass<'a> {
                 &bp.spec.kafka.tls,
             ),
             bp.metadata.uid.as_deref(),
+            &secrets_digest,
         ))
         .unwrap_or_default();
         let applied = &self.ctx.builders_applied;
@@ -311,8 +334,14 @@ impl<'a> Pass<'a> {
             return Ok(());
         }
         let ctx = self.ctx;
-        if let Some(message) =
-            builders::reconcile(&ctx.client, bp, ctx.autoscaling, &ctx.metrics).await?
+        if let Some(message) = builders::reconcile(
+            &ctx.client,
+            bp,
+            ctx.builder_apis,
+            &secrets_digest,
+            &ctx.metrics,
+        )
+        .await?
         {
             self.observed
                 .problems
@@ -709,7 +738,10 @@ impl<'a> Pass<'a> {
     /// The builder HPA `name` as the cache holds it, or `None` where no HPA is watched (the
     /// cluster serves no HPA API).
     fn cached_autoscaler(&self, name: &str) -> Option<Option<Arc<DynamicObject>>> {
-        match (&self.ctx.autoscalers, self.ctx.autoscaling.resource()) {
+        match (
+            &self.ctx.autoscalers,
+            self.ctx.builder_apis.autoscaling.resource(),
+        ) {
             (Some(cache), Some(resource)) => {
                 Some(cache.get(&ObjectRef::new_with(name, resource).within(&self.ns)))
             }

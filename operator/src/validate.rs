@@ -186,8 +186,57 @@ pub fn validate(spec: &BlockPipelineSpec) -> Result<(), InvalidSpec> {
                 "must be at least 1",
             ));
         }
+        if !is_positive_quantity(&b.scratch_size_limit.0) {
+            return Err(invalid(
+                "builders.scratchSizeLimit",
+                format!(
+                    "{:?} is not a positive Kubernetes quantity such as 10Gi or 500M",
+                    b.scratch_size_limit.0
+                ),
+            ));
+        }
+        if let Some(key) = b
+            .pod_labels
+            .keys()
+            .find(|k| BUILDER_LABELS.contains(&k.as_str()))
+        {
+            return Err(invalid(
+                "builders.podLabels",
+                format!("{key:?} is the operator's own label on builder pods; use another key"),
+            ));
+        }
+        if let Some(budget) = &b.pod_disruption_budget
+            && budget.max_unavailable.is_some() == budget.min_available.is_some()
+        {
+            return Err(invalid(
+                "builders.podDisruptionBudget",
+                "set exactly one of maxUnavailable and minAvailable",
+            ));
+        }
     }
     Ok(())
+}
+
+/// The labels the operator puts on builder pods, by which their Deployment selects them.
+pub const BUILDER_LABELS: [&str; 3] = [
+    "app.kubernetes.io/name",
+    "app.kubernetes.io/managed-by",
+    blocksmith_crds::domain::LABEL_PIPELINE,
+];
+
+/// A quantity as Kubernetes writes them (`10Gi`, `500M`, `1e9`), above zero.
+fn is_positive_quantity(q: &str) -> bool {
+    const SUFFIXES: [&str; 14] = [
+        "Ki", "Mi", "Gi", "Ti", "Pi", "Ei", "m", "k", "M", "G", "T", "P", "E", "",
+    ];
+    let digits_end = q
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(q.len());
+    let (number, suffix) = q.split_at(digits_end);
+    let exponent = suffix
+        .strip_prefix(['e', 'E'])
+        .is_some_and(|e| e.trim_start_matches(['+', '-']).parse::<u32>().is_ok());
+    number.parse::<f64>().is_ok_and(|n| n > 0.0) && (SUFFIXES.contains(&suffix) || exponent)
 }
 
 /// The pipeline's existing jobs must read the topic the spec names. A job's range is an
@@ -266,6 +315,10 @@ fn delete_jobs_to_move(pipeline: &str, lost: &str) -> String {
 
 #[cfg(test)]
 mod tests {
+    use blocksmith_crds::domain::LABEL_PIPELINE;
+    use blocksmith_crds::pipeline::{BuildersSpec, DisruptionBudgetSpec};
+    use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+
     use super::*;
 
     fn spec() -> BlockPipelineSpec {
@@ -276,9 +329,39 @@ mod tests {
         .unwrap()
     }
 
+    fn builders(s: &mut BlockPipelineSpec) -> &mut BuildersSpec {
+        s.builders.get_or_insert_with(|| {
+            serde_json::from_value(serde_json::json!({"image": "img:1"})).unwrap()
+        })
+    }
+
+    fn budget(
+        max_unavailable: Option<IntOrString>,
+        min_available: Option<IntOrString>,
+    ) -> DisruptionBudgetSpec {
+        DisruptionBudgetSpec {
+            max_unavailable,
+            min_available,
+        }
+    }
+
     #[test]
     fn defaults_are_valid() {
         assert_eq!(validate(&spec()), Ok(()));
+        let mut with_builders = spec();
+        builders(&mut with_builders).pod_disruption_budget =
+            Some(budget(Some(IntOrString::String("25%".into())), None));
+        assert_eq!(validate(&with_builders), Ok(()));
+    }
+
+    #[test]
+    fn quantities_are_read_as_kubernetes_writes_them() {
+        for good in ["10Gi", "500M", "1e9", "1.5Gi", "12345", "2E+3"] {
+            assert!(is_positive_quantity(good), "{good}");
+        }
+        for bad in ["", "Gi", "10 GB", "10GB", "-1Gi", "0", "1x"] {
+            assert!(!is_positive_quantity(bad), "{bad}");
+        }
     }
 
     #[test]
@@ -327,6 +410,33 @@ mod tests {
             (
                 |s| s.output.max_record_bytes = Some(0),
                 "output.maxRecordBytes",
+            ),
+            (
+                |s| builders(s).scratch_size_limit.0 = "10 GB".into(),
+                "builders.scratchSizeLimit",
+            ),
+            (
+                |s| builders(s).scratch_size_limit.0 = "0".into(),
+                "builders.scratchSizeLimit",
+            ),
+            (
+                |s| {
+                    builders(s)
+                        .pod_labels
+                        .insert(LABEL_PIPELINE.into(), "other".into());
+                },
+                "builders.podLabels",
+            ),
+            (
+                |s| builders(s).pod_disruption_budget = Some(budget(None, None)),
+                "builders.podDisruptionBudget",
+            ),
+            (
+                |s| {
+                    builders(s).pod_disruption_budget =
+                        Some(budget(Some(IntOrString::Int(1)), Some(IntOrString::Int(1))))
+                },
+                "builders.podDisruptionBudget",
             ),
         ];
         for (mutate, field) in cases {

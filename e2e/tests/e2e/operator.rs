@@ -808,3 +808,122 @@ async fn the_oldest_uncommitted_record_age_grows_until_it_is_written() {
     })
     .await;
 }
+
+/// A Secret the builders read changing (here created, then changed) rolls them: a new pod
+/// template, so new pods that read it again. A PodDisruptionBudget follows
+/// `spec.builders.podDisruptionBudget`: applied, changed, deleted with the field.
+#[tokio::test]
+async fn a_changed_secret_rolls_the_builders_and_their_budget_follows_the_spec() {
+    use blocksmith_operator::builders::{SECRETS_DIGEST, disruption_budget_version};
+    use k8s_openapi::api::core::v1::Secret;
+    use kube::api::{Patch, PatchParams, PostParams};
+
+    let builders = |budget: serde_json::Value| {
+        let mut b = json!({
+            "image": "blocksmith-e2e/not-pulled:never",
+            "minReplicas": 1,
+            "maxReplicas": 1,
+            "env": [{"name": "TOKEN", "valueFrom": {"secretKeyRef": {"name": "token", "key": "token"}}}],
+        });
+        if !budget.is_null() {
+            b["podDisruptionBudget"] = budget;
+        }
+        serde_json::from_value(b).unwrap()
+    };
+    let s = scenario("op-roll", 1, 0)
+        .pipeline(move |bp| bp.spec.builders = Some(builders(json!({"maxUnavailable": 1}))))
+        .await;
+    let deployments: Api<Deployment> = Api::namespaced(s.tb.client.clone(), &s.ns);
+    let digest = || async {
+        let d = deployments.get_opt("p-builder").await.ok()??;
+        let template = d.spec?.template.metadata?;
+        template.annotations?.get(SECRETS_DIGEST).cloned()
+    };
+    let changed_from = |old: String, what: &'static str| {
+        wait_for(what, Duration::from_secs(30), move || {
+            let old = old.clone();
+            async move { digest().await.filter(|d| *d != old) }
+        })
+    };
+    let absent = wait_for("the builders applied", Duration::from_secs(30), digest).await;
+
+    let secrets: Api<Secret> = Api::namespaced(s.tb.client.clone(), &s.ns);
+    let token: Secret = serde_json::from_value(json!({
+        "metadata": {"name": "token"}, "stringData": {"token": "one"},
+    }))
+    .unwrap();
+    secrets
+        .create(&PostParams::default(), &token)
+        .await
+        .unwrap();
+    let created = changed_from(absent.clone(), "the template rolled for the new Secret").await;
+    let patch = json!({"stringData": {"token": "two"}});
+    secrets
+        .patch("token", &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .unwrap();
+    let changed = changed_from(
+        created.clone(),
+        "the template rolled for the changed Secret",
+    )
+    .await;
+    assert_ne!(changed, absent);
+    // A label is not content: no roll for it.
+    let label = json!({"metadata": {"labels": {"team": "data"}}});
+    secrets
+        .patch("token", &PatchParams::default(), &Patch::Merge(&label))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(digest().await.as_deref(), Some(changed.as_str()));
+    // Each roll was a new ReplicaSet of the Deployment: three templates so far.
+    let replica_sets: Api<k8s_openapi::api::apps::v1::ReplicaSet> =
+        Api::namespaced(s.tb.client.clone(), &s.ns);
+    let selector = "blocksmith.io/pipeline=p,app.kubernetes.io/name=blocksmith-builder";
+    wait_for(
+        "a ReplicaSet per template",
+        Duration::from_secs(30),
+        || async {
+            let sets = replica_sets
+                .list(&ListParams::default().labels(selector))
+                .await
+                .ok()?;
+            (sets.items.len() == 3).then_some(())
+        },
+    )
+    .await;
+
+    // The budget, in whichever policy version the cluster serves.
+    let groups = s.tb.client.list_api_groups().await.unwrap();
+    let version = disruption_budget_version(&groups).expect("a policy API");
+    let gvk = GroupVersionKind::gvk("policy", version, "PodDisruptionBudget");
+    let budgets: Api<DynamicObject> =
+        Api::namespaced_with(s.tb.client.clone(), &s.ns, &ApiResource::from_gvk(&gvk));
+    let budget = budgets.get("p-builder").await.expect("the budget");
+    assert_eq!(budget.data["spec"]["maxUnavailable"], 1);
+    assert_eq!(
+        budget.data["spec"]["selector"]["matchLabels"],
+        json!({"blocksmith.io/pipeline": "p", "app.kubernetes.io/name": "blocksmith-builder"})
+    );
+    let mut bp = s.bp.clone();
+    bp.spec.builders = Some(builders(json!({"minAvailable": "50%"})));
+    s.apply(&bp).await;
+    wait_for("the budget changed", Duration::from_secs(30), || async {
+        let b = budgets.get("p-builder").await.ok()?;
+        (b.data["spec"]["minAvailable"] == "50%" && b.data["spec"].get("maxUnavailable").is_none())
+            .then_some(())
+    })
+    .await;
+    bp.spec.builders = Some(builders(serde_json::Value::Null));
+    s.apply(&bp).await;
+    wait_for("the budget deleted", Duration::from_secs(30), || async {
+        budgets
+            .get_opt("p-builder")
+            .await
+            .ok()?
+            .is_none()
+            .then_some(())
+    })
+    .await;
+    assert!(digest().await.is_some(), "the builders stay");
+}

@@ -46,6 +46,27 @@ fn kubectl(args: &[&str]) -> (bool, String) {
     (out.status.success(), text)
 }
 
+/// A cluster-wide PriorityClass, deleted when dropped.
+struct PriorityClassGuard(String);
+
+impl PriorityClassGuard {
+    async fn create(tb: &Testbed, name: &str, value: i32) -> Self {
+        let class: k8s_openapi::api::scheduling::v1::PriorityClass =
+            serde_json::from_value(json!({"metadata": {"name": name}, "value": value})).unwrap();
+        Api::<k8s_openapi::api::scheduling::v1::PriorityClass>::all(tb.client.clone())
+            .create(&PostParams::default(), &class)
+            .await
+            .expect("create the PriorityClass");
+        PriorityClassGuard(name.into())
+    }
+}
+
+impl Drop for PriorityClassGuard {
+    fn drop(&mut self) {
+        let _ = kubectl(&["delete", "priorityclass", &self.0, "--ignore-not-found"]);
+    }
+}
+
 /// Deletes the cluster-wide APIService when dropped (declared before the release's guard, so
 /// after the uninstall).
 struct ApiServiceCleanup;
@@ -327,9 +348,27 @@ async fn the_chart_runs_blocksmith_as_pods_that_scale_fail_over_and_write_every_
     );
     bp.spec.output.credentials_secret_ref =
         Some(serde_json::from_value(json!({"name": "s3"})).unwrap());
+    // With the pod options a platform team sets, which the real node must honour: pinned to
+    // the node by its hostname label, tolerating a taint, a PriorityClass, a disruption
+    // budget, a bounded scratch volume.
+    let node = Api::<k8s_openapi::api::core::v1::Node>::all(tb.client.clone())
+        .list(&ListParams::default())
+        .await
+        .unwrap()
+        .items
+        .remove(0)
+        .name_any();
+    let _priority = PriorityClassGuard::create(&tb, &format!("{ns}-builders"), 1000).await;
     bp.spec.builders = Some(
         serde_json::from_value(json!({
             "image": IMAGE, "minReplicas": 1, "maxReplicas": 4, "targetQueueDepthPerBuilder": 2,
+            "nodeSelector": {"kubernetes.io/hostname": node},
+            "tolerations": [{"key": "blocksmith.io/dedicated", "operator": "Exists", "effect": "NoSchedule"}],
+            "priorityClassName": format!("{ns}-builders"),
+            "podLabels": {"team": "data"},
+            "podAnnotations": {"example.com/owner": "data"},
+            "scratchSizeLimit": "1Gi",
+            "podDisruptionBudget": {"maxUnavailable": 1},
         }))
         .unwrap(),
     );
@@ -349,7 +388,51 @@ async fn the_chart_runs_blocksmith_as_pods_that_scale_fail_over_and_write_every_
             Some("blocksmith-builder")
         );
         assert_eq!(spec.containers[0].image.as_deref(), Some(IMAGE));
+        assert_eq!(spec.node_name.as_deref(), Some(node.as_str()));
+        assert_eq!(spec.priority, Some(1000), "the PriorityClass resolved");
+        assert!(
+            spec.tolerations
+                .iter()
+                .flatten()
+                .any(|t| t.key.as_deref() == Some("blocksmith.io/dedicated"))
+        );
+        let security = spec.security_context.as_ref().unwrap();
+        assert_eq!(security.run_as_user, Some(65532));
+        assert_eq!(security.run_as_non_root, Some(true));
+        let scratch = spec.volumes.iter().flatten().find(|v| v.name == "scratch");
+        assert_eq!(
+            scratch.and_then(|v| v.empty_dir.as_ref()?.size_limit.clone()),
+            Some(k8s_openapi::apimachinery::pkg::api::resource::Quantity(
+                "1Gi".into()
+            ))
+        );
+        assert_eq!(p.labels().get("team").map(String::as_str), Some("data"));
+        assert_eq!(
+            p.annotations().get("example.com/owner").map(String::as_str),
+            Some("data")
+        );
     }
+    // The disruption budget counts the builders (its controller sees all four).
+    let groups = tb.client.list_api_groups().await.unwrap();
+    let version = blocksmith_operator::builders::disruption_budget_version(&groups).unwrap();
+    let budgets: Api<kube::api::DynamicObject> = Api::namespaced_with(
+        tb.client.clone(),
+        &ns,
+        &kube::api::ApiResource::from_gvk(&kube::api::GroupVersionKind::gvk(
+            "policy",
+            version,
+            "PodDisruptionBudget",
+        )),
+    );
+    wait_for(
+        "the builders' disruption budget counting 4 pods",
+        Duration::from_secs(60),
+        || async {
+            let b = budgets.get_opt("orders-builder").await.ok()??;
+            (b.data["status"]["expectedPods"] == 4).then_some(())
+        },
+    )
+    .await;
     let mut builder_names = pod_names(&builders);
     // Busy builders are marked costly to delete, so that scaling down takes idle ones first.
     wait_for(

@@ -284,6 +284,12 @@ const OPERATOR_RULES: Rules = &[
         WATCH_APPLY_DELETE,
         "*",
     ),
+    (
+        "policy",
+        "poddisruptionbudgets",
+        &["create", "patch", "delete"],
+        "*",
+    ),
     ("", "pods", &["list", "patch"], "*"),
 ];
 
