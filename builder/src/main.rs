@@ -15,7 +15,7 @@ use tracing::info;
 /// one Parquet block (data, then a create-only manifest) per job to object storage.
 ///
 /// Object-store credentials come from the usual environment variables (AWS_ACCESS_KEY_ID,
-/// AWS_SECRET_ACCESS_KEY, AWS_REGION, AWS_ENDPOINT, AWS_ALLOW_HTTP; GOOGLE_SERVICE_ACCOUNT;
+/// AWS_SECRET_ACCESS_KEY, AWS_REGION, AWS_ENDPOINT, AWS_ALLOW_HTTP; GOOGLE_SERVICE_ACCOUNT_KEY;
 /// AZURE_STORAGE_ACCOUNT_NAME, AZURE_STORAGE_ACCOUNT_KEY, ...). The Kubernetes API is reached
 /// in-cluster or through KUBECONFIG.
 #[derive(Parser, Debug)]

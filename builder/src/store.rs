@@ -160,7 +160,7 @@ impl StoreError {
 }
 
 const CREDENTIALS_HINT: &str = " (check the object-storage credentials, e.g. \
-    AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, GOOGLE_SERVICE_ACCOUNT or AZURE_STORAGE_ACCOUNT_KEY, \
+    AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, GOOGLE_SERVICE_ACCOUNT_KEY or AZURE_STORAGE_ACCOUNT_KEY, \
     and that they may read and write this bucket; builders read them from their environment \
     (the Secret of spec.output.credentialsSecretRef) when they start, so restart them after \
     fixing it, then delete the failed jobs to retry them)";

@@ -288,7 +288,7 @@ pub struct OutputSpec {
     #[schemars(range(min = 1))]
     pub max_record_bytes: Option<i64>,
     /// Secret whose keys are passed to builders as environment variables
-    /// (`AWS_ACCESS_KEY_ID`, `GOOGLE_SERVICE_ACCOUNT`, `AZURE_STORAGE_ACCOUNT_KEY`, ...).
+    /// (`AWS_ACCESS_KEY_ID`, `GOOGLE_SERVICE_ACCOUNT_KEY`, `AZURE_STORAGE_ACCOUNT_KEY`, ...).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub credentials_secret_ref: Option<LocalObjectReference>,
 }
