@@ -16,8 +16,10 @@ use tracing::info;
 ///
 /// Object-store credentials come from the usual environment variables (AWS_ACCESS_KEY_ID,
 /// AWS_SECRET_ACCESS_KEY, AWS_REGION, AWS_ENDPOINT, AWS_ALLOW_HTTP; GOOGLE_SERVICE_ACCOUNT_KEY;
-/// AZURE_STORAGE_ACCOUNT_NAME, AZURE_STORAGE_ACCOUNT_KEY, ...). The Kubernetes API is reached
-/// in-cluster or through KUBECONFIG.
+/// AZURE_STORAGE_ACCOUNT_NAME, AZURE_STORAGE_ACCOUNT_KEY, ...). Kafka credentials too, from the
+/// environment only: BLOCKSMITH_KAFKA_SASL_USERNAME, BLOCKSMITH_KAFKA_SASL_PASSWORD,
+/// BLOCKSMITH_KAFKA_SSL_CA_PEM, BLOCKSMITH_KAFKA_SSL_CERTIFICATE_PEM, BLOCKSMITH_KAFKA_SSL_KEY_PEM.
+/// The Kubernetes API is reached in-cluster or through KUBECONFIG.
 #[derive(Parser, Debug)]
 #[command(version)]
 struct Args {
@@ -40,15 +42,6 @@ struct Args {
         value_delimiter = ','
     )]
     kafka_properties: Vec<String>,
-    /// SASL username (the operator sets it from spec.kafka.sasl.usernameSecretRef).
-    #[arg(long, env = "BLOCKSMITH_KAFKA_SASL_USERNAME", hide_env_values = true)]
-    kafka_sasl_username: Option<String>,
-    /// SASL password (from spec.kafka.sasl.passwordSecretRef).
-    #[arg(long, env = "BLOCKSMITH_KAFKA_SASL_PASSWORD", hide_env_values = true)]
-    kafka_sasl_password: Option<String>,
-    /// PEM CA bundle for the brokers (from spec.kafka.tls.caSecretRef).
-    #[arg(long, env = "BLOCKSMITH_KAFKA_SSL_CA_PEM", hide_env_values = true)]
-    kafka_ssl_ca_pem: Option<String>,
     /// Fail the read when Kafka delivers nothing for this many seconds.
     #[arg(long, env = "BLOCKSMITH_KAFKA_IDLE_TIMEOUT", default_value_t = 60)]
     kafka_idle_timeout: u64,
@@ -73,8 +66,24 @@ struct Args {
     grace_period: u64,
 }
 
-/// librdkafka properties from `--kafka-property` and the credential flags.
-fn kafka_properties(args: &Args) -> anyhow::Result<Vec<(String, String)>> {
+/// Kafka credentials, taken from the environment only (the operator sets them from the
+/// pipeline's Secrets): a command line is visible to every process on the node.
+const KAFKA_CREDENTIALS: [(&str, &str); 5] = [
+    ("BLOCKSMITH_KAFKA_SASL_USERNAME", "sasl.username"),
+    ("BLOCKSMITH_KAFKA_SASL_PASSWORD", "sasl.password"),
+    ("BLOCKSMITH_KAFKA_SSL_CA_PEM", "ssl.ca.pem"),
+    (
+        "BLOCKSMITH_KAFKA_SSL_CERTIFICATE_PEM",
+        "ssl.certificate.pem",
+    ),
+    ("BLOCKSMITH_KAFKA_SSL_KEY_PEM", "ssl.key.pem"),
+];
+
+/// librdkafka properties from `--kafka-property`, then the credentials `env` holds.
+fn kafka_properties(
+    args: &Args,
+    env: impl Fn(&str) -> Option<String>,
+) -> anyhow::Result<Vec<(String, String)>> {
     let mut properties = Vec::new();
     for kv in &args.kafka_properties {
         let (k, v) = kv
@@ -82,13 +91,9 @@ fn kafka_properties(args: &Args) -> anyhow::Result<Vec<(String, String)>> {
             .ok_or_else(|| anyhow::anyhow!("--kafka-property {kv:?}: expected key=value"))?;
         properties.push((k.trim().into(), v.trim().into()));
     }
-    for (key, value) in [
-        ("sasl.username", &args.kafka_sasl_username),
-        ("sasl.password", &args.kafka_sasl_password),
-        ("ssl.ca.pem", &args.kafka_ssl_ca_pem),
-    ] {
-        if let Some(v) = value {
-            properties.push((key.into(), v.clone()));
+    for (variable, property) in KAFKA_CREDENTIALS {
+        if let Some(value) = env(variable) {
+            properties.push((property.into(), value));
         }
     }
     Ok(properties)
@@ -98,7 +103,7 @@ fn kafka_properties(args: &Args) -> anyhow::Result<Vec<(String, String)>> {
 async fn main() -> anyhow::Result<()> {
     blocksmith_runtime::init_logging();
     let args = Args::parse();
-    let kafka = kafka_properties(&args)?;
+    let kafka = kafka_properties(&args, |name| std::env::var(name).ok())?;
     let client = kube::Client::try_default().await?;
     let metrics = Metrics::default();
     tokio::spawn(metrics.clone().serve(args.metrics_addr));
@@ -154,7 +159,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn credentials_flags_become_librdkafka_properties() {
+    fn credentials_come_from_the_environment_only() {
         let args = Args::parse_from([
             "blocksmith-builder",
             "--namespace",
@@ -163,22 +168,36 @@ mod tests {
             "p",
             "--kafka-property",
             "security.protocol=sasl_ssl,sasl.mechanism=PLAIN",
-            "--kafka-sasl-username",
-            "u",
-            "--kafka-sasl-password",
-            "secret",
         ]);
+        let env = |name: &str| match name {
+            "BLOCKSMITH_KAFKA_SASL_USERNAME" => Some("u".to_string()),
+            "BLOCKSMITH_KAFKA_SASL_PASSWORD" => Some("secret".to_string()),
+            "BLOCKSMITH_KAFKA_SSL_KEY_PEM" => Some("key".to_string()),
+            _ => None,
+        };
         assert_eq!(
-            kafka_properties(&args).unwrap(),
+            kafka_properties(&args, env).unwrap(),
             [
                 ("security.protocol", "sasl_ssl"),
                 ("sasl.mechanism", "PLAIN"),
                 ("sasl.username", "u"),
                 ("sasl.password", "secret"),
+                ("ssl.key.pem", "key"),
             ]
             .map(|(k, v)| (k.to_string(), v.to_string()))
         );
         let bad = Args::parse_from(["blocksmith-builder", "--kafka-property", "novalue"]);
-        assert!(kafka_properties(&bad).is_err());
+        assert!(kafka_properties(&bad, |_| None).is_err());
+        // No flag takes a credential.
+        for flag in [
+            "--kafka-sasl-password",
+            "--kafka-sasl-username",
+            "--kafka-ssl-key-pem",
+        ] {
+            assert!(
+                Args::try_parse_from(["blocksmith-builder", flag, "x"]).is_err(),
+                "{flag}"
+            );
+        }
     }
 }

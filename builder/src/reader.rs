@@ -19,7 +19,8 @@ use crate::record::Record;
 /// Bound for single metadata and watermark requests.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 
-#[derive(Clone, Debug)]
+/// Its `Debug` names the `extra` properties without their values, which may be credentials.
+#[derive(Clone)]
 pub struct ReaderConfig {
     pub bootstrap_servers: String,
     /// Extra librdkafka client properties (`security.protocol`, `sasl.*`, `isolation.level`,
@@ -30,6 +31,20 @@ pub struct ReaderConfig {
     pub poll_timeout: Duration,
     /// Give up when the position has not advanced for this long.
     pub idle_timeout: Duration,
+}
+
+impl std::fmt::Debug for ReaderConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ReaderConfig")
+            .field("bootstrap_servers", &self.bootstrap_servers)
+            .field(
+                "extra",
+                &blocksmith_runtime::kafka::PropertyNames(&self.extra),
+            )
+            .field("poll_timeout", &self.poll_timeout)
+            .field("idle_timeout", &self.idle_timeout)
+            .finish()
+    }
 }
 
 impl ReaderConfig {

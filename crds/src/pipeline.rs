@@ -167,6 +167,14 @@ pub struct TlsSpec {
     /// PEM CA bundle used to verify the brokers.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ca_secret_ref: Option<SecretKeySelector>,
+    /// PEM client certificate (and its chain) for brokers that authenticate clients by
+    /// certificate (mTLS); with `keySecretRef`. A Strimzi KafkaUser's Secret has it under
+    /// `user.crt`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub certificate_secret_ref: Option<SecretKeySelector>,
+    /// PEM private key of the client certificate (Strimzi: `user.key`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_secret_ref: Option<SecretKeySelector>,
 }
 
 #[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]

@@ -102,8 +102,24 @@ fn kafka_env(k: &KafkaSpec) -> Vec<Value> {
             &sasl.password_secret_ref,
         ));
     }
-    if let Some(ca) = k.tls.as_ref().and_then(|t| t.ca_secret_ref.as_ref()) {
-        secrets.push(from_secret("BLOCKSMITH_KAFKA_SSL_CA_PEM", ca));
+    let tls = k.tls.as_ref();
+    for (name, selector) in [
+        (
+            "BLOCKSMITH_KAFKA_SSL_CA_PEM",
+            tls.and_then(|t| t.ca_secret_ref.as_ref()),
+        ),
+        (
+            "BLOCKSMITH_KAFKA_SSL_CERTIFICATE_PEM",
+            tls.and_then(|t| t.certificate_secret_ref.as_ref()),
+        ),
+        (
+            "BLOCKSMITH_KAFKA_SSL_KEY_PEM",
+            tls.and_then(|t| t.key_secret_ref.as_ref()),
+        ),
+    ] {
+        if let Some(selector) = selector {
+            secrets.push(from_secret(name, selector));
+        }
     }
     let mut env =
         vec![json!({"name": "BLOCKSMITH_KAFKA_PROPERTIES", "value": properties.join(",")})];
@@ -491,7 +507,11 @@ mod tests {
                 "usernameSecretRef": {"name": "kafka", "key": "user"},
                 "passwordSecretRef": {"name": "kafka", "key": "pass"},
             },
-            "tls": {"caSecretRef": {"name": "kafka-ca", "key": "ca.pem"}},
+            "tls": {
+                "caSecretRef": {"name": "kafka-ca", "key": "ca.pem"},
+                "certificateSecretRef": {"name": "kafka-user", "key": "user.crt"},
+                "keySecretRef": {"name": "kafka-user", "key": "user.key"},
+            },
         }))
         .unwrap();
         let b = p.spec.builders.clone().unwrap();
@@ -520,6 +540,14 @@ mod tests {
         assert_eq!(
             var("BLOCKSMITH_KAFKA_SSL_CA_PEM")["valueFrom"]["secretKeyRef"],
             json!({"name": "kafka-ca", "key": "ca.pem"})
+        );
+        assert_eq!(
+            var("BLOCKSMITH_KAFKA_SSL_CERTIFICATE_PEM")["valueFrom"]["secretKeyRef"],
+            json!({"name": "kafka-user", "key": "user.crt"})
+        );
+        assert_eq!(
+            var("BLOCKSMITH_KAFKA_SSL_KEY_PEM")["valueFrom"]["secretKeyRef"],
+            json!({"name": "kafka-user", "key": "user.key"})
         );
         // A plaintext pipeline gets only the protocol.
         let plain = bp(json!({"image": "img:1"}));

@@ -102,13 +102,19 @@ pub fn secret_references(spec: &BlockPipelineSpec) -> Vec<(String, String)> {
             sasl.password_secret_ref.name.clone(),
         ));
     }
-    if let Some(ca) = spec
-        .kafka
-        .tls
-        .as_ref()
-        .and_then(|t| t.ca_secret_ref.as_ref())
-    {
-        refs.push(("spec.kafka.tls.caSecretRef".to_string(), ca.name.clone()));
+    if let Some(tls) = &spec.kafka.tls {
+        for (field, selector) in [
+            ("spec.kafka.tls.caSecretRef", &tls.ca_secret_ref),
+            (
+                "spec.kafka.tls.certificateSecretRef",
+                &tls.certificate_secret_ref,
+            ),
+            ("spec.kafka.tls.keySecretRef", &tls.key_secret_ref),
+        ] {
+            if let Some(selector) = selector {
+                refs.push((field.to_string(), selector.name.clone()));
+            }
+        }
     }
     if let Some(c) = &spec.output.credentials_secret_ref {
         refs.push((
@@ -253,7 +259,9 @@ mod tests {
                       "sasl": {"mechanism": "SCRAM-SHA-512",
                                "usernameSecretRef": {"name": "user", "key": "u"},
                                "passwordSecretRef": {"name": "pass", "key": "p"}},
-                      "tls": {"caSecretRef": {"name": "ca", "key": "ca.crt"}}},
+                      "tls": {"caSecretRef": {"name": "ca", "key": "ca.crt"},
+                              "certificateSecretRef": {"name": "user", "key": "user.crt"},
+                              "keySecretRef": {"name": "user-key", "key": "user.key"}}},
             "output": {"url": "s3://b/p", "credentialsSecretRef": {"name": "s3"}},
             "builders": {"image": "i", "env": [
                 {"name": "A", "value": "plain"},
@@ -268,6 +276,8 @@ mod tests {
                 ("spec.kafka.sasl.usernameSecretRef", "user"),
                 ("spec.kafka.sasl.passwordSecretRef", "pass"),
                 ("spec.kafka.tls.caSecretRef", "ca"),
+                ("spec.kafka.tls.certificateSecretRef", "user"),
+                ("spec.kafka.tls.keySecretRef", "user-key"),
                 ("spec.output.credentialsSecretRef", "s3"),
                 ("spec.builders.env[1].valueFrom.secretKeyRef", "other"),
             ]

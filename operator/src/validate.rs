@@ -94,6 +94,27 @@ pub fn validate(spec: &BlockPipelineSpec) -> Result<(), InvalidSpec> {
             ),
         ));
     }
+    if let Some(tls) = &k.tls {
+        let uses_tls = matches!(
+            k.security_protocol,
+            SecurityProtocol::Ssl | SecurityProtocol::SaslSsl
+        );
+        if tls.certificate_secret_ref.is_some() != tls.key_secret_ref.is_some() {
+            return Err(invalid(
+                "kafka.tls",
+                "a client certificate needs both certificateSecretRef and keySecretRef",
+            ));
+        }
+        if !uses_tls {
+            return Err(invalid(
+                "kafka.tls",
+                format!(
+                    "securityProtocol {} does not use TLS: set it to SSL or SASL_SSL, or remove tls",
+                    k.security_protocol
+                ),
+            ));
+        }
+    }
     let j = &spec.jobs;
     if j.max_records < 1 {
         return Err(invalid("jobs.maxRecords", "must be at least 1"));
@@ -316,7 +337,8 @@ fn delete_jobs_to_move(pipeline: &str, lost: &str) -> String {
 #[cfg(test)]
 mod tests {
     use blocksmith_crds::domain::LABEL_PIPELINE;
-    use blocksmith_crds::pipeline::{BuildersSpec, DisruptionBudgetSpec};
+    use blocksmith_crds::pipeline::{BuildersSpec, DisruptionBudgetSpec, TlsSpec};
+    use k8s_openapi::api::core::v1::SecretKeySelector;
     use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
     use super::*;
@@ -345,6 +367,19 @@ mod tests {
         }
     }
 
+    fn tls(certificate: Option<(&str, &str)>, key: Option<(&str, &str)>) -> TlsSpec {
+        let selector = |(name, key): (&str, &str)| SecretKeySelector {
+            name: name.into(),
+            key: key.into(),
+            ..Default::default()
+        };
+        TlsSpec {
+            ca_secret_ref: None,
+            certificate_secret_ref: certificate.map(selector),
+            key_secret_ref: key.map(selector),
+        }
+    }
+
     #[test]
     fn defaults_are_valid() {
         assert_eq!(validate(&spec()), Ok(()));
@@ -352,6 +387,10 @@ mod tests {
         builders(&mut with_builders).pod_disruption_budget =
             Some(budget(Some(IntOrString::String("25%".into())), None));
         assert_eq!(validate(&with_builders), Ok(()));
+        let mut mutual_tls = spec();
+        mutual_tls.kafka.security_protocol = SecurityProtocol::Ssl;
+        mutual_tls.kafka.tls = Some(tls(Some(("c", "tls.crt")), Some(("c", "tls.key"))));
+        assert_eq!(validate(&mutual_tls), Ok(()));
     }
 
     #[test]
@@ -377,6 +416,22 @@ mod tests {
             (
                 |s| s.kafka.security_protocol = SecurityProtocol::SaslSsl,
                 "kafka.sasl",
+            ),
+            (
+                |s| {
+                    s.kafka.security_protocol = SecurityProtocol::Ssl;
+                    s.kafka.tls = Some(tls(None, Some(("client", "tls.key"))));
+                },
+                "kafka.tls",
+            ),
+            (
+                |s| {
+                    s.kafka.tls = Some(tls(
+                        Some(("client", "tls.crt")),
+                        Some(("client", "tls.key")),
+                    ))
+                },
+                "kafka.tls",
             ),
             (|s| s.jobs.max_records = 0, "jobs.maxRecords"),
             (|s| s.jobs.max_age = "5 minutes".into(), "jobs.maxAge"),

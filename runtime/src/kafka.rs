@@ -30,6 +30,18 @@ pub fn is_unrecoverable(error: &KafkaError) -> bool {
         || matches!(error, KafkaError::MessageConsumptionFatal(_))
 }
 
+/// librdkafka properties shown by name only: their values may be credentials (a SASL
+/// password, a private key), which must not reach a log through a `Debug` format.
+pub struct PropertyNames<'a>(pub &'a [(String, String)]);
+
+impl fmt::Debug for PropertyNames<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_list()
+            .entries(self.0.iter().map(|(name, _)| name))
+            .finish()
+    }
+}
+
 /// An error librdkafka reported, with its explanation.
 #[derive(Clone, Debug)]
 pub struct ConnectionError {
@@ -124,6 +136,14 @@ impl ConsumerContext for ConnectionErrors {}
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn property_names_show_no_value() {
+        let properties = [("sasl.password", "hunter2"), ("ssl.key.pem", "-----BEGIN")]
+            .map(|(k, v)| (k.to_string(), v.to_string()));
+        let shown = format!("{:?}", PropertyNames(&properties));
+        assert_eq!(shown, r#"["sasl.password", "ssl.key.pem"]"#);
+    }
 
     #[test]
     fn authentication_and_authorization_failures_are_auth_failures() {

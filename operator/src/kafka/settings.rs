@@ -1,7 +1,10 @@
 //! Connection settings from a pipeline's spec, with its Secrets read.
 
+use std::fmt;
+
 use blocksmith_crds::domain::default_consumer_group;
 use blocksmith_crds::{BlockPipeline, Reason};
+use blocksmith_runtime::kafka::PropertyNames;
 use k8s_openapi::api::core::v1::{Secret, SecretKeySelector};
 use kube::ResourceExt;
 use kube::api::Api;
@@ -9,14 +12,25 @@ use kube::api::Api;
 use crate::conditions::Problem;
 
 /// Connection settings: bootstrap servers plus librdkafka properties (security, SASL, TLS),
-/// with secrets already resolved.
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+/// with secrets already resolved. Its `Debug` names the properties without their values.
+#[derive(Clone, PartialEq, Eq, Hash)]
 pub struct KafkaConnection {
     pub bootstrap_servers: String,
     pub group: String,
     pub properties: Vec<(String, String)>,
     /// Where the SASL credentials come from, for messages (empty without SASL).
     pub credentials: String,
+}
+
+impl fmt::Debug for KafkaConnection {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("KafkaConnection")
+            .field("bootstrap_servers", &self.bootstrap_servers)
+            .field("group", &self.group)
+            .field("properties", &PropertyNames(&self.properties))
+            .field("credentials", &self.credentials)
+            .finish()
+    }
 }
 
 /// Connection settings with secrets resolved. A missing secret is a problem the user fixes.
@@ -59,11 +73,30 @@ pub async fn connection(
             .await?,
         ));
     }
-    if let Some(ca) = k.tls.as_ref().and_then(|t| t.ca_secret_ref.as_ref()) {
-        properties.push((
-            "ssl.ca.pem".into(),
-            secret_value(&secrets, ca, "spec.kafka.tls.caSecretRef").await?,
-        ));
+    let tls = k.tls.as_ref();
+    for (property, selector, field) in [
+        (
+            "ssl.ca.pem",
+            tls.and_then(|t| t.ca_secret_ref.as_ref()),
+            "spec.kafka.tls.caSecretRef",
+        ),
+        (
+            "ssl.certificate.pem",
+            tls.and_then(|t| t.certificate_secret_ref.as_ref()),
+            "spec.kafka.tls.certificateSecretRef",
+        ),
+        (
+            "ssl.key.pem",
+            tls.and_then(|t| t.key_secret_ref.as_ref()),
+            "spec.kafka.tls.keySecretRef",
+        ),
+    ] {
+        if let Some(selector) = selector {
+            properties.push((
+                property.into(),
+                secret_value(&secrets, selector, field).await?,
+            ));
+        }
     }
     Ok(KafkaConnection {
         bootstrap_servers: k.bootstrap_servers.clone(),
