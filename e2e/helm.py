@@ -231,6 +231,12 @@ _KINDS: dict[tuple[str, str], list[tuple[str, str, bool]]] = {
     ],
     ("apiregistration.k8s.io", "v1"): [("apiservices", "APIService", False)],
     ("apiextensions.k8s.io", "v1"): [("customresourcedefinitions", "CustomResourceDefinition", False)],
+    # The Prometheus Operator's, for the chart's monitoring options.
+    ("monitoring.coreos.com", "v1"): [
+        ("servicemonitors", "ServiceMonitor", True),
+        ("podmonitors", "PodMonitor", True),
+        ("prometheusrules", "PrometheusRule", True),
+    ],
 }
 
 

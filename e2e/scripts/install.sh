@@ -109,6 +109,22 @@ s3s_fs() {
   rm -rf "$CACHE/s3s-target"
 }
 
+promtool() {
+  # The chart test checks and unit-tests the PrometheusRule's alerts with promtool, taken out
+  # of Debian's prometheus package without installing it (nor starting its daemon).
+  [ -x "$CACHE/bin/promtool" ] && return 0
+  log "extracting promtool from Debian's prometheus package"
+  local work; work=$(mktemp -d "$CACHE/promtool.XXXXXX")
+  (
+    cd "$work"
+    apt-get download prometheus >/dev/null 2>&1 || { $SUDO apt-get update -qq && apt-get download prometheus >/dev/null; }
+    dpkg-deb -x prometheus_*.deb root
+    cp root/usr/bin/promtool "$CACHE/bin/promtool.tmp"
+  )
+  mv "$CACHE/bin/promtool.tmp" "$CACHE/bin/promtool"
+  rm -rf "$work"
+}
+
 python_venv() {
   # pyarrow: an independent Parquet reader for the exactly-once audit.
   # helm-sdkpy: Helm v4's library, for chart lint/install (no helm binary in Debian).
@@ -126,5 +142,6 @@ python_venv() {
 apt_packages
 python_venv
 s3s_fs
+promtool
 kubernetes_binaries
 log "done; binaries in $K8S_BIN and $CACHE/bin"

@@ -5,6 +5,14 @@ pub fn http_get(port: u16, path: &str) -> String {
     http_get_with_headers(port, path).1
 }
 
+/// The value of one series (`name{labels}` as exported, or a bare name) in a scrape of `port`.
+pub fn sample(port: u16, series: &str) -> Option<f64> {
+    http_get(port, "/metrics").lines().find_map(|line| {
+        let value = line.strip_prefix(series)?.strip_prefix(' ')?;
+        value.split(' ').next()?.parse().ok()
+    })
+}
+
 /// A plain HTTP GET on loopback; returns the status line and headers, and the body.
 pub fn http_get_with_headers(port: u16, path: &str) -> (String, String) {
     use std::io::{Read, Write};

@@ -182,6 +182,7 @@ async fn main() -> anyhow::Result<()> {
             _ = shutdown_signal() => return Ok(()),
         }
     }
+    metrics.set_leader(true);
 
     let settings = Settings {
         client: client.clone(),
@@ -231,6 +232,7 @@ async fn main() -> anyhow::Result<()> {
         Some(e) => tokio::select! {
             _ = controller => {
                 info!("controller stopped");
+                metrics.set_leader(false);
                 // Nothing acts any more: let a standby take over without waiting the lease out.
                 e.release().await;
             }

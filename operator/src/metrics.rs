@@ -5,6 +5,7 @@ use std::collections::{BTreeSet, HashMap};
 use std::sync::Mutex;
 use std::time::Duration;
 
+use blocksmith_crds::Reason;
 pub use blocksmith_runtime::metrics::KindLabels;
 use blocksmith_runtime::metrics::{ApiWrites, Families, register, registered};
 use prometheus_client::encoding::EncodeLabelSet;
@@ -13,6 +14,8 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
+
+use crate::conditions;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct PipelineLabels {
@@ -34,6 +37,21 @@ pub struct PhaseLabels {
     pub phase: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ConditionLabels {
+    pub namespace: String,
+    pub pipeline: String,
+    pub condition: String,
+    pub status: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    pub namespace: String,
+    pub pipeline: String,
+    pub reason: String,
+}
+
 /// The operator's metrics, `/healthz` and `/readyz`.
 pub type Metrics = blocksmith_runtime::metrics::Metrics<OperatorMetrics>;
 
@@ -45,6 +63,9 @@ pub struct OperatorMetrics {
     oldest_uncommitted: Family<PipelineLabels, Gauge>,
     jobs: Family<PhaseLabels, Gauge>,
     commits: Family<PipelineLabels, Counter>,
+    conditions: Family<ConditionLabels, Gauge>,
+    problems: Family<ReasonLabels, Gauge>,
+    leader: Gauge,
     reconcile_errors: Family<KindLabels, Counter>,
     kafka_errors: Family<PipelineLabels, Counter>,
     api_writes: ApiWrites,
@@ -55,6 +76,16 @@ pub struct OperatorMetrics {
 
 /// The job phases the `jobs` family has a series for.
 const PHASES: [&str; 4] = ["Pending", "Running", "Succeeded", "Failed"];
+
+/// The pipeline condition types, and the statuses the `pipeline_condition` family has a series
+/// for (the operator never sets `Unknown`).
+const CONDITIONS: [&str; 4] = [
+    conditions::READY,
+    conditions::PROGRESSING,
+    conditions::DEGRADED,
+    conditions::SUSPENDED,
+];
+const CONDITION_STATUSES: [&str; 2] = ["True", "False"];
 
 impl Families for OperatorMetrics {
     const PREFIX: &'static str = "blocksmith";
@@ -75,6 +106,21 @@ impl Families for OperatorMetrics {
             ),
             jobs: registered(r, "jobs", "BlockJobs by phase"),
             commits: registered(r, "commits", "Offset commits"),
+            conditions: registered(
+                r,
+                "pipeline_condition",
+                "1 for the status each condition of the pipeline has, 0 for the other (as kube-state-metrics reports conditions)",
+            ),
+            problems: registered(
+                r,
+                "pipeline_problems",
+                "Problems the pipeline's last reconcile found, by reason (one per failed job for JobFailed)",
+            ),
+            leader: registered(
+                r,
+                "leader",
+                "1 while this replica holds the leader lease and acts, else 0",
+            ),
             reconcile_errors: registered(r, "reconcile_errors", "Failed reconciles by error kind"),
             kafka_errors: registered(r, "kafka_errors", "Kafka request failures"),
             api_writes: ApiWrites::registered(r),
@@ -162,6 +208,37 @@ impl OperatorMetrics {
         }
     }
 
+    /// The pipeline's conditions as published, and the problems behind them.
+    pub fn pipeline_status<'a>(
+        &self,
+        ns: &str,
+        pipeline: &str,
+        conditions: impl IntoIterator<Item = (&'a str, &'a str)>,
+        problems: impl IntoIterator<Item = Reason>,
+    ) {
+        for (condition, status) in conditions {
+            for s in CONDITION_STATUSES {
+                self.conditions
+                    .get_or_create(&condition_labels(ns, pipeline, condition, s))
+                    .set(i64::from(s == status));
+            }
+        }
+        let mut counts: HashMap<Reason, i64> = HashMap::new();
+        for reason in problems {
+            *counts.entry(reason).or_default() += 1;
+        }
+        for reason in Reason::all().filter(|r| r.is_problem()) {
+            self.problems
+                .get_or_create(&reason_labels(ns, pipeline, reason))
+                .set(counts.get(&reason).copied().unwrap_or(0));
+        }
+    }
+
+    /// Whether this replica leads (acts) now.
+    pub fn set_leader(&self, leading: bool) {
+        self.leader.set(i64::from(leading));
+    }
+
     /// Removes every series of a deleted pipeline.
     pub fn forget_pipeline(&self, ns: &str, pipeline: &str) {
         let labels = pipeline_labels(ns, pipeline);
@@ -187,6 +264,15 @@ impl OperatorMetrics {
                 phase: phase.into(),
             });
         }
+        for condition in CONDITIONS {
+            for status in CONDITION_STATUSES {
+                self.conditions
+                    .remove(&condition_labels(ns, pipeline, condition, status));
+            }
+        }
+        for reason in Reason::all() {
+            self.problems.remove(&reason_labels(ns, pipeline, reason));
+        }
         self.queue_depth.remove(&labels);
         self.oldest_uncommitted.remove(&labels);
         self.commits.remove(&labels);
@@ -205,6 +291,23 @@ fn pipeline_labels(ns: &str, pipeline: &str) -> PipelineLabels {
     PipelineLabels {
         namespace: ns.into(),
         pipeline: pipeline.into(),
+    }
+}
+
+fn condition_labels(ns: &str, pipeline: &str, condition: &str, status: &str) -> ConditionLabels {
+    ConditionLabels {
+        namespace: ns.into(),
+        pipeline: pipeline.into(),
+        condition: condition.into(),
+        status: status.into(),
+    }
+}
+
+fn reason_labels(ns: &str, pipeline: &str, reason: Reason) -> ReasonLabels {
+    ReasonLabels {
+        namespace: ns.into(),
+        pipeline: pipeline.into(),
+        reason: reason.as_str().into(),
     }
 }
 
@@ -258,6 +361,13 @@ mod tests {
             m.queue("ns", pipeline, 1, &[("Pending", 1), ("Failed", 0)]);
             m.commit("ns", pipeline);
             m.kafka_error("ns", pipeline);
+            m.oldest_uncommitted_age("ns", pipeline, 7);
+            m.pipeline_status(
+                "ns",
+                pipeline,
+                [("Ready", "False"), ("Degraded", "True")],
+                [Reason::JobFailed],
+            );
         }
         let kept_series = metrics.encode().matches("pipeline=\"kept\"").count();
         metrics.forget_pipeline("ns", "gone");
@@ -266,9 +376,70 @@ mod tests {
         assert!(!text.contains("pipeline=\"gone\""), "{text}");
         assert_eq!(text.matches("pipeline=\"kept\"").count(), kept_series);
         assert_eq!(
-            kept_series, 8,
-            "lag 2, committed 1, queue 1, jobs 2, commits, errors"
+            kept_series,
+            9 + 4 + 14,
+            "lag 2, committed 1, queue 1, jobs 2, commits, errors, oldest; 2 conditions × \
+             2 statuses; a series for each of the 14 problem reasons"
         );
+    }
+
+    #[test]
+    fn conditions_and_problems_are_reported_as_the_pipeline_has_them() {
+        let metrics = Metrics::default();
+        let series = |metrics: &Metrics, name: &str, labels: &str| {
+            let line = format!("blocksmith_{name}{{namespace=\"ns\",pipeline=\"p\",{labels}}} ");
+            let text = metrics.encode();
+            text.lines()
+                .find_map(|l| l.strip_prefix(&line))
+                .unwrap_or_else(|| panic!("no {line} in {text}"))
+                .to_string()
+        };
+        let degraded = [("Ready", "False"), ("Degraded", "True")];
+        let problems = [
+            Reason::JobFailed,
+            Reason::BuildersUnavailable,
+            Reason::JobFailed,
+        ];
+        metrics.pipeline_status("ns", "p", degraded, problems);
+        let condition = |c: &str, s: &str| {
+            series(
+                &metrics,
+                "pipeline_condition",
+                &format!("condition=\"{c}\",status=\"{s}\""),
+            )
+        };
+        let problem = |r: &str| series(&metrics, "pipeline_problems", &format!("reason=\"{r}\""));
+        assert_eq!(condition("Ready", "False"), "1");
+        assert_eq!(condition("Ready", "True"), "0");
+        assert_eq!(condition("Degraded", "True"), "1");
+        assert_eq!(problem("JobFailed"), "2");
+        assert_eq!(problem("BuildersUnavailable"), "1");
+        assert_eq!(problem("KafkaUnavailable"), "0");
+
+        // Recovered: every series stays, with the new values.
+        let healthy = [("Ready", "True"), ("Degraded", "False")];
+        metrics.pipeline_status("ns", "p", healthy, []);
+        assert_eq!(condition("Ready", "True"), "1");
+        assert_eq!(condition("Ready", "False"), "0");
+        assert_eq!(condition("Degraded", "True"), "0");
+        assert_eq!(problem("JobFailed"), "0");
+        assert_eq!(problem("BuildersUnavailable"), "0");
+    }
+
+    #[test]
+    fn the_leader_gauge_follows_leadership_and_starts_at_zero() {
+        let metrics = Metrics::default();
+        let leader = |m: &Metrics| {
+            m.encode()
+                .lines()
+                .find_map(|l| l.strip_prefix("blocksmith_leader "))
+                .map(str::to_string)
+        };
+        assert_eq!(leader(&metrics).as_deref(), Some("0"), "a standby");
+        metrics.set_leader(true);
+        assert_eq!(leader(&metrics).as_deref(), Some("1"));
+        metrics.set_leader(false);
+        assert_eq!(leader(&metrics).as_deref(), Some("0"));
     }
 
     #[test]

@@ -24,10 +24,19 @@ pub async fn publish(
 ) -> Result<(), Error> {
     status.conditions =
         conditions::conditions(&old.conditions, observed, bp.metadata.generation, now);
+    let ns = bp.namespace().unwrap_or_default();
+    ctx.metrics.pipeline_status(
+        &ns,
+        &bp.name_any(),
+        status
+            .conditions
+            .iter()
+            .map(|c| (c.type_.as_str(), c.status.as_str())),
+        observed.problems.iter().map(|p| p.reason),
+    );
     if status == *old {
         return Ok(());
     }
-    let ns = bp.namespace().unwrap_or_default();
     let api: Api<BlockPipeline> = Api::namespaced(ctx.client.clone(), &ns);
     let patch = serde_json::json!({
         "apiVersion": "blocksmith.io/v1alpha1",

@@ -64,6 +64,15 @@ app.kubernetes.io/component: operator
 app.kubernetes.io/component: operator
 {{- end }}
 
+{{/*
+The labels the operator gives every builder pod it manages (operator/src/builders.rs); each
+also carries blocksmith.io/pipeline: <pipeline>.
+*/}}
+{{- define "blocksmith.builder.podSelectorLabels" -}}
+app.kubernetes.io/name: blocksmith-builder
+app.kubernetes.io/managed-by: blocksmith-operator
+{{- end }}
+
 {{- define "blocksmith.builder.labels" -}}
 {{ include "blocksmith.labels" . }}
 app.kubernetes.io/component: builder
@@ -78,6 +87,14 @@ Object names.
 
 {{- define "blocksmith.builder.fullname" -}}
 {{- printf "%s-builder" (include "blocksmith.fullname" .) | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "blocksmith.metrics.fullname" -}}
+{{- printf "%s-metrics" (include "blocksmith.fullname" .) | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "blocksmith.builderMetrics.fullname" -}}
+{{- printf "%s-builder-metrics" (include "blocksmith.fullname" .) | trunc 63 | trimSuffix "-" }}
 {{- end }}
 
 {{- define "blocksmith.externalMetrics.fullname" -}}
@@ -101,4 +118,11 @@ The image reference.
 */}}
 {{- define "blocksmith.image" -}}
 {{- printf "%s:%s" .Values.image.repository (.Values.image.tag | default .Chart.AppVersion) }}
+{{- end }}
+
+{{/*
+PromQL label matchers picking the operator's series in the PrometheusRule.
+*/}}
+{{- define "blocksmith.prometheusRule.selector" -}}
+{{- .Values.prometheusRule.selector | default (printf "job=%q" (include "blocksmith.metrics.fullname" .)) }}
 {{- end }}

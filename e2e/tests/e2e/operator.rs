@@ -351,6 +351,12 @@ async fn two_operators_elect_one_leader_and_fail_over() {
         !survivor.proc.log_text().contains("became leader"),
         "still one leader"
     );
+    // What BlocksmithNoLeader sums: 1 from the leader, 0 from the standby.
+    assert_eq!(sample(dead.metrics_port, "blocksmith_leader"), Some(1.0));
+    assert_eq!(
+        sample(survivor.metrics_port, "blocksmith_leader"),
+        Some(0.0)
+    );
     dead.proc.kill();
     let started = std::time::Instant::now();
     wait_for("failover", Duration::from_secs(30), || async {
@@ -366,6 +372,10 @@ async fn two_operators_elect_one_leader_and_fail_over() {
         started.elapsed() < Duration::from_secs(15),
         "took {:?}",
         started.elapsed()
+    );
+    assert_eq!(
+        sample(survivor.metrics_port, "blocksmith_leader"),
+        Some(1.0)
     );
 }
 
@@ -800,6 +810,33 @@ async fn the_oldest_uncommitted_record_age_grows_until_it_is_written() {
         .unwrap();
     assert!(value >= waiting, "metric {value} < status {waiting}");
 
+    // The conditions, as the alerts read them: progressing, no problem.
+    let series = |name: &str, labels: &str| {
+        let value = sample(
+            op_port,
+            &format!(
+                "blocksmith_{name}{{namespace=\"{}\",pipeline=\"p\",{labels}}}",
+                s.ns
+            ),
+        );
+        value.unwrap_or_else(|| panic!("no {name} {labels} in {}", http_get(op_port, "/metrics")))
+    };
+    assert_eq!(
+        series(
+            "pipeline_condition",
+            "condition=\"Progressing\",status=\"True\""
+        ),
+        1.0
+    );
+    assert_eq!(
+        series(
+            "pipeline_condition",
+            "condition=\"Suspended\",status=\"True\""
+        ),
+        0.0
+    );
+    assert_eq!(series("pipeline_problems", "reason=\"JobFailed\""), 0.0);
+
     let _builders = s.spawn_builders(1);
     s.wait_all_committed(Duration::from_secs(120)).await;
     wait_for("nothing waiting", Duration::from_secs(30), || async {
@@ -807,6 +844,19 @@ async fn the_oldest_uncommitted_record_age_grows_until_it_is_written() {
         (status.oldest_uncommitted_seconds == 0).then_some(())
     })
     .await;
+    wait_for(
+        "Progressing=False exported",
+        Duration::from_secs(30),
+        || async {
+            let caught_up = "condition=\"Progressing\",status=\"False\"";
+            (series("pipeline_condition", caught_up) == 1.0).then_some(())
+        },
+    )
+    .await;
+    assert_eq!(
+        series("pipeline_condition", "condition=\"Ready\",status=\"True\""),
+        1.0
+    );
 }
 
 /// A Secret the builders read changing (here created, then changed) rolls them: a new pod

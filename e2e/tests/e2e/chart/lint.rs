@@ -50,7 +50,7 @@ async fn chart_lint_is_clean() {
     assert_lint_clean(&tb, &chart, "the chart with its default values").await;
 
     // The other branches of the templates: a cluster-wide install without leader election
-    // or external metrics.
+    // or external metrics, with every monitoring option.
     let tmp = tempfile::tempdir().unwrap();
     let variant = chart_copy_with(tmp.path(), |v| {
         v["watchAllNamespaces"] = true.into();
@@ -58,6 +58,11 @@ async fn chart_lint_is_clean() {
         v["operator"]["replicas"] = 1.into();
         v["externalMetrics"]["enabled"] = false.into();
         v["builders"]["namespaces"] = serde_yaml::from_str("[team-a, team-b]").unwrap();
+        v["metrics"]["serviceMonitor"]["enabled"] = true.into();
+        v["builders"]["podMonitor"]["enabled"] = true.into();
+        v["builders"]["metricsService"]["enabled"] = true.into();
+        v["prometheusRule"]["enabled"] = true.into();
+        v["dashboard"]["enabled"] = true.into();
     });
     assert_lint_clean(&tb, &variant, "a cluster-wide, single-replica variant").await;
 

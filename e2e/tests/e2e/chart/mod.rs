@@ -12,12 +12,14 @@
 //! (`helm.py template`, which never touches the cluster). Only one test installs into
 //! `blocksmith-system`.
 //!
-//! By concern: [`lint`], [`render`] (the manifest, no cluster), [`install`] (the real install
+//! By concern: [`lint`], [`render`] (the manifest, no cluster), [`monitoring`] (the
+//! monitoring options rendered, the alerts proven with promtool), [`install`] (the real install
 //! and uninstall, and a pipeline run by the chart's identities), [`rbac`] (what the chart's
 //! identities may and may not do, as tables).
 
 mod install;
 mod lint;
+mod monitoring;
 mod rbac;
 mod render;
 
