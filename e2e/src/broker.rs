@@ -44,6 +44,12 @@ impl PrivateBroker {
         Self::spawn_with(tb, name, &["--advertise", &node_ip])
     }
 
+    /// Served and advertised only through TLS, requiring client certificates signed by the
+    /// CA in `dir` (see [`crate::pki::TestPki::generate`]).
+    pub fn spawn_tls(tb: &Testbed, name: &str, dir: &std::path::Path) -> PrivateBroker {
+        Self::spawn_with(tb, name, &["--tls", dir.to_str().expect("UTF-8 path")])
+    }
+
     fn spawn_with(tb: &Testbed, name: &str, args: &[&str]) -> PrivateBroker {
         let ready = tb.dir.join(format!("{name}-broker.json"));
         // A ready file of an earlier run on this testbed names a broker that is gone.

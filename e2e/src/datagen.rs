@@ -206,16 +206,29 @@ impl ProducerContext for Delivery {
 
 /// Produces `spec.records` records and waits until every one is acknowledged.
 pub fn produce(bootstrap: &str, spec: &DataSpec) -> anyhow::Result<Produced> {
+    produce_with(bootstrap, &[], spec)
+}
+
+/// [`produce`] with more librdkafka properties (security settings).
+pub fn produce_with(
+    bootstrap: &str,
+    properties: &[(String, String)],
+    spec: &DataSpec,
+) -> anyhow::Result<Produced> {
     let context = Delivery {
         rows: Mutex::default(),
         errors: Mutex::default(),
     };
-    let producer: ThreadedProducer<Delivery> = ClientConfig::new()
+    let mut config = ClientConfig::new();
+    config
         .set("bootstrap.servers", bootstrap)
         .set("enable.idempotence", "true")
         .set("linger.ms", "5")
-        .set("message.max.bytes", "2000000")
-        .create_with_context(context)?;
+        .set("message.max.bytes", "2000000");
+    for (k, v) in properties {
+        config.set(k, v);
+    }
+    let producer: ThreadedProducer<Delivery> = config.create_with_context(context)?;
     let mut rng = StdRng::seed_from_u64(spec.seed);
     let mut bytes = 0u64;
     for i in 0..spec.records {

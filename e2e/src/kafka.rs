@@ -8,7 +8,7 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 
 use crate::Testbed;
-use crate::datagen::{DataSpec, Produced, produce};
+use crate::datagen::{DataSpec, Produced, produce, produce_with};
 use crate::wait::wait_for;
 
 /// Produces `spec` to the testbed's broker (on a blocking thread).
@@ -20,6 +20,19 @@ pub async fn produce_data(tb: &Testbed, spec: DataSpec) -> Produced {
 pub async fn produce_data_to(bootstrap: &str, spec: DataSpec) -> Produced {
     let bootstrap = bootstrap.to_owned();
     tokio::task::spawn_blocking(move || produce(&bootstrap, &spec))
+        .await
+        .unwrap()
+        .expect("produce")
+}
+
+/// Produces `spec` to the broker at `bootstrap` with more librdkafka `properties`.
+pub async fn produce_data_with(
+    bootstrap: &str,
+    properties: Vec<(String, String)>,
+    spec: DataSpec,
+) -> Produced {
+    let bootstrap = bootstrap.to_owned();
+    tokio::task::spawn_blocking(move || produce_with(&bootstrap, &properties, &spec))
         .await
         .unwrap()
         .expect("produce")

@@ -22,6 +22,7 @@ pub mod forwarder;
 pub mod helm;
 pub mod kafka;
 pub mod metrics;
+pub mod pki;
 pub mod process;
 pub mod procs;
 pub mod scenario;

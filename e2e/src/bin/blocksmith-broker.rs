@@ -7,6 +7,11 @@
 //! The mock brokers listen on 127.0.0.1 only, which a pod's network namespace cannot reach.
 //! With `--advertise HOST` each broker is also served on HOST (a forwarder to its loopback
 //! port) and advertised there, so pods and local processes use the same addresses.
+//!
+//! With `--tls DIR` each broker is served and advertised only through TLS (the mock speaks
+//! plaintext), requiring a client certificate: what brokers with mTLS listeners (Strimzi's
+//! `tls` authentication) ask of clients. DIR holds `ca.pem` (which client certificates must
+//! chain to), `server.pem` and `server-key.pem`.
 
 use std::ffi::CString;
 use std::io::{BufRead, BufReader, Write};
@@ -19,6 +24,78 @@ use rdkafka::ClientConfig;
 use rdkafka::client::Client;
 use rdkafka::mocking::MockCluster;
 use rdkafka::producer::{BaseProducer, DefaultProducerContext, Producer};
+
+mod tls {
+    //! TLS in front of the mock brokers, with client certificates required.
+
+    use std::path::Path;
+    use std::sync::Arc;
+
+    use rdkafka::client::Client;
+    use rdkafka::producer::DefaultProducerContext;
+    use rustls::RootCertStore;
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    use rustls::server::WebPkiClientVerifier;
+    use tokio_rustls::TlsAcceptor;
+
+    /// Serves each broker on `host` through a TLS listener that requires a client
+    /// certificate chaining to `dir`/ca.pem, forwarding to its loopback port, and advertises
+    /// it there. Returns the new bootstrap list.
+    pub fn serve(
+        client: &Client<DefaultProducerContext>,
+        loopback: &str,
+        host: &str,
+        dir: &Path,
+    ) -> anyhow::Result<String> {
+        let acceptor = TlsAcceptor::from(Arc::new(server_config(dir)?));
+        // The forwarders live as long as the process.
+        let runtime = Box::leak(Box::new(tokio::runtime::Runtime::new()?));
+        let mut advertised = Vec::new();
+        for (index, upstream) in loopback.split(',').enumerate() {
+            let listener = std::net::TcpListener::bind((host, 0))?;
+            listener.set_nonblocking(true)?;
+            let port = listener.local_addr()?.port();
+            super::set_advertised_address(client, index as i32 + 1, host, port)?;
+            let (acceptor, upstream) = (acceptor.clone(), upstream.to_string());
+            runtime.spawn(async move {
+                let listener = tokio::net::TcpListener::from_std(listener).expect("listener");
+                while let Ok((stream, peer)) = listener.accept().await {
+                    let (acceptor, upstream) = (acceptor.clone(), upstream.clone());
+                    tokio::spawn(async move {
+                        let mut tls = match acceptor.accept(stream).await {
+                            Ok(tls) => tls,
+                            Err(e) => return eprintln!("TLS handshake with {peer} refused: {e}"),
+                        };
+                        if let Ok(mut plain) = tokio::net::TcpStream::connect(&upstream).await {
+                            let _ = tokio::io::copy_bidirectional(&mut tls, &mut plain).await;
+                        }
+                    });
+                }
+            });
+            advertised.push(format!("{host}:{port}"));
+        }
+        Ok(advertised.join(","))
+    }
+
+    fn server_config(dir: &Path) -> anyhow::Result<rustls::ServerConfig> {
+        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        let mut roots = RootCertStore::empty();
+        for ca in CertificateDer::pem_file_iter(dir.join("ca.pem"))? {
+            roots.add(ca?)?;
+        }
+        let verifier =
+            WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+                .build()?;
+        let chain = CertificateDer::pem_file_iter(dir.join("server.pem"))?
+            .collect::<Result<Vec<_>, _>>()?;
+        let key = PrivateKeyDer::from_pem_file(dir.join("server-key.pem"))?;
+        Ok(rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()?
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(chain, key)?)
+    }
+}
 
 #[derive(Parser)]
 struct Args {
@@ -33,6 +110,10 @@ struct Args {
     /// Also serve and advertise the brokers on this address (e.g. the testbed node's).
     #[arg(long)]
     advertise: Option<String>,
+    /// Serve and advertise the brokers only through TLS with client certificates; the
+    /// directory holds ca.pem, server.pem and server-key.pem.
+    #[arg(long)]
+    tls: Option<PathBuf>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -46,9 +127,15 @@ fn main() -> anyhow::Result<()> {
         .client()
         .mock_cluster()
         .ok_or_else(|| anyhow::anyhow!("librdkafka made no mock cluster"))?;
-    let bootstrap = match &args.advertise {
-        Some(host) => advertise_on(owner.client(), &cluster.bootstrap_servers(), host)?,
-        None => cluster.bootstrap_servers(),
+    let bootstrap = match (&args.tls, &args.advertise) {
+        (Some(dir), host) => tls::serve(
+            owner.client(),
+            &cluster.bootstrap_servers(),
+            host.as_deref().unwrap_or("127.0.0.1"),
+            dir,
+        )?,
+        (None, Some(host)) => advertise_on(owner.client(), &cluster.bootstrap_servers(), host)?,
+        (None, None) => cluster.bootstrap_servers(),
     };
     let listener = TcpListener::bind(&args.control)?;
     let ready = serde_json::json!({
@@ -92,7 +179,7 @@ fn advertise_on(
 }
 
 #[allow(unsafe_code)]
-fn set_advertised_address(
+pub(crate) fn set_advertised_address(
     client: &Client<DefaultProducerContext>,
     broker: i32,
     host: &str,
