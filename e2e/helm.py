@@ -237,6 +237,8 @@ _KINDS: dict[tuple[str, str], list[tuple[str, str, bool]]] = {
         ("podmonitors", "PodMonitor", True),
         ("prometheusrules", "PrometheusRule", True),
     ],
+    # cert-manager's, for the external metrics certificate.
+    ("cert-manager.io", "v1"): [("certificates", "Certificate", True)],
 }
 
 

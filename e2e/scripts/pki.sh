@@ -19,6 +19,17 @@ EOF
     >"$pki/client.ext"
   # The apiserver's identity towards kubelets (logs, exec): a cluster admin, as kubeadm's.
   pki_sign apiserver-kubelet-client "/O=system:masters/CN=kube-apiserver-kubelet-client" "$pki/client.ext"
+  # The aggregator's identity towards aggregated API servers (blocksmith's external metrics
+  # API): a client certificate of a CA of its own, which they find in the ConfigMap
+  # kube-system/extension-apiserver-authentication, as on kubeadm clusters.
+  openssl req -x509 -newkey rsa:2048 -nodes -days 7 -subj "/CN=blocksmith-testbed-front-proxy-ca" \
+    -keyout "$pki/front-proxy-ca.key" -out "$pki/front-proxy-ca.crt" 2>/dev/null
+  openssl req -new -newkey rsa:2048 -nodes -subj "/CN=front-proxy-client" \
+    -keyout "$pki/front-proxy-client.key" -out "$pki/front-proxy-client.csr" 2>/dev/null
+  openssl x509 -req -in "$pki/front-proxy-client.csr" -CA "$pki/front-proxy-ca.crt" \
+    -CAkey "$pki/front-proxy-ca.key" -CAcreateserial -days 7 -extfile "$pki/client.ext" \
+    -out "$pki/front-proxy-client.crt" 2>/dev/null
+  rm -f "$pki/front-proxy-client.csr"
   openssl genrsa -out "$pki/sa.key" 2048 2>/dev/null
   openssl rsa -in "$pki/sa.key" -pubout -out "$pki/sa.pub" 2>/dev/null
 }

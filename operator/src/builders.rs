@@ -154,12 +154,12 @@ pub fn secrets_digest(secrets: &BTreeMap<String, Option<Secret>>) -> String {
     hex::encode(&hash.finalize()[..16])
 }
 
-/// The builder Deployment. Replicas are left to the HPA, except where no HPA API is served.
-/// `secrets_digest` is [`secrets_digest`] of the Secrets the pipeline names.
+/// The builder Deployment, with `minReplicas` replicas when `fixed_replicas` (else they are
+/// the autoscaler's). `secrets_digest` is [`secrets_digest`] of the Secrets the pipeline names.
 pub fn deployment(
     bp: &BlockPipeline,
     b: &BuildersSpec,
-    autoscaling: AutoscalingApi,
+    fixed_replicas: bool,
     secrets_digest: &str,
 ) -> Deployment {
     let name = bp.name_any();
@@ -240,7 +240,7 @@ pub fn deployment(
             },
         },
     });
-    if autoscaling == AutoscalingApi::Unavailable {
+    if fixed_replicas {
         spec["replicas"] = json!(b.min_replicas);
     }
     drop_empty_fields(&mut spec["template"]["spec"]);
@@ -344,11 +344,45 @@ pub fn hpa(bp: &BlockPipeline, b: &BuildersSpec, version: &str) -> Value {
     })
 }
 
-/// The cluster's APIs builders need: which HPA and PodDisruptionBudget versions it serves.
+/// Who scales a pipeline's builders (the operator's `--builder-autoscaler`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum BuilderScaler {
+    /// An HPA on the queue depth the operator serves as an external metric.
+    #[default]
+    Hpa,
+    /// No HPA: `minReplicas` builders, for clusters where nothing serves that metric.
+    Fixed,
+    /// No HPA, and replicas left alone: for an autoscaler of the cluster's own, such as a
+    /// KEDA ScaledObject on the `blocksmith_queue_depth_jobs` metric.
+    External,
+}
+
+/// The cluster's APIs builders need (which HPA and PodDisruptionBudget versions it serves),
+/// and who scales them.
 #[derive(Clone, Copy, Debug)]
 pub struct BuilderApis {
     pub autoscaling: AutoscalingApi,
     pub disruption_budget: Option<&'static str>,
+    pub scaler: BuilderScaler,
+}
+
+impl BuilderApis {
+    /// The HPA resource builders get, if any.
+    pub fn hpa_resource(&self) -> Option<ApiResource> {
+        (self.scaler == BuilderScaler::Hpa)
+            .then(|| self.autoscaling.resource())
+            .flatten()
+    }
+
+    /// Whether the operator sets the builders' replicas (to `minReplicas`): when it makes no
+    /// HPA, unless another autoscaler owns them.
+    pub fn fixed_replicas(&self) -> bool {
+        match self.scaler {
+            BuilderScaler::Hpa => self.autoscaling == AutoscalingApi::Unavailable,
+            BuilderScaler::Fixed => true,
+            BuilderScaler::External => false,
+        }
+    }
 }
 
 /// Applies the pipeline's builder Deployment, HPA and PodDisruptionBudget (or removes what
@@ -397,7 +431,7 @@ pub async fn reconcile(
         .patch(
             &name,
             &params,
-            &Patch::Apply(deployment(bp, b, apis.autoscaling, secrets_digest)),
+            &Patch::Apply(deployment(bp, b, apis.fixed_replicas(), secrets_digest)),
         )
         .await?;
     if let Some((version, api)) = &budgets {
@@ -408,6 +442,10 @@ pub async fn reconcile(
             }
             None => delete(Some(api)).await?,
         }
+    }
+    if apis.scaler != BuilderScaler::Hpa {
+        delete(hpas.as_ref()).await?;
+        return Ok(None);
     }
     match (apis.autoscaling.version(), &hpas) {
         (Some(version), Some(api)) => {
@@ -515,7 +553,7 @@ mod tests {
         }))
         .unwrap();
         let b = p.spec.builders.clone().unwrap();
-        let d = serde_json::to_value(deployment(&p, &b, AutoscalingApi::V2, "d")).unwrap();
+        let d = serde_json::to_value(deployment(&p, &b, false, "d")).unwrap();
         let env = &d["spec"]["template"]["spec"]["containers"][0]["env"];
         let var = |name: &str| {
             env.as_array()
@@ -564,7 +602,7 @@ mod tests {
     fn deployment_leaves_replicas_to_the_hpa_unless_none_is_served() {
         let p = bp(json!({"image": "img:1", "minReplicas": 2, "maxReplicas": 5}));
         let b = p.spec.builders.clone().unwrap();
-        let d = deployment(&p, &b, AutoscalingApi::V2beta2, "d");
+        let d = deployment(&p, &b, false, "d");
         let spec = d.spec.clone().unwrap();
         assert_eq!(spec.replicas, None);
         assert_eq!(d.metadata.name.as_deref(), Some("orders-builder"));
@@ -594,7 +632,7 @@ mod tests {
             Some(true)
         );
 
-        let fixed = deployment(&p, &b, AutoscalingApi::Unavailable, "d");
+        let fixed = deployment(&p, &b, true, "d");
         assert_eq!(fixed.spec.unwrap().replicas, Some(2));
     }
 
@@ -615,7 +653,7 @@ mod tests {
             "scratchSizeLimit": "20Gi",
         }));
         let b = p.spec.builders.clone().unwrap();
-        let d = serde_json::to_value(deployment(&p, &b, AutoscalingApi::V2, "abc")).unwrap();
+        let d = serde_json::to_value(deployment(&p, &b, false, "abc")).unwrap();
         let template = &d["spec"]["template"];
         let pod = &template["spec"];
         assert_eq!(pod["nodeSelector"], json!({"pool": "builders"}));
@@ -642,7 +680,7 @@ mod tests {
         // Unset options are left out, not applied as empty values the operator would own.
         let plain = bp(json!({"image": "img:1"}));
         let b = plain.spec.builders.clone().unwrap();
-        let d = serde_json::to_value(deployment(&plain, &b, AutoscalingApi::V2, "abc")).unwrap();
+        let d = serde_json::to_value(deployment(&plain, &b, false, "abc")).unwrap();
         let pod = d["spec"]["template"]["spec"].as_object().unwrap();
         for unset in [
             "nodeSelector",
@@ -672,7 +710,7 @@ mod tests {
         assert_eq!(pdb["metadata"]["ownerReferences"][0]["uid"], "u-1");
         assert_eq!(pdb["spec"]["maxUnavailable"], "25%");
         assert!(pdb["spec"].get("minAvailable").is_none());
-        let d = serde_json::to_value(deployment(&p, b, AutoscalingApi::V2, "")).unwrap();
+        let d = serde_json::to_value(deployment(&p, b, false, "")).unwrap();
         assert_eq!(
             pdb["spec"]["selector"], d["spec"]["selector"],
             "the budget counts exactly the Deployment's pods"
@@ -728,6 +766,23 @@ mod tests {
             json!({"type": "AverageValue", "averageValue": "3"})
         );
         assert_eq!(h["spec"]["scaleTargetRef"]["name"], "orders-builder");
+    }
+
+    #[test]
+    fn builders_get_an_hpa_only_when_it_scales_them() {
+        let apis = |autoscaling, scaler| BuilderApis {
+            autoscaling,
+            disruption_budget: None,
+            scaler,
+        };
+        let hpa = apis(AutoscalingApi::V2, BuilderScaler::Hpa);
+        assert!(hpa.hpa_resource().is_some() && !hpa.fixed_replicas());
+        let unserved = apis(AutoscalingApi::Unavailable, BuilderScaler::Hpa);
+        assert!(unserved.hpa_resource().is_none() && unserved.fixed_replicas());
+        let fixed = apis(AutoscalingApi::V2, BuilderScaler::Fixed);
+        assert!(fixed.hpa_resource().is_none() && fixed.fixed_replicas());
+        let external = apis(AutoscalingApi::V2, BuilderScaler::External);
+        assert!(external.hpa_resource().is_none() && !external.fixed_replicas());
     }
 
     #[test]

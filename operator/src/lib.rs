@@ -15,6 +15,7 @@ pub mod builders;
 pub mod committer;
 pub mod conditions;
 pub mod context;
+pub mod delegated_auth;
 pub mod external_metrics;
 pub mod freshness;
 pub mod jobs;

@@ -4,7 +4,9 @@ use std::time::Duration;
 
 use blocksmith_crds::domain::LABEL_PIPELINE;
 use blocksmith_crds::{BlockJob, BlockPipeline};
-use blocksmith_operator::builders::{AutoscalingApi, BuilderApis, disruption_budget_version};
+use blocksmith_operator::builders::{
+    AutoscalingApi, BuilderApis, BuilderScaler, disruption_budget_version,
+};
 use blocksmith_operator::external_metrics;
 use blocksmith_operator::leader::{LeaderElector, Leadership};
 use blocksmith_operator::metrics::{self, Metrics, RECONCILE_HEARTBEAT};
@@ -34,6 +36,21 @@ struct Args {
     /// Serve external.metrics.k8s.io/v1beta1 (TLS) here, for the builders' HPAs.
     #[arg(long, env = "BLOCKSMITH_EXTERNAL_METRICS_ADDR")]
     external_metrics_addr: Option<std::net::SocketAddr>,
+    /// The external metrics API's serving certificate: a directory with `tls.crt` and
+    /// `tls.key` (a mounted `kubernetes.io/tls` Secret), read again every minute. Default: a
+    /// self-signed certificate, which only an APIService with `insecureSkipTLSVerify` accepts.
+    #[arg(long, env = "BLOCKSMITH_EXTERNAL_METRICS_CERT_DIR")]
+    external_metrics_cert_dir: Option<std::path::PathBuf>,
+    /// Who scales builders: `hpa` (an HPA on the queue depth this operator serves with
+    /// --external-metrics-addr), `fixed` (minReplicas, no HPA), `external` (no HPA, replicas
+    /// left to an autoscaler of your own, e.g. KEDA on blocksmith_queue_depth_jobs).
+    #[arg(
+        long,
+        env = "BLOCKSMITH_BUILDER_AUTOSCALER",
+        value_enum,
+        default_value_t = BuilderScaler::Hpa
+    )]
+    builder_autoscaler: BuilderScaler,
     /// Watch only these namespaces (repeat the flag, or separate them by commas; default:
     /// all namespaces). Each gets a controller of its own, so the operator needs permissions
     /// in these namespaces only.
@@ -136,9 +153,11 @@ async fn main() -> anyhow::Result<()> {
     let health = metrics.health().clone();
     tokio::spawn(metrics.clone().serve(args.metrics_addr));
     if let Some(addr) = args.external_metrics_addr {
+        let depths = external_metrics::QueueDepths::watch(&client, &args.namespaces);
+        let certificate_dir = args.external_metrics_cert_dir.clone();
         let client = client.clone();
         tokio::spawn(async move {
-            if let Err(e) = external_metrics::serve(addr, client).await {
+            if let Err(e) = external_metrics::serve(addr, client, depths, certificate_dir).await {
                 error!(error = %e, "external metrics API stopped");
             }
         });
@@ -147,12 +166,14 @@ async fn main() -> anyhow::Result<()> {
         Ok(groups) => BuilderApis {
             autoscaling: AutoscalingApi::served(&groups),
             disruption_budget: disruption_budget_version(&groups),
+            scaler: args.builder_autoscaler,
         },
         Err(e) => {
             warn!(error = %e, "discovering API versions; assuming no HPA or PodDisruptionBudget API");
             BuilderApis {
                 autoscaling: AutoscalingApi::Unavailable,
                 disruption_budget: None,
+                scaler: args.builder_autoscaler,
             }
         }
     };
@@ -289,7 +310,7 @@ impl Settings {
         let builder_cache = spawn_cache(deployments.clone(), (), "builder Deployments");
         // A builder HPA deleted behind the operator's back is applied again, like a
         // Deployment.
-        let autoscalers = self.builder_apis.autoscaling.resource().map(|resource| {
+        let autoscalers = self.builder_apis.hpa_resource().map(|resource| {
             let api: Api<DynamicObject> = match namespace {
                 Some(ns) => Api::namespaced_with(client.clone(), ns, &resource),
                 None => Api::all_with(client.clone(), &resource),

@@ -738,10 +738,7 @@ impl<'a> Pass<'a> {
     /// The builder HPA `name` as the cache holds it, or `None` where no HPA is watched (the
     /// cluster serves no HPA API).
     fn cached_autoscaler(&self, name: &str) -> Option<Option<Arc<DynamicObject>>> {
-        match (
-            &self.ctx.autoscalers,
-            self.ctx.builder_apis.autoscaling.resource(),
-        ) {
+        match (&self.ctx.autoscalers, self.ctx.builder_apis.hpa_resource()) {
             (Some(cache), Some(resource)) => {
                 Some(cache.get(&ObjectRef::new_with(name, resource).within(&self.ns)))
             }

@@ -101,6 +101,28 @@ Object names.
 {{- printf "%s-external-metrics" (include "blocksmith.fullname" .) | trunc 63 | trimSuffix "-" }}
 {{- end }}
 
+{{- /* Who scales builders: the value, or an HPA exactly when the chart serves its metric. */}}
+{{- define "blocksmith.builderAutoscaler" -}}
+{{- $scaler := .Values.builders.autoscaler | default (ternary "hpa" "fixed" .Values.externalMetrics.enabled) -}}
+{{- if not (has $scaler (list "hpa" "fixed" "external")) -}}
+{{- fail (printf "builders.autoscaler %q: use hpa, fixed or external" $scaler) -}}
+{{- end -}}
+{{- if and (eq $scaler "hpa") (not .Values.externalMetrics.enabled) -}}
+{{- fail "builders.autoscaler=hpa needs externalMetrics.enabled: the HPA would target a metric nobody serves (use fixed, or external with an autoscaler of your own)" -}}
+{{- end -}}
+{{- $scaler -}}
+{{- end }}
+
+{{- define "blocksmith.externalMetrics.secretName" -}}
+{{- .Values.externalMetrics.certificate.secretName | default (printf "%s-tls" (include "blocksmith.externalMetrics.fullname" .)) }}
+{{- end }}
+
+{{- /* The names the API server verifies the external metrics certificate against. */}}
+{{- define "blocksmith.externalMetrics.dnsNames" -}}
+{{- $svc := include "blocksmith.externalMetrics.fullname" . -}}
+{{- list $svc (printf "%s.%s" $svc .Release.Namespace) (printf "%s.%s.svc" $svc .Release.Namespace) | toJson }}
+{{- end }}
+
 {{- define "blocksmith.operator.serviceAccountName" -}}
 {{- required "operator.serviceAccount.name is required" .Values.operator.serviceAccount.name }}
 {{- end }}

@@ -977,3 +977,90 @@ async fn a_changed_secret_rolls_the_builders_and_their_budget_follows_the_spec()
     .await;
     assert!(digest().await.is_some(), "the builders stay");
 }
+
+/// An HPA only where the operator serves its metric: `--builder-autoscaler fixed` (what the
+/// chart sets without its external metrics API) removes the builders' HPA and runs
+/// `minReplicas`; `external` leaves replicas to an autoscaler of the cluster's own.
+#[tokio::test]
+async fn builders_get_no_hpa_unless_the_operator_serves_their_metric() {
+    let builders = |revision: &str| {
+        serde_json::from_value(json!({
+            "image": "blocksmith-e2e/not-pulled:never",
+            "minReplicas": 2,
+            "maxReplicas": 4,
+            "podAnnotations": {"revision": revision},
+        }))
+        .unwrap()
+    };
+    let s = Scenario::new("op-scaler")
+        .unapplied()
+        .pipeline(move |bp| bp.spec.builders = Some(builders("1")))
+        .await;
+    let gvk = GroupVersionKind::gvk("autoscaling", "v2beta2", "HorizontalPodAutoscaler");
+    let hpas: Api<DynamicObject> =
+        Api::namespaced_with(s.tb.client.clone(), &s.ns, &ApiResource::from_gvk(&gvk));
+    let deployments: Api<Deployment> = Api::namespaced(s.tb.client.clone(), &s.ns);
+    let replicas = || async { deployments.get_opt("p-builder").await.ok()??.spec?.replicas };
+    s.apply(&s.bp).await;
+
+    let operator = spawn_operator(&s.tb, &s.ns, "op");
+    wait_for("the HPA", Duration::from_secs(30), || async {
+        hpas.get_opt("p-builder").await.ok()?.map(|_| ())
+    })
+    .await;
+    drop(operator);
+
+    let operator = spawn_operator_with(&s.tb, &s.ns, "op", &["--builder-autoscaler", "fixed"]);
+    wait_for("the HPA gone", Duration::from_secs(30), || async {
+        hpas.get_opt("p-builder")
+            .await
+            .ok()?
+            .is_none()
+            .then_some(())
+    })
+    .await;
+    wait_for("minReplicas builders", Duration::from_secs(30), || async {
+        (replicas().await? == 2).then_some(())
+    })
+    .await;
+    drop(operator);
+
+    // Another autoscaler's replicas stay, through a re-apply of the builders. The operator
+    // first lets go of the field it owned.
+    let _operator = spawn_operator_with(&s.tb, &s.ns, "op", &["--builder-autoscaler", "external"]);
+    wait_for("replicas let go", Duration::from_secs(30), || async {
+        let d = deployments.get_opt("p-builder").await.ok()??;
+        let owned = d.metadata.managed_fields?.into_iter().any(|f| {
+            f.manager.as_deref() == Some(blocksmith_operator::jobs::MANAGER)
+                && f.fields_v1
+                    .as_ref()
+                    .is_some_and(|v| v.0.to_string().contains("\"f:replicas\""))
+        });
+        (!owned).then_some(())
+    })
+    .await;
+    let scale = json!({"spec": {"replicas": 3}});
+    deployments
+        .patch_scale(
+            "p-builder",
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(&scale),
+        )
+        .await
+        .unwrap();
+    let mut bp = s.bp.clone();
+    bp.spec.builders = Some(builders("2"));
+    s.apply(&bp).await;
+    wait_for(
+        "the builders applied again",
+        Duration::from_secs(30),
+        || async {
+            let d = deployments.get_opt("p-builder").await.ok()??;
+            let annotations = d.spec?.template.metadata?.annotations?;
+            (annotations.get("revision")? == "2").then_some(())
+        },
+    )
+    .await;
+    assert_eq!(replicas().await, Some(3));
+    assert!(hpas.get_opt("p-builder").await.unwrap().is_none());
+}

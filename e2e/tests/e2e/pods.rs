@@ -336,6 +336,60 @@ async fn the_chart_runs_blocksmith_as_pods_that_scale_fail_over_and_write_every_
     )
     .await;
 
+    // The API server verified the operator's certificate (the APIService is Available), and
+    // answers through it go to whom RBAC allows.
+    let raw =
+        format!("/apis/external.metrics.k8s.io/v1beta1/namespaces/{ns}/blocksmith-queue-depth");
+    let (ok, answer) = kubectl(&["get", "--raw", &raw]);
+    assert!(ok && answer.contains("ExternalMetricValueList"), "{answer}");
+    let (ok, refused) = kubectl(&["get", "--raw", &raw, "--as=blocksmith-e2e-nobody"]);
+    assert!(!ok && refused.contains("forbidden"), "{refused}");
+    // Straight to an operator pod, past the API server, the operator judges for itself: no
+    // credentials, 401; a token whose user may not read, 403; the admin's token, the answer.
+    let pod_ip = operators[0]
+        .status
+        .as_ref()
+        .unwrap()
+        .pod_ip
+        .clone()
+        .unwrap();
+    let direct = |token: Option<&str>| {
+        let mut curl = std::process::Command::new("curl");
+        curl.args(["-sk", "--max-time", "10", "-w", "\n%{http_code}"]);
+        if let Some(token) = token {
+            curl.args(["-H", &format!("Authorization: Bearer {token}")]);
+        }
+        let out = curl
+            .arg(format!("https://{pod_ip}:6443{raw}"))
+            .output()
+            .expect("curl");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let (body, code) = text.rsplit_once('\n').unwrap_or_default();
+        (code.to_string(), body.to_string())
+    };
+    assert_eq!(direct(None).0, "401");
+    assert_eq!(direct(Some("not-a-token")).0, "401");
+    let builder_token = std::env::var("BLOCKSMITH_BUILDER_TOKEN").unwrap();
+    let (code, body) = direct(Some(&builder_token));
+    assert_eq!(code, "403", "{body}");
+    let refusal: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert!(
+        refusal["message"].as_str().unwrap().starts_with(
+            "\"system:serviceaccount:default:blocksmith-builder\" may not list external metric"
+        ),
+        "{body}"
+    );
+    let (_, admin_token) = kubectl(&[
+        "config",
+        "view",
+        "--raw",
+        "-o",
+        "jsonpath={.users[0].user.token}",
+    ]);
+    let (code, body) = direct(Some(admin_token.trim()));
+    assert_eq!(code, "200", "{body}");
+    assert!(body.contains("ExternalMetricValueList"), "{body}");
+
     // A pipeline with builders: the operator's Deployment and HPA run them as pods.
     let _release_pods = ReleaseBuilderPods(ns.clone());
     let builder_pod_log = watch_builder_pods(&tb, &ns);

@@ -43,7 +43,7 @@ async fn chart_renders_the_apiservice_rbac_and_a_hardened_operator() {
     let spec = &api["spec"];
     assert_eq!(spec["group"], "external.metrics.k8s.io");
     assert_eq!(spec["version"], "v1beta1");
-    assert_eq!(spec["insecureSkipTLSVerify"], true);
+    assert_eq!(spec["insecureSkipTLSVerify"], false);
     assert_eq!(spec["groupPriorityMinimum"], 100);
     assert_eq!(spec["versionPriority"], 100);
     assert_eq!(spec["service"]["namespace"], RELEASE_NS);
@@ -79,12 +79,28 @@ async fn chart_renders_the_apiservice_rbac_and_a_hardened_operator() {
         strings(&reader["rules"][0]["verbs"]),
         ["get", "list", "watch"]
     );
-    // Nothing the external-metrics server does not use yet: it authenticates no caller, so
-    // it gets no TokenReview/SubjectAccessReview rights and no request-header CA.
-    assert!(docs.iter().all(|d| {
-        let role = d["roleRef"]["name"].as_str().unwrap_or_default();
-        role != "system:auth-delegator" && role != "extension-apiserver-authentication-reader"
-    }));
+    // The external metrics server reviews its callers' tokens and access through the API
+    // (system:auth-delegator) and reads the aggregator's client CA from kube-system.
+    let delegator = get(
+        &docs,
+        "ClusterRoleBinding",
+        None,
+        "blocksmith-external-metrics-auth-delegator",
+    );
+    assert_eq!(delegator["roleRef"]["name"], "system:auth-delegator");
+    assert_eq!(delegator["subjects"][0]["name"], "blocksmith-operator");
+    assert_eq!(delegator["subjects"][0]["namespace"], RELEASE_NS);
+    let reader = get(
+        &docs,
+        "RoleBinding",
+        Some("kube-system"),
+        "blocksmith-external-metrics-auth-reader",
+    );
+    assert_eq!(
+        reader["roleRef"]["name"],
+        "extension-apiserver-authentication-reader"
+    );
+    assert_eq!(reader["subjects"][0]["name"], "blocksmith-operator");
 
     // Namespace users get blocksmith through Kubernetes' default roles.
     let edit = get(&docs, "ClusterRole", None, "blocksmith-edit");
@@ -306,4 +322,182 @@ async fn chart_renders_the_apiservice_rbac_and_a_hardened_operator() {
         .await
         .expect_err("two replicas without leader election must not render");
     assert!(err.contains("requires operator.replicas=1"), "{err}");
+}
+
+/// The API server verifies the external metrics certificate: by default the chart makes a CA
+/// and a certificate for the Service's names, gives the CA to the APIService and the
+/// certificate to the operator; cert-manager or a Secret of the user's can stand in for it.
+#[tokio::test]
+async fn the_external_metrics_certificate_is_verified_not_skipped() {
+    use base64::Engine;
+    let tb = Testbed::get().await;
+    let b64 = |v: &Value| {
+        base64::engine::general_purpose::STANDARD
+            .decode(v.as_str().expect("base64 text"))
+            .unwrap()
+    };
+    let docs = render(&tb, &[]).await.expect("render with defaults");
+    let secret_name = "blocksmith-external-metrics-tls";
+    let secret = get(&docs, "Secret", Some(RELEASE_NS), secret_name);
+    assert_eq!(secret["type"], "kubernetes.io/tls");
+    let api = get(&docs, "APIService", None, "v1beta1.external.metrics.k8s.io");
+    assert_eq!(api["spec"]["insecureSkipTLSVerify"], false);
+    assert_eq!(
+        b64(&api["spec"]["caBundle"]),
+        b64(&secret["data"]["ca.crt"])
+    );
+    // The certificate chains to that CA and names the Service as the API server calls it.
+    let dir = tb
+        .dir
+        .join(format!("chart-cert-{:08x}", rand::random::<u32>()));
+    std::fs::create_dir_all(&dir).unwrap();
+    for key in ["ca.crt", "tls.crt"] {
+        std::fs::write(dir.join(key), b64(&secret["data"][key])).unwrap();
+    }
+    let openssl = |args: &[&str]| {
+        let out = std::process::Command::new("openssl")
+            .args(args)
+            .current_dir(&dir)
+            .output()
+            .expect("openssl");
+        assert!(out.status.success(), "openssl {args:?}: {out:?}");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    openssl(&["verify", "-CAfile", "ca.crt", "tls.crt"]);
+    let names = openssl(&["x509", "-in", "tls.crt", "-noout", "-ext", "subjectAltName"]);
+    let service = format!("blocksmith-external-metrics.{RELEASE_NS}.svc");
+    assert!(names.contains(&format!("DNS:{service}")), "{names}");
+    // The operator serves it, from the Secret.
+    let dep = get(&docs, "Deployment", Some(RELEASE_NS), "blocksmith-operator");
+    let pod = &dep["spec"]["template"]["spec"];
+    let volume = pod["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["secret"]["secretName"] == secret_name)
+        .expect("the certificate's volume");
+    let container = &pod["containers"][0];
+    let mount = container["volumeMounts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["name"] == volume["name"])
+        .expect("the certificate mounted");
+    let env = container["env"].as_array().unwrap();
+    let dir_var = env
+        .iter()
+        .find(|e| e["name"] == "BLOCKSMITH_EXTERNAL_METRICS_CERT_DIR")
+        .expect("the certificate directory");
+    assert_eq!(dir_var["value"], mount["mountPath"]);
+
+    // cert-manager: a Certificate for the same names; its cainjector fills the caBundle.
+    let docs = render(
+        &tb,
+        &[
+            "externalMetrics.certificate.source=cert-manager",
+            "externalMetrics.certificate.certManager.issuerRef.name=cluster-ca",
+            "externalMetrics.certificate.certManager.issuerRef.kind=ClusterIssuer",
+        ],
+    )
+    .await
+    .expect("render with cert-manager");
+    let certificate = get(
+        &docs,
+        "Certificate",
+        Some(RELEASE_NS),
+        "blocksmith-external-metrics",
+    );
+    assert_eq!(certificate["spec"]["secretName"], secret_name);
+    assert!(strings(&certificate["spec"]["dnsNames"]).contains(&service.as_str()));
+    assert_eq!(certificate["spec"]["issuerRef"]["kind"], "ClusterIssuer");
+    let api = get(&docs, "APIService", None, "v1beta1.external.metrics.k8s.io");
+    assert_eq!(
+        api["metadata"]["annotations"]["cert-manager.io/inject-ca-from"],
+        format!("{RELEASE_NS}/blocksmith-external-metrics")
+    );
+    assert!(api["spec"].get("caBundle").is_none());
+    assert!(docs.iter().all(|d| d["kind"] != "Secret"));
+
+    // A Secret of the user's, with its CA.
+    let docs = render(
+        &tb,
+        &[
+            "externalMetrics.certificate.source=secret",
+            "externalMetrics.certificate.secretName=mine",
+            "externalMetrics.certificate.caBundle=PEM",
+        ],
+    )
+    .await
+    .expect("render with a Secret");
+    let api = get(&docs, "APIService", None, "v1beta1.external.metrics.k8s.io");
+    assert_eq!(b64(&api["spec"]["caBundle"]), b"PEM");
+    let dep = get(&docs, "Deployment", Some(RELEASE_NS), "blocksmith-operator");
+    assert!(
+        dep["spec"]["template"]["spec"]["volumes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|v| v["secret"]["secretName"] == "mine")
+    );
+
+    // What is missing is named.
+    for (sets, expected) in [
+        (
+            &["externalMetrics.certificate.source=cert-manager"][..],
+            "needs externalMetrics.certificate.certManager.issuerRef.name",
+        ),
+        (
+            &["externalMetrics.certificate.source=secret"][..],
+            "needs externalMetrics.certificate.secretName and caBundle",
+        ),
+        (
+            &["externalMetrics.certificate.source=vault"][..],
+            "use helm, cert-manager or secret",
+        ),
+    ] {
+        let err = render(&tb, sets).await.expect_err(expected);
+        assert!(err.contains(expected), "{err}");
+    }
+}
+
+/// Builders get an HPA only when the chart serves the metric it reads.
+#[tokio::test]
+async fn builders_get_an_hpa_only_when_the_chart_serves_its_metric() {
+    let tb = Testbed::get().await;
+    let scaler = |docs: &[Value]| {
+        let dep = get(docs, "Deployment", Some(RELEASE_NS), "blocksmith-operator");
+        dep["spec"]["template"]["spec"]["containers"][0]["env"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["name"] == "BLOCKSMITH_BUILDER_AUTOSCALER")
+            .map(|e| e["value"].as_str().unwrap().to_string())
+            .expect("BLOCKSMITH_BUILDER_AUTOSCALER")
+    };
+    for (sets, expected) in [
+        (&[][..], "hpa"),
+        (&["externalMetrics.enabled=false"][..], "fixed"),
+        (
+            &[
+                "externalMetrics.enabled=false",
+                "builders.autoscaler=external",
+            ][..],
+            "external",
+        ),
+    ] {
+        let docs = render(&tb, sets).await.expect("render");
+        assert_eq!(scaler(&docs), expected, "{sets:?}");
+        assert_eq!(
+            docs.iter().any(|d| d["kind"] == "APIService"),
+            expected == "hpa",
+            "{sets:?}"
+        );
+    }
+    let err = render(
+        &tb,
+        &["externalMetrics.enabled=false", "builders.autoscaler=hpa"],
+    )
+    .await
+    .expect_err("an HPA on a metric nobody serves");
+    assert!(err.contains("needs externalMetrics.enabled"), "{err}");
 }
