@@ -163,17 +163,7 @@ pub fn deployment(
     secrets_digest: &str,
 ) -> Deployment {
     let name = bp.name_any();
-    let labels = BTreeMap::from([
-        (
-            "app.kubernetes.io/name".to_string(),
-            "blocksmith-builder".to_string(),
-        ),
-        (
-            "app.kubernetes.io/managed-by".to_string(),
-            "blocksmith-operator".to_string(),
-        ),
-        (LABEL_PIPELINE.to_string(), name.clone()),
-    ]);
+    let labels = builder_labels(&name);
     let mut pod_labels = b.pod_labels.clone();
     pod_labels.extend(labels.clone());
     let mut pod_annotations = b.pod_annotations.clone();
@@ -266,6 +256,22 @@ fn drop_empty_fields(pod: &mut Value) {
             _ => true,
         });
     }
+}
+
+/// The labels the operator puts on a pipeline's builders (pods included), which
+/// `spec.builders.podLabels` may not override.
+pub fn builder_labels(pipeline: &str) -> BTreeMap<String, String> {
+    BTreeMap::from([
+        (
+            "app.kubernetes.io/name".to_string(),
+            "blocksmith-builder".to_string(),
+        ),
+        (
+            "app.kubernetes.io/managed-by".to_string(),
+            "blocksmith-operator".to_string(),
+        ),
+        (LABEL_PIPELINE.to_string(), pipeline.to_string()),
+    ])
 }
 
 /// The user and group builders run as: the `nonroot` user of blocksmith's image.

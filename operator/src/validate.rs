@@ -5,6 +5,8 @@ use blocksmith_crds::BlockPipelineSpec;
 use blocksmith_crds::domain::parse_duration;
 use blocksmith_crds::pipeline::{Compression, SecurityProtocol};
 
+use crate::builders::builder_labels;
+
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 #[error("spec.{field}: {problem}")]
 pub struct InvalidSpec {
@@ -216,11 +218,8 @@ pub fn validate(spec: &BlockPipelineSpec) -> Result<(), InvalidSpec> {
                 ),
             ));
         }
-        if let Some(key) = b
-            .pod_labels
-            .keys()
-            .find(|k| BUILDER_LABELS.contains(&k.as_str()))
-        {
+        let own_labels = builder_labels("");
+        if let Some(key) = b.pod_labels.keys().find(|k| own_labels.contains_key(*k)) {
             return Err(invalid(
                 "builders.podLabels",
                 format!("{key:?} is the operator's own label on builder pods; use another key"),
@@ -237,13 +236,6 @@ pub fn validate(spec: &BlockPipelineSpec) -> Result<(), InvalidSpec> {
     }
     Ok(())
 }
-
-/// The labels the operator puts on builder pods, by which their Deployment selects them.
-pub const BUILDER_LABELS: [&str; 3] = [
-    "app.kubernetes.io/name",
-    "app.kubernetes.io/managed-by",
-    blocksmith_crds::domain::LABEL_PIPELINE,
-];
 
 /// A quantity as Kubernetes writes them (`10Gi`, `500M`, `1e9`), above zero.
 fn is_positive_quantity(q: &str) -> bool {
