@@ -227,6 +227,23 @@ fn holder(job: &BlockJob) -> Option<String> {
     lease_holder(job).map(str::to_owned)
 }
 
+/// Prints the HPA, the pipeline's queue depth and the builder pods every 10 s until aborted:
+/// shown if the test fails while waiting for the scale-up.
+fn log_scaling(ns: String) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let started = Instant::now();
+        loop {
+            let ns = ns.clone();
+            // (kubectl blocks; the test's runtime has one thread.)
+            let state = tokio::task::spawn_blocking(move || {
+                kubectl(&["get", "hpa,bp,pods", "-n", &ns, "-o", "wide"]).1
+            });
+            println!("[{:?}]\n{}", started.elapsed(), state.await.unwrap());
+            tokio::time::sleep(Duration::from_secs(10)).await;
+        }
+    })
+}
+
 /// The builder pods, or `None` if the list failed (for polling).
 async fn builder_pods(pods: &Api<Pod>) -> Option<Vec<Pod>> {
     let selector = "app.kubernetes.io/name=blocksmith-builder";
@@ -253,7 +270,9 @@ async fn the_chart_runs_blocksmith_as_pods_that_scale_fail_over_and_write_every_
         ..DataSpec::new(topic, 4, 8000)
     };
     let produced = produce_data_to(&broker.bootstrap, spec).await;
-    broker.set_round_trip_time(Duration::from_millis(300));
+    // Slow enough while the HPA scales up that one builder cannot drain the queue first (a
+    // CI run once saw it drained before the fourth pod was Ready); faster from then on.
+    broker.set_round_trip_time(Duration::from_millis(1000));
 
     // Labelled for pipelines, as the chart's policy requires.
     let s3: Secret = serde_json::from_value(json!({
@@ -430,11 +449,14 @@ async fn the_chart_runs_blocksmith_as_pods_that_scale_fail_over_and_write_every_
 
     // The HPA scales the builders up with the queue: four pods, Ready, under the builder
     // ServiceAccount.
+    let scaling_log = log_scaling(ns.clone());
     let builders = wait_for("4 builder pods Ready", Duration::from_secs(180), || async {
         let ready = ready_pods(&pods, "app.kubernetes.io/name=blocksmith-builder").await;
         (ready.len() == 4).then_some(ready)
     })
     .await;
+    scaling_log.abort();
+    broker.set_round_trip_time(Duration::from_millis(300));
     for p in &builders {
         let spec = p.spec.as_ref().unwrap();
         assert_eq!(
