@@ -15,10 +15,11 @@ use arrow_buffer::OffsetBufferBuilder;
 use arrow_schema::{ArrowError, DataType, Field, Fields, Schema, SchemaRef, TimeUnit};
 use blocksmith_crds::JobOutputSpec;
 use blocksmith_crds::pipeline::Compression;
-use parquet::arrow::ArrowWriter;
+use parquet::arrow::{ArrowSchemaConverter, ArrowWriter};
 use parquet::basic::{Compression as ParquetCompression, ZstdLevel};
 use parquet::errors::ParquetError;
-use parquet::file::properties::WriterProperties;
+use parquet::file::properties::{EnabledStatistics, WriterProperties};
+use parquet::schema::types::ColumnPath;
 use sha2::{Digest, Sha256};
 
 use crate::record::Record;
@@ -88,13 +89,41 @@ impl BlockOptions {
             Compression::Snappy => ParquetCompression::SNAPPY,
             Compression::None => ParquetCompression::UNCOMPRESSED,
         };
-        Ok(WriterProperties::builder()
+        let mut props = WriterProperties::builder()
             .set_created_by(CREATED_BY.to_owned())
             .set_compression(compression)
             .set_max_row_group_row_count(Some(self.row_group_rows))
-            .set_max_row_group_bytes(Some(self.row_group_bytes))
-            .build())
+            .set_max_row_group_bytes(Some(self.row_group_bytes));
+        for column in payload_columns() {
+            props = props
+                .set_column_dictionary_enabled(column.clone(), false)
+                .set_column_statistics_enabled(column, EnabledStatistics::None);
+        }
+        Ok(props.build())
     }
+}
+
+/// The columns of record and header values (and raw header keys): opaque payloads, rarely
+/// repeated, never filtered on. A dictionary only costs hashing every value before the
+/// writer gives up on it, and min/max statistics comparing them; both are off for these.
+fn payload_columns() -> Vec<ColumnPath> {
+    static COLUMNS: LazyLock<Vec<ColumnPath>> = LazyLock::new(|| {
+        let parquet = ArrowSchemaConverter::new()
+            .convert(&schema())
+            .expect("the block schema converts to Parquet");
+        parquet
+            .columns()
+            .iter()
+            .map(|c| c.path().clone())
+            .filter(|path| {
+                matches!(
+                    path.parts().last().map(String::as_str),
+                    Some("value" | "key_bytes")
+                )
+            })
+            .collect()
+    });
+    COLUMNS.clone()
 }
 
 /// What was written; `bytes` and `sha256` cover exactly the bytes handed to the sink.
@@ -179,8 +208,8 @@ fn header_item_field() -> Arc<Field> {
 }
 
 /// Writes one block. Records must be pushed in increasing offset order, all from one partition.
-pub struct BlockWriter<W: Write + Send> {
-    writer: ArrowWriter<HashingWriter<W>>,
+pub struct BlockWriter<W: Write + Send + 'static> {
+    encoder: Encoder<W>,
     columns: Columns,
     /// Flush builders at this many payload bytes; never more than a row group's worth, or a
     /// small `row_group_bytes` could not be honoured (the Parquet writer only splits a batch
@@ -190,23 +219,58 @@ pub struct BlockWriter<W: Write + Send> {
     stats: BlockStats,
 }
 
-impl<W: Write + Send> BlockWriter<W> {
+impl<W: Write + Send + 'static> BlockWriter<W> {
+    /// A writer that encodes on the caller's thread.
     pub fn new(sink: W, opts: &BlockOptions) -> Result<Self, BlockError> {
+        let writer = Self::arrow_writer(sink, opts)?;
+        Ok(Self::with(Encoder::Inline(writer), opts))
+    }
+
+    /// A writer that hands each batch to a thread of its own, which encodes, compresses and
+    /// writes it while the caller gathers the next: reading and encoding overlap. The bytes
+    /// are the same as [`Self::new`]'s; at most one batch waits between the two.
+    pub fn with_encoder_thread(sink: W, opts: &BlockOptions) -> Result<Self, BlockError> {
+        let mut writer = Self::arrow_writer(sink, opts)?;
+        let (batches, received) = std::sync::mpsc::sync_channel::<RecordBatch>(1);
+        let thread = std::thread::Builder::new()
+            .name("block-encoder".into())
+            .spawn(move || {
+                for batch in received {
+                    writer
+                        .write(&batch)
+                        .map_err(parquet_err("writing record batch"))?;
+                }
+                Ok(writer)
+            })
+            .map_err(|source| BlockError::Io {
+                context: "starting the encoder thread",
+                source,
+            })?;
+        Ok(Self::with(Encoder::Thread { batches, thread }, opts))
+    }
+
+    fn arrow_writer(
+        sink: W,
+        opts: &BlockOptions,
+    ) -> Result<ArrowWriter<HashingWriter<W>>, BlockError> {
         let props = opts.writer_properties()?;
         let sink = HashingWriter {
             inner: sink,
             hasher: Sha256::new(),
             bytes: 0,
         };
-        let writer = ArrowWriter::try_new(sink, schema(), Some(props))
-            .map_err(parquet_err("creating Parquet writer"))?;
-        Ok(Self {
-            writer,
+        ArrowWriter::try_new(sink, schema(), Some(props))
+            .map_err(parquet_err("creating Parquet writer"))
+    }
+
+    fn with(encoder: Encoder<W>, opts: &BlockOptions) -> Self {
+        Self {
+            encoder,
             columns: Columns::default(),
             batch_bytes: BATCH_BYTES.min(opts.row_group_bytes),
             partition: None,
             stats: BlockStats::default(),
-        })
+        }
     }
 
     pub fn push(&mut self, rec: &Record) -> Result<(), BlockError> {
@@ -247,10 +311,22 @@ impl<W: Write + Send> BlockWriter<W> {
     /// Writes the footer and returns the sink (not synced to disk: that is the caller's job).
     pub fn finish(mut self) -> Result<(W, BlockStats), BlockError> {
         self.write_batch()?;
+        let writer = match self.encoder {
+            Encoder::Inline(writer) => writer,
+            Encoder::Thread { batches, thread } => {
+                drop(batches);
+                join(thread)?
+            }
+            Encoder::Failed => {
+                return Err(BlockError::Io {
+                    context: "finishing Parquet file",
+                    source: std::io::Error::other("the encoder already failed"),
+                });
+            }
+        };
         // `into_inner` writes the footer itself; calling `finish`/`close` first would write
         // a second, empty footer.
-        let mut sink = self
-            .writer
+        let mut sink = writer
             .into_inner()
             .map_err(parquet_err("finishing Parquet file"))?;
         sink.flush().map_err(|source| BlockError::Io {
@@ -268,10 +344,47 @@ impl<W: Write + Send> BlockWriter<W> {
             return Ok(());
         }
         let batch = self.columns.finish()?;
-        self.writer
-            .write(&batch)
-            .map_err(parquet_err("writing record batch"))
+        match &mut self.encoder {
+            Encoder::Inline(writer) => writer
+                .write(&batch)
+                .map_err(parquet_err("writing record batch")),
+            Encoder::Thread { batches, .. } => {
+                if batches.send(batch).is_ok() {
+                    return Ok(());
+                }
+                // The encoder stopped at an error: that error is the one to report.
+                let Encoder::Thread { thread, .. } =
+                    std::mem::replace(&mut self.encoder, Encoder::Failed)
+                else {
+                    unreachable!()
+                };
+                join(thread).map(drop)
+            }
+            Encoder::Failed => Err(BlockError::Io {
+                context: "writing record batch",
+                source: std::io::Error::other("the encoder already failed"),
+            }),
+        }
     }
+}
+
+enum Encoder<W: Write + Send> {
+    Inline(ArrowWriter<HashingWriter<W>>),
+    Thread {
+        batches: std::sync::mpsc::SyncSender<RecordBatch>,
+        thread: EncoderThread<W>,
+    },
+    Failed,
+}
+
+type EncoderThread<W> = std::thread::JoinHandle<Result<ArrowWriter<HashingWriter<W>>, BlockError>>;
+
+fn join<W: Write + Send>(
+    thread: EncoderThread<W>,
+) -> Result<ArrowWriter<HashingWriter<W>>, BlockError> {
+    thread
+        .join()
+        .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
 }
 
 /// Arrow builders for one batch; `finish` empties them for reuse.
@@ -539,6 +652,44 @@ mod tests {
                 .chars()
                 .all(|c| matches!(c, '0'..='9' | 'a'..='f'))
         );
+    }
+
+    #[test]
+    fn payload_columns_have_neither_dictionary_nor_statistics() {
+        let paths: Vec<String> = payload_columns().iter().map(ColumnPath::string).collect();
+        assert_eq!(paths.len(), 3, "{paths:?}");
+        assert!(paths.contains(&"value".to_owned()), "{paths:?}");
+        let (file, _) = write(&mixed(), &BlockOptions::default());
+        let (_, meta) = read(&file);
+        for column in meta.row_group(0).columns() {
+            let path = column.column_path().string();
+            let payload = paths.contains(&path);
+            let dictionary = column.dictionary_page_offset().is_some();
+            assert_eq!(dictionary, !payload, "dictionary of {path}");
+            assert_eq!(
+                column.statistics().is_some(),
+                !payload,
+                "statistics of {path}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_encoder_thread_writes_the_same_bytes() {
+        let opts = BlockOptions {
+            row_group_rows: 7000,
+            ..BlockOptions::default()
+        };
+        // Several batches and row groups.
+        let records = simple(3, 0..20_000);
+        let (inline, inline_stats) = write(&records, &opts);
+        let mut w = BlockWriter::with_encoder_thread(Vec::new(), &opts).unwrap();
+        for r in &records {
+            w.push(r).unwrap();
+        }
+        let (threaded, threaded_stats) = w.finish().unwrap();
+        assert_eq!(threaded_stats, inline_stats);
+        assert!(threaded == inline, "the encoder thread changed the bytes");
     }
 
     #[test]

@@ -3,10 +3,11 @@
 //!
 //! Pure-ish pieces: [`block`] (Parquet writer), [`manifest`]. I/O: [`reader`] (Kafka range, with
 //! [`headers`] read as bytes),
-//! [`store`] (object storage), [`lease`] (claim/renew/report), [`runner`] (one block),
+//! [`store`] (object storage), [`data_writer`] (a data object written as it is encoded), [`lease`] (claim/renew/report), [`runner`] (one block),
 //! [`worker`] (the claim loop).
 
 pub mod block;
+pub mod data_writer;
 pub mod headers;
 pub mod lease;
 pub mod manifest;

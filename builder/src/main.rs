@@ -1,4 +1,3 @@
-use std::path::PathBuf;
 use std::time::Duration;
 
 use blocksmith_builder::lease::LeaseClient;
@@ -45,13 +44,6 @@ struct Args {
     /// Fail the read when Kafka delivers nothing for this many seconds.
     #[arg(long, env = "BLOCKSMITH_KAFKA_IDLE_TIMEOUT", default_value_t = 60)]
     kafka_idle_timeout: u64,
-    /// Scratch directory for blocks being written.
-    #[arg(
-        long,
-        env = "BLOCKSMITH_WORK_DIR",
-        default_value = "/tmp/blocksmith-builder"
-    )]
-    work_dir: PathBuf,
     /// Upload data objects larger than this many bytes in parts.
     #[arg(long, env = "BLOCKSMITH_MULTIPART_THRESHOLD", default_value_t = 16 << 20)]
     multipart_threshold: u64,
@@ -132,7 +124,6 @@ async fn main() -> anyhow::Result<()> {
         pipeline: args.pipeline,
         settings: BuildSettings {
             reader,
-            work_dir: args.work_dir,
             upload: UploadSettings {
                 multipart_threshold: args.multipart_threshold,
                 part_size: args.part_size,

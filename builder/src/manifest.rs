@@ -71,6 +71,14 @@ impl Manifest {
     }
 
     /// The name of the data object this manifest vouches for, in the manifest's folder.
+    /// The same manifest naming the data object `name` instead of the one its digest names
+    /// (a block uploaded in parts as it was written, under a name drawn before its digest
+    /// was known).
+    pub fn with_data_name(mut self, name: String) -> Self {
+        self.data = Some(name);
+        self
+    }
+
     pub fn data_name(&self) -> String {
         self.data
             .clone()

@@ -1,10 +1,8 @@
-//! Builds one block: read the job's exact range from Kafka into a local Parquet file
-//! (streaming, bounded memory), upload it under a name that carries its digest, then put the
-//! manifest, which names it, create-only — the commit point. Knows nothing about leases; the
+//! Builds one block: read the job's exact range from Kafka and encode it as Parquet straight
+//! into its data object (bounded memory; see [`crate::data_writer`]), then put the manifest,
+//! which names it, create-only — the commit point. Knows nothing about leases; the
 //! worker decides what to report.
 
-use std::io::BufWriter;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -30,7 +28,7 @@ pub enum BuildError {
     RecordTooLarge(#[from] RecordTooLarge),
     #[error(transparent)]
     OtherCluster(#[from] OtherCluster),
-    #[error("local scratch file: {0}")]
+    #[error("{0}")]
     Io(#[from] std::io::Error),
     #[error("cancelled")]
     Cancelled,
@@ -52,8 +50,6 @@ impl BuildError {
 pub struct BuildSettings {
     /// Client properties for Kafka (security, SASL); the bootstrap servers come from the job.
     pub reader: ReaderConfig,
-    /// Where the block is staged before upload.
-    pub work_dir: PathBuf,
     pub upload: UploadSettings,
 }
 
@@ -97,11 +93,14 @@ pub async fn build_block(
         });
     }
 
-    std::fs::create_dir_all(&settings.work_dir)?;
-    let scratch = tempfile::NamedTempFile::new_in(&settings.work_dir)?;
-    let path = scratch.path().to_path_buf();
-    let (stats, read) = {
-        let file = scratch.reopen()?;
+    let data_writer = store.data_writer(
+        &folder,
+        job.start_offset,
+        job.end_offset,
+        tokio::runtime::Handle::current(),
+    )?;
+    let failure = data_writer.failure();
+    let built = {
         let mut reader = settings.reader.clone();
         reader.bootstrap_servers = job.bootstrap_servers.clone();
         let opts = BlockOptions::from_job(&job.output);
@@ -110,7 +109,7 @@ pub async fn build_block(
         let job = job.clone();
         let cancel = cancel.clone();
         tokio::task::spawn_blocking(move || -> Result<_, BuildError> {
-            let mut writer = BlockWriter::new(BufWriter::with_capacity(1 << 20, file), &opts)?;
+            let mut writer = BlockWriter::with_encoder_thread(data_writer, &opts)?;
             let read = read_range::<BuildError>(
                 &reader,
                 &job.topic,
@@ -128,19 +127,22 @@ pub async fn build_block(
             if cancel.load(Ordering::Relaxed) {
                 return Err(BuildError::Cancelled);
             }
-            let (sink, stats) = writer.finish()?;
-            sink.into_inner().map_err(|e| e.into_error())?.sync_all()?;
-            Ok((stats, read))
+            let (data_writer, stats) = writer.finish()?;
+            let data_name = data_writer.finish(&stats.sha256)?;
+            Ok((stats, read, data_name))
         })
         .await
-        .map_err(|e| BuildError::Io(std::io::Error::other(e)))??
+        .map_err(|e| BuildError::Io(std::io::Error::other(e)))?
     };
-    if cancel.load(Ordering::Relaxed) {
-        return Err(BuildError::Cancelled);
-    }
-    let manifest = Manifest::new(job, &stats);
+    // An object-store error behind a failed write is the error to report: it may be an outage.
+    let (stats, read, data_name) = match built {
+        Err(_) if failure.lock().unwrap().is_some() => {
+            return Err(failure.lock().unwrap().take().unwrap().into());
+        }
+        built => built?,
+    };
+    let manifest = Manifest::new(job, &stats).with_data_name(data_name);
     let data = format!("{folder}/{}", manifest.data_name());
-    store.put_data(&data, &path, stats.bytes).await?;
     if cancel.load(Ordering::Relaxed) {
         discard_if_superseded(&store, &manifest_at, &data, &manifest).await;
         return Err(BuildError::Cancelled);
@@ -148,15 +150,20 @@ pub async fn build_block(
     let put = store
         .put_manifest(&manifest_at, manifest.to_bytes(), &stats.sha256)
         .await;
+    let mut data = data;
     if !matches!(put, Ok(ManifestPut::Created)) {
-        discard_if_superseded(&store, &manifest_at, &data, &manifest).await;
+        let committed = discard_if_superseded(&store, &manifest_at, &data, &manifest).await;
+        // The same bytes committed by another attempt under its own name (a block uploaded
+        // in parts is named at random): that object is the block's.
+        if let (Ok(ManifestPut::AlreadyCommitted), Some(committed)) = (&put, committed) {
+            data = format!("{folder}/{}", committed.data_name());
+        }
     }
     let put = put?;
     info!(
         topic = %job.topic, partition = job.partition, start = job.start_offset, end = job.end_offset,
         records = stats.records, bytes = stats.bytes, manifest = ?put, "block written"
     );
-    drop(scratch);
     Ok(Built {
         output: JobOutput {
             objects: vec![store.url_of(&data), store.url_of(&manifest_at)],
@@ -173,13 +180,14 @@ pub async fn build_block(
 /// manifest, written by
 /// another attempt, names a different one: nothing can ever vouch for it then. Without a
 /// manifest it stays, since a builder that wrote the same bytes may be about to commit it.
-/// Best effort: a data object no manifest names is not part of the output.
+/// Best effort: a data object no manifest names is not part of the output. Returns the
+/// committed manifest when it names another object.
 async fn discard_if_superseded(
     store: &BlockStore,
     manifest_at: &str,
     ours_key: &str,
     ours: &Manifest,
-) {
+) -> Option<Manifest> {
     match store.existing_manifest(manifest_at).await {
         Ok(Some(committed)) if !committed.names_the_same_data_as(ours) => {
             match store.delete(ours_key).await {
@@ -192,11 +200,15 @@ async fn discard_if_superseded(
                     "removing this attempt's superseded data object failed; it is not part of the output"
                 ),
             }
+            Some(committed)
         }
-        Ok(_) => {}
-        Err(err) => warn!(
-            manifest = %store.url_of(manifest_at), error = %err,
-            "could not read the block's manifest to tidy this attempt's data object"
-        ),
+        Ok(_) => None,
+        Err(err) => {
+            warn!(
+                manifest = %store.url_of(manifest_at), error = %err,
+                "could not read the block's manifest to tidy this attempt's data object"
+            );
+            None
+        }
     }
 }

@@ -2,12 +2,12 @@
 //! relative to the pipeline's output URL.
 
 use std::error::Error as StdError;
-use std::path::{Path as FsPath, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use blocksmith_crds::domain::{blocks_from_key, manifest_range, partition_folder};
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use futures::TryStreamExt;
 use object_store::aws::{AmazonS3Builder, AmazonS3ConfigKey};
 use object_store::azure::MicrosoftAzureBuilder;
@@ -17,11 +17,12 @@ use object_store::local::LocalFileSystem;
 use object_store::path::Path;
 use object_store::{
     BackoffConfig, ClientConfigKey, ObjectMeta, ObjectStore, ObjectStoreExt, PutMode, PutPayload,
-    RetryConfig, WriteMultipart,
+    RetryConfig,
 };
-use tokio::io::AsyncReadExt;
+use tokio::runtime::Handle;
 use url::Url;
 
+use crate::data_writer::{DataWriter, RemoteTarget};
 use crate::manifest::Manifest;
 
 /// Files larger than this are uploaded in parts.
@@ -95,18 +96,11 @@ pub enum StoreError {
         source: object_store::path::Error,
     },
 
-    #[error("reading {}: {source}", path.display())]
-    LocalRead {
+    #[error("writing {}: {source}", path.display())]
+    LocalWrite {
         path: PathBuf,
         #[source]
         source: std::io::Error,
-    },
-
-    #[error("{} changed while uploading: expected {expected} bytes, read {actual}", path.display())]
-    SizeMismatch {
-        path: PathBuf,
-        expected: u64,
-        actual: u64,
     },
 
     #[error("{op} {url} failed: {source}{}", hint(op, source))]
@@ -238,6 +232,8 @@ pub struct BlockStore {
     /// The output URL without a trailing slash; object URLs are `{base_url}/{key}`.
     base_url: String,
     upload: UploadSettings,
+    /// For `file://` output, its directory: data objects are written there directly.
+    local_root: Option<PathBuf>,
 }
 
 impl BlockStore {
@@ -262,6 +258,7 @@ impl BlockStore {
             url: url.to_owned(),
             source,
         };
+        let mut local_root = None;
         let (store, prefix): (Arc<dyn ObjectStore>, Path) = match parsed.scheme() {
             "s3" | "s3a" => (
                 Arc::new(s3_builder(url, settings)?.build().map_err(config_err)?),
@@ -301,10 +298,14 @@ impl BlockStore {
                 // A missing root is an error rather than created: like a missing bucket, it
                 // usually means a volume that is not mounted, and writing there would lose data.
                 let local = LocalFileSystem::new_with_prefix(&root)
-                    .map_err(|source| StoreError::LocalRoot { path: root, source })?
+                    .map_err(|source| StoreError::LocalRoot {
+                        path: root.clone(),
+                        source,
+                    })?
                     // `LocalFileSystem` does not fsync by default; with this, a put returns only
                     // once the file and the directory entries leading to it are on disk.
                     .with_fsync(true);
+                local_root = Some(root);
                 (Arc::new(local), Path::default())
             }
             scheme => {
@@ -322,6 +323,7 @@ impl BlockStore {
             prefix,
             base_url: base_url.as_str().trim_end_matches('/').to_owned(),
             upload: UploadSettings::default(),
+            local_root,
         })
     }
 
@@ -335,72 +337,31 @@ impl BlockStore {
         format!("{}/{}", self.base_url, key.trim_start_matches('/'))
     }
 
-    /// Uploads the local `file` (`size` bytes) to `key`, in parallel parts when it is large.
-    pub async fn put_data(&self, key: &str, file: &FsPath, size: u64) -> Result<(), StoreError> {
-        let location = self.location(key)?;
-        let backend = |source| self.backend_err("upload", key, source);
-        if size <= self.upload.multipart_threshold {
-            let data = tokio::fs::read(file)
-                .await
-                .map_err(|source| local_read_err(file, source))?;
-            check_size(file, size, data.len() as u64)?;
-            self.store
-                .put(&location, PutPayload::from(data))
-                .await
-                .map_err(backend)?;
-            return Ok(());
-        }
-
-        let upload = self.store.put_multipart(&location).await.map_err(backend)?;
-        let mut upload = WriteMultipart::new_with_chunk_size(upload, self.upload.part_size);
-        match self.send_parts(&mut upload, key, file, size).await {
-            Ok(()) => {
-                // `finish` aborts the upload itself when completing fails.
-                upload.finish().await.map_err(backend)?;
-                Ok(())
-            }
-            Err(err) => {
-                if let Err(abort) = upload.abort().await {
-                    tracing::warn!(key, error = %abort, "aborting multipart upload failed");
-                }
-                Err(err)
-            }
-        }
-    }
-
-    async fn send_parts(
+    /// A writer for the data object of the block `[start, end)` in the partition `folder`
+    /// (see [`DataWriter`]); uploads are driven on `handle`.
+    pub fn data_writer(
         &self,
-        upload: &mut WriteMultipart,
-        key: &str,
-        file: &FsPath,
-        size: u64,
-    ) -> Result<(), StoreError> {
-        let mut reader = tokio::fs::File::open(file)
-            .await
-            .map_err(|source| local_read_err(file, source))?;
-        let mut sent = 0u64;
-        loop {
-            let mut part = BytesMut::with_capacity(self.upload.part_size);
-            while part.len() < self.upload.part_size {
-                let n = reader
-                    .read_buf(&mut part)
-                    .await
-                    .map_err(|source| local_read_err(file, source))?;
-                if n == 0 {
-                    break;
-                }
-            }
-            if part.is_empty() {
-                break;
-            }
-            sent += part.len() as u64;
-            upload
-                .wait_for_capacity(self.upload.parts_in_flight)
-                .await
-                .map_err(|source| self.backend_err("upload", key, source))?;
-            upload.put(part.freeze());
+        folder: &str,
+        start: i64,
+        end: i64,
+        handle: Handle,
+    ) -> Result<DataWriter, StoreError> {
+        let location = self.location(folder)?;
+        if let Some(root) = &self.local_root {
+            let dir = location
+                .parts()
+                .fold(root.clone(), |dir, part| dir.join(part.as_ref()));
+            return DataWriter::local(dir.clone(), root, start, end)
+                .map_err(|source| StoreError::LocalWrite { path: dir, source });
         }
-        check_size(file, size, sent)
+        let target = RemoteTarget {
+            store: self.store.clone(),
+            folder: location,
+            folder_key: folder.to_owned(),
+            base_url: self.base_url.clone(),
+            upload: self.upload,
+        };
+        Ok(DataWriter::remote(target, handle, start, end))
     }
 
     /// Commits a block by creating its manifest; never overwrites. If a manifest is already
@@ -597,25 +558,6 @@ fn url_prefix(url: &str, parsed: &Url) -> Result<Path, StoreError> {
     })
 }
 
-fn local_read_err(path: &FsPath, source: std::io::Error) -> StoreError {
-    StoreError::LocalRead {
-        path: path.to_owned(),
-        source,
-    }
-}
-
-fn check_size(path: &FsPath, expected: u64, actual: u64) -> Result<(), StoreError> {
-    if expected == actual {
-        Ok(())
-    } else {
-        Err(StoreError::SizeMismatch {
-            path: path.to_owned(),
-            expected,
-            actual,
-        })
-    }
-}
-
 fn manifest_sha256(bytes: &[u8]) -> Result<String, String> {
     let value: serde_json::Value =
         serde_json::from_slice(bytes).map_err(|e| format!("not JSON: {e}"))?;
@@ -630,6 +572,8 @@ fn manifest_sha256(bytes: &[u8]) -> Result<String, String> {
 mod tests {
     use blocksmith_crds::domain::{data_name, manifest_key};
 
+    use std::path::Path as FsPath;
+
     use super::*;
 
     fn file_url(dir: &FsPath) -> String {
@@ -642,69 +586,145 @@ mod tests {
         (dir, store)
     }
 
-    fn write_temp(bytes: &[u8]) -> tempfile::NamedTempFile {
-        let file = tempfile::NamedTempFile::new().unwrap();
-        std::fs::write(file.path(), bytes).unwrap();
-        file
+    fn in_memory(upload: UploadSettings) -> (Arc<object_store::memory::InMemory>, BlockStore) {
+        let memory = Arc::new(object_store::memory::InMemory::new());
+        let store = BlockStore {
+            store: memory.clone(),
+            prefix: Path::from("out"),
+            base_url: "memory://bucket/out".into(),
+            upload,
+            local_root: None,
+        };
+        (memory, store)
     }
 
-    #[tokio::test]
-    async fn put_and_get_small_object() {
-        let (dir, store) = local_store();
-        let key = "orders/3/00000000000000000000-00000000000000001000.parquet";
-        let data = b"hello blocks".to_vec();
-        let src = write_temp(&data);
+    fn sha256_hex(bytes: &[u8]) -> String {
+        use sha2::Digest;
+        hex::encode(sha2::Sha256::digest(bytes))
+    }
 
-        store
-            .put_data(key, src.path(), data.len() as u64)
-            .await
+    /// Writes `data` as the block `[start, end)` of `folder` in 1000-byte writes, as an encoder
+    /// would; returns the data object's name.
+    async fn write_block(
+        store: &BlockStore,
+        folder: &str,
+        start: i64,
+        end: i64,
+        data: &[u8],
+    ) -> String {
+        let mut writer = store
+            .data_writer(folder, start, end, Handle::current())
             .unwrap();
-
-        assert_eq!(store.get(key).await.unwrap().as_ref(), &data[..]);
-        assert_eq!(std::fs::read(dir.path().join(key)).unwrap(), data);
-        assert_eq!(store.url_of(key), format!("{}{key}", file_url(dir.path())));
+        let data = data.to_vec();
+        tokio::task::spawn_blocking(move || {
+            use std::io::Write;
+            for chunk in data.chunks(1000) {
+                writer.write_all(chunk).unwrap();
+            }
+            writer.finish(&sha256_hex(&data)).unwrap()
+        })
+        .await
+        .unwrap()
     }
 
-    #[tokio::test]
-    async fn delete_removes_an_object_and_a_missing_one_counts_as_removed() {
+    fn files_in(dir: &FsPath) -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(dir)
+            .map(|entries| {
+                entries
+                    .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default();
+        names.sort();
+        names
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_local_block_lands_under_its_digest_name_and_nothing_else_stays() {
         let (dir, store) = local_store();
-        let key = "orders/3/a.parquet";
-        let src = write_temp(b"x");
-        store.put_data(key, src.path(), 1).await.unwrap();
-        store.delete(key).await.unwrap();
-        assert!(!dir.path().join(key).exists());
-        store.delete(key).await.unwrap();
+        let data = b"hello blocks".repeat(500);
+        let name = write_block(&store, "orders/3", 0, 1000, &data).await;
+        assert_eq!(name, data_name(0, 1000, &sha256_hex(&data)));
+        let key = format!("orders/3/{name}");
+        assert_eq!(store.get(&key).await.unwrap().as_ref(), &data[..]);
+        assert_eq!(files_in(&dir.path().join("orders/3")), [name.clone()]);
+        assert_eq!(store.url_of(&key), format!("{}{key}", file_url(dir.path())));
+        // A retry with the same bytes finds them in place.
+        assert_eq!(write_block(&store, "orders/3", 0, 1000, &data).await, name);
+        assert_eq!(files_in(&dir.path().join("orders/3")), [name]);
     }
 
-    #[tokio::test]
-    async fn put_large_object_in_parts() {
-        let (_dir, store) = local_store();
-        let key = "t/0/big.parquet";
-        // Not a multiple of the part size, so the last part is short.
-        let data: Vec<u8> = (0..(MULTIPART_THRESHOLD as usize + 3 * PART_SIZE / 2 + 12_345))
-            .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
-            .collect();
-        let src = write_temp(&data);
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_unfinished_block_leaves_nothing_behind() {
+        let (dir, store) = local_store();
+        let mut writer = store.data_writer("t/0", 0, 10, Handle::current()).unwrap();
+        std::io::Write::write_all(&mut writer, b"half a block").unwrap();
+        drop(writer);
+        assert_eq!(files_in(&dir.path().join("t/0")), Vec::<String>::new());
 
-        store
-            .put_data(key, src.path(), data.len() as u64)
-            .await
-            .unwrap();
+        let (memory, store) = in_memory(UploadSettings {
+            multipart_threshold: 100,
+            part_size: 64,
+            parts_in_flight: 2,
+        });
+        let writer = store.data_writer("t/0", 0, 10, Handle::current()).unwrap();
+        tokio::task::spawn_blocking(move || {
+            let mut writer = writer;
+            std::io::Write::write_all(&mut writer, &[7; 1000]).unwrap();
+        })
+        .await
+        .unwrap();
+        let listed: Vec<ObjectMeta> = memory.list(None).try_collect().await.unwrap();
+        assert!(listed.is_empty(), "{listed:?}");
+    }
 
-        let got = store.get(key).await.unwrap();
-        assert_eq!(got.len(), data.len());
-        assert!(
-            got.as_ref() == &data[..],
-            "multipart upload corrupted the data"
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_small_block_is_put_whole_under_its_digest_name() {
+        let (_memory, store) = in_memory(UploadSettings::default());
+        let data = vec![42u8; 5000];
+        let name = write_block(&store, "t/0", 0, 10, &data).await;
+        assert_eq!(name, data_name(0, 10, &sha256_hex(&data)));
+        assert_eq!(
+            store.get(&format!("t/0/{name}")).await.unwrap().as_ref(),
+            &data[..]
         );
     }
 
-    #[tokio::test]
-    async fn put_data_rejects_a_file_of_unexpected_size() {
-        let (_dir, store) = local_store();
-        let src = write_temp(b"four");
-        let err = store.put_data("k", src.path(), 5).await.unwrap_err();
-        assert!(matches!(err, StoreError::SizeMismatch { .. }), "{err}");
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_block_over_the_threshold_is_uploaded_in_parts_as_it_is_written() {
+        let (_memory, store) = in_memory(UploadSettings {
+            multipart_threshold: 10_000,
+            part_size: 4096,
+            parts_in_flight: 2,
+        });
+        // Not a multiple of the part size, so the last part is short.
+        let data: Vec<u8> = (0..50_123u32)
+            .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+            .collect();
+        let name = write_block(&store, "t/0", 0, 10, &data).await;
+        // Named before its digest was known: not the digest name, and another attempt gets
+        // another name.
+        assert_ne!(name, data_name(0, 10, &sha256_hex(&data)));
+        assert!(
+            name.starts_with("00000000000000000000-00000000000000000010."),
+            "{name}"
+        );
+        let got = store.get(&format!("t/0/{name}")).await.unwrap();
+        assert!(
+            got.as_ref() == &data[..],
+            "the multipart upload corrupted the data"
+        );
+        assert_ne!(write_block(&store, "t/0", 0, 10, &data).await, name);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn delete_removes_an_object_and_a_missing_one_counts_as_removed() {
+        let (dir, store) = local_store();
+        let name = write_block(&store, "orders/3", 0, 1, b"x").await;
+        let key = format!("orders/3/{name}");
+        store.delete(&key).await.unwrap();
+        assert!(!dir.path().join(&key).exists());
+        store.delete(&key).await.unwrap();
     }
 
     #[test]
@@ -725,7 +745,7 @@ mod tests {
         assert!(!refused("500 Internal").to_string().contains("credentials"));
     }
 
-    #[tokio::test]
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn manifest_ranges_lists_the_partitions_blocks_from_an_offset_and_nothing_else() {
         let (_dir, store) = local_store();
         assert_eq!(store.manifest_ranges("t", 1, 0).await.unwrap(), []);
@@ -738,9 +758,7 @@ mod tests {
         }
         put(manifest_key("t", 2, 1000, 2000)).await;
         put(manifest_key("t-other", 1, 1000, 2000)).await;
-        let src = write_temp(b"data");
-        let data = format!("t/1/{}", data_name(1000, 1500, "ab"));
-        store.put_data(&data, src.path(), 4).await.unwrap();
+        write_block(&store, "t/1", 1000, 1500, b"data").await;
 
         assert_eq!(
             store.manifest_ranges("t", 1, 1000).await.unwrap(),

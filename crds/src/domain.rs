@@ -45,6 +45,13 @@ pub fn data_name(start: i64, end: i64, sha256: &str) -> String {
     format!("{}.{digest}.parquet", range_stem(start, end))
 }
 
+/// Name of a data object uploaded while it was being written (a block over the multipart
+/// threshold), before its digest was known: `token` is drawn at random for the attempt, so
+/// this name too is only ever written with one content.
+pub fn streamed_data_name(start: i64, end: i64, token: u64) -> String {
+    format!("{}.{token:016x}.parquet", range_stem(start, end))
+}
+
 /// The data object's name of a manifest written before data objects carried their digest.
 pub fn legacy_data_name(start: i64, end: i64) -> String {
     format!("{}.parquet", range_stem(start, end))

@@ -7,7 +7,6 @@ use k8s_openapi::api::core::v1::{
     Affinity, EnvVar, LocalObjectReference, ResourceRequirements, SecretKeySelector, Toleration,
     TopologySpreadConstraint,
 };
-use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::CustomResource;
@@ -265,9 +264,6 @@ mod defaults {
     pub fn target_queue_depth() -> i32 {
         2
     }
-    pub fn scratch_size_limit() -> super::Quantity {
-        super::Quantity("10Gi".into())
-    }
 }
 
 #[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
@@ -338,11 +334,6 @@ pub struct BuildersSpec {
     #[serde(default = "defaults::target_queue_depth")]
     #[schemars(range(min = 1))]
     pub target_queue_depth_per_builder: i32,
-    /// Size limit of the scratch volume (an `emptyDir`) where a builder stages the block it is
-    /// writing: one block at a time, so at least the largest block a job makes. The kubelet
-    /// evicts a builder that goes over it.
-    #[serde(default = "defaults::scratch_size_limit")]
-    pub scratch_size_limit: Quantity,
     /// Keeps voluntary disruptions (node drains) from taking down more builders at once than
     /// this allows. No PodDisruptionBudget when unset.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -67,9 +67,7 @@ pub fn builder_command(tb: &Testbed, ns: &str, pipeline: &str, id: &str) -> Comm
         format!("127.0.0.1:{}", free_port()),
     )
     .args(["--namespace", ns, "--pipeline", pipeline, "--identity", id])
-    .args(["--grace-period", "5", "--kafka-idle-timeout", "20"])
-    .arg("--work-dir")
-    .arg(tb.dir.join("scratch").join(ns).join(id));
+    .args(["--grace-period", "5", "--kafka-idle-timeout", "20"]);
     cmd
 }
 

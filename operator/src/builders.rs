@@ -224,9 +224,7 @@ pub fn deployment(
                         "readOnlyRootFilesystem": true,
                         "capabilities": {"drop": ["ALL"]},
                     },
-                    "volumeMounts": [{"name": "scratch", "mountPath": "/tmp/blocksmith-builder"}],
                 }],
-                "volumes": [{"name": "scratch", "emptyDir": {"sizeLimit": b.scratch_size_limit}}],
             },
         },
     });
@@ -656,7 +654,6 @@ mod tests {
             "imagePullSecrets": [{"name": "registry"}],
             "podLabels": {"team": "data"},
             "podAnnotations": {"example.com/owner": "data"},
-            "scratchSizeLimit": "20Gi",
         }));
         let b = p.spec.builders.clone().unwrap();
         let d = serde_json::to_value(deployment(&p, &b, false, "abc")).unwrap();
@@ -672,7 +669,8 @@ mod tests {
         assert_eq!(pod["topologySpreadConstraints"][0]["topologyKey"], "zone");
         assert_eq!(pod["priorityClassName"], "batch-low");
         assert_eq!(pod["imagePullSecrets"], json!([{"name": "registry"}]));
-        assert_eq!(pod["volumes"][0]["emptyDir"]["sizeLimit"], "20Gi");
+        // A builder writes its block straight to the output: no local volume.
+        assert_eq!(pod.get("volumes"), None);
         assert_eq!(pod["securityContext"]["runAsUser"], BUILDER_UID);
         assert_eq!(pod["securityContext"]["runAsNonRoot"], true);
         let labels = &template["metadata"]["labels"];
@@ -698,7 +696,6 @@ mod tests {
         ] {
             assert!(!pod.contains_key(unset), "{unset} in {pod:?}");
         }
-        assert_eq!(pod["volumes"][0]["emptyDir"]["sizeLimit"], "10Gi");
     }
 
     #[test]

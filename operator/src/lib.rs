@@ -29,6 +29,7 @@ pub mod planner;
 pub mod policy;
 pub mod reconcile;
 pub mod status;
+pub mod throttle;
 pub mod validate;
 
 #[cfg(test)]

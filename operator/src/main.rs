@@ -1,6 +1,6 @@
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use blocksmith_crds::domain::LABEL_PIPELINE;
 use blocksmith_crds::{BlockJob, BlockPipeline};
@@ -14,6 +14,7 @@ use blocksmith_operator::policy::{Policy, parse_label};
 use blocksmith_operator::reconcile::{
     Caches, Context, error_policy, forget_deleted_pipeline, reconcile,
 };
+use blocksmith_operator::throttle::Throttle;
 use blocksmith_runtime::shutdown_signal;
 use clap::{CommandFactory, Parser};
 use futures::{FutureExt, StreamExt};
@@ -91,8 +92,8 @@ struct Args {
     /// lease: a commit must end while the leader is sure it still leads.
     #[arg(long, env = "BLOCKSMITH_KAFKA_TIMEOUT", default_value_t = 5.0, value_parser = seconds)]
     kafka_timeout: f64,
-    /// Quiet period before a reconcile runs after a change, in milliseconds, so bursts of
-    /// job status updates cause one reconcile.
+    /// Least time between two reconciles of one pipeline, in milliseconds: a burst of job
+    /// status updates causes one reconcile, a steady stream one per this period.
     #[arg(long, env = "BLOCKSMITH_DEBOUNCE_MS", default_value_t = 500)]
     debounce_ms: u64,
     /// Disable leader election (only ever run one replica then).
@@ -352,7 +353,6 @@ impl Settings {
                 deployments,
                 watcher::Config::default().labels(LABEL_PIPELINE),
             )
-            .with_config(controller::Config::default().debounce(self.debounce))
             .shutdown_on_signal();
         let controller = match autoscalers {
             Some((api, resource, _)) => controller.owns_with(
@@ -366,8 +366,21 @@ impl Settings {
         let requeues = self.requeues.clone();
         let beats = self.metrics.health().clone();
         let for_gone = ctx.clone();
+        // Not kube-runtime's debounce, which a steady stream of job events postpones forever.
+        let throttle = Arc::new(Throttle::new(self.debounce));
+        let forget_throttle = throttle.clone();
+        let spaced = move |bp: Arc<BlockPipeline>, ctx: Arc<Context>| {
+            let wait = throttle.wait(
+                (ResourceExt::namespace(&*bp).unwrap_or_default(), bp.name_any()),
+                Instant::now(),
+            );
+            async move {
+                tokio::time::sleep(wait).await;
+                reconcile(bp, ctx).await
+            }
+        };
         Ok(controller
-            .run(reconcile, error_policy, ctx)
+            .run(spaced, error_policy, ctx)
             .for_each(move |res| {
                 let mut pending = requeues.lock().expect("requeues lock");
                 pending.observe(&res);
@@ -378,6 +391,7 @@ impl Settings {
                 }
                 drop(pending);
                 let gone_ctx = for_gone.clone();
+                let forget_throttle = forget_throttle.clone();
                 async move {
                     match res {
                         // The pipeline's deletion, or an event of its jobs, which garbage
@@ -385,6 +399,7 @@ impl Settings {
                         Err(controller::Error::ObjectNotFound(obj)) => {
                             debug!(object = %obj, "pipeline gone; forgetting it and releasing its jobs");
                             let ns = obj.namespace.clone().unwrap_or_default();
+                            forget_throttle.forget(&(ns.clone(), obj.name.clone()));
                             forget_deleted_pipeline(&gone_ctx, &ns, &obj.name).await;
                         }
                         Err(e) => warn!(error = %e, "reconcile"),

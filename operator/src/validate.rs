@@ -209,15 +209,6 @@ pub fn validate(spec: &BlockPipelineSpec) -> Result<(), InvalidSpec> {
                 "must be at least 1",
             ));
         }
-        if !is_positive_quantity(&b.scratch_size_limit.0) {
-            return Err(invalid(
-                "builders.scratchSizeLimit",
-                format!(
-                    "{:?} is not a positive Kubernetes quantity such as 10Gi or 500M",
-                    b.scratch_size_limit.0
-                ),
-            ));
-        }
         let own_labels = builder_labels("");
         if let Some(key) = b.pod_labels.keys().find(|k| own_labels.contains_key(*k)) {
             return Err(invalid(
@@ -235,21 +226,6 @@ pub fn validate(spec: &BlockPipelineSpec) -> Result<(), InvalidSpec> {
         }
     }
     Ok(())
-}
-
-/// A quantity as Kubernetes writes them (`10Gi`, `500M`, `1e9`), above zero.
-fn is_positive_quantity(q: &str) -> bool {
-    const SUFFIXES: [&str; 14] = [
-        "Ki", "Mi", "Gi", "Ti", "Pi", "Ei", "m", "k", "M", "G", "T", "P", "E", "",
-    ];
-    let digits_end = q
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(q.len());
-    let (number, suffix) = q.split_at(digits_end);
-    let exponent = suffix
-        .strip_prefix(['e', 'E'])
-        .is_some_and(|e| e.trim_start_matches(['+', '-']).parse::<u32>().is_ok());
-    number.parse::<f64>().is_ok_and(|n| n > 0.0) && (SUFFIXES.contains(&suffix) || exponent)
 }
 
 /// The pipeline's existing jobs must read the topic the spec names. A job's range is an
@@ -386,16 +362,6 @@ mod tests {
     }
 
     #[test]
-    fn quantities_are_read_as_kubernetes_writes_them() {
-        for good in ["10Gi", "500M", "1e9", "1.5Gi", "12345", "2E+3"] {
-            assert!(is_positive_quantity(good), "{good}");
-        }
-        for bad in ["", "Gi", "10 GB", "10GB", "-1Gi", "0", "1x"] {
-            assert!(!is_positive_quantity(bad), "{bad}");
-        }
-    }
-
-    #[test]
     fn each_rule_names_its_field() {
         type Mutation = fn(&mut BlockPipelineSpec);
         let cases: Vec<(Mutation, &str)> = vec![
@@ -457,14 +423,6 @@ mod tests {
             (
                 |s| s.output.max_record_bytes = Some(0),
                 "output.maxRecordBytes",
-            ),
-            (
-                |s| builders(s).scratch_size_limit.0 = "10 GB".into(),
-                "builders.scratchSizeLimit",
-            ),
-            (
-                |s| builders(s).scratch_size_limit.0 = "0".into(),
-                "builders.scratchSizeLimit",
             ),
             (
                 |s| {

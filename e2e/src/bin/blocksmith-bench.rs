@@ -372,6 +372,10 @@ fn run_group(
             continue;
         }
         let mut cmd = Command::new(std::env::current_exe()?);
+        // As the image sets it (images/Dockerfile): both modes, unless the caller set it.
+        if std::env::var_os("MALLOC_ARENA_MAX").is_none() {
+            cmd.env("MALLOC_ARENA_MAX", "2");
+        }
         cmd.arg("--mode")
             .arg(mode.to_possible_value().expect("not skipped").get_name())
             .args(["--bootstrap", bootstrap, "--topic", topic])
@@ -481,7 +485,6 @@ fn build_blocks(
     std::fs::create_dir_all(&blocks)?;
     let settings = BuildSettings {
         reader: ReaderConfig::new(bootstrap),
-        work_dir: out_dir.join("work"),
         upload: UploadSettings::default(),
     };
     let runtime = tokio::runtime::Runtime::new()?;

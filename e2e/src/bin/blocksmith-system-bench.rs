@@ -102,8 +102,6 @@ struct Args {
     ranges: Vec<String>,
     #[arg(long, hide = true)]
     out_url: Option<String>,
-    #[arg(long, hide = true)]
-    work_dir: Option<PathBuf>,
 }
 
 /// One job: `[start, end)` of a partition.
@@ -389,9 +387,7 @@ async fn system_run(bench: &Bench, n: usize, args: &Args) -> anyhow::Result<Run>
                 "--identity",
                 &id,
             ])
-            .args(["--metrics-addr", &format!("127.0.0.1:{port}")])
-            .arg("--work-dir")
-            .arg(tb.dir.join("scratch").join(&ns).join(&id));
+            .args(["--metrics-addr", &format!("127.0.0.1:{port}")]);
             bench.s3.point()(&mut cmd);
             Served {
                 proc: tb.spawn(&format!("{ns}-{id}"), cmd),
@@ -743,8 +739,6 @@ fn builder_only_run(bench: &Bench, n: usize, repeat: usize) -> anyhow::Result<Ru
             .args(["--cluster-id", &bench.cluster_id])
             .arg(format!("--ranges={}", share.join(",")))
             .arg(format!("--out-url=s3://blocksmith/{prefix}"))
-            .arg("--work-dir")
-            .arg(work.join(i.to_string()))
             .env("AWS_ENDPOINT", bench.s3.endpoint());
         children.push(
             cmd.stdout(Stdio::piped())
@@ -802,7 +796,6 @@ fn child(args: &Args) -> anyhow::Result<()> {
     let bootstrap = args.bootstrap.as_deref().context("--bootstrap")?;
     let topic = args.topic.as_deref().context("--topic")?;
     let url = args.out_url.as_deref().context("--out-url")?;
-    let work_dir = args.work_dir.clone().context("--work-dir")?;
     let mut ranges = Vec::new();
     for range in &args.ranges {
         let (partition, rest) = range.split_once(':').context("--ranges")?;
@@ -815,7 +808,6 @@ fn child(args: &Args) -> anyhow::Result<()> {
     }
     let settings = BuildSettings {
         reader: ReaderConfig::new(bootstrap),
-        work_dir,
         upload: UploadSettings::default(),
     };
     let runtime = tokio::runtime::Runtime::new()?;

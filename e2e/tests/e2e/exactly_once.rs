@@ -12,9 +12,8 @@ use kube::ResourceExt;
 use kube::api::{Api, DeleteParams, Patch, PatchParams};
 use serde_json::json;
 
-/// Bytes the S3 server on `port` has been sent but not read: a frozen server's pending
-/// requests.
-fn unread_bytes_at(port: u16) -> u64 {
+/// The established connections to `port`, as `ss` prints them (receive queue first).
+fn established_at(port: u16) -> Vec<String> {
     let out = std::process::Command::new("ss")
         .args(["-Htn", "state", "established"])
         .arg(format!("( sport = :{port} )"))
@@ -22,6 +21,19 @@ fn unread_bytes_at(port: u16) -> u64 {
         .expect("ss");
     String::from_utf8_lossy(&out.stdout)
         .lines()
+        .map(str::to_owned)
+        .collect()
+}
+
+fn connections_at(port: u16) -> usize {
+    established_at(port).len()
+}
+
+/// Bytes the S3 server on `port` has been sent but not read: a frozen server's pending
+/// requests.
+fn unread_bytes_at(port: u16) -> u64 {
+    established_at(port)
+        .iter()
         .filter_map(|l| l.split_whitespace().next()?.parse::<u64>().ok())
         .sum()
 }
@@ -51,13 +63,15 @@ async fn a_stale_builder_finishing_its_upload_never_replaces_a_committed_blocks_
     s.broker().set_round_trip_time(Duration::from_millis(500));
     let stale = s.spawn_builder_with("stale", held_up.point());
     let job = wait_for_a_job_on(&s.tb, &s.ns, &s.name, "stale").await;
-    let scratch = s.tb.dir.join("scratch").join(&s.ns).join("stale");
+    // Its check for an existing manifest is its first request to the store, on a connection
+    // it keeps for the upload; the read that follows takes seconds.
     wait_for(
-        "the stale builder reading",
+        "the stale builder's manifest check",
         Duration::from_secs(30),
-        || async { (!files(&scratch).is_empty()).then_some(()) },
+        || async { (connections_at(held_up.port) > 0).then_some(()) },
     )
     .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
     held_up.proc.signal("STOP");
     // (A block of 200 records of 100 bytes is over 20 KB, and fits the socket's buffers.)
     wait_for(

@@ -1064,3 +1064,48 @@ async fn builders_get_no_hpa_unless_the_operator_serves_their_metric() {
     assert_eq!(replicas().await, Some(3));
     assert!(hpas.get_opt("p-builder").await.unwrap().is_none());
 }
+
+/// A steady stream of job events (one builder finishing small jobs back to back, each a claim
+/// and a report) must not hold back the operator's reconciles: commits follow the jobs as
+/// they finish, not only once they all have. kube-runtime's debounce, which every event
+/// restarted, reconciled this pipeline twice in all: once to plan, once at the end.
+#[tokio::test]
+async fn commits_follow_finished_jobs_while_others_keep_finishing() {
+    let s = Scenario::new("op-steady")
+        .partitions(16)
+        .records(3_200)
+        .value_size(100)
+        .jobs(json!({"maxRecords": 50, "maxInFlightPerPartition": 4}))
+        .operator()
+        .builders(1)
+        .await;
+    let mut committed_early = false;
+    let mut most_unfinished = 0;
+    let deadline = Instant::now() + Duration::from_secs(180);
+    loop {
+        let committed: i64 = s.committed().await.values().sum();
+        if committed == 3_200 {
+            break;
+        }
+        let unfinished = s
+            .jobs()
+            .await
+            .iter()
+            .filter(|j| j.phase() != JobPhase::Succeeded)
+            .count();
+        most_unfinished = most_unfinished.max(unfinished);
+        // A quarter of the jobs still to do, and some offsets already committed.
+        committed_early |= committed > 0 && unfinished >= 16;
+        assert!(Instant::now() < deadline, "not all committed: {committed}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        most_unfinished >= 48,
+        "the jobs were planned together ({most_unfinished})"
+    );
+    assert!(
+        committed_early,
+        "nothing was committed while 16 or more jobs were unfinished"
+    );
+    s.wait_committed_then_audit(Duration::from_secs(60)).await;
+}

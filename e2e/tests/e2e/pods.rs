@@ -423,7 +423,7 @@ async fn the_chart_runs_blocksmith_as_pods_that_scale_fail_over_and_write_every_
         Some(serde_json::from_value(json!({"name": "s3"})).unwrap());
     // With the pod options a platform team sets, which the real node must honour: pinned to
     // the node by its hostname label, tolerating a taint, a PriorityClass, a disruption
-    // budget, a bounded scratch volume.
+    // budget.
     let node = Api::<k8s_openapi::api::core::v1::Node>::all(tb.client.clone())
         .list(&ListParams::default())
         .await
@@ -440,7 +440,6 @@ async fn the_chart_runs_blocksmith_as_pods_that_scale_fail_over_and_write_every_
             "priorityClassName": format!("{ns}-builders"),
             "podLabels": {"team": "data"},
             "podAnnotations": {"example.com/owner": "data"},
-            "scratchSizeLimit": "1Gi",
             "podDisruptionBudget": {"maxUnavailable": 1},
         }))
         .unwrap(),
@@ -475,13 +474,6 @@ async fn the_chart_runs_blocksmith_as_pods_that_scale_fail_over_and_write_every_
         let security = spec.security_context.as_ref().unwrap();
         assert_eq!(security.run_as_user, Some(65532));
         assert_eq!(security.run_as_non_root, Some(true));
-        let scratch = spec.volumes.iter().flatten().find(|v| v.name == "scratch");
-        assert_eq!(
-            scratch.and_then(|v| v.empty_dir.as_ref()?.size_limit.clone()),
-            Some(k8s_openapi::apimachinery::pkg::api::resource::Quantity(
-                "1Gi".into()
-            ))
-        );
         assert_eq!(p.labels().get("team").map(String::as_str), Some("data"));
         assert_eq!(
             p.annotations().get("example.com/owner").map(String::as_str),

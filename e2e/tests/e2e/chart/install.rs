@@ -344,9 +344,7 @@ async fn pipeline_runs_with_the_charts_identities(tb: &Testbed, other_ns: &str) 
             "--identity",
             &format!("{name}-{ns}-b"),
         ])
-        .args(["--metrics-addr", &format!("127.0.0.1:{}", free_port())])
-        .arg("--work-dir")
-        .arg(tb.dir.join("scratch").join(format!("{name}-{ns}")));
+        .args(["--metrics-addr", &format!("127.0.0.1:{}", free_port())]);
         builders.push(tb.spawn(&format!("{name}-{ns}-builder"), b));
     }
 
