@@ -151,8 +151,18 @@ async fn a_success_reported_without_a_block_commits_nothing_and_the_job_is_built
         0,
         "nothing committed over the forged job"
     );
-    // Built for real: the commit moves over both.
-    let claimed = builder.claim(&back).await.unwrap();
+    // Built for real: the commit moves over both. (The operator may still be writing the
+    // job, as a builder's claim can find: then it claims what it reads next.)
+    let mut back = back;
+    let claimed = loop {
+        match builder.claim(&back).await {
+            Ok(claimed) => break claimed,
+            Err(kube::Error::Api(e)) if e.code == 409 => {
+                back = s.job(&back.metadata.name).await.unwrap();
+            }
+            Err(e) => panic!("claim: {e}"),
+        }
+    };
     builder.succeed(&claimed, 2).await.unwrap();
     wait_for(
         "the commit over both jobs",
