@@ -32,6 +32,8 @@ pub const DEFAULT_ROW_GROUP_BYTES: usize = 64 * 1024 * 1024;
 
 /// Rows and payload bytes buffered in Arrow builders before they go to the Parquet writer.
 const BATCH_ROWS: usize = 4096;
+/// (1 MiB, for more overlap of reading and encoding within a block of a few MiB, cost more
+/// CPU with 10 KiB records than it saved; BENCHMARKS.md.)
 const BATCH_BYTES: usize = 4 * 1024 * 1024;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -223,7 +225,7 @@ impl<W: Write + Send + 'static> BlockWriter<W> {
     /// A writer that encodes on the caller's thread.
     pub fn new(sink: W, opts: &BlockOptions) -> Result<Self, BlockError> {
         let writer = Self::arrow_writer(sink, opts)?;
-        Ok(Self::with(Encoder::Inline(writer), opts))
+        Ok(Self::with(Encoder::Inline(Box::new(writer)), opts))
     }
 
     /// A writer that hands each batch to a thread of its own, which encodes, compresses and
@@ -312,7 +314,7 @@ impl<W: Write + Send + 'static> BlockWriter<W> {
     pub fn finish(mut self) -> Result<(W, BlockStats), BlockError> {
         self.write_batch()?;
         let writer = match self.encoder {
-            Encoder::Inline(writer) => writer,
+            Encoder::Inline(writer) => *writer,
             Encoder::Thread { batches, thread } => {
                 drop(batches);
                 join(thread)?
@@ -369,7 +371,7 @@ impl<W: Write + Send + 'static> BlockWriter<W> {
 }
 
 enum Encoder<W: Write + Send> {
-    Inline(ArrowWriter<HashingWriter<W>>),
+    Inline(Box<ArrowWriter<HashingWriter<W>>>),
     Thread {
         batches: std::sync::mpsc::SyncSender<RecordBatch>,
         thread: EncoderThread<W>,

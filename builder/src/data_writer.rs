@@ -150,8 +150,10 @@ impl DataWriter {
                 // block) holds these very bytes, and the rename replaces it atomically.
                 file.persist(&target)
                     .map_err(|e| local_err(&target, e.error))?;
-                // The rename, and any folder made for it, must survive a crash too.
-                for d in std::iter::once(&dir).chain(&created) {
+                // Any folder made for it must survive a crash too. The rename itself is made
+                // durable by the manifest's put into the same folder, which fsyncs it: until
+                // then no manifest names the object.
+                for d in &created {
                     sync_dir(d).map_err(|e| local_err(d, e))?;
                 }
                 if let Some(parent) = created.last().and_then(|d| d.parent()) {

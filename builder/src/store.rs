@@ -647,7 +647,10 @@ mod tests {
         assert_eq!(name, data_name(0, 1000, &sha256_hex(&data)));
         let key = format!("orders/3/{name}");
         assert_eq!(store.get(&key).await.unwrap().as_ref(), &data[..]);
-        assert_eq!(files_in(&dir.path().join("orders/3")), [name.clone()]);
+        assert_eq!(
+            files_in(&dir.path().join("orders/3")),
+            std::slice::from_ref(&name)
+        );
         assert_eq!(store.url_of(&key), format!("{}{key}", file_url(dir.path())));
         // A retry with the same bytes finds them in place.
         assert_eq!(write_block(&store, "orders/3", 0, 1000, &data).await, name);

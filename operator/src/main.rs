@@ -371,7 +371,10 @@ impl Settings {
         let forget_throttle = throttle.clone();
         let spaced = move |bp: Arc<BlockPipeline>, ctx: Arc<Context>| {
             let wait = throttle.wait(
-                (ResourceExt::namespace(&*bp).unwrap_or_default(), bp.name_any()),
+                (
+                    ResourceExt::namespace(&*bp).unwrap_or_default(),
+                    bp.name_any(),
+                ),
                 Instant::now(),
             );
             async move {
