@@ -49,7 +49,7 @@ pub struct DataWriter {
     end: i64,
     /// The first object-store error: `Write` can only report an `io::Error`, and the caller
     /// needs to know an outage (transient) from a bug.
-    failure: Arc<Mutex<Option<StoreError>>>,
+    failure: FailureSlot,
 }
 
 enum State {

@@ -20,6 +20,7 @@ pub mod datagen;
 pub mod fake_builder;
 pub mod forwarder;
 pub mod helm;
+pub mod host;
 pub mod kafka;
 pub mod metrics;
 pub mod pki;

@@ -28,6 +28,7 @@ use blocksmith_builder::store::UploadSettings;
 use blocksmith_crds::pipeline::{BlockFormat, Compression};
 use blocksmith_crds::{BlockJobSpec, JobOutputSpec};
 use blocksmith_e2e::datagen::{DataSpec, ValueSizes, produce};
+use blocksmith_e2e::host::{cpu_seconds, load_average, peak_rss_kib, round2, unix_seconds};
 use clap::{Parser, ValueEnum};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message;
@@ -293,16 +294,6 @@ struct Load {
     end: f64,
 }
 
-/// The 1-minute load average.
-fn load_average() -> anyhow::Result<f64> {
-    let loadavg = std::fs::read_to_string("/proc/loadavg")?;
-    Ok(loadavg
-        .split_whitespace()
-        .next()
-        .context("/proc/loadavg")?
-        .parse()?)
-}
-
 /// The ranges split into jobs of at most `job_records`.
 fn split_jobs(ranges: &[Range], job_records: i64) -> Vec<Range> {
     let step = job_records.max(1);
@@ -359,7 +350,7 @@ fn run_group(
         None => tempfile::tempdir()?,
     };
     let load_before = load_average()?;
-    let broker_cpu = cpu_seconds()?;
+    let broker_cpu = cpu_seconds("self")?;
     let mut children = Vec::new();
     for i in 0..n {
         let share: Vec<_> = jobs
@@ -401,7 +392,7 @@ fn run_group(
         let last = stdout.lines().last().context("child printed nothing")?;
         processes.push(serde_json::from_str::<Measured>(last)?);
     }
-    let broker_cpu_seconds = cpu_seconds()? - broker_cpu;
+    let broker_cpu_seconds = cpu_seconds("self")? - broker_cpu;
     let started = processes
         .iter()
         .map(|m| m.started_unix)
@@ -462,16 +453,10 @@ fn child(mode: Mode, args: &Args) -> anyhow::Result<()> {
     measured.finished_unix = unix_seconds();
     measured.started_unix = measured.finished_unix - measured.seconds;
     measured.jobs = jobs.len();
-    measured.peak_rss_kib = peak_rss_kib()?;
-    measured.cpu_seconds = cpu_seconds()?;
+    measured.peak_rss_kib = peak_rss_kib("self")?;
+    measured.cpu_seconds = cpu_seconds("self")?;
     println!("{}", serde_json::to_string(&measured)?);
     Ok(())
-}
-
-fn unix_seconds() -> f64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0.0, |d| d.as_secs_f64())
 }
 
 fn build_blocks(
@@ -576,42 +561,13 @@ fn consume_raw(bootstrap: &str, topic: &str, jobs: &[Range]) -> anyhow::Result<M
     Ok(measured)
 }
 
-/// The process's peak resident set size so far.
-fn peak_rss_kib() -> anyhow::Result<u64> {
-    let status = std::fs::read_to_string("/proc/self/status")?;
-    let line = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .context("no VmHWM in /proc/self/status")?;
-    Ok(line.trim().trim_end_matches("kB").trim().parse()?)
-}
-
 /// The median run of runs sorted by wall time.
 fn median(runs: &[Run]) -> &Run {
     &runs[runs.len() / 2]
 }
 
-fn round2(x: f64) -> f64 {
-    (x * 100.0).round() / 100.0
-}
-
 fn seconds(runs: &[Run]) -> Vec<f64> {
     runs.iter().map(|r| round2(r.total.seconds)).collect()
-}
-
-/// User + system time from `/proc/self/stat` (fields 14 and 15, in USER_HZ = 100 ticks/s).
-fn cpu_seconds() -> anyhow::Result<f64> {
-    let stat = std::fs::read_to_string("/proc/self/stat")?;
-    let fields: Vec<&str> = stat
-        .rsplit_once(')')
-        .context("/proc/self/stat")?
-        .1
-        .split_whitespace()
-        .collect();
-    let ticks = |i: usize| -> anyhow::Result<u64> {
-        Ok(fields.get(i).context("/proc/self/stat")?.parse()?)
-    };
-    Ok((ticks(11)? + ticks(12)?) as f64 / 100.0)
 }
 
 fn report(rows: &[Row], args: &Args, load: &Load) {

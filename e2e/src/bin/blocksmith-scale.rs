@@ -20,6 +20,7 @@ use blocksmith_crds::{BlockJob, BlockPipeline};
 use blocksmith_e2e::broker;
 use blocksmith_e2e::cluster::pipeline;
 use blocksmith_e2e::datagen::{DataSpec, ValueSizes, produce};
+use blocksmith_e2e::host::{cpu_seconds, peak_rss_kib};
 use blocksmith_e2e::metrics::{counter_sum, http_get, prometheus_samples};
 use blocksmith_e2e::procs::free_port;
 use clap::Parser;
@@ -384,28 +385,6 @@ fn etcd_metric(name: &str) -> anyhow::Result<f64> {
         .first()
         .map(|(_, v)| *v)
         .with_context(|| format!("etcd metric {name} missing"))
-}
-
-fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    // Fields after the parenthesised command name: utime and stime are the 12th and 13th.
-    let fields: Vec<&str> = stat
-        .rsplit_once(')')
-        .context("stat")?
-        .1
-        .split_whitespace()
-        .collect();
-    let ticks: f64 = fields[11].parse::<f64>()? + fields[12].parse::<f64>()?;
-    Ok(ticks / 100.0)
-}
-
-fn peak_rss_kib(pid: u32) -> anyhow::Result<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .context("VmHWM")
 }
 
 fn report(rows: &[Row], args: &Args) {

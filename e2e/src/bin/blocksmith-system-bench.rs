@@ -44,6 +44,7 @@ use blocksmith_e2e::Testbed;
 use blocksmith_e2e::broker::PrivateBroker;
 use blocksmith_e2e::cluster::{apply_pipeline, jobs};
 use blocksmith_e2e::datagen::{DataSpec, Produced, ValueSizes};
+use blocksmith_e2e::host::{cpu_seconds, load_average, round2, unix_seconds};
 use blocksmith_e2e::kafka::{high_watermarks, produce_data_to, watermarks};
 use blocksmith_e2e::metrics::counter_sum;
 use blocksmith_e2e::process::Proc;
@@ -608,13 +609,13 @@ struct Cpu {
 impl Cpu {
     fn read(operator: &Served, builders: &[u32], bench: &Bench) -> anyhow::Result<Cpu> {
         Ok(Cpu {
-            operator: cpu_seconds(&operator.proc.pid().to_string())?,
+            operator: cpu_seconds(operator.proc.pid())?,
             builders: builders
                 .iter()
-                .map(|p| cpu_seconds(&p.to_string()))
+                .map(cpu_seconds)
                 .sum::<anyhow::Result<f64>>()?,
-            broker: cpu_seconds(&bench.broker.proc.pid().to_string())?,
-            s3: cpu_seconds(&bench.s3.proc.pid().to_string())?,
+            broker: cpu_seconds(bench.broker.proc.pid())?,
+            s3: cpu_seconds(bench.s3.proc.pid())?,
         })
     }
 }
@@ -719,8 +720,8 @@ fn builder_only_run(bench: &Bench, n: usize, repeat: usize) -> anyhow::Result<Ru
     let prefix = format!("builder-only-{}-n{n}-{repeat}", bench.tag);
     let work = tb.dir.join("scratch").join(&prefix);
     let load_before = load_average()?;
-    let broker0 = cpu_seconds(&bench.broker.proc.pid().to_string())?;
-    let s30 = cpu_seconds(&bench.s3.proc.pid().to_string())?;
+    let broker0 = cpu_seconds(bench.broker.proc.pid())?;
+    let s30 = cpu_seconds(bench.s3.proc.pid())?;
     let mut children = Vec::new();
     for i in 0..n {
         let share: Vec<_> = bench
@@ -755,8 +756,8 @@ fn builder_only_run(bench: &Bench, n: usize, repeat: usize) -> anyhow::Result<Ru
         let last = stdout.lines().last().context("child printed nothing")?;
         processes.push(serde_json::from_str::<Child>(last)?);
     }
-    let broker_cpu_seconds = cpu_seconds(&bench.broker.proc.pid().to_string())? - broker0;
-    let s3_cpu_seconds = cpu_seconds(&bench.s3.proc.pid().to_string())? - s30;
+    let broker_cpu_seconds = cpu_seconds(bench.broker.proc.pid())? - broker0;
+    let s3_cpu_seconds = cpu_seconds(bench.s3.proc.pid())? - s30;
     let started = processes
         .iter()
         .map(|m| m.started_unix)
@@ -848,42 +849,6 @@ fn child(args: &Args) -> anyhow::Result<()> {
     measured.cpu_seconds = cpu_seconds("self")?;
     println!("{}", serde_json::to_string(&measured)?);
     Ok(())
-}
-
-fn unix_seconds() -> f64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0.0, |d| d.as_secs_f64())
-}
-
-/// The 1-minute load average.
-fn load_average() -> anyhow::Result<f64> {
-    let loadavg = std::fs::read_to_string("/proc/loadavg")?;
-    Ok(loadavg
-        .split_whitespace()
-        .next()
-        .context("/proc/loadavg")?
-        .parse()?)
-}
-
-/// User + system time of a process (`self` or a pid) from `/proc/<pid>/stat` (fields 14 and
-/// 15, in USER_HZ = 100 ticks/s).
-fn cpu_seconds(pid: &str) -> anyhow::Result<f64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    let fields: Vec<&str> = stat
-        .rsplit_once(')')
-        .context("/proc/<pid>/stat")?
-        .1
-        .split_whitespace()
-        .collect();
-    let ticks = |i: usize| -> anyhow::Result<u64> {
-        Ok(fields.get(i).context("/proc/<pid>/stat")?.parse()?)
-    };
-    Ok((ticks(11)? + ticks(12)?) as f64 / 100.0)
-}
-
-fn round2(x: f64) -> f64 {
-    (x * 100.0).round() / 100.0
 }
 
 /// The median run of runs sorted by wall time.
