@@ -19,6 +19,10 @@ pub struct Manifest {
     /// The Kafka cluster the offsets belong to, when the job recorded it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kafka_cluster_id: Option<String>,
+    /// The topic's id (KIP-516) when the job recorded one: a topic deleted and created
+    /// again under the same name has other records at the same offsets.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kafka_topic_id: Option<String>,
     /// The job's half-open range `[startOffset, endOffset)`; records may not fill it.
     pub start_offset: i64,
     pub end_offset: i64,
@@ -54,6 +58,7 @@ impl Manifest {
             topic: job.topic.clone(),
             partition: job.partition,
             kafka_cluster_id: job.kafka_cluster_id.clone(),
+            kafka_topic_id: job.kafka_topic_id.clone(),
             start_offset: job.start_offset,
             end_offset: job.end_offset,
             records: stats.records,
@@ -90,18 +95,26 @@ impl Manifest {
         self.data_name() == other.data_name()
     }
 
-    /// Refuses a block of another Kafka cluster found under this job's key: the same topic,
-    /// partition and offsets of another cluster are other records. Blocks or jobs that
-    /// recorded no cluster are taken as the same.
-    pub fn check_cluster(&self, job: &BlockJobSpec, url: &str) -> Result<(), OtherCluster> {
-        match (&self.kafka_cluster_id, &job.kafka_cluster_id) {
-            (Some(found), Some(job_cluster)) if found != job_cluster => Err(OtherCluster {
+    /// Refuses a block of another Kafka cluster, or of another topic of the same name (deleted
+    /// and created again), found under this job's key: the same topic name, partition and
+    /// offsets are other records there. Blocks or jobs that recorded no id are taken as the
+    /// same.
+    pub fn check_source(&self, job: &BlockJobSpec, url: &str) -> Result<(), OtherSource> {
+        let differ = |found: &Option<String>, want: &Option<String>, what| match (found, want) {
+            (Some(found), Some(want)) if found != want => Err(OtherSource {
                 url: url.to_owned(),
+                what,
                 found: found.clone(),
-                job_cluster: job_cluster.clone(),
+                job_source: want.clone(),
             }),
             _ => Ok(()),
-        }
+        };
+        differ(
+            &self.kafka_cluster_id,
+            &job.kafka_cluster_id,
+            "Kafka cluster",
+        )?;
+        differ(&self.kafka_topic_id, &job.kafka_topic_id, "topic id")
     }
 
     /// Pretty JSON with a trailing newline; field order is fixed, so equal manifests give
@@ -120,14 +133,16 @@ impl Manifest {
 
 #[derive(Debug, thiserror::Error)]
 #[error(
-    "{url} holds a block of Kafka cluster {found:?}, not of this job's cluster {job_cluster:?}: \
-     the same topic, partition and offsets of another cluster were written to this output \
+    "{url} holds a block of {what} {found:?}, not of this job's {what} {job_source:?}: the \
+     same topic name, partition and offsets of another {what} were written to this output \
      location before. Nothing was overwritten; give this pipeline its own spec.output.url"
 )]
-pub struct OtherCluster {
+pub struct OtherSource {
     url: String,
+    /// "Kafka cluster" or "topic id".
+    what: &'static str,
     found: String,
-    job_cluster: String,
+    job_source: String,
 }
 
 #[cfg(test)]
@@ -144,6 +159,7 @@ mod tests {
             end_offset: 130_000,
             bootstrap_servers: "kafka:9092".into(),
             kafka_cluster_id: None,
+            kafka_topic_id: None,
             lease_duration_seconds: 30,
             output: JobOutputSpec {
                 url: "s3://bucket/prefix".into(),
@@ -234,24 +250,47 @@ mod tests {
         let stats = BlockStats::default();
         let url = "s3://bucket/prefix/x.manifest.json";
         let a = Manifest::new(&spec(Some("A")), &stats);
-        assert!(a.check_cluster(&spec(Some("A")), url).is_ok());
-        assert!(a.check_cluster(&spec(None), url).is_ok());
+        assert!(a.check_source(&spec(Some("A")), url).is_ok());
+        assert!(a.check_source(&spec(None), url).is_ok());
         assert!(
             Manifest::new(&spec(None), &stats)
-                .check_cluster(&spec(Some("B")), url)
+                .check_source(&spec(Some("B")), url)
                 .is_ok()
         );
         let err = a
-            .check_cluster(&spec(Some("B")), url)
+            .check_source(&spec(Some("B")), url)
             .unwrap_err()
             .to_string();
         assert!(
-            err.starts_with("s3://bucket/prefix/x.manifest.json holds a block of Kafka cluster \"A\", not of this job's cluster \"B\""),
+            err.starts_with("s3://bucket/prefix/x.manifest.json holds a block of Kafka cluster \"A\", not of this job's Kafka cluster \"B\""),
             "{err}"
         );
         assert!(
             err.contains("give this pipeline its own spec.output.url"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn a_block_of_a_topic_deleted_and_created_again_is_refused() {
+        let spec = |topic_id: Option<&str>| BlockJobSpec {
+            kafka_cluster_id: Some("A".into()),
+            kafka_topic_id: topic_id.map(str::to_owned),
+            ..job()
+        };
+        let url = "file:///out/x.manifest.json";
+        let old = Manifest::new(&spec(Some("old-id")), &BlockStats::default());
+        assert!(old.check_source(&spec(Some("old-id")), url).is_ok());
+        assert!(old.check_source(&spec(None), url).is_ok());
+        let err = old
+            .check_source(&spec(Some("new-id")), url)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("file:///out/x.manifest.json holds a block of topic id \"old-id\", not of this job's topic id \"new-id\""),
+            "{err}"
+        );
+        let json = String::from_utf8(old.to_bytes()).unwrap();
+        assert!(json.contains("\"kafkaTopicId\": \"old-id\""), "{json}");
     }
 }

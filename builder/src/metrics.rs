@@ -83,7 +83,7 @@ impl BuilderMetrics {
             BuildError::Block(_) => "parquet",
             BuildError::Store(_) => "object_store",
             BuildError::RecordTooLarge(_) => "record_too_large",
-            BuildError::OtherCluster(_) => "other_cluster",
+            BuildError::OtherSource(_) => "other_source",
             BuildError::Io(_) => "io",
             BuildError::Cancelled => "cancelled",
         };

@@ -12,6 +12,7 @@ use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use blocksmith_runtime::kafka::{
     ConnectionError, ConnectionErrors, is_auth_failure, is_unrecoverable,
 };
+use blocksmith_runtime::topic_id::topic_id;
 
 use crate::headers::raw_headers;
 use crate::record::Record;
@@ -23,6 +24,9 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 #[derive(Clone)]
 pub struct ReaderConfig {
     pub bootstrap_servers: String,
+    /// The topic's id (KIP-516) the range was planned in, when known: a topic of the same
+    /// name with another id (deleted and created again) is refused before reading.
+    pub topic_id: Option<String>,
     /// Extra librdkafka client properties (`security.protocol`, `sasl.*`, `isolation.level`,
     /// ...). They cannot override the settings that make the read exact (no group, no commit,
     /// no offset reset).
@@ -37,6 +41,7 @@ impl std::fmt::Debug for ReaderConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ReaderConfig")
             .field("bootstrap_servers", &self.bootstrap_servers)
+            .field("topic_id", &self.topic_id)
             .field(
                 "extra",
                 &blocksmith_runtime::kafka::PropertyNames(&self.extra),
@@ -51,6 +56,7 @@ impl ReaderConfig {
     pub fn new(bootstrap_servers: impl Into<String>) -> Self {
         ReaderConfig {
             bootstrap_servers: bootstrap_servers.into(),
+            topic_id: None,
             extra: Vec::new(),
             poll_timeout: Duration::from_millis(500),
             idle_timeout: Duration::from_secs(60),
@@ -92,6 +98,18 @@ pub enum ReadError {
         #[source]
         source: Box<KafkaError>,
         last_error: Option<Box<ConnectionError>>,
+    },
+
+    #[error(
+        "{topic}[{partition}]: the topic was deleted and created again since the job was \
+         planned: its id is {found:?}, the job's {planned:?}. Its offsets count other records; \
+         the pipeline reports TopicRecreated with what to do"
+    )]
+    TopicRecreated {
+        topic: String,
+        partition: i32,
+        planned: String,
+        found: String,
     },
 
     #[error("{topic}[{partition}]: topic or partition does not exist")]
@@ -399,10 +417,37 @@ fn check_partition(
             .kafka(source));
         }
     }
-    if found.partitions().iter().any(|p| p.id() == partition) {
-        Ok(())
-    } else {
-        Err(not_found())
+    if !found.partitions().iter().any(|p| p.id() == partition) {
+        return Err(not_found());
+    }
+    check_topic_id(consumer, cfg, topic, partition)
+}
+
+/// Refuses a topic whose id is not the one the job was planned in (see
+/// [`ReaderConfig::topic_id`]). A broker that reports no id passes.
+fn check_topic_id(
+    consumer: &BaseConsumer<ConnectionErrors>,
+    cfg: &ReaderConfig,
+    topic: &str,
+    partition: i32,
+) -> Result<(), ReadError> {
+    let Some(planned) = &cfg.topic_id else {
+        return Ok(());
+    };
+    let timeout = REQUEST_TIMEOUT.min(cfg.idle_timeout);
+    match topic_id(consumer.client(), topic, timeout) {
+        Ok(Some(found)) if found != *planned => Err(ReadError::TopicRecreated {
+            topic: topic.to_owned(),
+            partition,
+            planned: planned.clone(),
+            found,
+        }),
+        Ok(_) => Ok(()),
+        Err(source) => Err(ReadError::Unreachable {
+            bootstrap: cfg.bootstrap_servers.clone(),
+            source: Box::new(source),
+            last_error: consumer.context().take_latest().map(Box::new),
+        }),
     }
 }
 
@@ -839,6 +884,30 @@ mod tests {
                 assert!(!err.is_transient(), "a person must fix it: {err}");
             }
             other => panic!("expected TopicNotFound, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_topic_of_another_id_is_refused_and_its_own_id_read() {
+        let cluster = cluster_with(10);
+        let admin = producer(&cluster);
+        let own = topic_id(admin.client(), TOPIC, Duration::from_secs(10))
+            .unwrap()
+            .expect("the mock cluster reports topic ids");
+        let with_id = |id: &str| ReaderConfig {
+            topic_id: Some(id.to_owned()),
+            ..config(&cluster)
+        };
+        assert_eq!(read(&with_id(&own), 0, 10).0.len(), 10);
+        match read(&with_id("AAAAAAAAAAAAAAAAAAAAAQ"), 0, 10) {
+            (records, Err(TestError::Read(err @ ReadError::TopicRecreated { .. }))) => {
+                assert!(records.is_empty());
+                assert!(!err.is_transient(), "a person must act: {err}");
+                let msg = err.to_string();
+                assert!(msg.contains("deleted and created again"), "{msg}");
+                assert!(msg.contains(&own), "{msg}");
+            }
+            other => panic!("expected TopicRecreated, got {other:?}"),
         }
     }
 

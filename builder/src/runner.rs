@@ -11,7 +11,7 @@ use blocksmith_crds::{BlockJobSpec, JobOutput};
 use tracing::{info, warn};
 
 use crate::block::{BlockError, BlockOptions, BlockWriter};
-use crate::manifest::{Manifest, OtherCluster};
+use crate::manifest::{Manifest, OtherSource};
 use crate::reader::{ReadError, ReaderConfig, read_range};
 use crate::record::{RecordTooLarge, check_size, record_limit};
 use crate::store::{BlockStore, ManifestPut, StoreError, UploadSettings};
@@ -27,7 +27,7 @@ pub enum BuildError {
     #[error(transparent)]
     RecordTooLarge(#[from] RecordTooLarge),
     #[error(transparent)]
-    OtherCluster(#[from] OtherCluster),
+    OtherSource(#[from] OtherSource),
     #[error("{0}")]
     Io(#[from] std::io::Error),
     #[error("cancelled")]
@@ -73,7 +73,7 @@ pub async fn build_block(
     // An earlier attempt may have committed the block and died before reporting. Report that
     // block rather than build another that would only be thrown away.
     if let Some(m) = store.existing_manifest(&manifest_at).await? {
-        m.check_cluster(job, &store.url_of(&manifest_at))?;
+        m.check_source(job, &store.url_of(&manifest_at))?;
         info!(
             topic = %job.topic, partition = job.partition, start = job.start_offset, end = job.end_offset,
             records = m.records, "block already committed by an earlier attempt; reporting it"
@@ -103,6 +103,7 @@ pub async fn build_block(
     let built = {
         let mut reader = settings.reader.clone();
         reader.bootstrap_servers = job.bootstrap_servers.clone();
+        reader.topic_id = job.kafka_topic_id.clone();
         let opts = BlockOptions::from_job(&job.output);
         let limit = record_limit(job.output.max_record_bytes);
         let name = job_name(&job.pipeline, job.partition, job.start_offset);
@@ -156,6 +157,7 @@ pub async fn build_block(
         // The same bytes committed by another attempt under its own name (a block uploaded
         // in parts is named at random): that object is the block's.
         if let (Ok(ManifestPut::AlreadyCommitted), Some(committed)) = (&put, committed) {
+            committed.check_source(job, &store.url_of(&manifest_at))?;
             data = format!("{folder}/{}", committed.data_name());
         }
     }

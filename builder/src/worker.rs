@@ -354,6 +354,7 @@ mod tests {
                 end_offset: 10,
                 bootstrap_servers: "kafka:9092".into(),
                 kafka_cluster_id: None,
+                kafka_topic_id: None,
                 lease_duration_seconds,
                 output: JobOutputSpec {
                     url: "file:///tmp/blocks".into(),

@@ -46,6 +46,11 @@ pub struct BlockJobSpec {
     /// when the job was planned: offsets of another cluster are never committed for it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kafka_cluster_id: Option<String>,
+    /// The topic's id (KIP-516) when the job was planned, where the brokers report one: a
+    /// topic deleted and created again under the same name has another id, and its records
+    /// are never written or taken for this job's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kafka_topic_id: Option<String>,
     /// Copied from the pipeline: how long a builder's lease lasts without renewal.
     #[schemars(range(min = 3))]
     pub lease_duration_seconds: i32,

@@ -399,6 +399,21 @@ pub struct BlockPipelineStatus {
     pub failed_jobs: i64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_commit_time: Option<Time>,
+    /// The topic whose records the committed offsets count and the output's blocks hold,
+    /// where the brokers report topic ids.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub topic: Option<TopicIdentity>,
+}
+
+/// Which topic of `spec.kafka.topic`'s name a pipeline writes to which output.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TopicIdentity {
+    /// The topic's id (KIP-516), in the base64 form Kafka's tools print.
+    pub id: String,
+    /// The `spec.output.url` its blocks go to. A topic of another id is written only to
+    /// another output: their blocks' keys would be the same.
+    pub output_url: String,
 }
 
 #[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]

@@ -28,6 +28,7 @@ pub enum Reason {
     CommitRefused,
     OffsetOutOfRange,
     CommittedBeyondLog,
+    TopicRecreated,
     JobFailed,
     BlockUnconfirmed,
     OutputUnreadable,
@@ -78,6 +79,7 @@ impl Reason {
                 | Reason::CommitRefused
                 | Reason::OffsetOutOfRange
                 | Reason::CommittedBeyondLog
+                | Reason::TopicRecreated
                 | Reason::JobFailed
                 | Reason::BlockUnconfirmed
                 | Reason::OutputUnreadable
@@ -130,6 +132,12 @@ impl Reason {
                 "the group's committed offset is past the end of the partition's log (topic \
                  re-created or log truncated); the partition waits until the offset is reset, \
                  best with a new `spec.output.url`"
+            }
+            Reason::TopicRecreated => {
+                "`spec.kafka.topic` was deleted and created again (its topic id changed): its \
+                 offsets count other records. Nothing is planned or committed until \
+                 `spec.output.url` names a new output, after the group's offsets are reset for \
+                 the new topic"
             }
             Reason::JobFailed => {
                 "a job used up `spec.jobs.backoffLimit` attempts; its partition's commit waits \
@@ -196,14 +204,14 @@ mod tests {
 
     #[test]
     fn names_are_the_variants() {
-        assert_eq!(Reason::all().count(), 24);
+        assert_eq!(Reason::all().count(), 25);
         assert_eq!(Reason::JobFailed.as_str(), "JobFailed");
         assert_eq!(Reason::InvalidSpec.to_string(), "InvalidSpec");
         let problems: Vec<&str> = Reason::all()
             .filter(|r| r.is_problem())
             .map(Reason::as_str)
             .collect();
-        assert_eq!(problems.len(), 14, "{problems:?}");
+        assert_eq!(problems.len(), 15, "{problems:?}");
     }
 
     #[test]

@@ -106,6 +106,17 @@ pub fn commit_offsets(bootstrap: &str, group: &str, topic: &str, offsets: &BTree
     consumer.commit(&tpl, CommitMode::Sync).expect("commit");
 }
 
+/// The topic's id (KIP-516) as the broker reports it.
+pub fn topic_id(bootstrap: &str, topic: &str) -> String {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .create()
+        .expect("consumer");
+    blocksmith_runtime::topic_id::topic_id(consumer.client(), topic, Duration::from_secs(10))
+        .expect("topic id")
+        .expect("the broker reports topic ids")
+}
+
 /// A partition's low and high watermarks (first offset still stored, next offset written).
 pub fn watermarks(bootstrap: &str, topic: &str, partition: i32) -> (i64, i64) {
     let consumer: BaseConsumer = ClientConfig::new()

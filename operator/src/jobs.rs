@@ -161,7 +161,7 @@ impl JobStore {
             start: deleted.spec.start_offset,
             end: deleted.spec.end_offset,
         };
-        let spec = job_spec(bp, &range, deleted.spec.kafka_cluster_id.clone());
+        let spec = job_spec(bp, &range, &KafkaIds::of(&deleted.spec));
         let mut job = desired_job(bp, spec, JobPhase::Pending);
         job.metadata.name = Some(replacement_name(&deleted.name_any()));
         self.create(&job).await.map(|_| ())
@@ -231,13 +231,25 @@ pub fn desired_job(bp: &BlockPipeline, spec: BlockJobSpec, phase: JobPhase) -> B
     job
 }
 
-/// The immutable spec of a newly planned job: the range, the cluster it counts offsets of,
-/// and the pipeline's output settings as they are now.
-pub fn job_spec(
-    bp: &BlockPipeline,
-    planned: &PlannedJob,
-    kafka_cluster_id: Option<String>,
-) -> BlockJobSpec {
+/// The Kafka cluster and topic whose offsets a job counts, as the brokers report them.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct KafkaIds {
+    pub cluster: Option<String>,
+    pub topic: Option<String>,
+}
+
+impl KafkaIds {
+    pub fn of(job: &BlockJobSpec) -> Self {
+        Self {
+            cluster: job.kafka_cluster_id.clone(),
+            topic: job.kafka_topic_id.clone(),
+        }
+    }
+}
+
+/// The immutable spec of a newly planned job: the range, the cluster and topic it counts
+/// offsets of, and the pipeline's output settings as they are now.
+pub fn job_spec(bp: &BlockPipeline, planned: &PlannedJob, ids: &KafkaIds) -> BlockJobSpec {
     let o = &bp.spec.output;
     BlockJobSpec {
         pipeline: bp.name_any(),
@@ -246,7 +258,8 @@ pub fn job_spec(
         start_offset: planned.start,
         end_offset: planned.end,
         bootstrap_servers: bp.spec.kafka.bootstrap_servers.clone(),
-        kafka_cluster_id,
+        kafka_cluster_id: ids.cluster.clone(),
+        kafka_topic_id: ids.topic.clone(),
         lease_duration_seconds: bp.spec.jobs.lease_duration_seconds,
         output: JobOutputSpec {
             url: o.url.clone(),

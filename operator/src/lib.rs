@@ -30,6 +30,7 @@ pub mod policy;
 pub mod reconcile;
 pub mod status;
 pub mod throttle;
+pub mod topic_identity;
 pub mod validate;
 
 #[cfg(test)]

@@ -299,11 +299,12 @@ pub struct Source<'a> {
     pub pipeline_uid: Option<&'a str>,
     pub topic: &'a str,
     pub kafka_cluster_id: Option<&'a str>,
+    pub kafka_topic_id: Option<&'a str>,
 }
 
 /// Whether a deleted job's range must come back. Not when its range is committed, nor when
 /// it belongs to another pipeline of the same name (deleted and re-created), another topic
-/// or another Kafka cluster (the user moved the pipeline and deleted the old jobs, as the
+/// (by name, or by id: deleted and created again) or another Kafka cluster (the user moved the pipeline and deleted the old jobs, as the
 /// `InvalidSpec` message tells them).
 pub fn on_deletion(job: &BlockJob, source: &Source, committed: Option<i64>) -> Deleted {
     let other_pipeline = match (pipeline_uid(job), source.pipeline_uid) {
@@ -317,8 +318,13 @@ pub fn on_deletion(job: &BlockJob, source: &Source, committed: Option<i64>) -> D
         (Some(a), Some(b)) => a != b,
         _ => false,
     };
+    let other_topic_id = match (job.spec.kafka_topic_id.as_deref(), source.kafka_topic_id) {
+        (Some(a), Some(b)) => a != b,
+        _ => false,
+    };
+    let other_topic = job.spec.topic != source.topic || other_topic_id;
     let committed = committed.is_some_and(|c| job.spec.end_offset <= c);
-    if other_pipeline || job.spec.topic != source.topic || other_cluster || committed {
+    if other_pipeline || other_topic || other_cluster || committed {
         Deleted::Release
     } else {
         Deleted::Replace
@@ -402,6 +408,7 @@ mod tests {
         let mut job = crate::testing::job(0, 1000, 2000);
         job.spec.topic = "orders".into();
         job.spec.kafka_cluster_id = Some("c1".into());
+        job.spec.kafka_topic_id = Some("t1".into());
         job.metadata.owner_references = Some(vec![OwnerReference {
             uid: "u1".into(),
             controller: Some(true),
@@ -411,6 +418,7 @@ mod tests {
             pipeline_uid: Some("u1"),
             topic: "orders",
             kafka_cluster_id: Some("c1"),
+            kafka_topic_id: Some("t1"),
         };
         assert_eq!(on_deletion(&job, &source, Some(1000)), Deleted::Replace);
         assert_eq!(on_deletion(&job, &source, None), Deleted::Replace);
@@ -426,6 +434,11 @@ mod tests {
             },
             Source {
                 kafka_cluster_id: Some("c2"),
+                ..source
+            },
+            // The topic deleted and created again.
+            Source {
+                kafka_topic_id: Some("t2"),
                 ..source
             },
         ];

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use blocksmith_crds::BlockPipeline;
 
+use crate::jobs::KafkaIds;
 use crate::kafka::{KafkaConnection, KafkaError, KafkaOffsets};
 use crate::leader::Leadership;
 use crate::planner::PartitionOffsets;
@@ -23,6 +24,7 @@ pub struct KafkaRead {
     client: Arc<KafkaOffsets>,
     fence: Option<Fence>,
     pub cluster_id: Option<String>,
+    pub topic_id: Option<String>,
     pub offsets: Vec<PartitionOffsets>,
 }
 
@@ -62,7 +64,7 @@ impl OffsetClients {
         self.clients.lock().expect("clients lock").remove(key);
     }
 
-    /// The cluster id and the offsets of the pipeline's partitions; `key` names the pipeline.
+    /// The cluster and topic ids and the offsets of the pipeline's partitions; `key` names the pipeline.
     pub async fn read(
         &self,
         key: &str,
@@ -73,9 +75,10 @@ impl OffsetClients {
         let topic = bp.spec.kafka.topic.clone();
         let subset = bp.spec.kafka.partitions.clone();
         let k = client.clone();
-        let (cluster_id, offsets) = tokio::task::spawn_blocking(move || {
+        let (cluster_id, topic_id, offsets) = tokio::task::spawn_blocking(move || {
             let partitions = k.partitions(&topic, subset.as_deref())?;
-            Ok::<_, KafkaError>((k.cluster_id(), k.offsets(&topic, &partitions)?))
+            let topic_id = k.topic_id(&topic)?;
+            Ok::<_, KafkaError>((k.cluster_id(), topic_id, k.offsets(&topic, &partitions)?))
         })
         .await
         .map_err(|e| KafkaError::Unavailable(e.to_string()))??;
@@ -83,6 +86,7 @@ impl OffsetClients {
             client,
             fence: self.fence.clone(),
             cluster_id,
+            topic_id,
             offsets,
         })
     }
@@ -101,6 +105,14 @@ impl OffsetClients {
 }
 
 impl KafkaRead {
+    /// The cluster and topic ids read, for the jobs planned from this reading.
+    pub fn ids(&self) -> KafkaIds {
+        KafkaIds {
+            cluster: self.cluster_id.clone(),
+            topic: self.topic_id.clone(),
+        }
+    }
+
     /// Commits those of `offsets` that move the pipeline's consumer group forward (see
     /// [`KafkaOffsets::commit`]); returns what was committed.
     pub async fn commit(

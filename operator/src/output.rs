@@ -38,8 +38,8 @@ pub enum OutputError {
     Store(#[from] StoreError),
 }
 
-/// Whether `manifest` vouches for `job`'s range: the same topic, partition, range and Kafka
-/// cluster (when both recorded one), and no more records than the range has offsets.
+/// Whether `manifest` vouches for `job`'s range: the same topic, partition, range, Kafka
+/// cluster and topic id (when both recorded one), and no more records than the range has offsets.
 pub fn vouches_for(manifest: &Manifest, job: &BlockJobSpec) -> Result<(), String> {
     let range = job.end_offset - job.start_offset;
     let mismatch = |what: &str, found: String, want: String| {
@@ -63,6 +63,11 @@ pub fn vouches_for(manifest: &Manifest, job: &BlockJobSpec) -> Result<(), String
         && found != want
     {
         return mismatch("Kafka cluster", format!("{found:?}"), format!("{want:?}"));
+    }
+    if let (Some(found), Some(want)) = (&manifest.kafka_topic_id, &job.kafka_topic_id)
+        && found != want
+    {
+        return mismatch("topic id", format!("{found:?}"), format!("{want:?}"));
     }
     if !(0..=range).contains(&manifest.records) {
         return Err(format!(

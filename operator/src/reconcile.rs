@@ -26,7 +26,7 @@ use crate::builder_health::{builder_troubles, troubles_message};
 use crate::builders::{self, deployment_name};
 use crate::committer::{next_commits, refresh_due};
 use crate::conditions::{Observed, Problem};
-use crate::jobs::{self, JobStore};
+use crate::jobs::{self, JobStore, KafkaIds};
 use crate::kafka::{self, KafkaError};
 use crate::lifecycle::{
     Deleted, FinishedJob, JobAction, JobCounts, Reset, Source, job_action, jobs_to_delete,
@@ -41,6 +41,7 @@ use crate::planner::{
 };
 use crate::policy::secret_references;
 use crate::status;
+use crate::topic_identity;
 use crate::validate::{
     InvalidSpec, validate, validate_cluster_unchanged, validate_name, validate_topic_unchanged,
 };
@@ -173,6 +174,7 @@ impl<'a> Pass<'a> {
         let status = BlockPipelineStatus {
             observed_generation: bp.metadata.generation,
             last_commit_time: old.last_commit_time.clone(),
+            topic: old.topic.clone(),
             ..Default::default()
         };
         Self {
@@ -238,14 +240,16 @@ impl<'a> Pass<'a> {
         let mut committed = BTreeMap::new();
         if let Some(mut kafka) = self.read_kafka(&jobs).await? {
             self.keep_deleted_ranges(&deleted, &kafka).await?;
-            let unconfirmed = self.confirm_blocks(&jobs, &kafka).await?;
-            let mut ranges = job_ranges_where(&jobs, |j| {
-                j.phase() == JobPhase::Succeeded && !unconfirmed.contains(&j.name_any())
-            });
-            add_deleted_ranges(&mut ranges, &deleted);
-            self.commit_durable_prefixes(&mut kafka, &ranges).await;
-            self.plan(&kafka, &ranges, &policy).await?;
-            committed = kafka.committed();
+            if self.check_topic(&jobs, &kafka) {
+                let unconfirmed = self.confirm_blocks(&jobs, &kafka).await?;
+                let mut ranges = job_ranges_where(&jobs, |j| {
+                    j.phase() == JobPhase::Succeeded && !unconfirmed.contains(&j.name_any())
+                });
+                add_deleted_ranges(&mut ranges, &deleted);
+                self.commit_durable_prefixes(&mut kafka, &ranges).await;
+                self.plan(&kafka, &ranges, &policy).await?;
+                committed = kafka.committed();
+            }
         }
         self.mark_busy_builders(&jobs).await?;
         self.clean_up_history(&jobs, &committed).await?;
@@ -397,6 +401,7 @@ impl<'a> Pass<'a> {
             pipeline_uid: self.bp.metadata.uid.as_deref(),
             topic: &self.bp.spec.kafka.topic,
             kafka_cluster_id: kafka.cluster_id.as_deref(),
+            kafka_topic_id: kafka.topic_id.as_deref(),
         };
         for job in deleted {
             let decision = on_deletion(job, &source, committed.get(&job.spec.partition).copied());
@@ -411,6 +416,41 @@ impl<'a> Pass<'a> {
             }
         }
         Ok(())
+    }
+
+    /// Records which topic the pipeline writes (see [`topic_identity::check`]). Returns
+    /// false, with the `TopicRecreated` problem, when the topic was deleted and created again
+    /// and nothing may be planned or committed.
+    fn check_topic(&mut self, jobs: &[BlockJob], kafka: &KafkaRead) -> bool {
+        let recorded = topic_identity::Recorded {
+            status: self.old.topic.as_ref(),
+            jobs: jobs
+                .iter()
+                .map(|j| (j.spec.kafka_topic_id.as_deref(), j.spec.output.url.as_str()))
+                .collect(),
+        };
+        let spec = &self.bp.spec;
+        let checked = topic_identity::check(
+            &recorded,
+            kafka.topic_id.as_deref(),
+            &spec.kafka.topic,
+            &spec.output.url,
+        );
+        self.status.topic = checked.identity;
+        let Some(message) = checked.recreated else {
+            return true;
+        };
+        warn!(namespace = %self.ns, pipeline = %self.name, %message, "topic re-created");
+        // The cause of whatever else fails (a job of the old topic): named first.
+        self.observed.problems.insert(
+            0,
+            Problem {
+                reason: Reason::TopicRecreated,
+                message,
+            },
+        );
+        self.status.partitions = self.old.partitions.clone();
+        false
     }
 
     /// Applies the job's lifecycle [`reset`] and keeps its phase label in sync. Returns the
@@ -597,7 +637,7 @@ impl<'a> Pass<'a> {
         let mut plan = plan_over(&WrittenBlocks::new());
         let reads = output_reads(&plan, &self.old.partitions, policy.max_records);
         if !reads.is_empty() {
-            match self.read_written_blocks(&reads, &kafka.cluster_id).await {
+            match self.read_written_blocks(&reads, &kafka.ids()).await {
                 Ok(written) => plan = plan_over(&written),
                 Err(e) => {
                     plan.hold(&reads);
@@ -625,7 +665,7 @@ impl<'a> Pass<'a> {
         {
             return Ok(());
         }
-        self.create_jobs(&plan.new_jobs, &kafka.cluster_id).await?;
+        self.create_jobs(&plan.new_jobs, &kafka.ids()).await?;
         Ok(())
     }
 
@@ -633,7 +673,7 @@ impl<'a> Pass<'a> {
     async fn read_written_blocks(
         &self,
         reads: &BTreeMap<i32, i64>,
-        cluster_id: &Option<String>,
+        ids: &KafkaIds,
     ) -> Result<WrittenBlocks, OutputError> {
         let settings = output::settings(&self.ctx.client, self.bp).await?;
         let spec_of = |partition, start, end| {
@@ -642,7 +682,7 @@ impl<'a> Pass<'a> {
                 start,
                 end,
             };
-            jobs::job_spec(self.bp, &range, cluster_id.clone())
+            jobs::job_spec(self.bp, &range, ids)
         };
         let (url, topic) = (&self.bp.spec.output.url, &self.bp.spec.kafka.topic);
         let written = output::written_blocks(url, &settings, topic, reads, spec_of).await?;
@@ -693,7 +733,7 @@ impl<'a> Pass<'a> {
     async fn create_jobs(
         &mut self,
         new_jobs: &[PlannedJob],
-        cluster_id: &Option<String>,
+        ids: &KafkaIds,
     ) -> Result<(), kube::Error> {
         if !new_jobs.is_empty() {
             info!(namespace = %self.ns, pipeline = %self.name, jobs = new_jobs.len(), "planning jobs");
@@ -702,7 +742,7 @@ impl<'a> Pass<'a> {
             let planned: Vec<BlockJob> = chunk
                 .iter()
                 .map(|p| {
-                    let spec = jobs::job_spec(self.bp, p, cluster_id.clone());
+                    let spec = jobs::job_spec(self.bp, p, ids);
                     jobs::desired_job(self.bp, spec, JobPhase::Pending)
                 })
                 .collect();

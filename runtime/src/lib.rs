@@ -9,6 +9,7 @@ pub mod metrics;
 mod shutdown;
 #[cfg(feature = "test-support")]
 pub mod test_support;
+pub mod topic_id;
 
 use std::io::IsTerminal;
 use std::net::SocketAddr;

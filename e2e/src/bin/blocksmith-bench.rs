@@ -485,6 +485,7 @@ fn build_blocks(
             end_offset: job.end,
             bootstrap_servers: bootstrap.into(),
             kafka_cluster_id: None,
+            kafka_topic_id: None,
             lease_duration_seconds: 60,
             output: JobOutputSpec {
                 url: format!("file://{}", blocks.display()),

@@ -825,6 +825,7 @@ fn child(args: &Args) -> anyhow::Result<()> {
             end_offset: job.end,
             bootstrap_servers: bootstrap.into(),
             kafka_cluster_id: args.cluster_id.clone(),
+            kafka_topic_id: None,
             lease_duration_seconds: 30,
             output: JobOutputSpec {
                 url: url.into(),

@@ -867,7 +867,7 @@ async fn changing_the_brokers_to_another_cluster_mid_run_is_invalid_and_never_mi
     .await;
     assert!(
         message.contains(&format!(
-            "holds a block of Kafka cluster {id_a:?}, not of this job's cluster {id_b:?}"
+            "holds a block of Kafka cluster {id_a:?}, not of this job's Kafka cluster {id_b:?}"
         )) && message.contains("give this pipeline its own spec.output.url"),
         "{message}"
     );

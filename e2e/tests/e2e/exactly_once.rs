@@ -5,9 +5,12 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use blocksmith_crds::domain::replacement_name;
-use blocksmith_crds::{BlockJob, JobPhase};
+use blocksmith_crds::pipeline::TopicIdentity;
+use blocksmith_crds::{BlockJob, BlockPipeline, JobPhase};
 use blocksmith_e2e::datagen::{DataSpec, ValueSizes};
 use blocksmith_e2e::scenario::*;
+use blocksmith_operator::jobs::{KafkaIds, desired_job, job_spec};
+use blocksmith_operator::planner::PlannedJob;
 use kube::ResourceExt;
 use kube::api::{Api, DeleteParams, Patch, PatchParams};
 use serde_json::json;
@@ -268,4 +271,160 @@ async fn a_job_deleted_while_its_builder_works_comes_back_with_exactly_its_range
     victim.signal("CONT");
     let _rescuer = s.spawn_builder("rescuer");
     s.wait_committed_then_audit(Duration::from_secs(120)).await;
+}
+
+/// Issue 11, scenario 4: a topic deleted and created again under the pipeline's topic name
+/// has a new topic id (KIP-516), and its offsets count other records. The librdkafka mock
+/// cluster cannot delete a topic, so the test gives what the pipeline recorded (its status's
+/// topic, a job planned before) an id that is not the topic's: what the operator and a
+/// builder see once the topic they wrote was replaced, however far its new log has grown.
+#[tokio::test]
+async fn a_topic_deleted_and_created_again_halts_the_pipeline_until_it_moves_to_a_new_output() {
+    const OLD_ID: &str = "AAAAAAAAAAAAAAAAAAAAAQ";
+    let mut s = Scenario::new("eo-recreated")
+        .records(1000)
+        .value_size(16)
+        .jobs(json!({"maxRecords": 500, "backoffLimit": 1}))
+        .operator()
+        .builders(1)
+        .await;
+    s.wait_committed_then_audit(Duration::from_secs(120)).await;
+    // The pipeline records the topic's id, as the broker reports it, with its output; its
+    // jobs carry it too.
+    let live = blocksmith_e2e::kafka::topic_id(&s.tb.kafka_bootstrap, &s.topic);
+    let old_output = s.bp.spec.output.url.clone();
+    let recorded = wait_for("the topic recorded", Duration::from_secs(30), || async {
+        s.get().await.status?.topic
+    })
+    .await;
+    assert_eq!(
+        recorded,
+        TopicIdentity {
+            id: live.clone(),
+            output_url: old_output.clone()
+        }
+    );
+    let done = s.jobs().await;
+    assert!(!done.is_empty(), "the finished jobs are kept as history");
+    for job in &done {
+        assert_eq!(job.spec.kafka_topic_id.as_deref(), Some(live.as_str()));
+    }
+    // In a real re-creation these jobs would be of the old id and would have to go (the
+    // message asks for it): committed already, they go without replacement.
+    let job_api: Api<BlockJob> = Api::namespaced(s.tb.client.clone(), &s.ns);
+    for job in &done {
+        job_api
+            .delete(&job.name_any(), &DeleteParams::default())
+            .await
+            .unwrap();
+    }
+    wait_for("the history gone", Duration::from_secs(30), || async {
+        s.jobs().await.is_empty().then_some(())
+    })
+    .await;
+
+    // The topic is replaced: the blocks and commits so far are of topic OLD_ID, and the
+    // new log grows past the old commit.
+    let pipelines: Api<BlockPipeline> = Api::namespaced(s.tb.client.clone(), &s.ns);
+    let old_topic = json!({"status": {"topic": {"id": OLD_ID, "outputUrl": old_output}}});
+    pipelines
+        .patch_status(&s.name, &PatchParams::default(), &Patch::Merge(&old_topic))
+        .await
+        .unwrap();
+    let more = produce_data(
+        &s.tb,
+        DataSpec {
+            seed: 2,
+            value_sizes: ValueSizes::Fixed(16),
+            ..DataSpec::new(&s.topic, 1, 1000)
+        },
+    )
+    .await;
+    let stuck = s.wait(Cond::ready_false("TopicRecreated")).await;
+    assert_says(
+        &stuck.message,
+        &[
+            "was deleted and created again",
+            &format!("its id is now {live:?}"),
+            &format!("of topic id {OLD_ID:?}"),
+            "1) reset the consumer group's offsets",
+            "then set spec.output.url to a new location",
+        ],
+    );
+    s.wait_event("TopicRecreated").await;
+
+    // A job planned before the topic was replaced: its builder refuses the new topic's
+    // records.
+    let bp = s.get().await;
+    let planned = PlannedJob {
+        partition: 0,
+        start: 1000,
+        end: 1500,
+    };
+    let ids = KafkaIds {
+        cluster: None,
+        topic: Some(OLD_ID.into()),
+    };
+    let old_job = desired_job(&bp, job_spec(&bp, &planned, &ids), JobPhase::Pending);
+    job_api.create(&Default::default(), &old_job).await.unwrap();
+    let refused = wait_for(
+        "the old topic's job failed",
+        Duration::from_secs(60),
+        || async {
+            s.job(&old_job.metadata.name)
+                .await
+                .filter(|j| j.phase() == JobPhase::Failed)
+        },
+    )
+    .await;
+    assert_says(
+        &job_message(&refused),
+        &["the topic was deleted and created again", &live, OLD_ID],
+    );
+    let stuck = s.wait(Cond::ready_false("TopicRecreated")).await;
+    assert_says(&stuck.message, &["2) delete the 1 job(s) of the old topic"]);
+    // Nothing planned, nothing committed.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let planned_after: Vec<(i64, i64)> = s
+        .jobs()
+        .await
+        .iter()
+        .filter(|j| j.metadata.name != old_job.metadata.name && j.spec.end_offset > 1000)
+        .map(|j| (j.spec.start_offset, j.spec.end_offset))
+        .collect();
+    assert!(planned_after.is_empty(), "{planned_after:?}");
+    assert_eq!(s.committed().await, BTreeMap::from([(0, 1000)]));
+
+    // The user does as told: offsets reset, a new output, the old job deleted. Every record
+    // of the "new" topic is written there once.
+    s.set_committed(BTreeMap::from([(0, 0)])).await;
+    let new_blocks = blocks_dir(&s.tb, "eo-recreated-new");
+    let mut moved = bp.clone();
+    moved.spec.output.url = file_url(&new_blocks);
+    moved.status = None;
+    moved.metadata.managed_fields = None;
+    moved.metadata.resource_version = None;
+    s.apply(&moved).await;
+    job_api
+        .delete(
+            old_job.metadata.name.as_ref().unwrap(),
+            &DeleteParams::default(),
+        )
+        .await
+        .unwrap();
+    s.produced.records.extend(more.records);
+    s.produced
+        .partitions
+        .insert(0, (2000, more.partitions[&0].1));
+    s.wait_committed_then_audit_in(&new_blocks, Duration::from_secs(180))
+        .await;
+    s.wait(Cond::reconciled()).await;
+    let adopted = s.get().await.status.and_then(|st| st.topic);
+    assert_eq!(
+        adopted,
+        Some(TopicIdentity {
+            id: live,
+            output_url: file_url(&new_blocks)
+        })
+    );
 }

@@ -3,7 +3,7 @@
 
 use blocksmith_crds::{BlockJob, BlockPipeline, JobPhase};
 use blocksmith_e2e::scenario::*;
-use blocksmith_operator::jobs::{JobStore, desired_job, job_spec};
+use blocksmith_operator::jobs::{JobStore, KafkaIds, desired_job, job_spec};
 use blocksmith_operator::metrics::Metrics;
 use blocksmith_operator::planner::PlannedJob;
 use kube::api::Api;
@@ -46,7 +46,7 @@ impl StaleStore {
         };
         desired_job(
             &self.bp,
-            job_spec(&self.bp, &range, None),
+            job_spec(&self.bp, &range, &KafkaIds::default()),
             JobPhase::Pending,
         )
     }

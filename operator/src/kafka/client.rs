@@ -85,6 +85,13 @@ impl KafkaOffsets {
         self.consumer.client().fetch_cluster_id(self.timeout)
     }
 
+    /// The topic's id (KIP-516), where the brokers report one: it tells the topic from one
+    /// deleted and created again under its name.
+    pub fn topic_id(&self, topic: &str) -> Result<Option<String>, KafkaError> {
+        blocksmith_runtime::topic_id::topic_id(self.consumer.client(), topic, self.timeout)
+            .map_err(|e| self.failed(e))
+    }
+
     /// The topic's partitions, or the requested subset after checking it exists.
     pub fn partitions(&self, topic: &str, subset: Option<&[i32]>) -> Result<Vec<i32>, KafkaError> {
         self.serve_events(Duration::ZERO);
