@@ -227,6 +227,16 @@ impl Worker {
         let mut held = held.lock().await.clone();
         if lost.load(Ordering::Relaxed) {
             self.metrics.lease_lost();
+            if held.job.is_terminating() {
+                // The build has stopped: give the deleted job back, so that the operator,
+                // which keeps a held job's range taken, lets it go now rather than when the
+                // lease runs out.
+                info!("the job was deleted; giving it back unfinished");
+                if let Err(e) = self.lease.release(&self.client, &mut held).await {
+                    warn!(error = %e, "giving back the deleted job failed; it goes when the lease runs out");
+                }
+                return;
+            }
             warn!("lease lost while building; reporting nothing");
             return;
         }

@@ -409,6 +409,8 @@ pub struct BlockPipelineStatus {
 #[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct TopicIdentity {
+    /// The topic's name (`spec.kafka.topic` when it was recorded).
+    pub name: String,
     /// The topic's id (KIP-516), in the base64 form Kafka's tools print.
     pub id: String,
     /// The `spec.output.url` its blocks go to. A topic of another id is written only to

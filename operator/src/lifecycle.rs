@@ -290,7 +290,14 @@ pub enum Deleted {
     /// go.
     ///
     /// [`FINALIZER_KEEP_RANGE`]: blocksmith_crds::domain::FINALIZER_KEEP_RANGE
-    Replace,
+    ///
+    /// While a builder's lease on it is live (`held_until`), it is let go only once the
+    /// lease is over: the replacement may go too before then (the pipeline being deleted).
+    Replace { held_until: Option<Timestamp> },
+    /// Not this pipeline's work any more, but a builder holds its lease until then and may
+    /// still write its block: keep the range taken (a pipeline re-created under the same
+    /// name would otherwise cut ranges over it) and let it go once the lease is over.
+    HoldUntil(Timestamp),
 }
 
 /// The pipeline a deleted job is judged against.
@@ -304,9 +311,15 @@ pub struct Source<'a> {
 
 /// Whether a deleted job's range must come back. Not when its range is committed, nor when
 /// it belongs to another pipeline of the same name (deleted and re-created), another topic
-/// (by name, or by id: deleted and created again) or another Kafka cluster (the user moved the pipeline and deleted the old jobs, as the
-/// `InvalidSpec` message tells them).
-pub fn on_deletion(job: &BlockJob, source: &Source, committed: Option<i64>) -> Deleted {
+/// (by name, or by id: deleted and created again) or another Kafka cluster (the user moved
+/// the pipeline and deleted the old jobs, as the `InvalidSpec` message tells them); those
+/// are let go once no builder holds them.
+pub fn on_deletion(
+    job: &BlockJob,
+    source: &Source,
+    committed: Option<i64>,
+    now: Timestamp,
+) -> Deleted {
     let other_pipeline = match (pipeline_uid(job), source.pipeline_uid) {
         (Some(a), Some(b)) => a != b,
         _ => false,
@@ -323,12 +336,23 @@ pub fn on_deletion(job: &BlockJob, source: &Source, committed: Option<i64>) -> D
         _ => false,
     };
     let other_topic = job.spec.topic != source.topic || other_topic_id;
-    let committed = committed.is_some_and(|c| job.spec.end_offset <= c);
-    if other_pipeline || other_topic || other_cluster || committed {
-        Deleted::Release
-    } else {
-        Deleted::Replace
+    if committed.is_some_and(|c| job.spec.end_offset <= c) {
+        return Deleted::Release;
     }
+    let held = held_until(job, now);
+    if other_pipeline || other_topic || other_cluster {
+        return held.map_or(Deleted::Release, Deleted::HoldUntil);
+    }
+    Deleted::Replace { held_until: held }
+}
+
+/// When the lease a builder holds on a running `job` runs out, if it has not yet.
+pub fn held_until(job: &BlockJob, now: Timestamp) -> Option<Timestamp> {
+    job.status
+        .as_ref()
+        .filter(|s| s.phase() == JobPhase::Running)
+        .and_then(lease_expires_at)
+        .filter(|&expiry| expiry > now)
 }
 
 /// The uid of the pipeline that owns `job` (its controller owner reference).
@@ -420,9 +444,18 @@ mod tests {
             kafka_cluster_id: Some("c1"),
             kafka_topic_id: Some("t1"),
         };
-        assert_eq!(on_deletion(&job, &source, Some(1000)), Deleted::Replace);
-        assert_eq!(on_deletion(&job, &source, None), Deleted::Replace);
-        assert_eq!(on_deletion(&job, &source, Some(2000)), Deleted::Release);
+        assert_eq!(
+            on_deletion(&job, &source, Some(1000), t(0)),
+            Deleted::Replace { held_until: None }
+        );
+        assert_eq!(
+            on_deletion(&job, &source, None, t(0)),
+            Deleted::Replace { held_until: None }
+        );
+        assert_eq!(
+            on_deletion(&job, &source, Some(2000), t(0)),
+            Deleted::Release
+        );
         let moved = [
             Source {
                 pipeline_uid: Some("u2"),
@@ -443,8 +476,37 @@ mod tests {
             },
         ];
         for other in moved {
-            assert_eq!(on_deletion(&job, &other, Some(1000)), Deleted::Release);
+            assert_eq!(
+                on_deletion(&job, &other, Some(1000), t(0)),
+                Deleted::Release
+            );
         }
+
+        // A builder still holds it (renewed at 100, 30 s): another pipeline's job keeps its
+        // range until the lease is over; this pipeline's comes back at once.
+        job.status = Some(running(1, 100, 30));
+        let other = Source {
+            pipeline_uid: Some("u2"),
+            ..source
+        };
+        assert_eq!(
+            on_deletion(&job, &other, Some(1000), t(110)),
+            Deleted::HoldUntil(t(130))
+        );
+        assert_eq!(
+            on_deletion(&job, &other, Some(1000), t(130)),
+            Deleted::Release
+        );
+        assert_eq!(
+            on_deletion(&job, &source, Some(1000), t(110)),
+            Deleted::Replace {
+                held_until: Some(t(130))
+            }
+        );
+        assert_eq!(
+            on_deletion(&job, &other, Some(2000), t(110)),
+            Deleted::Release
+        );
     }
 
     #[test]

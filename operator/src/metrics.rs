@@ -377,9 +377,9 @@ mod tests {
         assert_eq!(text.matches("pipeline=\"kept\"").count(), kept_series);
         assert_eq!(
             kept_series,
-            9 + 4 + 14,
+            9 + 4 + 15,
             "lag 2, committed 1, queue 1, jobs 2, commits, errors, oldest; 2 conditions × \
-             2 statuses; a series for each of the 14 problem reasons"
+             2 statuses; a series for each of the 15 problem reasons"
         );
     }
 

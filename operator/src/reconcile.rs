@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use blocksmith_crds::Reason;
 use blocksmith_crds::{BlockJob, BlockPipeline, BlockPipelineStatus, JobPhase};
+use futures::future::BoxFuture;
 use jiff::Timestamp;
 use k8s_openapi::api::core::v1::{Pod, Secret};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
@@ -29,8 +30,8 @@ use crate::conditions::{Observed, Problem};
 use crate::jobs::{self, JobStore, KafkaIds};
 use crate::kafka::{self, KafkaError};
 use crate::lifecycle::{
-    Deleted, FinishedJob, JobAction, JobCounts, Reset, Source, job_action, jobs_to_delete,
-    next_wakeup, on_deletion, pipeline_uid, reset,
+    Deleted, FinishedJob, JobAction, JobCounts, Reset, Source, held_until, job_action,
+    jobs_to_delete, next_wakeup, on_deletion, pipeline_uid, reset,
 };
 use crate::metrics::{RECONCILE_HEARTBEAT, reconcile_deadline};
 use crate::offsets::KafkaRead;
@@ -65,7 +66,7 @@ pub async fn reconcile(bp: Arc<BlockPipeline>, ctx: Arc<Context>) -> Result<Acti
 
 /// What the operator keeps of a pipeline that is gone: its Kafka client, metric series and
 /// what it last applied go; its jobs, which garbage collection is deleting, are let go.
-pub async fn forget_deleted_pipeline(ctx: &Context, namespace: &str, pipeline: &str) {
+pub async fn forget_deleted_pipeline(ctx: &Arc<Context>, namespace: &str, pipeline: &str) {
     let key = format!("{namespace}/{pipeline}");
     ctx.kafka.forget(&key);
     ctx.metrics.forget_pipeline(namespace, pipeline);
@@ -79,45 +80,71 @@ pub async fn forget_deleted_pipeline(ctx: &Context, namespace: &str, pipeline: &
 
 /// Lets go of the jobs of a deleted pipeline that garbage collection is deleting: the
 /// operator's finalizer keeps a deleted job's range for its pipeline, and there is none left.
-/// A pipeline of the same name created since keeps its own jobs' ranges.
-async fn release_jobs_of_deleted_pipeline(ctx: &Context, namespace: &str, pipeline: &str) {
-    let store = JobStore::new(
-        ctx.client.clone(),
-        ctx.jobs.clone(),
-        namespace,
-        pipeline,
-        ctx.metrics.clone(),
-    );
-    let kept: Vec<BlockJob> = store
-        .cached()
-        .into_iter()
-        .filter(|j| j.is_terminating() && j.keeps_range())
-        .collect();
-    if kept.is_empty() {
-        return;
-    }
-    let pipelines: kube::Api<BlockPipeline> = kube::Api::namespaced(ctx.client.clone(), namespace);
-    let current = match pipelines.get_opt(pipeline).await {
-        Ok(bp) => bp.and_then(|bp| bp.metadata.uid),
-        Err(e) => {
-            warn!(namespace, pipeline, error = %e, "reading a pipeline whose jobs are being deleted");
+/// A pipeline of the same name created since keeps its own jobs' ranges. A job a builder
+/// still holds is let go once its lease is over (see [`Deleted::HoldUntil`]): until then a
+/// pipeline re-created under the name plans around it.
+fn release_jobs_of_deleted_pipeline<'a>(
+    ctx: &'a Arc<Context>,
+    namespace: &'a str,
+    pipeline: &'a str,
+) -> BoxFuture<'a, ()> {
+    // Boxed: it schedules itself again.
+    Box::pin(async move {
+        let store = JobStore::new(
+            ctx.client.clone(),
+            ctx.jobs.clone(),
+            namespace,
+            pipeline,
+            ctx.metrics.clone(),
+        );
+        let kept: Vec<BlockJob> = store
+            .cached()
+            .into_iter()
+            .filter(|j| j.is_terminating() && j.keeps_range())
+            .collect();
+        if kept.is_empty() {
             return;
         }
-    };
-    for job in kept {
-        if current.is_some() && pipeline_uid(&job) == current.as_deref() {
-            continue;
-        }
-        match store.release(&job).await {
-            Ok(_) => {
-                info!(namespace, pipeline, job = %job.name_any(), "released a job of a deleted pipeline")
-            }
-            Err(e) if is_api_error(&e, &[404, 409]) => {}
+        let pipelines: kube::Api<BlockPipeline> =
+            kube::Api::namespaced(ctx.client.clone(), namespace);
+        let current = match pipelines.get_opt(pipeline).await {
+            Ok(bp) => bp.and_then(|bp| bp.metadata.uid),
             Err(e) => {
-                warn!(namespace, pipeline, job = %job.name_any(), error = %e, "releasing a job of a deleted pipeline")
+                warn!(namespace, pipeline, error = %e, "reading a pipeline whose jobs are being deleted");
+                return;
+            }
+        };
+        let now = Timestamp::now();
+        let mut look_again: Option<Timestamp> = None;
+        for job in kept {
+            if current.is_some() && pipeline_uid(&job) == current.as_deref() {
+                continue;
+            }
+            if let Some(until) = held_until(&job, now) {
+                look_again = Some(look_again.map_or(until, |t| t.min(until)));
+                continue;
+            }
+            match store.release(&job).await {
+                Ok(_) => {
+                    info!(namespace, pipeline, job = %job.name_any(), "released a job of a deleted pipeline")
+                }
+                Err(e) if is_api_error(&e, &[404, 409]) => {}
+                Err(e) => {
+                    warn!(namespace, pipeline, job = %job.name_any(), error = %e, "releasing a job of a deleted pipeline")
+                }
             }
         }
-    }
+        // A builder that died holding a job sends no event when its lease runs out.
+        if let Some(until) = look_again {
+            let wait = Duration::try_from(until.duration_since(now)).unwrap_or_default();
+            let (ctx, namespace, pipeline) =
+                (ctx.clone(), namespace.to_owned(), pipeline.to_owned());
+            tokio::spawn(async move {
+                tokio::time::sleep(wait + Duration::from_millis(100)).await;
+                release_jobs_of_deleted_pipeline(&ctx, &namespace, &pipeline).await;
+            });
+        }
+    })
 }
 
 pub fn error_policy(_bp: Arc<BlockPipeline>, error: &Error, ctx: Arc<Context>) -> Action {
@@ -404,10 +431,22 @@ impl<'a> Pass<'a> {
             kafka_topic_id: kafka.topic_id.as_deref(),
         };
         for job in deleted {
-            let decision = on_deletion(job, &source, committed.get(&job.spec.partition).copied());
-            if decision == Deleted::Replace {
-                info!(namespace = %self.ns, pipeline = %self.name, job = %job.name_any(), start = job.spec.start_offset, end = job.spec.end_offset, "a deleted job comes back with its range");
-                self.store.replace(self.bp, job).await?;
+            let committed = committed.get(&job.spec.partition).copied();
+            match on_deletion(job, &source, committed, self.now) {
+                Deleted::Replace { held_until } => {
+                    info!(namespace = %self.ns, pipeline = %self.name, job = %job.name_any(), start = job.spec.start_offset, end = job.spec.end_offset, "a deleted job comes back with its range");
+                    self.store.replace(self.bp, job).await?;
+                    if let Some(until) = held_until {
+                        self.wake_at(until);
+                        continue;
+                    }
+                }
+                Deleted::HoldUntil(until) => {
+                    info!(namespace = %self.ns, pipeline = %self.name, job = %job.name_any(), start = job.spec.start_offset, end = job.spec.end_offset, %until, "a deleted job keeps its range while a builder holds it");
+                    self.wake_at(until);
+                    continue;
+                }
+                Deleted::Release => {}
             }
             match self.store.release(job).await {
                 Ok(_) => {}
@@ -426,6 +465,7 @@ impl<'a> Pass<'a> {
             status: self.old.topic.as_ref(),
             jobs: jobs
                 .iter()
+                .filter(|j| j.spec.topic == self.bp.spec.kafka.topic)
                 .map(|j| (j.spec.kafka_topic_id.as_deref(), j.spec.output.url.as_str()))
                 .collect(),
         };

@@ -9,7 +9,8 @@ use blocksmith_crds::pipeline::TopicIdentity;
 /// outputs its live jobs were planned with.
 pub struct Recorded<'a> {
     pub status: Option<&'a TopicIdentity>,
-    /// Each live job's topic id (when it recorded one) and output URL.
+    /// Each live job's topic id (when it recorded one) and output URL, for the jobs of the
+    /// topic's name.
     pub jobs: Vec<(Option<&'a str>, &'a str)>,
 }
 
@@ -32,7 +33,8 @@ pub fn check(recorded: &Recorded, live: Option<&str>, topic: &str, output_url: &
             recreated: None,
         };
     };
-    let recorded_elsewhere = recorded.status.filter(|r| r.id != live);
+    // Another topic name is another topic, whose blocks have other keys.
+    let recorded_elsewhere = recorded.status.filter(|r| r.name == topic && r.id != live);
     let mut old_in_output: Vec<&str> = recorded_elsewhere
         .filter(|r| r.output_url == output_url)
         .map(|r| r.id.as_str())
@@ -50,6 +52,7 @@ pub fn check(recorded: &Recorded, live: Option<&str>, topic: &str, output_url: &
     old_in_output.sort_unstable();
     old_in_output.dedup();
     let adopted = TopicIdentity {
+        name: topic.to_owned(),
         id: live.to_owned(),
         output_url: output_url.to_owned(),
     };
@@ -108,6 +111,7 @@ mod tests {
 
     fn identity(id: &str, url: &str) -> TopicIdentity {
         TopicIdentity {
+            name: "t".into(),
             id: id.into(),
             output_url: url.into(),
         }
@@ -135,6 +139,20 @@ mod tests {
     }
 
     #[test]
+    fn another_topic_name_is_another_topic() {
+        let known = identity("A", "s3://b/out");
+        let renamed = check(&recorded(Some(&known), &[]), Some("B"), "u", "s3://b/out");
+        assert_eq!(renamed.recreated, None);
+        assert_eq!(
+            renamed.identity,
+            Some(TopicIdentity {
+                name: "u".into(),
+                ..identity("B", "s3://b/out")
+            })
+        );
+    }
+
+    #[test]
     fn the_same_id_follows_the_output_url() {
         let known = identity("A", "s3://b/out");
         let moved = check(
@@ -149,7 +167,10 @@ mod tests {
 
     #[test]
     fn a_new_id_over_the_same_output_halts_naming_both_ids_and_what_to_do() {
-        let known = identity("A", "s3://b/out");
+        let known = TopicIdentity {
+            name: "orders".into(),
+            ..identity("A", "s3://b/out")
+        };
         let c = check(
             &recorded(Some(&known), &[]),
             Some("B"),

@@ -9,8 +9,13 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+use blocksmith_builder::reader::ReaderConfig;
+use blocksmith_builder::runner::{BuildSettings, build_block};
+use blocksmith_builder::store::UploadSettings;
 use blocksmith_crds::domain::{default_consumer_group, job_name, replacement_name};
 use blocksmith_crds::{BlockJob, BlockPipeline, JobPhase};
 use blocksmith_e2e::broker::PrivateBroker;
@@ -513,6 +518,20 @@ async fn deleting_a_pipeline_mid_run_collects_its_jobs_and_leaves_builders_idle_
         .delete("p", &DeleteParams::background())
         .await
         .expect("delete pipeline");
+    // b0, frozen with its lease live, may still write its block: its job stays (its range
+    // kept from any pipeline re-created under the name) while the others go.
+    wait_for(
+        "the jobs but b0's garbage-collected",
+        Duration::from_secs(60),
+        || async {
+            let left = jobs(&tb, &ns, "p").await;
+            (left.len() == 1 && left[0].is_terminating() && lease_holder(&left[0]) == Some("b0"))
+                .then_some(())
+        },
+    )
+    .await;
+    builders[0].signal("CONT");
+    // b0 notices at its next renewal, stops and gives the job back; then it goes too.
     wait_for(
         "the jobs garbage-collected",
         Duration::from_secs(60),
@@ -528,10 +547,8 @@ async fn deleting_a_pipeline_mid_run_collects_its_jobs_and_leaves_builders_idle_
     )
     .await;
     let group_at = group_offsets(&tb.kafka_bootstrap, &group, &topic, 4).await;
-    builders[0].signal("CONT");
 
-    // The builders notice at their next renewal (2 s), drop the job, and idle: running,
-    // no errors, and quiet.
+    // The builders idle: running, no errors, and quiet.
     tokio::time::sleep(Duration::from_secs(8)).await;
     let quiet_from: Vec<usize> = builders.iter().map(|b| b.log_text().len()).collect();
     tokio::time::sleep(Duration::from_secs(10)).await;
@@ -547,9 +564,11 @@ async fn deleting_a_pipeline_mid_run_collects_its_jobs_and_leaves_builders_idle_
         );
     }
     let b0 = builders[0].log_text()[logs_at[0]..].to_string();
+    // Unfrozen, b0 either notices the deletion at its renewal and gives the job back, or
+    // finishes its block first (whole, under its manifest): the audit below checks both.
     assert!(
-        b0.contains("the job was deleted"),
-        "b0 noticed its job was deleted:\n{b0}"
+        b0.contains("the job was deleted") || b0.contains("\"reported\""),
+        "b0 gave its deleted job back or finished it:\n{b0}"
     );
     // The operator keeps running and writes nothing for the gone pipeline: no new commits.
     assert!(op.proc.is_running(), "operator exited");
@@ -889,6 +908,94 @@ async fn changing_the_brokers_to_another_cluster_mid_run_is_invalid_and_never_mi
         &a.data,
         &high_watermarks(&a.data),
     );
+}
+
+/// Issue 11, scenario 3: a pipeline deleted while a builder still writes one of its jobs, and
+/// re-created over the same output with another `maxRecords`. The operator let the deleted
+/// job go at once, so the new pipeline cut `[0, 1500)` and `[1500, 3000)` over the range the
+/// old builder then wrote, `[1000, 2000)`: 1,000 offsets in two blocks. A job a builder
+/// holds now keeps its range until the lease is over; then the output read finds its block.
+#[tokio::test]
+async fn a_pipeline_recreated_while_a_builder_still_writes_its_job_writes_each_offset_once() {
+    let s = Scenario::new("bio-held")
+        .records(3000)
+        .value_size(16)
+        .jobs(json!({"maxRecords": 1000}))
+        .operator()
+        .await;
+    let jobs = s.wait_jobs(3).await;
+    let held = jobs
+        .into_iter()
+        .find(|j| j.spec.start_offset == 1000)
+        .expect("the job [1000, 2000)");
+    // The old pipeline's builder claims [1000, 2000) and keeps its lease (6 s) renewed.
+    let ghost = FakeBuilder::new(&s.tb, &s.ns, "ghost");
+    let claimed = ghost.claim(&held).await.expect("claim");
+    let renewing = Arc::new(AtomicBool::new(true));
+    let renewer = {
+        let (renewing, ghost) = (renewing.clone(), FakeBuilder::new(&s.tb, &s.ns, "ghost"));
+        tokio::spawn(async move {
+            let mut job = claimed;
+            while renewing.load(Ordering::Relaxed) {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                if let Ok(renewed) = ghost
+                    .report(&job, job.attempt(), "Running", json!({}))
+                    .await
+                {
+                    job = renewed;
+                }
+            }
+        })
+    };
+
+    Api::<BlockPipeline>::namespaced(s.tb.client.clone(), &s.ns)
+        .delete("p", &DeleteParams::background())
+        .await
+        .expect("delete pipeline");
+    wait_for(
+        "the other jobs garbage-collected",
+        Duration::from_secs(60),
+        || async {
+            let left = s.jobs().await;
+            left.iter()
+                .all(|j| j.metadata.uid == held.metadata.uid)
+                .then_some(())
+        },
+    )
+    .await;
+    let mut again = s.bp.clone();
+    again.metadata.uid = None;
+    again.metadata.resource_version = None;
+    again.spec.jobs.max_records = 1500;
+    s.apply(&again).await;
+
+    // While the old builder holds its job, the new pipeline plans around its range.
+    let deadline = Instant::now() + Duration::from_secs(8);
+    while Instant::now() < deadline {
+        for j in s.jobs().await {
+            let (start, end) = (j.spec.start_offset, j.spec.end_offset);
+            if j.metadata.uid != held.metadata.uid {
+                assert!(
+                    end <= 1000 || start >= 2000,
+                    "[{start}, {end}) cut over [1000, 2000)"
+                );
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    // It writes its block, and its lease runs out.
+    let settings = BuildSettings {
+        reader: ReaderConfig::new(held.spec.bootstrap_servers.clone()),
+        upload: UploadSettings::default(),
+    };
+    build_block(&held.spec, &settings, Arc::new(AtomicBool::new(false)))
+        .await
+        .expect("the old builder's block");
+    renewing.store(false, Ordering::Relaxed);
+    renewer.await.unwrap();
+
+    let _builders = s.spawn_builders(1);
+    s.wait_committed_then_audit(Duration::from_secs(120)).await;
 }
 
 /// Waits until the jobs starting at `starts` have all succeeded.

@@ -300,6 +300,7 @@ async fn a_topic_deleted_and_created_again_halts_the_pipeline_until_it_moves_to_
     assert_eq!(
         recorded,
         TopicIdentity {
+            name: s.topic.clone(),
             id: live.clone(),
             output_url: old_output.clone()
         }
@@ -326,7 +327,7 @@ async fn a_topic_deleted_and_created_again_halts_the_pipeline_until_it_moves_to_
     // The topic is replaced: the blocks and commits so far are of topic OLD_ID, and the
     // new log grows past the old commit.
     let pipelines: Api<BlockPipeline> = Api::namespaced(s.tb.client.clone(), &s.ns);
-    let old_topic = json!({"status": {"topic": {"id": OLD_ID, "outputUrl": old_output}}});
+    let old_topic = json!({"status": {"topic": {"id": OLD_ID}}});
     pipelines
         .patch_status(&s.name, &PatchParams::default(), &Patch::Merge(&old_topic))
         .await
@@ -423,6 +424,7 @@ async fn a_topic_deleted_and_created_again_halts_the_pipeline_until_it_moves_to_
     assert_eq!(
         adopted,
         Some(TopicIdentity {
+            name: s.topic.clone(),
             id: live,
             output_url: file_url(&new_blocks)
         })
