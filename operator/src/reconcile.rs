@@ -480,7 +480,7 @@ impl<'a> Pass<'a> {
         let Some(message) = checked.recreated else {
             return true;
         };
-        warn!(namespace = %self.ns, pipeline = %self.name, %message, "topic re-created");
+        warn!(namespace = %self.ns, pipeline = %self.name, problem = %message, "topic re-created");
         // The cause of whatever else fails (a job of the old topic): named first.
         self.observed.problems.insert(
             0,
@@ -924,7 +924,7 @@ impl<'a> Pass<'a> {
     }
 
     async fn report_invalid_spec(&mut self, message: String) -> Result<(), Error> {
-        warn!(namespace = %self.ns, pipeline = %self.name, %message, "invalid spec");
+        warn!(namespace = %self.ns, pipeline = %self.name, problem = %message, "invalid spec");
         self.observed.problems.push(Problem::invalid_spec(message));
         self.status.partitions = self.old.partitions.clone();
         self.publish().await
