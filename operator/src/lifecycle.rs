@@ -320,21 +320,13 @@ pub fn on_deletion(
     committed: Option<i64>,
     now: Timestamp,
 ) -> Deleted {
-    let other_pipeline = match (pipeline_uid(job), source.pipeline_uid) {
-        (Some(a), Some(b)) => a != b,
-        _ => false,
-    };
-    let other_cluster = match (
+    let other_pipeline = recorded_and_different(pipeline_uid(job), source.pipeline_uid);
+    let other_cluster = recorded_and_different(
         job.spec.kafka_cluster_id.as_deref(),
         source.kafka_cluster_id,
-    ) {
-        (Some(a), Some(b)) => a != b,
-        _ => false,
-    };
-    let other_topic_id = match (job.spec.kafka_topic_id.as_deref(), source.kafka_topic_id) {
-        (Some(a), Some(b)) => a != b,
-        _ => false,
-    };
+    );
+    let other_topic_id =
+        recorded_and_different(job.spec.kafka_topic_id.as_deref(), source.kafka_topic_id);
     let other_topic = job.spec.topic != source.topic || other_topic_id;
     if committed.is_some_and(|c| job.spec.end_offset <= c) {
         return Deleted::Release;
@@ -344,6 +336,12 @@ pub fn on_deletion(
         return held.map_or(Deleted::Release, Deleted::HoldUntil);
     }
     Deleted::Replace { held_until: held }
+}
+
+/// Whether both sides recorded an id and the ids differ: an id not recorded (a job or
+/// pipeline from before ids were kept) is taken as the same.
+fn recorded_and_different(a: Option<&str>, b: Option<&str>) -> bool {
+    matches!((a, b), (Some(a), Some(b)) if a != b)
 }
 
 /// When the lease a builder holds on a running `job` runs out, if it has not yet.
