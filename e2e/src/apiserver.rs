@@ -6,7 +6,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
-use kube::api::{Api, Patch, PatchParams};
+use kube::api::{Api, Patch, PatchParams, PostParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 
 use crate::Testbed;
@@ -29,6 +29,17 @@ impl PrivateApiserver {
     /// Starts the server, installs blocksmith's CRDs in it, and returns it with a copy of `tb`
     /// whose client and spawned binaries talk to it.
     pub async fn start(tb: &Testbed, name: &str) -> (PrivateApiserver, Testbed) {
+        let current = crate::source_dir().join("../crds");
+        Self::start_with_crds(tb, name, &current, CrdInstall::Apply).await
+    }
+
+    /// [`PrivateApiserver::start`] with the CRDs in directory `crds`, installed as `how` says.
+    pub async fn start_with_crds(
+        tb: &Testbed,
+        name: &str,
+        crds: &Path,
+        how: CrdInstall,
+    ) -> (PrivateApiserver, Testbed) {
         let dir = tb.dir.join("private-apiservers").join(name);
         std::fs::create_dir_all(&dir).expect("private apiserver dir");
         let port = free_port();
@@ -60,7 +71,7 @@ impl PrivateApiserver {
             client: client.clone(),
         };
         server.wait_ready().await;
-        install_crds(&client).await;
+        install_crds(&client, crds, how).await;
         let private = Testbed {
             client,
             kubeconfig: Some(kubeconfig),
@@ -122,21 +133,43 @@ fn spawn(tb: &Testbed, name: &str, port: u16) -> Proc {
     tb.spawn(&format!("apiserver-{name}"), cmd)
 }
 
-async fn install_crds(client: &kube::Client) {
+/// How a private API server gets its CRDs.
+#[derive(Clone, Copy, Debug)]
+pub enum CrdInstall {
+    /// Server-side apply, as the testbed installs them.
+    Apply,
+    /// Created by field manager `helm`, as `helm install` creates a chart's CRDs.
+    CreateAsHelm,
+}
+
+async fn install_crds(client: &kube::Client, dir: &Path, how: CrdInstall) {
     let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
-    let dir = crate::source_dir().join("../crds");
     let mut names = Vec::new();
     for file in ["blockpipelines.yaml", "blockjobs.yaml"] {
         let text = std::fs::read_to_string(dir.join(file)).expect("CRD yaml");
         let crd: CustomResourceDefinition = serde_yaml::from_str(&text).expect("CRD yaml");
         let name = crd.metadata.name.clone().expect("CRD name");
-        crds.patch(
-            &name,
-            &PatchParams::apply("blocksmith-testbed").force(),
-            &Patch::Apply(&crd),
-        )
-        .await
-        .expect("apply CRD");
+        match how {
+            CrdInstall::Apply => crds
+                .patch(
+                    &name,
+                    &PatchParams::apply("blocksmith-testbed").force(),
+                    &Patch::Apply(&crd),
+                )
+                .await
+                .map(drop),
+            CrdInstall::CreateAsHelm => crds
+                .create(
+                    &PostParams {
+                        field_manager: Some("helm".into()),
+                        ..Default::default()
+                    },
+                    &crd,
+                )
+                .await
+                .map(drop),
+        }
+        .expect("install CRD");
         names.push(name);
     }
     let deadline = Instant::now() + Duration::from_secs(60);

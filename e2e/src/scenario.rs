@@ -84,6 +84,9 @@ pub struct Scenario {
     operator: bool,
     builders: usize,
     builder_edit: Option<CommandEdit>,
+    /// The testbed to run on (the shared one unless said), e.g. a private API server's.
+    #[setters(generate, strip_option, rename = "on")]
+    testbed: Option<Testbed>,
 }
 
 /// Awaiting a scenario starts it.
@@ -115,6 +118,7 @@ impl Scenario {
             operator: false,
             builders: 0,
             builder_edit: None,
+            testbed: None,
         }
     }
 
@@ -150,7 +154,10 @@ impl Scenario {
     }
 
     async fn start(self) -> Run {
-        let shared = Testbed::get().await;
+        let shared = match self.testbed {
+            Some(tb) => tb,
+            None => Testbed::get().await,
+        };
         let ns = shared.namespace(&self.test).await;
         let broker = self
             .private_broker

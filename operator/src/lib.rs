@@ -8,13 +8,15 @@
 //! reconcile shares), [`kafka`] (the cluster's offsets) and [`offsets`] (reading and
 //! committing them per pipeline), [`output`] (the blocks a commit needs confirmed), [`jobs`] (the BlockJob queue), [`status`] (status and
 //! Events), [`builders`] (builder Deployment + HPA), [`external_metrics`] (queue depth for
-//! the HPA), [`leader`] (Lease-based leader election), [`metrics`] (Prometheus, probes).
+//! the HPA), [`leader`] (Lease-based leader election), [`metrics`] (Prometheus, probes),
+//! [`crd_schema`] (whether the installed CRDs hold every field the operator writes).
 
 pub mod builder_health;
 pub mod builders;
 pub mod committer;
 pub mod conditions;
 pub mod context;
+pub mod crd_schema;
 pub mod delegated_auth;
 pub mod external_metrics;
 pub mod freshness;

@@ -7,6 +7,7 @@ use blocksmith_crds::{BlockJob, BlockPipeline};
 use blocksmith_operator::builders::{
     AutoscalingApi, BuilderApis, BuilderScaler, disruption_budget_version,
 };
+use blocksmith_operator::crd_schema;
 use blocksmith_operator::external_metrics;
 use blocksmith_operator::leader::{LeaderElector, Leadership};
 use blocksmith_operator::metrics::{self, Metrics, RECONCILE_HEARTBEAT};
@@ -179,6 +180,10 @@ async fn main() -> anyhow::Result<()> {
         }
     };
     info!(?builder_apis, "builder APIs");
+    tokio::select! {
+        _ = wait_for_current_crds(&client, &metrics) => {}
+        _ = shutdown_signal() => return Ok(()),
+    }
 
     let identity = args
         .identity
@@ -267,6 +272,52 @@ async fn main() -> anyhow::Result<()> {
         None => controller.await,
     }
     Ok(())
+}
+
+/// How often an operator waiting for current CRDs looks again.
+const CRD_CHECK_INTERVAL: Duration = Duration::from_secs(5);
+
+/// Waits until the installed CRDs hold every field this operator writes
+/// ([`crd_schema`]). Until then it neither leads nor reports ready: a rollout of a new
+/// operator before its CRDs stalls, with this in its log, while the old one keeps leading.
+async fn wait_for_current_crds(client: &kube::Client, metrics: &Metrics) {
+    let mut reported: Option<String> = None;
+    loop {
+        match crd_schema::outdated_crds(client).await {
+            Ok(outdated) if outdated.is_empty() => {
+                if reported.is_some() {
+                    info!("the CRDs hold this operator's fields now; going on");
+                }
+                metrics.set_crds_outdated(false);
+                return;
+            }
+            Ok(outdated) => {
+                metrics.set_crds_outdated(true);
+                let text = outdated
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join("; ");
+                if reported.as_ref() != Some(&text) {
+                    error!(
+                        outdated = %text,
+                        remedy = crd_schema::REMEDY,
+                        "the installed CRDs are older than this operator (the API server would drop fields it writes); waiting for them, not ready"
+                    );
+                    reported = Some(text);
+                }
+            }
+            Err(kube::Error::Api(e)) if e.code == 403 => {
+                warn!(
+                    error = %e.message,
+                    "no permission to read the CRDs (get customresourcedefinitions); going on without checking that they hold this operator's fields"
+                );
+                return;
+            }
+            Err(e) => warn!(error = %e, "reading the CRDs to check their schema; trying again"),
+        }
+        tokio::time::sleep(CRD_CHECK_INTERVAL).await;
+    }
 }
 
 /// What every namespace's controller shares.

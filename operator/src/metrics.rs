@@ -66,6 +66,7 @@ pub struct OperatorMetrics {
     conditions: Family<ConditionLabels, Gauge>,
     problems: Family<ReasonLabels, Gauge>,
     leader: Gauge,
+    crds_outdated: Gauge,
     reconcile_errors: Family<KindLabels, Counter>,
     kafka_errors: Family<PipelineLabels, Counter>,
     api_writes: ApiWrites,
@@ -120,6 +121,11 @@ impl Families for OperatorMetrics {
                 r,
                 "leader",
                 "1 while this replica holds the leader lease and acts, else 0",
+            ),
+            crds_outdated: registered(
+                r,
+                "crds_outdated",
+                "1 while the installed CRDs lack fields this operator writes: it waits, not ready, until the CRDs of its release are applied",
             ),
             reconcile_errors: registered(r, "reconcile_errors", "Failed reconciles by error kind"),
             kafka_errors: registered(r, "kafka_errors", "Kafka request failures"),
@@ -237,6 +243,11 @@ impl OperatorMetrics {
     /// Whether this replica leads (acts) now.
     pub fn set_leader(&self, leading: bool) {
         self.leader.set(i64::from(leading));
+    }
+
+    /// Whether the installed CRDs lack fields this operator writes.
+    pub fn set_crds_outdated(&self, outdated: bool) {
+        self.crds_outdated.set(i64::from(outdated));
     }
 
     /// Removes every series of a deleted pipeline.

@@ -15,3 +15,4 @@ mod pods;
 mod policy;
 mod smoke;
 mod support;
+mod upgrade;

@@ -303,6 +303,22 @@ const OPERATOR_LEASE_RULES: Rules = &[
     ),
 ];
 
+/// Its own CRDs, read by name to check their schema holds its fields.
+const OPERATOR_CRD_RULES: Rules = &[
+    (
+        "apiextensions.k8s.io",
+        "customresourcedefinitions",
+        &["get"],
+        "blockpipelines.blocksmith.io",
+    ),
+    (
+        "apiextensions.k8s.io",
+        "customresourcedefinitions",
+        &["get"],
+        "blockjobs.blocksmith.io",
+    ),
+];
+
 fn all_atoms(rules: &[Rules]) -> BTreeSet<String> {
     rules.iter().flat_map(|r| atoms(r)).collect()
 }
@@ -605,6 +621,22 @@ pub async fn operator_rbac(tb: &Testbed, operator: &kube::Client, ns: &str) {
                 "GET",
                 path("v1", Some(RELEASE_NS), "configmaps/kube-root-ca.crt"),
             ),
+            // Its own CRDs read by name (their schema checked at start), no other.
+            may(
+                "operator reads its pipelines' CRD",
+                "GET",
+                "/apis/apiextensions.k8s.io/v1/customresourcedefinitions/blockpipelines.blocksmith.io".into(),
+            ),
+            may(
+                "operator reads its jobs' CRD",
+                "GET",
+                "/apis/apiextensions.k8s.io/v1/customresourcedefinitions/blockjobs.blocksmith.io".into(),
+            ),
+            may_not(
+                "operator lists CRDs",
+                "GET",
+                "/apis/apiextensions.k8s.io/v1/customresourcedefinitions".into(),
+            ),
             // Pods: listed and annotated (pod-deletion-cost of busy builders), never deleted.
             may("operator lists pods", "GET", pods.clone()),
             may_not(
@@ -680,13 +712,16 @@ pub async fn operator_rbac(tb: &Testbed, operator: &kube::Client, ns: &str) {
     .await;
     assert_eq!(
         granted(operator, ns).await,
-        all_atoms(&[OPERATOR_RULES, SELF_REVIEWS])
+        all_atoms(&[OPERATOR_RULES, SELF_REVIEWS, OPERATOR_CRD_RULES])
     );
     assert_eq!(
         granted(operator, RELEASE_NS).await,
-        all_atoms(&[SELF_REVIEWS, OPERATOR_LEASE_RULES])
+        all_atoms(&[SELF_REVIEWS, OPERATOR_LEASE_RULES, OPERATOR_CRD_RULES])
     );
-    assert_eq!(granted(operator, "kube-system").await, atoms(SELF_REVIEWS));
+    assert_eq!(
+        granted(operator, "kube-system").await,
+        all_atoms(&[SELF_REVIEWS, OPERATOR_CRD_RULES])
+    );
 }
 
 /// A client of the testbed's admin acting as `user` (impersonation: the authorizer judges
