@@ -12,7 +12,7 @@ use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use blocksmith_runtime::kafka::{
     ConnectionError, ConnectionErrors, is_auth_failure, is_unrecoverable,
 };
-use blocksmith_runtime::topic_id::topic_id;
+use blocksmith_runtime::topic_id::{any_broker, topic_id_from};
 
 use crate::headers::raw_headers;
 use crate::record::Record;
@@ -420,7 +420,7 @@ fn check_partition(
     if !found.partitions().iter().any(|p| p.id() == partition) {
         return Err(not_found());
     }
-    check_topic_id(consumer, cfg, topic, partition)
+    check_topic_id(consumer, cfg, topic, partition, any_broker(&metadata))
 }
 
 /// Refuses a topic whose id is not the one the job was planned in (see
@@ -430,12 +430,19 @@ fn check_topic_id(
     cfg: &ReaderConfig,
     topic: &str,
     partition: i32,
+    broker: Option<i32>,
 ) -> Result<(), ReadError> {
     let Some(planned) = &cfg.topic_id else {
         return Ok(());
     };
     let timeout = REQUEST_TIMEOUT.min(cfg.idle_timeout);
-    match topic_id(consumer.client(), topic, timeout) {
+    let found = match broker {
+        Some(broker) => topic_id_from(consumer.client(), topic, broker, timeout),
+        None => Err(KafkaError::MetadataFetch(
+            RDKafkaErrorCode::BrokerNotAvailable,
+        )),
+    };
+    match found {
         Ok(Some(found)) if found != *planned => Err(ReadError::TopicRecreated {
             topic: topic.to_owned(),
             partition,
@@ -891,9 +898,10 @@ mod tests {
     fn a_topic_of_another_id_is_refused_and_its_own_id_read() {
         let cluster = cluster_with(10);
         let admin = producer(&cluster);
-        let own = topic_id(admin.client(), TOPIC, Duration::from_secs(10))
-            .unwrap()
-            .expect("the mock cluster reports topic ids");
+        let own =
+            blocksmith_runtime::topic_id::topic_id(admin.client(), TOPIC, Duration::from_secs(10))
+                .unwrap()
+                .expect("the mock cluster reports topic ids");
         let with_id = |id: &str| ReaderConfig {
             topic_id: Some(id.to_owned()),
             ..config(&cluster)

@@ -77,8 +77,12 @@ impl OffsetClients {
         let k = client.clone();
         let (cluster_id, topic_id, offsets) = tokio::task::spawn_blocking(move || {
             let partitions = k.partitions(&topic, subset.as_deref())?;
-            let topic_id = k.topic_id(&topic)?;
-            Ok::<_, KafkaError>((k.cluster_id(), topic_id, k.offsets(&topic, &partitions)?))
+            let topic_id = k.topic_id(&topic, partitions.broker)?;
+            Ok::<_, KafkaError>((
+                k.cluster_id(),
+                topic_id,
+                k.offsets(&topic, &partitions.ids)?,
+            ))
         })
         .await
         .map_err(|e| KafkaError::Unavailable(e.to_string()))??;

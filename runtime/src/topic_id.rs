@@ -23,28 +23,47 @@ use rdkafka::bindings::{
 };
 use rdkafka::client::{Client, ClientContext};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::metadata::Metadata;
 use rdkafka::types::RDKafkaRespErr;
 
 /// The id of `topic` as the brokers report it, in the base64 form Kafka's own tools print,
-/// or `None` when they report none (brokers before Kafka 2.8 answer with zeros).
+/// or `None` when they report none (brokers before Kafka 2.8 answer with zeros). Fetches the
+/// topic's metadata to find a broker to ask; callers that just fetched it use
+/// [`topic_id_from`] with [`any_broker`] of it, saving that round trip.
 pub fn topic_id<C: ClientContext>(
     client: &Client<C>,
     topic: &str,
+    timeout: Duration,
+) -> Result<Option<String>, KafkaError> {
+    let metadata = client.fetch_metadata(Some(topic), timeout)?;
+    if let Some(err) = metadata.topics().iter().find_map(|t| t.error()) {
+        return Err(KafkaError::MetadataFetch(err.into()));
+    }
+    let Some(broker) = any_broker(&metadata) else {
+        return Err(KafkaError::MetadataFetch(
+            RDKafkaErrorCode::BrokerNotAvailable,
+        ));
+    };
+    topic_id_from(client, topic, broker, timeout)
+}
+
+/// A broker of `metadata` to send `DescribeTopics` to. librdkafka sends it to the controller
+/// unless told which broker, and the mock cluster names none: any broker answers it.
+pub fn any_broker(metadata: &Metadata) -> Option<i32> {
+    metadata.brokers().first().map(|b| b.id())
+}
+
+/// [`topic_id`], asked of `broker` (see [`any_broker`]).
+pub fn topic_id_from<C: ClientContext>(
+    client: &Client<C>,
+    topic: &str,
+    broker: i32,
     timeout: Duration,
 ) -> Result<Option<String>, KafkaError> {
     // DescribeTopics is a metadata request.
     let failed = |code: RDKafkaErrorCode| Err(KafkaError::MetadataFetch(code));
     let Ok(name) = CString::new(topic) else {
         return failed(RDKafkaErrorCode::InvalidTopic);
-    };
-    // librdkafka sends the request to the controller unless told which broker, and the
-    // mock cluster names none: any broker of the metadata answers it.
-    let metadata = client.fetch_metadata(Some(topic), timeout)?;
-    if let Some(err) = metadata.topics().iter().find_map(|t| t.error()) {
-        return failed(err.into());
-    }
-    let Some(broker) = metadata.brokers().first().map(|b| b.id()) else {
-        return failed(RDKafkaErrorCode::BrokerNotAvailable);
     };
     let timeout_ms = i32::try_from(timeout.as_millis()).unwrap_or(i32::MAX);
     let rk = client.native_ptr();

@@ -14,6 +14,15 @@ use super::settings::KafkaConnection;
 use crate::committer::forward_only;
 use crate::planner::PartitionOffsets;
 
+/// A topic's partitions as the metadata lists them.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TopicPartitions {
+    /// The partitions (all, or the subset asked for), in order.
+    pub ids: Vec<i32>,
+    /// A broker of that metadata, to send admin requests to.
+    pub broker: i32,
+}
+
 pub struct KafkaOffsets {
     consumer: BaseConsumer<ConnectionErrors>,
     group: String,
@@ -86,14 +95,24 @@ impl KafkaOffsets {
     }
 
     /// The topic's id (KIP-516), where the brokers report one: it tells the topic from one
-    /// deleted and created again under its name.
-    pub fn topic_id(&self, topic: &str) -> Result<Option<String>, KafkaError> {
-        blocksmith_runtime::topic_id::topic_id(self.consumer.client(), topic, self.timeout)
-            .map_err(|e| self.failed(e))
+    /// deleted and created again under its name. `broker` is one [`Self::partitions`] found.
+    pub fn topic_id(&self, topic: &str, broker: i32) -> Result<Option<String>, KafkaError> {
+        blocksmith_runtime::topic_id::topic_id_from(
+            self.consumer.client(),
+            topic,
+            broker,
+            self.timeout,
+        )
+        .map_err(|e| self.failed(e))
     }
 
-    /// The topic's partitions, or the requested subset after checking it exists.
-    pub fn partitions(&self, topic: &str, subset: Option<&[i32]>) -> Result<Vec<i32>, KafkaError> {
+    /// The topic's partitions, or the requested subset after checking it exists, and a broker
+    /// of the metadata that told them (to ask the topic's id of).
+    pub fn partitions(
+        &self,
+        topic: &str,
+        subset: Option<&[i32]>,
+    ) -> Result<TopicPartitions, KafkaError> {
         self.serve_events(Duration::ZERO);
         let md = self
             .consumer
@@ -123,7 +142,9 @@ impl KafkaOffsets {
         if all.is_empty() {
             return Err(KafkaError::TopicNotFound(topic.into()));
         }
-        match subset {
+        let broker = blocksmith_runtime::topic_id::any_broker(&md)
+            .ok_or_else(|| KafkaError::Unavailable("the metadata names no broker".into()))?;
+        let ids = match subset {
             None => Ok(all),
             Some(wanted) => {
                 let missing: Vec<i32> = wanted
@@ -144,7 +165,8 @@ impl KafkaOffsets {
                     })
                 }
             }
-        }
+        }?;
+        Ok(TopicPartitions { ids, broker })
     }
 
     /// Low and high watermarks and the group's committed offset of each partition, in three
