@@ -16,7 +16,7 @@ use serde_json::{Value, json};
 use super::*;
 
 /// The alerts the PrometheusRule has, in its order.
-const ALERTS: [&str; 8] = [
+const ALERTS: [&str; 9] = [
     "BlocksmithPipelineLagHigh",
     "BlocksmithPipelineFreshnessHigh",
     "BlocksmithCommitHeld",
@@ -25,6 +25,7 @@ const ALERTS: [&str; 8] = [
     "BlocksmithPipelineDegraded",
     "BlocksmithNoLeader",
     "BlocksmithOperatorDown",
+    "BlocksmithCRDsOutdated",
 ];
 
 /// Every option on, with the labels `prometheus-rule-tests.yaml` expects on the alerts.
