@@ -1010,11 +1010,11 @@ mod tests {
         assert_eq!(patched, expected);
         // v3+: compact array (count + 1), a tagged-field section per entry and at the end.
         let mut v3 = vec![0, 0, 0, 9, 0, 0, 2];
-        v3.extend([0, 3, 0, 0, 0, 12, 1, 0, 2, b'x']); // an entry with a tagged field
+        v3.extend([0, 3, 0, 0, 0, 12, 1, 0, 1, b'x']); // an entry with a tagged field
         v3.extend([0, 0, 0, 0, 0]); // throttle, no tagged fields
         let patched = patch_api_versions(&v3, 3).unwrap();
         let mut expected = vec![0, 0, 0, 9, 0, 0, 4];
-        expected.extend([0, 3, 0, 0, 0, 12, 1, 0, 2, b'x']);
+        expected.extend([0, 3, 0, 0, 0, 12, 1, 0, 1, b'x']);
         expected.extend([0, 17, 0, 1, 0, 1, 0, 0, 36, 0, 0, 0, 1, 0]);
         expected.extend([0, 0, 0, 0, 0]);
         assert_eq!(patched, expected);
