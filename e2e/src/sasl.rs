@@ -565,6 +565,7 @@ pub struct Request<'a> {
     pub api_key: i16,
     pub api_version: i16,
     pub correlation_id: i32,
+    pub client_id: Option<String>,
     body: &'a [u8],
 }
 
@@ -573,11 +574,12 @@ pub fn parse_request(frame: &[u8]) -> Result<Request<'_>, String> {
     let api_key = r.i16()?;
     let api_version = r.i16()?;
     let correlation_id = r.i32()?;
-    r.nullable_string()?;
+    let client_id = r.nullable_string()?;
     Ok(Request {
         api_key,
         api_version,
         correlation_id,
+        client_id,
         body: r.rest(),
     })
 }
@@ -803,9 +805,11 @@ where
                 }
             }
             key => {
+                // (The mock cluster's own client, which learns the advertised addresses from
+                // metadata, is one that connects here without SASL.)
                 return Ok(Outcome::Closed(format!(
-                    "unexpected request (api key {key} v{}) before authentication",
-                    request.api_version
+                    "unexpected request (api key {key} v{}, client id {:?}) before authentication",
+                    request.api_version, request.client_id
                 )));
             }
         }
