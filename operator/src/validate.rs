@@ -727,4 +727,31 @@ mod tests {
             assert_eq!(err.field, field, "{err}");
         }
     }
+
+    /// Every pipeline in `examples/` is one the schema takes and the operator accepts.
+    #[test]
+    fn the_example_pipelines_are_valid() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples");
+        let mut checked = Vec::new();
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            let name = path.file_name().unwrap().to_string_lossy().into_owned();
+            if !name.starts_with("pipeline") {
+                continue;
+            }
+            // examples/pipeline.yaml goes through envsubst.
+            let text = std::fs::read_to_string(&path)
+                .unwrap()
+                .replace("${KAFKA_BOOTSTRAP}", "kafka:9092")
+                .replace("${OUTPUT_URL}", "s3://bucket/orders");
+            let bp: blocksmith_crds::BlockPipeline = serde_yaml::from_str(&text)
+                .unwrap_or_else(|e| panic!("{name}: {e}"));
+            validate(&bp.spec).unwrap_or_else(|e| panic!("{name}: {e}"));
+            checked.push(name);
+        }
+        assert!(
+            checked.iter().any(|n| n == "pipeline-oauthbearer.yaml") && checked.len() >= 7,
+            "{checked:?}"
+        );
+    }
 }
