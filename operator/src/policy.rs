@@ -268,6 +268,26 @@ mod tests {
     }
 
     #[test]
+    fn the_oauth_clients_secrets_are_found_with_their_fields() {
+        let s = spec(json!({
+            "kafka": {"bootstrapServers": "k:9092", "topic": "t", "securityProtocol": "SASL_SSL",
+                      "sasl": {"mechanism": "OAUTHBEARER", "oauthbearer": {
+                          "tokenEndpointUrl": "https://sso/token",
+                          "clientIdSecretRef": {"name": "oauth-id", "key": "id"},
+                          "clientSecretSecretRef": {"name": "oauth", "key": "secret"}}}},
+            "output": {"url": "s3://b/p"},
+        }));
+        assert_eq!(
+            secret_references(&s),
+            [
+                ("spec.kafka.sasl.oauthbearer.clientIdSecretRef", "oauth-id"),
+                ("spec.kafka.sasl.oauthbearer.clientSecretSecretRef", "oauth"),
+            ]
+            .map(|(f, n)| (f.to_string(), n.to_string()))
+        );
+    }
+
+    #[test]
     fn every_secret_a_spec_names_is_found_with_its_field() {
         let s = spec(json!({
             "kafka": {"bootstrapServers": "k:9092", "topic": "t", "securityProtocol": "SASL_SSL",
