@@ -234,4 +234,33 @@ pub(super) mod tests {
             r#", and the credentials in secrets "u" (key "user") and "p" (key "pass")"#
         );
     }
+
+    #[test]
+    fn an_oauth_client_is_librdkafkas_oidc_grant_and_its_secrets_are_named() {
+        let oauth: OAuthBearerSpec = serde_json::from_value(serde_json::json!({
+            "tokenEndpointUrl": "https://sso/token",
+            "clientIdSecretRef": {"name": "oauth", "key": "id"},
+            "clientSecretSecretRef": {"name": "oauth", "key": "secret"},
+            "scope": "kafka",
+            "extensions": {"logicalCluster": "lkc-1", "identityPoolId": "pool-2"},
+        }))
+        .unwrap();
+        assert_eq!(
+            oauthbearer_properties(&oauth),
+            [
+                ("sasl.oauthbearer.method", "oidc"),
+                ("sasl.oauthbearer.token.endpoint.url", "https://sso/token"),
+                ("sasl.oauthbearer.scope", "kafka"),
+                (
+                    "sasl.oauthbearer.extensions",
+                    "identityPoolId=pool-2,logicalCluster=lkc-1"
+                ),
+            ]
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+        );
+        assert_eq!(
+            oauth_credentials_description(&oauth),
+            r#", and the OAuth client of spec.kafka.sasl.oauthbearer in secret "oauth" (keys "id", "secret") at token endpoint "https://sso/token""#
+        );
+    }
 }
