@@ -79,7 +79,10 @@ const KAFKA_CREDENTIALS: [(&str, &str); 10] = [
         "BLOCKSMITH_KAFKA_SASL_OAUTHBEARER_CLIENT_SECRET",
         "sasl.oauthbearer.client.secret",
     ),
-    ("BLOCKSMITH_KAFKA_SASL_OAUTHBEARER_SCOPE", "sasl.oauthbearer.scope"),
+    (
+        "BLOCKSMITH_KAFKA_SASL_OAUTHBEARER_SCOPE",
+        "sasl.oauthbearer.scope",
+    ),
     (
         "BLOCKSMITH_KAFKA_SASL_OAUTHBEARER_EXTENSIONS",
         "sasl.oauthbearer.extensions",

@@ -139,16 +139,24 @@ impl Drop for TokenEndpoint {
 /// The client-credentials grant: the client authenticated by HTTP Basic (what librdkafka
 /// sends) or by `client_id`/`client_secret` in the form.
 async fn grant(State(s): State<Arc<EndpointState>>, headers: HeaderMap, body: String) -> Response {
-    let form: std::collections::HashMap<String, String> = url::form_urlencoded::parse(body.as_bytes())
-        .into_owned()
-        .collect();
+    let form: std::collections::HashMap<String, String> =
+        url::form_urlencoded::parse(body.as_bytes())
+            .into_owned()
+            .collect();
     let basic = headers
         .get("authorization")
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Basic "))
-        .and_then(|b| base64::engine::general_purpose::STANDARD.decode(b.trim()).ok())
+        .and_then(|b| {
+            base64::engine::general_purpose::STANDARD
+                .decode(b.trim())
+                .ok()
+        })
         .and_then(|b| String::from_utf8(b).ok())
-        .and_then(|b| b.split_once(':').map(|(i, s)| (i.to_string(), s.to_string())));
+        .and_then(|b| {
+            b.split_once(':')
+                .map(|(i, s)| (i.to_string(), s.to_string()))
+        });
     let client = basic.or_else(|| {
         Some((
             form.get("client_id")?.clone(),
@@ -193,13 +201,22 @@ mod tests {
         )
         .await;
         let post = |auth: Option<&str>, body: &str| {
-            let (url, auth, body) = (endpoint.url.clone(), auth.map(str::to_string), body.to_string());
+            let (url, auth, body) = (
+                endpoint.url.clone(),
+                auth.map(str::to_string),
+                body.to_string(),
+            );
             async move {
                 let uri: http::Uri = url.parse().unwrap();
                 let addr = uri.authority().unwrap().as_str().to_string();
                 let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
                 let auth = auth
-                    .map(|a| format!("Authorization: Basic {}\r\n", base64::engine::general_purpose::STANDARD.encode(a)))
+                    .map(|a| {
+                        format!(
+                            "Authorization: Basic {}\r\n",
+                            base64::engine::general_purpose::STANDARD.encode(a)
+                        )
+                    })
                     .unwrap_or_default();
                 let request = format!(
                     "POST /token HTTP/1.1\r\nHost: x\r\n{auth}Content-Type: application/x-www-form-urlencoded\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
@@ -212,10 +229,18 @@ mod tests {
                 answer
             }
         };
-        let ok = post(Some("c:s3cret"), "grant_type=client_credentials&scope=kafka").await;
+        let ok = post(
+            Some("c:s3cret"),
+            "grant_type=client_credentials&scope=kafka",
+        )
+        .await;
         assert!(ok.starts_with("HTTP/1.1 200"), "{ok}");
         assert!(ok.contains("\"expires_in\":20"), "{ok}");
-        let form = post(None, "grant_type=client_credentials&client_id=c&client_secret=s3cret").await;
+        let form = post(
+            None,
+            "grant_type=client_credentials&client_id=c&client_secret=s3cret",
+        )
+        .await;
         assert!(form.starts_with("HTTP/1.1 200"), "{form}");
         let wrong = post(Some("c:wrong"), "grant_type=client_credentials").await;
         assert!(wrong.starts_with("HTTP/1.1 401"), "{wrong}");

@@ -143,7 +143,11 @@ impl ScramCredential {
 pub struct Authenticator {
     plain: BTreeMap<String, String>,
     scram: BTreeMap<(ScramHash, String), ScramCredential>,
-    oauthbearer: Option<(OAuthBearerConfig, jsonwebtoken::DecodingKey, jsonwebtoken::Algorithm)>,
+    oauthbearer: Option<(
+        OAuthBearerConfig,
+        jsonwebtoken::DecodingKey,
+        jsonwebtoken::Algorithm,
+    )>,
 }
 
 impl Authenticator {
@@ -983,7 +987,9 @@ mod tests {
         assert_eq!(handshake_mechanism(&r).unwrap(), "SCRAM-SHA-256");
         assert_eq!(
             handshake_response(7, 33, &["PLAIN"]),
-            [0, 0, 0, 7, 0, 33, 0, 0, 0, 1, 0, 5, b'P', b'L', b'A', b'I', b'N']
+            [
+                0, 0, 0, 7, 0, 33, 0, 0, 0, 1, 0, 5, b'P', b'L', b'A', b'I', b'N'
+            ]
         );
         let frame = request(SASL_AUTHENTICATE, 1, 8, &[0, 0, 0, 3, b'a', 0, b'b']);
         let r = parse_request(&frame).unwrap();
@@ -997,7 +1003,10 @@ mod tests {
             ]
             .concat()
         );
-        assert_eq!(authenticate_response(8, 0, 0, None, b"x", 0).len(), 4 + 2 + 2 + 5);
+        assert_eq!(
+            authenticate_response(8, 0, 0, None, b"x", 0).len(),
+            4 + 2 + 2 + 5
+        );
     }
 
     #[test]
@@ -1101,7 +1110,9 @@ mod tests {
         let (mut upstream_front, _upstream) = tokio::io::duplex(4096);
         let front_task =
             tokio::spawn(async move { authenticate(&mut front, &mut upstream_front, &auth).await });
-        write_frame(&mut client, &request(3, 12, 1, &[])).await.unwrap();
+        write_frame(&mut client, &request(3, 12, 1, &[]))
+            .await
+            .unwrap();
         assert!(matches!(front_task.await.unwrap(), Outcome::Closed(m) if m.contains("api key 3")));
     }
 }

@@ -648,7 +648,8 @@ mod tests {
             },
         }))
         .unwrap();
-        let from_secret = |name: &str, key: &str| json!({"secretKeyRef": {"name": name, "key": key}});
+        let from_secret =
+            |name: &str, key: &str| json!({"secretKeyRef": {"name": name, "key": key}});
         assert_eq!(
             kafka_env(&kafka),
             vec![

@@ -323,14 +323,18 @@ fn validate_sasl(sasl: &SaslSpec) -> Result<(), InvalidSpec> {
             if set {
                 return Err(invalid(
                     field,
-                    format!("mechanism {m} takes no username or password: remove it (the OAuth client is in spec.kafka.sasl.oauthbearer)"),
+                    format!(
+                        "mechanism {m} takes no username or password: remove it (the OAuth client is in spec.kafka.sasl.oauthbearer)"
+                    ),
                 ));
             }
         }
         let Some(o) = &sasl.oauthbearer else {
             return Err(invalid(
                 "kafka.sasl.oauthbearer",
-                format!("mechanism {m} requires spec.kafka.sasl.oauthbearer (tokenEndpointUrl, clientIdSecretRef, clientSecretSecretRef)"),
+                format!(
+                    "mechanism {m} requires spec.kafka.sasl.oauthbearer (tokenEndpointUrl, clientIdSecretRef, clientSecretSecretRef)"
+                ),
             ));
         };
         match url::Url::parse(&o.token_endpoint_url) {
@@ -387,7 +391,9 @@ fn validate_sasl(sasl: &SaslSpec) -> Result<(), InvalidSpec> {
         if sasl.oauthbearer.is_some() {
             return Err(invalid(
                 "kafka.sasl.oauthbearer",
-                format!("mechanism {m} does not use it: set mechanism to OAUTHBEARER, or remove oauthbearer"),
+                format!(
+                    "mechanism {m} does not use it: set mechanism to OAUTHBEARER, or remove oauthbearer"
+                ),
             ));
         }
         for (field, set) in [
@@ -682,7 +688,10 @@ mod tests {
                 "kafka.sasl.usernameSecretRef",
             ),
             (
-                sasl("SCRAM-SHA-256", serde_json::json!({"usernameSecretRef": user})),
+                sasl(
+                    "SCRAM-SHA-256",
+                    serde_json::json!({"usernameSecretRef": user}),
+                ),
                 "kafka.sasl.passwordSecretRef",
             ),
             (
@@ -693,7 +702,10 @@ mod tests {
                 ),
                 "kafka.sasl.oauthbearer",
             ),
-            (sasl("OAUTHBEARER", serde_json::json!({})), "kafka.sasl.oauthbearer"),
+            (
+                sasl("OAUTHBEARER", serde_json::json!({})),
+                "kafka.sasl.oauthbearer",
+            ),
             (
                 sasl(
                     "OAUTHBEARER",
@@ -702,15 +714,24 @@ mod tests {
                 "kafka.sasl.usernameSecretRef",
             ),
             (
-                sasl("OAUTHBEARER", serde_json::json!({"oauthbearer": oauth("sso/token")})),
+                sasl(
+                    "OAUTHBEARER",
+                    serde_json::json!({"oauthbearer": oauth("sso/token")}),
+                ),
                 "kafka.sasl.oauthbearer.tokenEndpointUrl",
             ),
             (
-                sasl("OAUTHBEARER", serde_json::json!({"oauthbearer": oauth("ftp://sso/token")})),
+                sasl(
+                    "OAUTHBEARER",
+                    serde_json::json!({"oauthbearer": oauth("ftp://sso/token")}),
+                ),
                 "kafka.sasl.oauthbearer.tokenEndpointUrl",
             ),
             (
-                sasl("OAUTHBEARER", serde_json::json!({"oauthbearer": bad_extension})),
+                sasl(
+                    "OAUTHBEARER",
+                    serde_json::json!({"oauthbearer": bad_extension}),
+                ),
                 "kafka.sasl.oauthbearer.extensions",
             ),
             (
@@ -718,7 +739,10 @@ mod tests {
                 "kafka.sasl.oauthbearer.extensions",
             ),
             (
-                sasl("OAUTHBEARER", serde_json::json!({"oauthbearer": empty_scope})),
+                sasl(
+                    "OAUTHBEARER",
+                    serde_json::json!({"oauthbearer": empty_scope}),
+                ),
                 "kafka.sasl.oauthbearer.scope",
             ),
         ];
@@ -744,8 +768,8 @@ mod tests {
                 .unwrap()
                 .replace("${KAFKA_BOOTSTRAP}", "kafka:9092")
                 .replace("${OUTPUT_URL}", "s3://bucket/orders");
-            let bp: blocksmith_crds::BlockPipeline = serde_yaml::from_str(&text)
-                .unwrap_or_else(|e| panic!("{name}: {e}"));
+            let bp: blocksmith_crds::BlockPipeline =
+                serde_yaml::from_str(&text).unwrap_or_else(|e| panic!("{name}: {e}"));
             validate(&bp.spec).unwrap_or_else(|e| panic!("{name}: {e}"));
             checked.push(name);
         }

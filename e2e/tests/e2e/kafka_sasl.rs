@@ -114,8 +114,7 @@ async fn authentication_failed(tb: &Testbed, ns: &str, name: &str) -> String {
 }
 
 #[tokio::test]
-async fn scram_pipeline_commits_every_offset_and_a_wrong_password_is_an_authentication_failure()
-{
+async fn scram_pipeline_commits_every_offset_and_a_wrong_password_is_an_authentication_failure() {
     let tb = Testbed::get().await;
     let ns = tb.namespace("kafka-scram").await;
     let config = json!({"users": {"pipeline": SCRAM_PASSWORD}});
@@ -320,15 +319,20 @@ async fn oauthbearer_pipeline_refreshes_its_tokens_and_commits_every_offset() {
             "logicalCluster=lkc-test",
         )
         .env("BLOCKSMITH_KAFKA_SASL_OAUTHBEARER_CLIENT_ID", "blocksmith")
-        .env("BLOCKSMITH_KAFKA_SASL_OAUTHBEARER_CLIENT_SECRET", CLIENT_SECRET);
+        .env(
+            "BLOCKSMITH_KAFKA_SASL_OAUTHBEARER_CLIENT_SECRET",
+            CLIENT_SECRET,
+        );
     });
     let mut committed = wait_committed(&tb, &ns, "p", &high_watermarks(&produced)).await;
 
     // Two more batches, each after the tokens of the one before have expired: the clients'
     // connections were closed at expiry, and only refreshed tokens get them back.
     for (seed, at) in [(2, 25), (3, 50)] {
-        tokio::time::sleep((start + Duration::from_secs(at)).saturating_duration_since(Instant::now()))
-            .await;
+        tokio::time::sleep(
+            (start + Duration::from_secs(at)).saturating_duration_since(Instant::now()),
+        )
+        .await;
         let more = produce_data_with(&broker.bootstrap, producer.clone(), batch(seed)).await;
         produced = merge(produced, more);
         committed = wait_committed(&tb, &ns, "p", &high_watermarks(&produced)).await;
