@@ -213,14 +213,14 @@ mod tests {
             "security.protocol=sasl_ssl,sasl.mechanism=OAUTHBEARER",
         ]);
         let env = |name: &str| {
-            Some(match name {
+            let value = match name {
                 "BLOCKSMITH_KAFKA_SASL_OAUTHBEARER_TOKEN_ENDPOINT_URL" => "https://sso/t?a=1,2",
                 "BLOCKSMITH_KAFKA_SASL_OAUTHBEARER_CLIENT_ID" => "id",
                 "BLOCKSMITH_KAFKA_SASL_OAUTHBEARER_CLIENT_SECRET" => "shh",
                 "BLOCKSMITH_KAFKA_SASL_OAUTHBEARER_EXTENSIONS" => "a=1,b=2",
                 _ => return None,
-            })
-            .map(str::to_string)
+            };
+            Some(value.to_string())
         };
         assert_eq!(
             kafka_properties(&oauth, env).unwrap(),
