@@ -17,6 +17,8 @@ use tracing::info;
 /// AWS_SECRET_ACCESS_KEY, AWS_REGION, AWS_ENDPOINT, AWS_ALLOW_HTTP; GOOGLE_SERVICE_ACCOUNT_KEY;
 /// AZURE_STORAGE_ACCOUNT_NAME, AZURE_STORAGE_ACCOUNT_KEY, ...). Kafka credentials too, from the
 /// environment only: BLOCKSMITH_KAFKA_SASL_USERNAME, BLOCKSMITH_KAFKA_SASL_PASSWORD,
+/// BLOCKSMITH_KAFKA_SASL_OAUTHBEARER_CLIENT_ID, BLOCKSMITH_KAFKA_SASL_OAUTHBEARER_CLIENT_SECRET
+/// (with BLOCKSMITH_KAFKA_SASL_OAUTHBEARER_TOKEN_ENDPOINT_URL, _SCOPE and _EXTENSIONS),
 /// BLOCKSMITH_KAFKA_SSL_CA_PEM, BLOCKSMITH_KAFKA_SSL_CERTIFICATE_PEM, BLOCKSMITH_KAFKA_SSL_KEY_PEM.
 /// The Kubernetes API is reached in-cluster or through KUBECONFIG.
 #[derive(Parser, Debug)]
@@ -59,10 +61,32 @@ struct Args {
 }
 
 /// Kafka credentials, taken from the environment only (the operator sets them from the
-/// pipeline's Secrets): a command line is visible to every process on the node.
-const KAFKA_CREDENTIALS: [(&str, &str); 5] = [
+/// pipeline's Secrets): a command line is visible to every process on the node. The OAuth
+/// settings that are no secret come from the environment too, as values of their own (a URL
+/// or an extension may hold the comma that separates `--kafka-property` values).
+const KAFKA_CREDENTIALS: [(&str, &str); 10] = [
     ("BLOCKSMITH_KAFKA_SASL_USERNAME", "sasl.username"),
     ("BLOCKSMITH_KAFKA_SASL_PASSWORD", "sasl.password"),
+    (
+        "BLOCKSMITH_KAFKA_SASL_OAUTHBEARER_TOKEN_ENDPOINT_URL",
+        "sasl.oauthbearer.token.endpoint.url",
+    ),
+    (
+        "BLOCKSMITH_KAFKA_SASL_OAUTHBEARER_CLIENT_ID",
+        "sasl.oauthbearer.client.id",
+    ),
+    (
+        "BLOCKSMITH_KAFKA_SASL_OAUTHBEARER_CLIENT_SECRET",
+        "sasl.oauthbearer.client.secret",
+    ),
+    (
+        "BLOCKSMITH_KAFKA_SASL_OAUTHBEARER_SCOPE",
+        "sasl.oauthbearer.scope",
+    ),
+    (
+        "BLOCKSMITH_KAFKA_SASL_OAUTHBEARER_EXTENSIONS",
+        "sasl.oauthbearer.extensions",
+    ),
     ("BLOCKSMITH_KAFKA_SSL_CA_PEM", "ssl.ca.pem"),
     (
         "BLOCKSMITH_KAFKA_SSL_CERTIFICATE_PEM",
@@ -71,7 +95,9 @@ const KAFKA_CREDENTIALS: [(&str, &str); 5] = [
     ("BLOCKSMITH_KAFKA_SSL_KEY_PEM", "ssl.key.pem"),
 ];
 
-/// librdkafka properties from `--kafka-property`, then the credentials `env` holds.
+/// librdkafka properties from `--kafka-property`, then the credentials `env` holds. A token
+/// endpoint selects librdkafka's OIDC client-credentials grant, which fetches the token and
+/// refreshes it before it expires.
 fn kafka_properties(
     args: &Args,
     env: impl Fn(&str) -> Option<String>,
@@ -85,6 +111,9 @@ fn kafka_properties(
     }
     for (variable, property) in KAFKA_CREDENTIALS {
         if let Some(value) = env(variable) {
+            if property == "sasl.oauthbearer.token.endpoint.url" {
+                properties.push(("sasl.oauthbearer.method".into(), "oidc".into()));
+            }
             properties.push((property.into(), value));
         }
     }
@@ -177,6 +206,35 @@ mod tests {
             ]
             .map(|(k, v)| (k.to_string(), v.to_string()))
         );
+        // An OAuth client: librdkafka's OIDC grant, the comma in the URL kept.
+        let oauth = Args::parse_from([
+            "blocksmith-builder",
+            "--kafka-property",
+            "security.protocol=sasl_ssl,sasl.mechanism=OAUTHBEARER",
+        ]);
+        let env = |name: &str| {
+            let value = match name {
+                "BLOCKSMITH_KAFKA_SASL_OAUTHBEARER_TOKEN_ENDPOINT_URL" => "https://sso/t?a=1,2",
+                "BLOCKSMITH_KAFKA_SASL_OAUTHBEARER_CLIENT_ID" => "id",
+                "BLOCKSMITH_KAFKA_SASL_OAUTHBEARER_CLIENT_SECRET" => "shh",
+                "BLOCKSMITH_KAFKA_SASL_OAUTHBEARER_EXTENSIONS" => "a=1,b=2",
+                _ => return None,
+            };
+            Some(value.to_string())
+        };
+        assert_eq!(
+            kafka_properties(&oauth, env).unwrap(),
+            [
+                ("security.protocol", "sasl_ssl"),
+                ("sasl.mechanism", "OAUTHBEARER"),
+                ("sasl.oauthbearer.method", "oidc"),
+                ("sasl.oauthbearer.token.endpoint.url", "https://sso/t?a=1,2"),
+                ("sasl.oauthbearer.client.id", "id"),
+                ("sasl.oauthbearer.client.secret", "shh"),
+                ("sasl.oauthbearer.extensions", "a=1,b=2"),
+            ]
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+        );
         let bad = Args::parse_from(["blocksmith-builder", "--kafka-property", "novalue"]);
         assert!(kafka_properties(&bad, |_| None).is_err());
         // No flag takes a credential.
@@ -184,6 +242,7 @@ mod tests {
             "--kafka-sasl-password",
             "--kafka-sasl-username",
             "--kafka-ssl-key-pem",
+            "--kafka-sasl-oauthbearer-client-secret",
         ] {
             assert!(
                 Args::try_parse_from(["blocksmith-builder", flag, "x"]).is_err(),

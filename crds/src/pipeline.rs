@@ -100,8 +100,41 @@ pub enum SecurityProtocol {
 #[serde(rename_all = "camelCase")]
 pub struct SaslSpec {
     pub mechanism: SaslMechanism,
-    pub username_secret_ref: SecretKeySelector,
-    pub password_secret_ref: SecretKeySelector,
+    /// The user name, for `PLAIN` and `SCRAM-*` (required with them, not used with
+    /// `OAUTHBEARER`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub username_secret_ref: Option<SecretKeySelector>,
+    /// The password, for `PLAIN` and `SCRAM-*` (required with them, not used with
+    /// `OAUTHBEARER`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password_secret_ref: Option<SecretKeySelector>,
+    /// For `OAUTHBEARER` (required with it): an OIDC client-credentials grant against the
+    /// identity provider's token endpoint, whose access token (a JWT) the clients send to the
+    /// brokers and refresh before it expires.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub oauthbearer: Option<OAuthBearerSpec>,
+}
+
+/// OIDC client credentials (RFC 6749 section 4.4) for SASL `OAUTHBEARER` (KIP-768): what
+/// Strimzi's `oauth` listeners, Confluent Cloud and other OIDC-secured brokers ask of clients.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct OAuthBearerSpec {
+    /// The identity provider's token endpoint, e.g.
+    /// `https://sso.example.com/realms/kafka/protocol/openid-connect/token`.
+    #[schemars(length(min = 1))]
+    pub token_endpoint_url: String,
+    /// The OAuth client id.
+    pub client_id_secret_ref: SecretKeySelector,
+    /// The OAuth client secret.
+    pub client_secret_secret_ref: SecretKeySelector,
+    /// The scope to request (space-separated), if the identity provider needs one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scope: Option<String>,
+    /// SASL extensions (KIP-342) sent to the brokers with the token, e.g. Confluent Cloud's
+    /// `logicalCluster` and `identityPoolId`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub extensions: BTreeMap<String, String>,
 }
 
 #[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
@@ -112,6 +145,8 @@ pub enum SaslMechanism {
     ScramSha256,
     #[serde(rename = "SCRAM-SHA-512")]
     ScramSha512,
+    #[serde(rename = "OAUTHBEARER")]
+    OAuthBearer,
 }
 
 impl SecurityProtocol {
@@ -150,6 +185,7 @@ impl SaslMechanism {
             SaslMechanism::Plain => "PLAIN",
             SaslMechanism::ScramSha256 => "SCRAM-SHA-256",
             SaslMechanism::ScramSha512 => "SCRAM-SHA-512",
+            SaslMechanism::OAuthBearer => "OAUTHBEARER",
         }
     }
 }
@@ -467,6 +503,7 @@ mod tests {
             SaslMechanism::Plain,
             SaslMechanism::ScramSha256,
             SaslMechanism::ScramSha512,
+            SaslMechanism::OAuthBearer,
         ] {
             assert_eq!(m.to_string(), spelled(serde_json::to_value(m).unwrap()));
         }

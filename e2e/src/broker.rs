@@ -50,6 +50,23 @@ impl PrivateBroker {
         Self::spawn_with(tb, name, &["--tls", dir.to_str().expect("UTF-8 path")])
     }
 
+    /// A broker served only through SASL: `config` is written to the `--sasl` file (users and
+    /// OAuth issuer, see `sasl::SaslConfig`); with `tls`, SASL_SSL (see `spawn_tls`).
+    pub fn spawn_sasl(
+        tb: &Testbed,
+        name: &str,
+        config: &serde_json::Value,
+        tls: Option<&std::path::Path>,
+    ) -> PrivateBroker {
+        let file = tb.dir.join(format!("{name}-sasl.json"));
+        std::fs::write(&file, config.to_string()).expect("write the SASL file");
+        let mut args = vec!["--sasl", file.to_str().expect("UTF-8 path")];
+        if let Some(dir) = tls {
+            args.extend(["--tls", dir.to_str().expect("UTF-8 path")]);
+        }
+        Self::spawn_with(tb, name, &args)
+    }
+
     fn spawn_with(tb: &Testbed, name: &str, args: &[&str]) -> PrivateBroker {
         let ready = tb.dir.join(format!("{name}-broker.json"));
         // A ready file of an earlier run on this testbed names a broker that is gone.

@@ -9,7 +9,8 @@
 //! - [`procs`]: operator, builder and private S3 processes;
 //! - [`fake_builder`]: acting as a builder through the API;
 //! - [`metrics`]: reading Prometheus endpoints;
-//! - [`broker`], [`apiserver`]: private servers; [`forwarder`]: an API server a test cuts
+//! - [`broker`], [`apiserver`]: private servers; [`sasl`]: the test broker's SASL front;
+//!   [`oidc`]: an identity provider issuing OAuth tokens; [`forwarder`]: an API server a test cuts
 //!   off for one process; [`datagen`]: test data; [`helm`]: the chart.
 
 pub mod apiserver;
@@ -23,9 +24,11 @@ pub mod helm;
 pub mod host;
 pub mod kafka;
 pub mod metrics;
+pub mod oidc;
 pub mod pki;
 pub mod process;
 pub mod procs;
+pub mod sasl;
 pub mod scenario;
 pub mod testbed;
 pub mod wait;

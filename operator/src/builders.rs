@@ -93,14 +93,44 @@ fn kafka_env(k: &KafkaSpec) -> Vec<Value> {
     let mut secrets = Vec::new();
     if let Some(sasl) = &k.sasl {
         properties.push(format!("sasl.mechanism={}", sasl.mechanism));
-        secrets.push(from_secret(
-            "BLOCKSMITH_KAFKA_SASL_USERNAME",
-            &sasl.username_secret_ref,
-        ));
-        secrets.push(from_secret(
-            "BLOCKSMITH_KAFKA_SASL_PASSWORD",
-            &sasl.password_secret_ref,
-        ));
+        for (name, selector) in [
+            (
+                "BLOCKSMITH_KAFKA_SASL_USERNAME",
+                sasl.username_secret_ref.as_ref(),
+            ),
+            (
+                "BLOCKSMITH_KAFKA_SASL_PASSWORD",
+                sasl.password_secret_ref.as_ref(),
+            ),
+        ] {
+            secrets.extend(selector.map(|s| from_secret(name, s)));
+        }
+        if let Some(oauth) = &sasl.oauthbearer {
+            // Values of their own (a URL or an extension may hold a comma, which separates
+            // BLOCKSMITH_KAFKA_PROPERTIES); the client id and secret from the Secret.
+            let value = |name: &str, value: &str| json!({"name": name, "value": value});
+            secrets.push(value(
+                "BLOCKSMITH_KAFKA_SASL_OAUTHBEARER_TOKEN_ENDPOINT_URL",
+                &oauth.token_endpoint_url,
+            ));
+            if let Some(scope) = &oauth.scope {
+                secrets.push(value("BLOCKSMITH_KAFKA_SASL_OAUTHBEARER_SCOPE", scope));
+            }
+            if !oauth.extensions.is_empty() {
+                secrets.push(value(
+                    "BLOCKSMITH_KAFKA_SASL_OAUTHBEARER_EXTENSIONS",
+                    &crate::kafka::extensions_value(&oauth.extensions),
+                ));
+            }
+            secrets.push(from_secret(
+                "BLOCKSMITH_KAFKA_SASL_OAUTHBEARER_CLIENT_ID",
+                &oauth.client_id_secret_ref,
+            ));
+            secrets.push(from_secret(
+                "BLOCKSMITH_KAFKA_SASL_OAUTHBEARER_CLIENT_SECRET",
+                &oauth.client_secret_secret_ref,
+            ));
+        }
     }
     let tls = k.tls.as_ref();
     for (name, selector) in [
@@ -598,6 +628,37 @@ mod tests {
             env,
             vec![
                 json!({"name": "BLOCKSMITH_KAFKA_PROPERTIES", "value": "security.protocol=plaintext"})
+            ]
+        );
+    }
+
+    #[test]
+    fn builders_get_the_oauth_client_by_reference_and_its_settings_as_values() {
+        let kafka: KafkaSpec = serde_json::from_value(json!({
+            "bootstrapServers": "k:9093", "topic": "orders", "securityProtocol": "SASL_SSL",
+            "sasl": {
+                "mechanism": "OAUTHBEARER",
+                "oauthbearer": {
+                    "tokenEndpointUrl": "https://sso/token?a=1,2",
+                    "clientIdSecretRef": {"name": "oauth", "key": "id"},
+                    "clientSecretSecretRef": {"name": "oauth", "key": "secret"},
+                    "scope": "kafka openid",
+                    "extensions": {"logicalCluster": "lkc-1", "identityPoolId": "pool-2"},
+                },
+            },
+        }))
+        .unwrap();
+        let from_secret =
+            |name: &str, key: &str| json!({"secretKeyRef": {"name": name, "key": key}});
+        assert_eq!(
+            kafka_env(&kafka),
+            vec![
+                json!({"name": "BLOCKSMITH_KAFKA_PROPERTIES", "value": "security.protocol=sasl_ssl,sasl.mechanism=OAUTHBEARER"}),
+                json!({"name": "BLOCKSMITH_KAFKA_SASL_OAUTHBEARER_TOKEN_ENDPOINT_URL", "value": "https://sso/token?a=1,2"}),
+                json!({"name": "BLOCKSMITH_KAFKA_SASL_OAUTHBEARER_SCOPE", "value": "kafka openid"}),
+                json!({"name": "BLOCKSMITH_KAFKA_SASL_OAUTHBEARER_EXTENSIONS", "value": "identityPoolId=pool-2,logicalCluster=lkc-1"}),
+                json!({"name": "BLOCKSMITH_KAFKA_SASL_OAUTHBEARER_CLIENT_ID", "valueFrom": from_secret("oauth", "id")}),
+                json!({"name": "BLOCKSMITH_KAFKA_SASL_OAUTHBEARER_CLIENT_SECRET", "valueFrom": from_secret("oauth", "secret")}),
             ]
         );
     }

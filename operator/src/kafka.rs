@@ -12,4 +12,7 @@ pub mod settings;
 
 pub use client::KafkaOffsets;
 pub use error::{KafkaError, classify};
-pub use settings::{KafkaConnection, connection, credentials_description};
+pub use settings::{
+    KafkaConnection, connection, credentials_description, extensions_value,
+    oauth_credentials_description, oauthbearer_properties,
+};

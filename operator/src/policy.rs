@@ -93,14 +93,29 @@ pub fn image_allowed(allowed: &str, image: &str) -> bool {
 pub fn secret_references(spec: &BlockPipelineSpec) -> Vec<(String, String)> {
     let mut refs = Vec::new();
     if let Some(sasl) = &spec.kafka.sasl {
-        refs.push((
-            "spec.kafka.sasl.usernameSecretRef".to_string(),
-            sasl.username_secret_ref.name.clone(),
-        ));
-        refs.push((
-            "spec.kafka.sasl.passwordSecretRef".to_string(),
-            sasl.password_secret_ref.name.clone(),
-        ));
+        let oauth = sasl.oauthbearer.as_ref();
+        for (field, selector) in [
+            (
+                "spec.kafka.sasl.usernameSecretRef",
+                sasl.username_secret_ref.as_ref(),
+            ),
+            (
+                "spec.kafka.sasl.passwordSecretRef",
+                sasl.password_secret_ref.as_ref(),
+            ),
+            (
+                "spec.kafka.sasl.oauthbearer.clientIdSecretRef",
+                oauth.map(|o| &o.client_id_secret_ref),
+            ),
+            (
+                "spec.kafka.sasl.oauthbearer.clientSecretSecretRef",
+                oauth.map(|o| &o.client_secret_secret_ref),
+            ),
+        ] {
+            if let Some(selector) = selector {
+                refs.push((field.to_string(), selector.name.clone()));
+            }
+        }
     }
     if let Some(tls) = &spec.kafka.tls {
         for (field, selector) in [
@@ -249,6 +264,26 @@ mod tests {
         assert_eq!(
             Policy::default().check_secret(&secret(json!({})), field),
             Ok(())
+        );
+    }
+
+    #[test]
+    fn the_oauth_clients_secrets_are_found_with_their_fields() {
+        let s = spec(json!({
+            "kafka": {"bootstrapServers": "k:9092", "topic": "t", "securityProtocol": "SASL_SSL",
+                      "sasl": {"mechanism": "OAUTHBEARER", "oauthbearer": {
+                          "tokenEndpointUrl": "https://sso/token",
+                          "clientIdSecretRef": {"name": "oauth-id", "key": "id"},
+                          "clientSecretSecretRef": {"name": "oauth", "key": "secret"}}}},
+            "output": {"url": "s3://b/p"},
+        }));
+        assert_eq!(
+            secret_references(&s),
+            [
+                ("spec.kafka.sasl.oauthbearer.clientIdSecretRef", "oauth-id"),
+                ("spec.kafka.sasl.oauthbearer.clientSecretSecretRef", "oauth"),
+            ]
+            .map(|(f, n)| (f.to_string(), n.to_string()))
         );
     }
 

@@ -3,7 +3,7 @@
 
 use blocksmith_crds::BlockPipelineSpec;
 use blocksmith_crds::domain::parse_duration;
-use blocksmith_crds::pipeline::{Compression, SecurityProtocol};
+use blocksmith_crds::pipeline::{Compression, SaslMechanism, SaslSpec, SecurityProtocol};
 
 use crate::builders::builder_labels;
 
@@ -95,6 +95,9 @@ pub fn validate(spec: &BlockPipelineSpec) -> Result<(), InvalidSpec> {
                 }
             ),
         ));
+    }
+    if let Some(sasl) = &k.sasl {
+        validate_sasl(sasl)?;
     }
     if let Some(tls) = &k.tls {
         let uses_tls = matches!(
@@ -300,6 +303,115 @@ fn delete_jobs_to_move(pipeline: &str, lost: &str) -> String {
         "To move this pipeline anyway, delete its jobs (kubectl delete blockjobs -l \
          blocksmith.io/pipeline={pipeline}); {lost} not committed by then are never written"
     )
+}
+
+/// The credentials `sasl.mechanism` needs, and none it does not use.
+fn validate_sasl(sasl: &SaslSpec) -> Result<(), InvalidSpec> {
+    let oauth = sasl.mechanism == SaslMechanism::OAuthBearer;
+    let m = sasl.mechanism;
+    if oauth {
+        for (field, set) in [
+            (
+                "kafka.sasl.usernameSecretRef",
+                sasl.username_secret_ref.is_some(),
+            ),
+            (
+                "kafka.sasl.passwordSecretRef",
+                sasl.password_secret_ref.is_some(),
+            ),
+        ] {
+            if set {
+                return Err(invalid(
+                    field,
+                    format!(
+                        "mechanism {m} takes no username or password: remove it (the OAuth client is in spec.kafka.sasl.oauthbearer)"
+                    ),
+                ));
+            }
+        }
+        let Some(o) = &sasl.oauthbearer else {
+            return Err(invalid(
+                "kafka.sasl.oauthbearer",
+                format!(
+                    "mechanism {m} requires spec.kafka.sasl.oauthbearer (tokenEndpointUrl, clientIdSecretRef, clientSecretSecretRef)"
+                ),
+            ));
+        };
+        match url::Url::parse(&o.token_endpoint_url) {
+            Ok(u) if matches!(u.scheme(), "https" | "http") && u.host().is_some() => {}
+            _ => {
+                return Err(invalid(
+                    "kafka.sasl.oauthbearer.tokenEndpointUrl",
+                    format!(
+                        "{:?} is not an https:// (or http://) URL",
+                        o.token_endpoint_url
+                    ),
+                ));
+            }
+        }
+        for (field, selector) in [
+            (
+                "kafka.sasl.oauthbearer.clientIdSecretRef",
+                &o.client_id_secret_ref,
+            ),
+            (
+                "kafka.sasl.oauthbearer.clientSecretSecretRef",
+                &o.client_secret_secret_ref,
+            ),
+        ] {
+            if selector.name.is_empty() || selector.key.is_empty() {
+                return Err(invalid(field, "needs a secret name and key"));
+            }
+        }
+        if let Some(scope) = &o.scope
+            && scope.trim().is_empty()
+        {
+            return Err(invalid(
+                "kafka.sasl.oauthbearer.scope",
+                "is empty: remove it, or name the scope",
+            ));
+        }
+        // librdkafka reads `key=value,key=value`; KIP-342 keys are letters only, and the
+        // key `auth` is reserved.
+        for (key, value) in &o.extensions {
+            if key.is_empty() || !key.chars().all(|c| c.is_ascii_alphabetic()) || key == "auth" {
+                return Err(invalid(
+                    "kafka.sasl.oauthbearer.extensions",
+                    format!("{key:?} is not a SASL extension name (letters only, not \"auth\")"),
+                ));
+            }
+            if value.contains([',', '=', '\u{1}']) {
+                return Err(invalid(
+                    "kafka.sasl.oauthbearer.extensions",
+                    format!("the value of {key:?} has a ',', '=' or control character"),
+                ));
+            }
+        }
+    } else {
+        if sasl.oauthbearer.is_some() {
+            return Err(invalid(
+                "kafka.sasl.oauthbearer",
+                format!(
+                    "mechanism {m} does not use it: set mechanism to OAUTHBEARER, or remove oauthbearer"
+                ),
+            ));
+        }
+        for (field, set) in [
+            (
+                "kafka.sasl.usernameSecretRef",
+                sasl.username_secret_ref.is_some(),
+            ),
+            (
+                "kafka.sasl.passwordSecretRef",
+                sasl.password_secret_ref.is_some(),
+            ),
+        ] {
+            if !set {
+                return Err(invalid(field, format!("mechanism {m} requires it")));
+            }
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -524,6 +636,158 @@ mod tests {
         assert!(
             msg.contains("kubectl delete blockjobs -l blocksmith.io/pipeline=p)"),
             "{msg}"
+        );
+    }
+
+    fn sasl(mechanism: &str, extra: serde_json::Value) -> BlockPipelineSpec {
+        let mut s = spec();
+        s.kafka.security_protocol = SecurityProtocol::SaslSsl;
+        let mut sasl = serde_json::json!({"mechanism": mechanism});
+        sasl.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        s.kafka.sasl = Some(serde_json::from_value(sasl).unwrap());
+        s
+    }
+
+    #[test]
+    fn each_mechanism_takes_its_own_credentials_and_names_the_missing_field() {
+        let user = serde_json::json!({"name": "k", "key": "user"});
+        let password = serde_json::json!({"name": "k", "key": "password"});
+        let oauth = |url: &str| {
+            serde_json::json!({
+                "tokenEndpointUrl": url,
+                "clientIdSecretRef": {"name": "o", "key": "id"},
+                "clientSecretSecretRef": {"name": "o", "key": "secret"},
+                "scope": "kafka",
+                "extensions": {"logicalCluster": "lkc-1", "identityPoolId": "pool-2"},
+            })
+        };
+        let ok = [
+            sasl(
+                "SCRAM-SHA-512",
+                serde_json::json!({"usernameSecretRef": user, "passwordSecretRef": password}),
+            ),
+            sasl(
+                "OAUTHBEARER",
+                serde_json::json!({"oauthbearer": oauth("https://sso.example.com/token")}),
+            ),
+        ];
+        for s in ok {
+            assert_eq!(validate(&s), Ok(()));
+        }
+        let mut bad_extension = oauth("https://sso/token");
+        bad_extension["extensions"] = serde_json::json!({"auth": "x"});
+        let mut comma = oauth("https://sso/token");
+        comma["extensions"] = serde_json::json!({"pool": "a,b"});
+        let mut empty_scope = oauth("https://sso/token");
+        empty_scope["scope"] = serde_json::json!(" ");
+        let cases = [
+            (
+                sasl("PLAIN", serde_json::json!({"passwordSecretRef": password})),
+                "kafka.sasl.usernameSecretRef",
+            ),
+            (
+                sasl(
+                    "SCRAM-SHA-256",
+                    serde_json::json!({"usernameSecretRef": user}),
+                ),
+                "kafka.sasl.passwordSecretRef",
+            ),
+            (
+                sasl(
+                    "PLAIN",
+                    serde_json::json!({"usernameSecretRef": user, "passwordSecretRef": password,
+                                       "oauthbearer": oauth("https://sso/token")}),
+                ),
+                "kafka.sasl.oauthbearer",
+            ),
+            (
+                sasl("OAUTHBEARER", serde_json::json!({})),
+                "kafka.sasl.oauthbearer",
+            ),
+            (
+                sasl(
+                    "OAUTHBEARER",
+                    serde_json::json!({"oauthbearer": oauth("https://sso/token"), "usernameSecretRef": user}),
+                ),
+                "kafka.sasl.usernameSecretRef",
+            ),
+            (
+                sasl(
+                    "OAUTHBEARER",
+                    serde_json::json!({"oauthbearer": oauth("sso/token")}),
+                ),
+                "kafka.sasl.oauthbearer.tokenEndpointUrl",
+            ),
+            (
+                sasl(
+                    "OAUTHBEARER",
+                    serde_json::json!({"oauthbearer": oauth("ftp://sso/token")}),
+                ),
+                "kafka.sasl.oauthbearer.tokenEndpointUrl",
+            ),
+            (
+                sasl(
+                    "OAUTHBEARER",
+                    serde_json::json!({"oauthbearer": bad_extension}),
+                ),
+                "kafka.sasl.oauthbearer.extensions",
+            ),
+            (
+                sasl("OAUTHBEARER", serde_json::json!({"oauthbearer": comma})),
+                "kafka.sasl.oauthbearer.extensions",
+            ),
+            (
+                sasl(
+                    "OAUTHBEARER",
+                    serde_json::json!({"oauthbearer": empty_scope}),
+                ),
+                "kafka.sasl.oauthbearer.scope",
+            ),
+        ];
+        for (s, field) in cases {
+            let err = validate(&s).unwrap_err();
+            assert_eq!(err.field, field, "{err}");
+        }
+    }
+
+    /// Every pipeline in `examples/` is one the schema takes and the operator accepts.
+    #[test]
+    fn the_example_pipelines_are_valid() {
+        use serde::Deserialize;
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples");
+        let mut checked = Vec::new();
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            let name = path.file_name().unwrap().to_string_lossy().into_owned();
+            if !name.starts_with("pipeline") {
+                continue;
+            }
+            // examples/pipeline.yaml goes through envsubst.
+            let text = std::fs::read_to_string(&path)
+                .unwrap()
+                .replace("${KAFKA_BOOTSTRAP}", "kafka:9092")
+                .replace("${OUTPUT_URL}", "s3://bucket/orders");
+            // Some files hold a Secret before the pipeline.
+            let mut pipelines = 0;
+            for doc in serde_yaml::Deserializer::from_str(&text) {
+                let value =
+                    serde_yaml::Value::deserialize(doc).unwrap_or_else(|e| panic!("{name}: {e}"));
+                if value["kind"] != "BlockPipeline" {
+                    continue;
+                }
+                let bp: blocksmith_crds::BlockPipeline =
+                    serde_yaml::from_value(value).unwrap_or_else(|e| panic!("{name}: {e}"));
+                validate(&bp.spec).unwrap_or_else(|e| panic!("{name}: {e}"));
+                pipelines += 1;
+            }
+            assert_eq!(pipelines, 1, "{name}");
+            checked.push(name);
+        }
+        assert!(
+            checked.iter().any(|n| n == "pipeline-oauthbearer.yaml") && checked.len() >= 7,
+            "{checked:?}"
         );
     }
 }

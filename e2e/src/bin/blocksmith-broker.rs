@@ -12,6 +12,9 @@
 //! plaintext), requiring a client certificate: what brokers with mTLS listeners (Strimzi's
 //! `tls` authentication) ask of clients. DIR holds `ca.pem` (which client certificates must
 //! chain to), `server.pem` and `server-key.pem`.
+//!
+//! With `--sasl FILE` each broker is served and advertised only through SASL (PLAIN,
+//! SCRAM-SHA-256/512, OAUTHBEARER; see `blocksmith_e2e::sasl`), SASL_SSL with `--tls` too.
 
 use std::ffi::CString;
 use std::io::{BufRead, BufReader, Write};
@@ -25,30 +28,47 @@ use rdkafka::client::Client;
 use rdkafka::mocking::MockCluster;
 use rdkafka::producer::{BaseProducer, DefaultProducerContext, Producer};
 
-mod tls {
-    //! TLS in front of the mock brokers, with client certificates required.
+mod front {
+    //! TLS (client certificates required) and SASL in front of the mock brokers, either or
+    //! both.
 
     use std::path::Path;
     use std::sync::Arc;
+    use std::time::SystemTime;
 
+    use blocksmith_e2e::sasl::{Authenticator, Outcome, SaslConfig, authenticate};
     use rdkafka::client::Client;
     use rdkafka::producer::DefaultProducerContext;
     use rustls::RootCertStore;
     use rustls::pki_types::pem::PemObject;
     use rustls::pki_types::{CertificateDer, PrivateKeyDer};
     use rustls::server::WebPkiClientVerifier;
+    use tokio::io::{AsyncRead, AsyncWrite};
     use tokio_rustls::TlsAcceptor;
 
-    /// Serves each broker on `host` through a TLS listener that requires a client
-    /// certificate chaining to `dir`/ca.pem, forwarding to its loopback port, and advertises
-    /// it there. Returns the new bootstrap list.
+    /// Serves each broker on `host` through a listener that takes TLS (with a client
+    /// certificate chaining to `tls`/ca.pem) and/or SASL (the users and OAuth issuer of the
+    /// JSON file `sasl`), forwarding to its loopback port, and advertises it there. Returns
+    /// the new bootstrap list.
     pub fn serve(
         client: &Client<DefaultProducerContext>,
         loopback: &str,
         host: &str,
-        dir: &Path,
+        tls: Option<&Path>,
+        sasl: Option<&Path>,
     ) -> anyhow::Result<String> {
-        let acceptor = TlsAcceptor::from(Arc::new(server_config(dir)?));
+        let acceptor = match tls {
+            Some(dir) => Some(TlsAcceptor::from(Arc::new(server_config(dir)?))),
+            None => None,
+        };
+        let auth = match sasl {
+            Some(file) => {
+                let config: SaslConfig = serde_json::from_slice(&std::fs::read(file)?)?;
+                eprintln!("SASL: {config:?}");
+                Some(Arc::new(Authenticator::new(&config)?))
+            }
+            None => None,
+        };
         // The forwarders live as long as the process.
         let runtime = Box::leak(Box::new(tokio::runtime::Runtime::new()?));
         let mut advertised = Vec::new();
@@ -57,18 +77,20 @@ mod tls {
             listener.set_nonblocking(true)?;
             let port = listener.local_addr()?.port();
             super::set_advertised_address(client, index as i32 + 1, host, port)?;
-            let (acceptor, upstream) = (acceptor.clone(), upstream.to_string());
+            let (acceptor, auth, upstream) = (acceptor.clone(), auth.clone(), upstream.to_string());
             runtime.spawn(async move {
                 let listener = tokio::net::TcpListener::from_std(listener).expect("listener");
                 while let Ok((stream, peer)) = listener.accept().await {
-                    let (acceptor, upstream) = (acceptor.clone(), upstream.clone());
+                    let _ = stream.set_nodelay(true);
+                    let (acceptor, auth, upstream) =
+                        (acceptor.clone(), auth.clone(), upstream.clone());
                     tokio::spawn(async move {
-                        let mut tls = match acceptor.accept(stream).await {
-                            Ok(tls) => tls,
-                            Err(e) => return eprintln!("TLS handshake with {peer} refused: {e}"),
+                        let Some(acceptor) = acceptor else {
+                            return connection(stream, &upstream, auth.as_deref(), peer).await;
                         };
-                        if let Ok(mut plain) = tokio::net::TcpStream::connect(&upstream).await {
-                            let _ = tokio::io::copy_bidirectional(&mut tls, &mut plain).await;
+                        match acceptor.accept(stream).await {
+                            Ok(tls) => connection(tls, &upstream, auth.as_deref(), peer).await,
+                            Err(e) => eprintln!("TLS handshake with {peer} refused: {e}"),
                         }
                     });
                 }
@@ -76,6 +98,46 @@ mod tls {
             advertised.push(format!("{host}:{port}"));
         }
         Ok(advertised.join(","))
+    }
+
+    /// One client connection: authenticated first when `auth` is set, then forwarded both
+    /// ways until either side closes (or, for OAUTHBEARER, the token expires).
+    async fn connection<S: AsyncRead + AsyncWrite + Unpin>(
+        mut stream: S,
+        upstream: &str,
+        auth: Option<&Authenticator>,
+        peer: std::net::SocketAddr,
+    ) {
+        let Ok(mut plain) = tokio::net::TcpStream::connect(upstream).await else {
+            return;
+        };
+        let _ = plain.set_nodelay(true);
+        let mut expires = None;
+        if let Some(auth) = auth {
+            match authenticate(&mut stream, &mut plain, auth).await {
+                Outcome::Authenticated {
+                    principal,
+                    mechanism,
+                    expires: until,
+                } => {
+                    eprintln!("SASL: {peer} authenticated as {principal:?} with {mechanism}");
+                    expires = until;
+                }
+                Outcome::Closed(why) => return eprintln!("SASL: {peer} refused: {why}"),
+            }
+        }
+        let forward = tokio::io::copy_bidirectional(&mut stream, &mut plain);
+        match expires {
+            None => {
+                let _ = forward.await;
+            }
+            Some(at) => {
+                let left = at.duration_since(SystemTime::now()).unwrap_or_default();
+                if tokio::time::timeout(left, forward).await.is_err() {
+                    eprintln!("SASL: {peer}'s token expired: connection closed");
+                }
+            }
+        }
     }
 
     fn server_config(dir: &Path) -> anyhow::Result<rustls::ServerConfig> {
@@ -114,6 +176,11 @@ struct Args {
     /// directory holds ca.pem, server.pem and server-key.pem.
     #[arg(long)]
     tls: Option<PathBuf>,
+    /// Serve and advertise the brokers only through SASL (with `--tls`, SASL_SSL): the JSON
+    /// file holds the users (PLAIN, SCRAM-SHA-256, SCRAM-SHA-512) and the OAUTHBEARER
+    /// issuer, see `blocksmith_e2e::sasl::SaslConfig`.
+    #[arg(long)]
+    sasl: Option<PathBuf>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -127,15 +194,18 @@ fn main() -> anyhow::Result<()> {
         .client()
         .mock_cluster()
         .ok_or_else(|| anyhow::anyhow!("librdkafka made no mock cluster"))?;
-    let bootstrap = match (&args.tls, &args.advertise) {
-        (Some(dir), host) => tls::serve(
+    let bootstrap = match (&args.tls, &args.sasl, &args.advertise) {
+        (None, None, Some(host)) => {
+            advertise_on(owner.client(), &cluster.bootstrap_servers(), host)?
+        }
+        (None, None, None) => cluster.bootstrap_servers(),
+        (tls, sasl, host) => front::serve(
             owner.client(),
             &cluster.bootstrap_servers(),
             host.as_deref().unwrap_or("127.0.0.1"),
-            dir,
+            tls.as_deref(),
+            sasl.as_deref(),
         )?,
-        (None, Some(host)) => advertise_on(owner.client(), &cluster.bootstrap_servers(), host)?,
-        (None, None) => cluster.bootstrap_servers(),
     };
     let listener = TcpListener::bind(&args.control)?;
     let ready = serde_json::json!({

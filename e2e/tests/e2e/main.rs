@@ -8,6 +8,7 @@ mod builder;
 mod chaos;
 mod chart;
 mod exactly_once;
+mod kafka_sasl;
 mod kafka_security;
 mod operator;
 mod outages;

@@ -3,6 +3,7 @@
 use std::fmt;
 
 use blocksmith_crds::domain::default_consumer_group;
+use blocksmith_crds::pipeline::OAuthBearerSpec;
 use blocksmith_crds::{BlockPipeline, Reason};
 use blocksmith_runtime::kafka::PropertyNames;
 use k8s_openapi::api::core::v1::{Secret, SecretKeySelector};
@@ -52,26 +53,40 @@ pub async fn connection(
     let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns);
     let mut credentials = String::new();
     if let Some(sasl) = &k.sasl {
-        credentials = credentials_description(&sasl.username_secret_ref, &sasl.password_secret_ref);
         properties.push(("sasl.mechanism".into(), sasl.mechanism.to_string()));
-        properties.push((
-            "sasl.username".into(),
-            secret_value(
-                &secrets,
-                &sasl.username_secret_ref,
-                "spec.kafka.sasl.usernameSecretRef",
-            )
-            .await?,
-        ));
-        properties.push((
-            "sasl.password".into(),
-            secret_value(
-                &secrets,
-                &sasl.password_secret_ref,
-                "spec.kafka.sasl.passwordSecretRef",
-            )
-            .await?,
-        ));
+        if let Some(oauth) = &sasl.oauthbearer {
+            credentials = oauth_credentials_description(oauth);
+            properties.extend(oauthbearer_properties(oauth));
+            for (property, selector, field) in [
+                (
+                    "sasl.oauthbearer.client.id",
+                    &oauth.client_id_secret_ref,
+                    "spec.kafka.sasl.oauthbearer.clientIdSecretRef",
+                ),
+                (
+                    "sasl.oauthbearer.client.secret",
+                    &oauth.client_secret_secret_ref,
+                    "spec.kafka.sasl.oauthbearer.clientSecretSecretRef",
+                ),
+            ] {
+                properties.push((
+                    property.into(),
+                    secret_value(&secrets, selector, field).await?,
+                ));
+            }
+        }
+        if let (Some(user), Some(password)) = (&sasl.username_secret_ref, &sasl.password_secret_ref)
+        {
+            credentials = credentials_description(user, password);
+            properties.push((
+                "sasl.username".into(),
+                secret_value(&secrets, user, "spec.kafka.sasl.usernameSecretRef").await?,
+            ));
+            properties.push((
+                "sasl.password".into(),
+                secret_value(&secrets, password, "spec.kafka.sasl.passwordSecretRef").await?,
+            ));
+        }
     }
     let tls = k.tls.as_ref();
     for (property, selector, field) in [
@@ -122,6 +137,56 @@ pub fn credentials_description(user: &SecretKeySelector, password: &SecretKeySel
     }
 }
 
+/// The librdkafka properties of an OIDC client-credentials grant (librdkafka's own
+/// `sasl.oauthbearer.method=oidc`, which fetches the token and refreshes it before it
+/// expires), without the client id and secret.
+pub fn oauthbearer_properties(oauth: &OAuthBearerSpec) -> Vec<(String, String)> {
+    let mut properties = vec![
+        ("sasl.oauthbearer.method".to_string(), "oidc".to_string()),
+        (
+            "sasl.oauthbearer.token.endpoint.url".to_string(),
+            oauth.token_endpoint_url.clone(),
+        ),
+    ];
+    if let Some(scope) = &oauth.scope {
+        properties.push(("sasl.oauthbearer.scope".into(), scope.clone()));
+    }
+    if !oauth.extensions.is_empty() {
+        properties.push((
+            "sasl.oauthbearer.extensions".into(),
+            extensions_value(&oauth.extensions),
+        ));
+    }
+    properties
+}
+
+/// librdkafka's `sasl.oauthbearer.extensions`: `key=value,key=value`.
+pub fn extensions_value(extensions: &std::collections::BTreeMap<String, String>) -> String {
+    extensions
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// `, and the OAuth client (spec.kafka.sasl.oauthbearer) in secret "oauth" (keys "id",
+/// "secret") at token endpoint "https://…"`.
+pub fn oauth_credentials_description(oauth: &OAuthBearerSpec) -> String {
+    let (id, secret) = (&oauth.client_id_secret_ref, &oauth.client_secret_secret_ref);
+    let secrets = if id.name == secret.name {
+        format!("secret {:?} (keys {:?}, {:?})", id.name, id.key, secret.key)
+    } else {
+        format!(
+            "secrets {:?} (key {:?}) and {:?} (key {:?})",
+            id.name, id.key, secret.name, secret.key
+        )
+    };
+    format!(
+        ", and the OAuth client of spec.kafka.sasl.oauthbearer in {secrets} at token endpoint {:?}",
+        oauth.token_endpoint_url
+    )
+}
+
 async fn secret_value(
     secrets: &Api<Secret>,
     sel: &SecretKeySelector,
@@ -167,6 +232,35 @@ pub(super) mod tests {
         assert_eq!(
             creds,
             r#", and the credentials in secrets "u" (key "user") and "p" (key "pass")"#
+        );
+    }
+
+    #[test]
+    fn an_oauth_client_is_librdkafkas_oidc_grant_and_its_secrets_are_named() {
+        let oauth: OAuthBearerSpec = serde_json::from_value(serde_json::json!({
+            "tokenEndpointUrl": "https://sso/token",
+            "clientIdSecretRef": {"name": "oauth", "key": "id"},
+            "clientSecretSecretRef": {"name": "oauth", "key": "secret"},
+            "scope": "kafka",
+            "extensions": {"logicalCluster": "lkc-1", "identityPoolId": "pool-2"},
+        }))
+        .unwrap();
+        assert_eq!(
+            oauthbearer_properties(&oauth),
+            [
+                ("sasl.oauthbearer.method", "oidc"),
+                ("sasl.oauthbearer.token.endpoint.url", "https://sso/token"),
+                ("sasl.oauthbearer.scope", "kafka"),
+                (
+                    "sasl.oauthbearer.extensions",
+                    "identityPoolId=pool-2,logicalCluster=lkc-1"
+                ),
+            ]
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+        );
+        assert_eq!(
+            oauth_credentials_description(&oauth),
+            r#", and the OAuth client of spec.kafka.sasl.oauthbearer in secret "oauth" (keys "id", "secret") at token endpoint "https://sso/token""#
         );
     }
 }
