@@ -78,6 +78,10 @@ pub async fn forget_deleted_pipeline(ctx: &Arc<Context>, namespace: &str, pipeli
     release_jobs_of_deleted_pipeline(ctx, namespace, pipeline).await;
 }
 
+/// How soon a deleted pipeline's job a builder still held is looked at again, besides at its
+/// lease's end: the job cache may not yet have had the event that released it.
+const HELD_JOB_RECHECK: jiff::SignedDuration = jiff::SignedDuration::from_secs(2);
+
 /// Lets go of the jobs of a deleted pipeline that garbage collection is deleting: the
 /// operator's finalizer keeps a deleted job's range for its pipeline, and there is none left.
 /// A pipeline of the same name created since keeps its own jobs' ranges. A job a builder
@@ -134,8 +138,11 @@ fn release_jobs_of_deleted_pipeline<'a>(
                 }
             }
         }
-        // A builder that died holding a job sends no event when its lease runs out.
+        // A builder that died holding a job sends no event when its lease runs out. And the
+        // event that woke this may be newer than the cache read above (a job reported
+        // Succeeded still Running there), with no event to follow: look again soon too.
         if let Some(until) = look_again {
+            let until = until.min(now + HELD_JOB_RECHECK);
             let wait = Duration::try_from(until.duration_since(now)).unwrap_or_default();
             let (ctx, namespace, pipeline) =
                 (ctx.clone(), namespace.to_owned(), pipeline.to_owned());

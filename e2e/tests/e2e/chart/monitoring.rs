@@ -287,7 +287,7 @@ async fn chart_renders_monitoring_only_when_asked_and_its_alerts_are_proven() {
     )
     .unwrap();
     let checked = run_promtool(dir.path(), &["check", "rules", "rules.yaml"]);
-    assert!(checked.contains("SUCCESS: 8 rules found"), "{checked}");
+    assert!(checked.contains("SUCCESS: 9 rules found"), "{checked}");
     let mut bare = spec.clone();
     for g in bare["groups"].as_array_mut().unwrap() {
         for r in g["rules"].as_array_mut().unwrap() {
