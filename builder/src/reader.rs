@@ -430,19 +430,13 @@ fn check_topic_id(
     cfg: &ReaderConfig,
     topic: &str,
     partition: i32,
-    broker: Option<i32>,
+    broker: Result<i32, KafkaError>,
 ) -> Result<(), ReadError> {
     let Some(planned) = &cfg.topic_id else {
         return Ok(());
     };
     let timeout = REQUEST_TIMEOUT.min(cfg.idle_timeout);
-    let found = match broker {
-        Some(broker) => topic_id_from(consumer.client(), topic, broker, timeout),
-        None => Err(KafkaError::MetadataFetch(
-            RDKafkaErrorCode::BrokerNotAvailable,
-        )),
-    };
-    match found {
+    match broker.and_then(|broker| topic_id_from(consumer.client(), topic, broker, timeout)) {
         Ok(Some(found)) if found != *planned => Err(ReadError::TopicRecreated {
             topic: topic.to_owned(),
             partition,

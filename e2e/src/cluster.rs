@@ -154,3 +154,19 @@ pub fn lease_patch(holder: &str) -> Patch<Value> {
         "status": { "lease": { "holder": holder, "leaseDurationSeconds": 30 } }
     }))
 }
+
+/// `kubectl ARGS` with `kubeconfig` (the testbed env's `KUBECONFIG` without); whether it
+/// succeeded, and its stdout then stderr.
+pub fn run_kubectl(kubeconfig: Option<&std::path::Path>, args: &[&str]) -> (bool, String) {
+    let mut cmd = std::process::Command::new("kubectl");
+    if let Some(kubeconfig) = kubeconfig {
+        cmd.env("KUBECONFIG", kubeconfig);
+    }
+    let out = cmd.args(args).output().expect("run kubectl");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}

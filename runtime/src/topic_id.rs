@@ -39,18 +39,19 @@ pub fn topic_id<C: ClientContext>(
     if let Some(err) = metadata.topics().iter().find_map(|t| t.error()) {
         return Err(KafkaError::MetadataFetch(err.into()));
     }
-    let Some(broker) = any_broker(&metadata) else {
-        return Err(KafkaError::MetadataFetch(
-            RDKafkaErrorCode::BrokerNotAvailable,
-        ));
-    };
-    topic_id_from(client, topic, broker, timeout)
+    topic_id_from(client, topic, any_broker(&metadata)?, timeout)
 }
 
 /// A broker of `metadata` to send `DescribeTopics` to. librdkafka sends it to the controller
 /// unless told which broker, and the mock cluster names none: any broker answers it.
-pub fn any_broker(metadata: &Metadata) -> Option<i32> {
-    metadata.brokers().first().map(|b| b.id())
+pub fn any_broker(metadata: &Metadata) -> Result<i32, KafkaError> {
+    metadata
+        .brokers()
+        .first()
+        .map(|b| b.id())
+        .ok_or(KafkaError::MetadataFetch(
+            RDKafkaErrorCode::BrokerNotAvailable,
+        ))
 }
 
 /// [`topic_id`], asked of `broker` (see [`any_broker`]).

@@ -34,16 +34,7 @@ const OPERATOR_SELECTOR: &str =
     "app.kubernetes.io/instance=bsm,app.kubernetes.io/component=operator";
 
 fn kubectl(args: &[&str]) -> (bool, String) {
-    let out = std::process::Command::new("kubectl")
-        .args(args)
-        .output()
-        .expect("kubectl");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (out.status.success(), text)
+    run_kubectl(None, args)
 }
 
 /// A cluster-wide PriorityClass, deleted when dropped.

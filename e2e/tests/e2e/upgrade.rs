@@ -5,7 +5,6 @@
 //! the fields it writes.
 
 use std::path::PathBuf;
-use std::process::Command;
 use std::time::Duration;
 
 use blocksmith_crds::{BlockJob, BlockPipeline, JobPhase};
@@ -19,22 +18,9 @@ fn old_crds() -> PathBuf {
     blocksmith_e2e::source_dir().join("tests/e2e/fixtures/crds-2026-11-26")
 }
 
-/// `kubectl ARGS` against the private API server; (succeeded, stdout + stderr).
+/// `kubectl ARGS` against the private API server.
 fn kubectl(tb: &Testbed, args: &[&str]) -> (bool, String) {
-    let out = Command::new("kubectl")
-        .env(
-            "KUBECONFIG",
-            tb.kubeconfig.as_ref().expect("a private kubeconfig"),
-        )
-        .args(args)
-        .output()
-        .expect("run kubectl");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (out.status.success(), text)
+    run_kubectl(tb.kubeconfig.as_deref(), args)
 }
 
 #[tokio::test]

@@ -143,7 +143,7 @@ impl KafkaOffsets {
             return Err(KafkaError::TopicNotFound(topic.into()));
         }
         let broker = blocksmith_runtime::topic_id::any_broker(&md)
-            .ok_or_else(|| KafkaError::Unavailable("the metadata names no broker".into()))?;
+            .map_err(|_| KafkaError::Unavailable("the metadata names no broker".into()))?;
         let ids = match subset {
             None => Ok(all),
             Some(wanted) => {
