@@ -22,7 +22,7 @@ use parquet::file::properties::{EnabledStatistics, WriterProperties};
 use parquet::schema::types::ColumnPath;
 use sha2::{Digest, Sha256};
 
-use crate::record::Record;
+use crate::record::RecordRef;
 
 /// Written into the file footer instead of parquet-rs's default, which carries its version.
 pub const CREATED_BY: &str = "blocksmith";
@@ -275,7 +275,8 @@ impl<W: Write + Send + 'static> BlockWriter<W> {
         }
     }
 
-    pub fn push(&mut self, rec: &Record) -> Result<(), BlockError> {
+    pub fn push<'r>(&mut self, rec: impl Into<RecordRef<'r>>) -> Result<(), BlockError> {
+        let rec = &rec.into();
         if let Some(previous) = self.stats.last_offset
             && rec.offset <= previous
         {
@@ -407,16 +408,15 @@ struct Columns {
 }
 
 impl Columns {
-    fn append(&mut self, rec: &Record) {
+    fn append(&mut self, rec: &RecordRef<'_>) {
         self.partition.append_value(rec.partition);
         self.offset.append_value(rec.offset);
         self.timestamp.append_option(rec.timestamp_ms);
-        self.key.append_option(rec.key.as_deref());
-        self.value.append_option(rec.value.as_deref());
+        self.key.append_option(rec.key);
+        self.value.append_option(rec.value);
         self.header_counts.push(rec.headers.len());
-        let mut bytes =
-            rec.key.as_ref().map_or(0, Vec::len) + rec.value.as_ref().map_or(0, Vec::len);
-        for (key, value) in &rec.headers {
+        let mut bytes = rec.key.map_or(0, <[u8]>::len) + rec.value.map_or(0, <[u8]>::len);
+        for &(key, value) in &rec.headers {
             match std::str::from_utf8(key) {
                 Ok(key) => {
                     self.header_keys.append_value(key);
@@ -427,8 +427,8 @@ impl Columns {
                     self.header_key_bytes.append_value(key);
                 }
             }
-            self.header_values.append_option(value.as_deref());
-            bytes += key.len() + value.as_ref().map_or(0, Vec::len);
+            self.header_values.append_option(value);
+            bytes += key.len() + value.map_or(0, <[u8]>::len);
         }
         self.rows += 1;
         self.bytes += bytes;
@@ -499,6 +499,7 @@ impl<W: Write> Write for HashingWriter<W> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::record::Record;
     use arrow_array::cast::AsArray;
     use arrow_array::types::{Int32Type, Int64Type, TimestampMillisecondType};
     use arrow_array::{Array, BinaryArray};

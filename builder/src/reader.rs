@@ -15,7 +15,7 @@ use blocksmith_runtime::kafka::{
 use blocksmith_runtime::topic_id::{any_broker, topic_id_from};
 
 use crate::headers::raw_headers;
-use crate::record::Record;
+use crate::record::RecordRef;
 
 /// Bound for single metadata and watermark requests.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
@@ -190,7 +190,7 @@ pub fn read_range<E: From<ReadError>>(
     start: i64,
     end: i64,
     cancel: &AtomicBool,
-    mut on_record: impl FnMut(Record) -> Result<(), E>,
+    mut on_record: impl FnMut(RecordRef<'_>) -> Result<(), E>,
 ) -> Result<ReadStats, E> {
     if start < 0 || end < start {
         return Err(ReadError::InvalidRange { start, end }.into());
@@ -228,7 +228,6 @@ pub fn read_range<E: From<ReadError>>(
                 // Never hand the same offset over twice, whatever the client does.
                 if offset >= next {
                     let record = to_record(&msg);
-                    drop(msg);
                     stats.records += 1;
                     stats.bytes += record.size_bytes();
                     on_record(record)?;
@@ -551,17 +550,14 @@ fn position(consumer: &BaseConsumer<ConnectionErrors>, topic: &str, partition: i
     }
 }
 
-fn to_record(msg: &BorrowedMessage<'_>) -> Record {
-    let headers = raw_headers(msg)
-        .map(|(key, value)| (key.to_vec(), value.map(<[u8]>::to_vec)))
-        .collect();
-    Record {
+fn to_record<'a>(msg: &'a BorrowedMessage<'_>) -> RecordRef<'a> {
+    RecordRef {
         partition: msg.partition(),
         offset: msg.offset(),
         timestamp_ms: msg.timestamp().to_millis(),
-        key: msg.key().map(<[u8]>::to_vec),
-        value: msg.payload().map(<[u8]>::to_vec),
-        headers,
+        key: msg.key(),
+        value: msg.payload(),
+        headers: raw_headers(msg).collect(),
     }
 }
 
@@ -576,6 +572,7 @@ mod tests {
 
     use super::*;
     use crate::headers::with_raw_header;
+    use crate::record::Record;
 
     const TOPIC: &str = "orders";
 
@@ -674,7 +671,7 @@ mod tests {
         let mut got = Vec::new();
         let cancel = AtomicBool::new(false);
         let result = read_range(cfg, TOPIC, 0, start, end, &cancel, |r| {
-            got.push(r);
+            got.push(r.to_owned());
             Ok::<_, TestError>(())
         });
         (got, result)

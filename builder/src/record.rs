@@ -1,30 +1,88 @@
 //! One Kafka record as the builder carries it from the reader to the block writer.
 
+use crate::headers::RawHeader;
+
+/// A record borrowed from the client's message: the reader hands it to the block writer,
+/// which copies its bytes once, into the Arrow builders.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Record {
+pub struct RecordRef<'a> {
     pub partition: i32,
     pub offset: i64,
     /// Milliseconds since the Unix epoch, when the broker reported one.
     pub timestamp_ms: Option<i64>,
-    pub key: Option<Vec<u8>>,
-    pub value: Option<Vec<u8>>,
+    pub key: Option<&'a [u8]>,
+    pub value: Option<&'a [u8]>,
     /// Headers in order: key bytes (UTF-8 unless the producer broke the protocol) and a
     /// value that may be null.
+    pub headers: Vec<RawHeader<'a>>,
+}
+
+impl RecordRef<'_> {
+    /// Bytes of the key, the value and the headers (keys and values).
+    pub fn size_bytes(&self) -> u64 {
+        let len = |b: Option<&[u8]>| b.map_or(0, <[u8]>::len);
+        let headers: usize = self.headers.iter().map(|(k, v)| k.len() + len(*v)).sum();
+        (len(self.key) + len(self.value) + headers) as u64
+    }
+
+    pub fn to_owned(&self) -> Record {
+        Record {
+            partition: self.partition,
+            offset: self.offset,
+            timestamp_ms: self.timestamp_ms,
+            key: self.key.map(<[u8]>::to_vec),
+            value: self.value.map(<[u8]>::to_vec),
+            headers: self
+                .headers
+                .iter()
+                .map(|(k, v)| (k.to_vec(), v.map(<[u8]>::to_vec)))
+                .collect(),
+        }
+    }
+}
+
+/// A record that owns its bytes (tests and test data).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Record {
+    pub partition: i32,
+    pub offset: i64,
+    pub timestamp_ms: Option<i64>,
+    pub key: Option<Vec<u8>>,
+    pub value: Option<Vec<u8>>,
     pub headers: Vec<(Vec<u8>, Option<Vec<u8>>)>,
+}
+
+impl Record {
+    pub fn as_ref(&self) -> RecordRef<'_> {
+        RecordRef {
+            partition: self.partition,
+            offset: self.offset,
+            timestamp_ms: self.timestamp_ms,
+            key: self.key.as_deref(),
+            value: self.value.as_deref(),
+            headers: self
+                .headers
+                .iter()
+                .map(|(k, v)| (k.as_slice(), v.as_deref()))
+                .collect(),
+        }
+    }
+
+    /// Bytes of the key, the value and the headers (keys and values).
+    pub fn size_bytes(&self) -> u64 {
+        self.as_ref().size_bytes()
+    }
+}
+
+impl<'a> From<&'a Record> for RecordRef<'a> {
+    fn from(record: &'a Record) -> Self {
+        record.as_ref()
+    }
 }
 
 /// Records above this many bytes fail the job unless the pipeline sets
 /// `spec.output.maxRecordBytes`.
 pub const DEFAULT_MAX_RECORD_BYTES: u64 = 8 * 1024 * 1024;
-
-impl Record {
-    /// Bytes of the key, the value and the headers (keys and values).
-    pub fn size_bytes(&self) -> u64 {
-        let len = |b: &Option<Vec<u8>>| b.as_ref().map_or(0, Vec::len);
-        let headers: usize = self.headers.iter().map(|(k, v)| k.len() + len(v)).sum();
-        (len(&self.key) + len(&self.value) + headers) as u64
-    }
-}
 
 /// A record over the pipeline's record-size limit: the job cannot succeed until the limit is
 /// raised, so the message says where the record is and what to do.
@@ -50,7 +108,7 @@ pub fn record_limit(max_record_bytes: Option<i64>) -> u64 {
 }
 
 /// Accepts a record of at most `limit` bytes; `job` names the job for the message.
-pub fn check_size(record: &Record, limit: u64, job: &str) -> Result<(), RecordTooLarge> {
+pub fn check_size(record: &RecordRef<'_>, limit: u64, job: &str) -> Result<(), RecordTooLarge> {
     let bytes = record.size_bytes();
     if bytes <= limit {
         return Ok(());
@@ -94,14 +152,14 @@ mod tests {
     #[test]
     fn records_up_to_the_limit_pass() {
         let r = record(0, Some(100), &[]);
-        assert_eq!(check_size(&r, 100, "j"), Ok(()));
-        assert_eq!(check_size(&r, 1000, "j"), Ok(()));
+        assert_eq!(check_size(&r.as_ref(), 100, "j"), Ok(()));
+        assert_eq!(check_size(&r.as_ref(), 1000, "j"), Ok(()));
     }
 
     #[test]
     fn a_record_over_the_limit_names_where_it_is_and_what_to_do() {
         let r = record(1, Some(100), &[]);
-        let err = check_size(&r, 100, "orders-p3-00000000000000001000").unwrap_err();
+        let err = check_size(&r.as_ref(), 100, "orders-p3-00000000000000001000").unwrap_err();
         assert_eq!(
             err,
             RecordTooLarge {

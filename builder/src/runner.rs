@@ -122,7 +122,7 @@ pub async fn build_block(
                 // before anything is uploaded, so no partial block is ever written.
                 |rec| {
                     check_size(&rec, limit, &name)?;
-                    writer.push(&rec).map_err(BuildError::from)
+                    writer.push(rec).map_err(BuildError::from)
                 },
             )?;
             if cancel.load(Ordering::Relaxed) {
