@@ -6,6 +6,12 @@
 //! `--mode builder` calls the builder library's `build_block` for every range, writing Parquet
 //! to a `file://` directory. Jobs run one after another, as in one builder worker.
 //!
+//! With `--output s3` both modes write to an S3 server the benchmark starts (the testbed's
+//! `s3s-fs`): the builder its blocks, the raw loop each job's key, value and header bytes as
+//! they are read, through the builder's own data-object writer (one PUT under the multipart
+//! threshold, parts of the same size and concurrency above it). The baseline is then the
+//! consume limit plus the upload of the same bytes, with no encoding.
+//!
 //! For each `--builders` count N, N processes of a mode run at once, each over a disjoint share
 //! of the jobs (dealt round-robin, as N builders claiming from the queue would split them), and
 //! the run's throughput is all their records over the wall time from the first process's start
@@ -14,7 +20,8 @@
 //! The mock broker keeps at most 5 MiB or 100,000 message batches per partition, so scenarios spread
 //! their data over many small partitions (checked: a partition that lost records fails).
 
-use std::path::{Path, PathBuf};
+use std::io::Write;
+use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
@@ -24,7 +31,8 @@ use anyhow::{Context, bail, ensure};
 use blocksmith_builder::headers::raw_headers;
 use blocksmith_builder::reader::ReaderConfig;
 use blocksmith_builder::runner::{BuildSettings, build_block};
-use blocksmith_builder::store::UploadSettings;
+use blocksmith_builder::store::{BlockStore, UploadSettings};
+use blocksmith_crds::domain::partition_folder;
 use blocksmith_crds::pipeline::{BlockFormat, Compression};
 use blocksmith_crds::{BlockJobSpec, JobOutputSpec};
 use blocksmith_e2e::datagen::{DataSpec, ValueSizes, produce};
@@ -43,7 +51,8 @@ const MB: f64 = 1e6;
 #[derive(Parser)]
 #[command(about = "Builder (Kafka → Parquet → file://) throughput vs a raw rdkafka consume loop")]
 struct Args {
-    /// Scenarios: `small` (100 B values) and/or `large` (10 KiB values).
+    /// Scenarios: `small` (100 B values), `large` (10 KiB values), `tiny` (jobs of one 100 B
+    /// record: a job's fixed cost, its ms/job).
     #[arg(long, value_enum, value_delimiter = ',', default_value = "small,large")]
     sizes: Vec<Size>,
     /// Run one scenario with this value size instead: a byte count or `mixed`.
@@ -71,6 +80,10 @@ struct Args {
     /// consumer processes) run concurrently, each over a disjoint share of the jobs.
     #[arg(long, value_delimiter = ',', default_value = "1,2,4")]
     builders: Vec<usize>,
+    /// Where both modes write: `file` (the builder only; raw only reads) or `s3` (an S3
+    /// server started here; raw uploads the bytes it read).
+    #[arg(long, value_enum, default_value = "file")]
+    output: Output,
 
     // Set by the parent for its children.
     #[arg(long, value_enum, hide = true)]
@@ -84,12 +97,22 @@ struct Args {
     ranges: Vec<String>,
     #[arg(long, hide = true)]
     out_dir: Option<PathBuf>,
+    /// The output URL of both modes when it is not the `file://` directory `--out-dir`.
+    #[arg(long, hide = true)]
+    out_url: Option<String>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum Output {
+    File,
+    S3,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
 enum Size {
     Small,
     Large,
+    Tiny,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -153,6 +176,8 @@ struct Run {
     process_seconds: Vec<f64>,
     /// CPU time of the parent, i.e. the mock broker, during the run.
     broker_cpu_seconds: f64,
+    /// CPU time of the S3 server during the run (`--output s3`).
+    s3_cpu_seconds: Option<f64>,
     /// 1-minute load average just before the run.
     load_before: f64,
 }
@@ -178,7 +203,7 @@ fn main() -> anyhow::Result<()> {
 }
 
 fn scenarios(args: &Args) -> Vec<Scenario> {
-    let one = |name: &str, values, partitions| {
+    let one = |name: &str, values, partitions, job_records: Option<i64>| {
         let record_bytes = match values {
             ValueSizes::Fixed(n) => n as u64 + 64,
             ValueSizes::Mixed => 512,
@@ -191,17 +216,24 @@ fn scenarios(args: &Args) -> Vec<Scenario> {
             values,
             partitions: args.partitions.unwrap_or(partitions),
             records_per_partition,
-            job_records: args.job_records.unwrap_or(records_per_partition as i64),
+            job_records: args
+                .job_records
+                .or(job_records)
+                .unwrap_or(records_per_partition as i64),
         }
     };
     match args.value_size {
-        Some(values) => vec![one("custom", values, 48)],
+        Some(values) => vec![one("custom", values, 48, None)],
         None => args
             .sizes
             .iter()
             .map(|size| match size {
-                Size::Small => one("small", ValueSizes::Fixed(100), 48),
-                Size::Large => one("large", ValueSizes::Fixed(10 << 10), 96),
+                Size::Small => one("small", ValueSizes::Fixed(100), 48, None),
+                Size::Large => one("large", ValueSizes::Fixed(10 << 10), 96, None),
+                Size::Tiny => Scenario {
+                    records_per_partition: args.records_per_partition.unwrap_or(4),
+                    ..one("tiny", ValueSizes::Fixed(100), 48, Some(1))
+                },
             })
             .collect(),
     }
@@ -222,6 +254,10 @@ fn parent(args: &Args) -> anyhow::Result<()> {
     // Kept alive until every child has finished.
     let cluster = MockCluster::new(1)?;
     let bootstrap = cluster.bootstrap_servers();
+    let s3 = match args.output {
+        Output::S3 => Some(S3Server::start()?),
+        Output::File => None,
+    };
     let mut rows = Vec::new();
     let mut max_load = load_start;
     for sc in scenarios(args) {
@@ -252,7 +288,8 @@ fn parent(args: &Args) -> anyhow::Result<()> {
         for _ in 0..args.repeat.max(1) {
             for (&n, runs) in counts.iter().zip(&mut runs) {
                 for (mode, runs) in [Mode::Raw, Mode::Builder].into_iter().zip(runs) {
-                    let run = run_group(mode, n, &bootstrap, &topic, &jobs, &sc, args)?;
+                    let run =
+                        run_group(mode, n, &bootstrap, &topic, &jobs, &sc, args, s3.as_ref())?;
                     max_load = max_load.max(run.load_before);
                     runs.push(run);
                 }
@@ -334,7 +371,71 @@ fn log_ranges(bootstrap: &str, topic: &str, partitions: i32) -> anyhow::Result<V
         .collect()
 }
 
+/// An `s3s-fs` server on loopback with a bucket `blocksmith`, stopped on drop.
+struct S3Server {
+    child: std::process::Child,
+    root: tempfile::TempDir,
+    endpoint: String,
+}
+
+impl S3Server {
+    const KEY_ID: &str = "blocksmith-bench";
+    const SECRET: &str = "blocksmith-bench-secret";
+
+    /// From `BLOCKSMITH_S3S_FS` (the testbed's env) or where `e2e/scripts/install.sh` puts it.
+    fn start() -> anyhow::Result<S3Server> {
+        let bin = std::env::var_os("BLOCKSMITH_S3S_FS")
+            .map(PathBuf::from)
+            .or_else(|| {
+                let home = std::env::var_os("HOME")?;
+                Some(PathBuf::from(home).join(".cache/blocksmith/bin/s3s-fs"))
+            })
+            .filter(|bin| bin.exists())
+            .context("no s3s-fs: set BLOCKSMITH_S3S_FS or run e2e/scripts/install.sh")?;
+        let root = tempfile::tempdir()?;
+        std::fs::create_dir(root.path().join("blocksmith"))?;
+        let port = blocksmith_e2e::procs::free_port();
+        let child = Command::new(&bin)
+            .args(["--host", "127.0.0.1", "--port", &port.to_string()])
+            .args(["--access-key", Self::KEY_ID, "--secret-key", Self::SECRET])
+            .arg(root.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .with_context(|| format!("starting {}", bin.display()))?;
+        let started = Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            ensure!(
+                started.elapsed() < Duration::from_secs(20),
+                "s3s-fs did not listen"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(S3Server {
+            child,
+            root,
+            endpoint: format!("http://127.0.0.1:{port}"),
+        })
+    }
+
+    fn point(&self, cmd: &mut Command) {
+        cmd.env("AWS_ENDPOINT", &self.endpoint)
+            .env("AWS_ACCESS_KEY_ID", Self::KEY_ID)
+            .env("AWS_SECRET_ACCESS_KEY", Self::SECRET)
+            .env("AWS_REGION", "us-east-1")
+            .env("AWS_ALLOW_HTTP", "true");
+    }
+}
+
+impl Drop for S3Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 /// Runs `n` processes of `mode` at once, job `i` going to process `i % n`.
+#[allow(clippy::too_many_arguments)]
 fn run_group(
     mode: Mode,
     n: usize,
@@ -343,7 +444,10 @@ fn run_group(
     jobs: &[Range],
     sc: &Scenario,
     args: &Args,
+    s3: Option<&S3Server>,
 ) -> anyhow::Result<Run> {
+    // In the S3 server: a prefix of its own per run, removed after it.
+    let prefix = format!("{}-{mode:?}-{n}-{:08x}", sc.name, rand::random::<u32>());
     // One output location for all builders of the run, as they would share a bucket.
     let dir = match &args.dir {
         Some(parent) => tempfile::tempdir_in(parent)?,
@@ -377,6 +481,10 @@ fn run_group(
         if let Some(level) = args.zstd_level {
             cmd.arg(format!("--zstd-level={level}"));
         }
+        if let Some(s3) = s3 {
+            s3.point(&mut cmd);
+            cmd.arg(format!("--out-url=s3://blocksmith/{prefix}"));
+        }
         children.push(
             cmd.stdout(Stdio::piped())
                 .stderr(Stdio::inherit())
@@ -384,6 +492,7 @@ fn run_group(
                 .with_context(|| format!("starting {mode:?} child"))?,
         );
     }
+    let s3_cpu = s3.map(|s3| cpu_seconds(s3.child.id())).transpose()?;
     let mut processes = Vec::new();
     for child in children {
         let out = child.wait_with_output()?;
@@ -393,6 +502,14 @@ fn run_group(
         processes.push(serde_json::from_str::<Measured>(last)?);
     }
     let broker_cpu_seconds = cpu_seconds("self")? - broker_cpu;
+    let s3_cpu_seconds = match (s3, s3_cpu) {
+        (Some(s3), Some(before)) => {
+            let used = cpu_seconds(s3.child.id())? - before;
+            std::fs::remove_dir_all(s3.root.path().join("blocksmith").join(&prefix))?;
+            Some(used)
+        }
+        _ => None,
+    };
     let started = processes
         .iter()
         .map(|m| m.started_unix)
@@ -423,6 +540,7 @@ fn run_group(
         process_seconds: processes.iter().map(|m| round2(m.seconds)).collect(),
         total,
         broker_cpu_seconds,
+        s3_cpu_seconds,
         load_before,
     })
 }
@@ -442,12 +560,21 @@ fn child(mode: Mode, args: &Args) -> anyhow::Result<()> {
         });
     }
     let jobs = split_jobs(&ranges, step);
-    let mut measured = match mode {
-        Mode::Raw => consume_raw(bootstrap, topic, &jobs)?,
-        Mode::Builder => {
-            let out_dir = args.out_dir.as_deref().context("--out-dir")?;
-            build_blocks(bootstrap, topic, &jobs, out_dir, args.zstd_level)?
+    let out_dir = args.out_dir.as_deref().context("--out-dir")?;
+    let out_url = match &args.out_url {
+        Some(url) => url.clone(),
+        None => {
+            let blocks = out_dir.join("blocks");
+            std::fs::create_dir_all(&blocks)?;
+            format!("file://{}", blocks.display())
         }
+    };
+    let mut measured = match mode {
+        Mode::Raw => {
+            let upload = args.out_url.as_deref();
+            consume_raw(bootstrap, topic, &jobs, upload)?
+        }
+        Mode::Builder => build_blocks(bootstrap, topic, &jobs, &out_url, args.zstd_level)?,
     };
     // `seconds` runs from the first job's start to the last one's end.
     measured.finished_unix = unix_seconds();
@@ -463,11 +590,9 @@ fn build_blocks(
     bootstrap: &str,
     topic: &str,
     jobs: &[Range],
-    out_dir: &Path,
+    out_url: &str,
     zstd_level: Option<i32>,
 ) -> anyhow::Result<Measured> {
-    let blocks = out_dir.join("blocks");
-    std::fs::create_dir_all(&blocks)?;
     let settings = BuildSettings {
         reader: ReaderConfig::new(bootstrap),
         upload: UploadSettings::default(),
@@ -488,7 +613,7 @@ fn build_blocks(
             kafka_topic_id: None,
             lease_duration_seconds: 60,
             output: JobOutputSpec {
-                url: format!("file://{}", blocks.display()),
+                url: out_url.to_owned(),
                 format: BlockFormat::Parquet,
                 compression: Compression::Zstd,
                 compression_level: zstd_level,
@@ -505,18 +630,39 @@ fn build_blocks(
     Ok(measured)
 }
 
-/// The least a reader of the range must do: one consumer per job, as the builder has.
-fn consume_raw(bootstrap: &str, topic: &str, jobs: &[Range]) -> anyhow::Result<Measured> {
+/// The least a reader of the range must do: one consumer per job, as the builder has. With
+/// `upload`, an output URL, each job's bytes also go to a data object there as they are read,
+/// through the builder's own writer (its upload settings, no encoding).
+fn consume_raw(
+    bootstrap: &str,
+    topic: &str,
+    jobs: &[Range],
+    upload: Option<&str>,
+) -> anyhow::Result<Measured> {
+    let runtime = tokio::runtime::Runtime::new()?;
+    let store = upload.map(BlockStore::from_url).transpose()?;
     let mut measured = Measured::default();
     let mut checksum = 0u64;
-    let mut touch = |bytes: &[u8]| {
-        checksum = bytes
-            .iter()
-            .fold(checksum, |sum, &b| sum.wrapping_add(u64::from(b)));
-        bytes.len() as u64
-    };
     let started = Instant::now();
-    for job in jobs {
+    for (index, job) in jobs.iter().enumerate() {
+        let mut sink = store
+            .as_ref()
+            .map(|store| {
+                let folder = partition_folder(topic, job.partition);
+                store.data_writer(&folder, job.start, job.end, runtime.handle().clone())
+            })
+            .transpose()?;
+        let mut touch = |bytes: &[u8]| -> anyhow::Result<u64> {
+            match &mut sink {
+                Some(sink) => sink.write_all(bytes)?,
+                None => {
+                    checksum = bytes
+                        .iter()
+                        .fold(checksum, |sum, &b| sum.wrapping_add(u64::from(b)))
+                }
+            }
+            Ok(bytes.len() as u64)
+        };
         let consumer: BaseConsumer = ClientConfig::new()
             .set("bootstrap.servers", bootstrap)
             .set("group.id", "blocksmith-bench")
@@ -533,10 +679,10 @@ fn consume_raw(bootstrap: &str, topic: &str, jobs: &[Range]) -> anyhow::Result<M
                 Some(Ok(msg)) => {
                     first_record.get_or_insert_with(Instant::now);
                     measured.records += 1;
-                    measured.bytes_in += touch(msg.key().unwrap_or_default())
-                        + touch(msg.payload().unwrap_or_default());
+                    measured.bytes_in += touch(msg.key().unwrap_or_default())?
+                        + touch(msg.payload().unwrap_or_default())?;
                     for (key, value) in raw_headers(&msg) {
-                        measured.bytes_in += touch(key) + touch(value.unwrap_or_default());
+                        measured.bytes_in += touch(key)? + touch(value.unwrap_or_default())?;
                     }
                     if msg.offset() >= job.end - 1 {
                         break;
@@ -551,6 +697,10 @@ fn consume_raw(bootstrap: &str, topic: &str, jobs: &[Range]) -> anyhow::Result<M
             }
         }
         measured.stream_seconds += first_record.map_or(0.0, |t| t.elapsed().as_secs_f64());
+        if let Some(sink) = sink {
+            // Any 64 hex digits: the object's name only has to be the job's own.
+            sink.finish(&format!("{index:064x}"))?;
+        }
         // Closed off the critical path, as the builder's reader does: a consumer with a group
         // id polls for up to 100 ms while closing.
         let closing = Instant::now();
@@ -578,10 +728,16 @@ fn report(rows: &[Row], args: &Args, load: &Load) {
         "MB = 10^6 bytes; in = key + value + header bytes read; out = Parquet bytes written. \
          N processes of a mode run at once over disjoint shares of the jobs; wall s = first \
          start to last finish; records/s and MB/s = all N processes' totals over that wall \
-         time. CPU s = user + system time summed over the N processes; broker CPU s = the \
-         parent's (the mock broker's) during the run; peak RSS = the largest process's VmHWM. \
+         time. ms/job = N × wall time / jobs, the time one process spends per job. CPU s = \
+         user + system time summed over the N processes; broker CPU s = the parent's (the \
+         mock broker's) during the run, S3 CPU s the S3 server's; peak RSS = the largest \
+         process's VmHWM. Output: {}. \
          ×N={base} = records/s over the same mode's with N = {base}; builder/raw = builder \
          records/s over raw records/s at the same N. Median of {} runs by wall time.\n",
+        match args.output {
+            Output::File => "file:// on disk, fsynced (raw writes nothing)",
+            Output::S3 => "s3:// of a local s3s-fs (raw uploads the bytes it read, as is)",
+        },
         args.repeat.max(1)
     );
     println!(
@@ -594,9 +750,10 @@ fn report(rows: &[Row], args: &Args, load: &Load) {
     );
     println!(
         "| scenario | N | mode | records | jobs | MB in | MB out | wall s | records/s | MB/s in \
-         | MB/s out | ×N={base} | builder/raw | CPU s | broker CPU s | peak RSS MiB |"
+         | MB/s out | ms/job | ×N={base} | builder/raw | CPU s | broker CPU s | S3 CPU s \
+         | peak RSS MiB |"
     );
-    println!("|---|--:|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|");
+    println!("|---|--:|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|");
     for row in rows {
         let base = &row.counts[0].1;
         for (n, modes) in &row.counts {
@@ -611,9 +768,12 @@ fn report(rows: &[Row], args: &Args, load: &Load) {
                     "raw" => "-".to_owned(),
                     _ => format!("{:.2}", r.rate() / median(&modes[0]).rate()),
                 };
+                let s3_cpu = r
+                    .s3_cpu_seconds
+                    .map_or("-".to_owned(), |s| format!("{s:.2}"));
                 println!(
                     "| {} | {n} | {mode} | {} | {} | {:.1} | {} | {:.2} | {:.0} | {:.1} | {} \
-                     | {:.2} | {vs_raw} | {:.2} | {:.2} | {:.0} |",
+                     | {:.1} | {:.2} | {vs_raw} | {:.2} | {:.2} | {s3_cpu} | {:.0} |",
                     row.sc.name,
                     m.records,
                     m.jobs,
@@ -623,6 +783,7 @@ fn report(rows: &[Row], args: &Args, load: &Load) {
                     r.rate(),
                     m.per_second(m.bytes_in) / MB,
                     out(m.per_second(m.bytes_out)),
+                    1e3 * m.seconds * r.processes as f64 / m.jobs as f64,
                     r.rate() / median(&base[i]).rate(),
                     m.cpu_seconds,
                     r.broker_cpu_seconds,
@@ -689,6 +850,7 @@ fn report(rows: &[Row], args: &Args, load: &Load) {
                 "jobRecords": sc.job_records,
                 "zstdLevel": args.zstd_level,
                 "dir": args.dir,
+                "output": format!("{:?}", args.output),
                 "cores": cores,
                 "loadAverage": [load.start, load.max, load.end],
                 "runs": counts,
