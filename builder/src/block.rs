@@ -26,7 +26,9 @@ use crate::record::RecordRef;
 
 /// Written into the file footer instead of parquet-rs's default, which carries its version.
 pub const CREATED_BY: &str = "blocksmith";
-pub const DEFAULT_ZSTD_LEVEL: i32 = 3;
+/// Level 1, as Arrow's own writers default to: on the benchmark's records it encoded a block
+/// in less than half the CPU time of level 3, for 2% more bytes (BENCHMARKS.md).
+pub const DEFAULT_ZSTD_LEVEL: i32 = 1;
 pub const DEFAULT_ROW_GROUP_ROWS: usize = 65_536;
 pub const DEFAULT_ROW_GROUP_BYTES: usize = 64 * 1024 * 1024;
 
@@ -35,6 +37,16 @@ const BATCH_ROWS: usize = 4096;
 /// (1 MiB, for more overlap of reading and encoding within a block of a few MiB, cost more
 /// CPU with 10 KiB records than it saved; BENCHMARKS.md.)
 const BATCH_BYTES: usize = 4 * 1024 * 1024;
+/// Arrow batches a writer holds at most: one being filled, one waiting for the encoder
+/// thread, one being encoded.
+pub const MAX_BATCHES_HELD: usize = 3;
+
+/// Payload bytes at which a batch is handed to the encoder: never more than a row group's
+/// worth, or a small row group could not be honoured (the Parquet writer only splits a batch
+/// when the row group already holds rows). A batch can overshoot it by one record.
+pub fn batch_bytes(row_group_bytes: usize) -> usize {
+    BATCH_BYTES.min(row_group_bytes)
+}
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct BlockOptions {
@@ -213,9 +225,7 @@ fn header_item_field() -> Arc<Field> {
 pub struct BlockWriter<W: Write + Send + 'static> {
     encoder: Encoder<W>,
     columns: Columns,
-    /// Flush builders at this many payload bytes; never more than a row group's worth, or a
-    /// small `row_group_bytes` could not be honoured (the Parquet writer only splits a batch
-    /// when the row group already holds rows).
+    /// See [`batch_bytes`].
     batch_bytes: usize,
     partition: Option<i32>,
     stats: BlockStats,
@@ -269,7 +279,7 @@ impl<W: Write + Send + 'static> BlockWriter<W> {
         Self {
             encoder,
             columns: Columns::default(),
-            batch_bytes: BATCH_BYTES.min(opts.row_group_bytes),
+            batch_bytes: batch_bytes(opts.row_group_bytes),
             partition: None,
             stats: BlockStats::default(),
         }
