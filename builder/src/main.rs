@@ -5,7 +5,7 @@ use blocksmith_builder::metrics::Metrics;
 use blocksmith_builder::reader::ReaderConfig;
 use blocksmith_builder::runner::BuildSettings;
 use blocksmith_builder::store::UploadSettings;
-use blocksmith_builder::worker::Worker;
+use blocksmith_builder::worker::{DEFAULT_CONCURRENT_JOBS, Worker};
 use clap::Parser;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
@@ -58,6 +58,10 @@ struct Args {
     /// On SIGTERM, how long the current job may still run before it is released.
     #[arg(long, env = "BLOCKSMITH_GRACE_PERIOD", default_value_t = 25)]
     grace_period: u64,
+    /// Jobs this builder builds at once, each claimed, leased and reported on its own: one
+    /// job's reading overlaps another's encoding, fsync or upload. Memory per job adds up.
+    #[arg(long, env = "BLOCKSMITH_CONCURRENT_JOBS", default_value_t = DEFAULT_CONCURRENT_JOBS, value_parser = clap::value_parser!(u8).range(1..=16))]
+    concurrent_jobs: u8,
 }
 
 /// Kafka credentials, taken from the environment only (the operator sets them from the
@@ -161,6 +165,7 @@ async fn main() -> anyhow::Result<()> {
         },
         metrics,
         shutdown,
+        concurrent_jobs: args.concurrent_jobs.into(),
         grace: Duration::from_secs(args.grace_period),
     }
     .run()

@@ -1,8 +1,9 @@
-//! The builder's loop: watch the pipeline's unfinished jobs, claim the most urgent claimable
+//! The builder's loops: watch the pipeline's unfinished jobs, claim the most urgent claimable
 //! one, build it while renewing the lease, report the outcome — and report nothing once the
-//! lease is lost.
+//! lease is lost. A builder runs `concurrent_jobs` such loops ("slots") over one job cache,
+//! so that one job's reading overlaps another's encoding, fsync or upload.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -18,7 +19,7 @@ use kube::ResourceExt;
 use kube::api::Api;
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::{WatchStreamExt, watcher};
-use tokio::sync::{Mutex, Notify};
+use tokio::sync::{Mutex, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, error, info, info_span, warn};
 
@@ -38,6 +39,36 @@ pub struct Worker {
     pub shutdown: CancellationToken,
     /// How long a job in progress may still run after shutdown was requested.
     pub grace: Duration,
+    /// Jobs built at once, each by a claim loop of its own.
+    pub concurrent_jobs: usize,
+}
+
+/// Jobs a builder builds at once unless told otherwise (`--concurrent-jobs`).
+pub const DEFAULT_CONCURRENT_JOBS: u8 = 2;
+
+/// One claim loop of a builder, and the names of its heartbeats on `/healthz`.
+#[derive(Clone, Copy, Debug)]
+struct Slot {
+    work_loop: &'static str,
+    job_lease: &'static str,
+}
+
+impl Slot {
+    /// Slot 0 keeps the plain names; the others are numbered (`work-loop-1`, ...).
+    fn new(index: usize) -> Slot {
+        if index == 0 {
+            return Slot {
+                work_loop: WORK_LOOP_HEARTBEAT,
+                job_lease: JOB_LEASE_HEARTBEAT,
+            };
+        }
+        // Made once per slot at start-up, for the life of the process.
+        let name = |base: &str| -> &'static str { format!("{base}-{index}").leak() };
+        Slot {
+            work_loop: name(WORK_LOOP_HEARTBEAT),
+            job_lease: name(JOB_LEASE_HEARTBEAT),
+        }
+    }
 }
 
 /// The claim loop's heartbeat on `/healthz`: armed from the first list of jobs until the loop
@@ -107,8 +138,7 @@ impl Worker {
             None => format!("{LABEL_PIPELINE},{LABEL_PHASE}!=Succeeded"),
         };
         let (store, writer) = reflector::store();
-        let changed = Arc::new(Notify::new());
-        let notify = changed.clone();
+        let (notify, changed) = watch::channel(());
         let watch = reflector::reflector(
             writer,
             watcher(api, watcher::Config::default().labels(&selector)),
@@ -119,7 +149,7 @@ impl Worker {
             if let Err(e) = ev {
                 warn!(error = %e, "watching jobs");
             }
-            notify.notify_one();
+            notify.send_replace(());
             futures::future::ready(())
         });
         let watch = tokio::spawn(watch);
@@ -128,54 +158,88 @@ impl Worker {
         self.metrics.set_ready();
         info!(identity = %self.lease.identity(), %selector, "builder ready");
 
-        let health = self.metrics.health();
-        health.arm(WORK_LOOP_HEARTBEAT, WORK_LOOP_DEADLINE);
-        while !self.shutdown.is_cancelled() {
-            health.beat(WORK_LOOP_HEARTBEAT);
-            if !self.claim_and_build(&store).await {
-                tokio::select! {
-                    _ = changed.notified() => {}
-                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-                    _ = self.shutdown.cancelled() => {}
-                }
-            }
-        }
-        health.disarm(WORK_LOOP_HEARTBEAT);
+        let taken = std::sync::Mutex::new(HashSet::new());
+        let slots = (0..self.concurrent_jobs.max(1))
+            .map(|i| self.work_loop(Slot::new(i), &store, changed.clone(), &taken));
+        futures::future::join_all(slots).await;
         watch.abort();
         info!("builder stopped");
         Ok(())
     }
 
-    /// Tries to claim one job and builds it. False when there was nothing to claim.
-    async fn claim_and_build(&self, store: &Store<BlockJob>) -> bool {
+    async fn work_loop(
+        &self,
+        slot: Slot,
+        store: &Store<BlockJob>,
+        mut changed: watch::Receiver<()>,
+        taken: &std::sync::Mutex<HashSet<String>>,
+    ) {
+        let health = self.metrics.health();
+        health.arm(slot.work_loop, WORK_LOOP_DEADLINE);
+        while !self.shutdown.is_cancelled() {
+            health.beat(slot.work_loop);
+            changed.mark_unchanged();
+            if !self.claim_and_build(slot, store, taken).await {
+                tokio::select! {
+                    _ = changed.changed() => {}
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    _ = self.shutdown.cancelled() => {}
+                }
+            }
+        }
+        health.disarm(slot.work_loop);
+    }
+
+    /// Tries to claim one job and builds it. False when there was nothing to claim. `taken`
+    /// holds the jobs the other slots are claiming or building: the job cache may still
+    /// show them claimable, and trying them would only lose a compare-and-swap.
+    async fn claim_and_build(
+        &self,
+        slot: Slot,
+        store: &Store<BlockJob>,
+        taken: &std::sync::Mutex<HashSet<String>>,
+    ) -> bool {
         let candidates = claim_order(&store.state(), Timestamp::now());
         for candidate in candidates.into_iter().take(8) {
-            let mut job = (*candidate).clone();
-            for _ in 0..2 {
-                let lease_seconds = job.spec.lease_duration_seconds;
-                match self.lease.claim(&self.client, &job, lease_seconds).await {
-                    Ok(Claim::Claimed(held)) => {
-                        self.metrics.claimed();
-                        let span = info_span!("job", job = %held.job.name_any(), partition = held.job.spec.partition, attempt = held.attempt);
-                        self.build(*held).instrument(span).await;
-                        return true;
-                    }
-                    Ok(Claim::Stale(fresh)) => job = *fresh,
-                    Ok(Claim::Lost) => {
-                        self.metrics.claim_conflict();
-                        break;
-                    }
-                    Err(e) => {
-                        warn!(job = %job.name_any(), error = %e, "claim failed");
-                        break;
-                    }
+            let name = candidate.name_any();
+            if !taken.lock().unwrap().insert(name.clone()) {
+                continue;
+            }
+            let built = self.claim_and_build_one(slot, (*candidate).clone()).await;
+            taken.lock().unwrap().remove(&name);
+            if built {
+                return true;
+            }
+        }
+        false
+    }
+
+    /// Claims `job` (once more after a stale read) and builds it; false if it was lost.
+    async fn claim_and_build_one(&self, slot: Slot, mut job: BlockJob) -> bool {
+        for _ in 0..2 {
+            let lease_seconds = job.spec.lease_duration_seconds;
+            match self.lease.claim(&self.client, &job, lease_seconds).await {
+                Ok(Claim::Claimed(held)) => {
+                    self.metrics.claimed();
+                    let span = info_span!("job", job = %held.job.name_any(), partition = held.job.spec.partition, attempt = held.attempt);
+                    self.build(slot, *held).instrument(span).await;
+                    return true;
+                }
+                Ok(Claim::Stale(fresh)) => job = *fresh,
+                Ok(Claim::Lost) => {
+                    self.metrics.claim_conflict();
+                    break;
+                }
+                Err(e) => {
+                    warn!(job = %job.name_any(), error = %e, "claim failed");
+                    break;
                 }
             }
         }
         false
     }
 
-    async fn build(&self, held: Held) {
+    async fn build(&self, slot: Slot, held: Held) {
         info!(
             start = held.job.spec.start_offset,
             end = held.job.spec.end_offset,
@@ -183,9 +247,9 @@ impl Worker {
         );
         let started = std::time::Instant::now();
         let health = self.metrics.health();
-        health.disarm(WORK_LOOP_HEARTBEAT);
+        health.disarm(slot.work_loop);
         health.arm(
-            JOB_LEASE_HEARTBEAT,
+            slot.job_lease,
             job_lease_deadline(held.lease_duration_seconds),
         );
         let cancel = Arc::new(AtomicBool::new(false));
@@ -199,6 +263,7 @@ impl Worker {
                 cancel: cancel.clone(),
                 lost: lost.clone(),
                 health: health.clone(),
+                slot,
             },
         ));
         let spec = held.lock().await.job.spec.clone();
@@ -222,8 +287,8 @@ impl Worker {
         let _ = renewer.await;
         // The report is part of the claim loop's pass (if a lost lease has not handed the
         // builder back to it already).
-        health.disarm(JOB_LEASE_HEARTBEAT);
-        health.arm(WORK_LOOP_HEARTBEAT, WORK_LOOP_DEADLINE);
+        health.disarm(slot.job_lease);
+        health.arm(slot.work_loop, WORK_LOOP_DEADLINE);
         let mut held = held.lock().await.clone();
         if lost.load(Ordering::Relaxed) {
             self.metrics.lease_lost();
@@ -285,6 +350,7 @@ struct Renewal {
     /// Set when the lease is lost: report nothing.
     lost: Arc<AtomicBool>,
     health: Health,
+    slot: Slot,
 }
 
 impl Renewal {
@@ -293,8 +359,8 @@ impl Renewal {
     fn lose(&self) {
         self.lost.store(true, Ordering::Relaxed);
         self.cancel.store(true, Ordering::Relaxed);
-        self.health.disarm(JOB_LEASE_HEARTBEAT);
-        self.health.arm(WORK_LOOP_HEARTBEAT, WORK_LOOP_DEADLINE);
+        self.health.disarm(self.slot.job_lease);
+        self.health.arm(self.slot.work_loop, WORK_LOOP_DEADLINE);
     }
 }
 
@@ -322,7 +388,7 @@ async fn renew_until_lost(
             return;
         };
         match tokio::time::timeout(left, lease.renew(&client, &mut h)).await {
-            Ok(Ok(())) => renewal.health.beat(JOB_LEASE_HEARTBEAT),
+            Ok(Ok(())) => renewal.health.beat(renewal.slot.job_lease),
             Ok(Err(LeaseError::Lost { reason, .. })) => {
                 warn!(%reason, "lease renewal refused");
                 renewal.lose();
@@ -399,6 +465,7 @@ mod tests {
             cancel: Arc::new(AtomicBool::new(false)),
             lost: Arc::new(AtomicBool::new(false)),
             health: health.clone(),
+            slot: Slot::new(0),
         };
         let (cancel, lost) = (renewal.cancel.clone(), renewal.lost.clone());
         let started = std::time::Instant::now();
@@ -444,6 +511,7 @@ mod tests {
             cancel: Arc::new(AtomicBool::new(false)),
             lost: Arc::new(AtomicBool::new(false)),
             health: metrics.health().clone(),
+            slot: Slot::new(0),
         };
         let lost = renewal.lost.clone();
         tokio::time::timeout(

@@ -1,6 +1,7 @@
 //! The e2e harness: a handle on the running testbed (see `e2e/testbed`) and helpers to spawn
 //! blocksmith's binaries, produce data and audit blocks.
 //!
+//! - [`bench`]: job ranges and building them, for the benchmarks;
 //! - [`scenario`]: the common opening of a test as one builder, and a prelude of the rest;
 //! - [`cluster`]: pipelines, jobs and Events in the API;
 //! - [`wait`]: polling, pipeline conditions matched by a [`wait::Cond`];
@@ -14,6 +15,7 @@
 //!   off for one process; [`datagen`]: test data; [`helm`]: the chart.
 
 pub mod apiserver;
+pub mod bench;
 pub mod blocks;
 pub mod broker;
 pub mod cluster;

@@ -23,18 +23,18 @@
 use std::io::Write;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
-use std::sync::Arc;
-use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail, ensure};
 use blocksmith_builder::headers::raw_headers;
 use blocksmith_builder::reader::ReaderConfig;
-use blocksmith_builder::runner::{BuildSettings, build_block};
+use blocksmith_builder::runner::BuildSettings;
 use blocksmith_builder::store::{BlockStore, UploadSettings};
+use blocksmith_builder::worker::DEFAULT_CONCURRENT_JOBS;
 use blocksmith_crds::domain::partition_folder;
 use blocksmith_crds::pipeline::{BlockFormat, Compression};
 use blocksmith_crds::{BlockJobSpec, JobOutputSpec};
+use blocksmith_e2e::bench::{Range, build_ranges, share, split_jobs};
 use blocksmith_e2e::datagen::{DataSpec, ValueSizes, produce};
 use blocksmith_e2e::host::{cpu_seconds, load_average, peak_rss_kib, round2, unix_seconds};
 use clap::{Parser, ValueEnum};
@@ -67,6 +67,10 @@ struct Args {
     /// Records per job range [default: a whole partition].
     #[arg(long)]
     job_records: Option<i64>,
+    /// Jobs each builder process builds at once, as the builder's `--concurrent-jobs`
+    /// [default: the builder's]. The raw loop always reads one job after another.
+    #[arg(long, env = "BLOCKSMITH_CONCURRENT_JOBS")]
+    concurrent_jobs: Option<u8>,
     /// zstd level of the blocks [default: the builder's].
     #[arg(long)]
     zstd_level: Option<i32>,
@@ -94,7 +98,7 @@ struct Args {
     topic: Option<String>,
     /// `partition:start-end,...`, each range split into jobs of `--job-records`.
     #[arg(long, hide = true, value_delimiter = ',')]
-    ranges: Vec<String>,
+    ranges: Vec<Range>,
     #[arg(long, hide = true)]
     out_dir: Option<PathBuf>,
     /// The output URL of both modes when it is not the `file://` directory `--out-dir`.
@@ -127,14 +131,6 @@ struct Scenario {
     partitions: i32,
     records_per_partition: u64,
     job_records: i64,
-}
-
-/// One job: `[start, end)` of a partition.
-#[derive(Clone, Copy)]
-struct Range {
-    partition: i32,
-    start: i64,
-    end: i64,
 }
 
 /// What a child measured.
@@ -331,23 +327,6 @@ struct Load {
     end: f64,
 }
 
-/// The ranges split into jobs of at most `job_records`.
-fn split_jobs(ranges: &[Range], job_records: i64) -> Vec<Range> {
-    let step = job_records.max(1);
-    ranges
-        .iter()
-        .flat_map(|r| {
-            (r.start..r.end)
-                .step_by(step as usize)
-                .map(move |start| Range {
-                    partition: r.partition,
-                    start,
-                    end: (start + step).min(r.end),
-                })
-        })
-        .collect()
-}
-
 /// Every partition's whole log, checking that the mock broker dropped nothing.
 fn log_ranges(bootstrap: &str, topic: &str, partitions: i32) -> anyhow::Result<Vec<Range>> {
     let consumer: BaseConsumer = ClientConfig::new()
@@ -457,15 +436,9 @@ fn run_group(
     let broker_cpu = cpu_seconds("self")?;
     let mut children = Vec::new();
     for i in 0..n {
-        let share: Vec<_> = jobs
-            .iter()
-            .skip(i)
-            .step_by(n)
-            .map(|r| format!("{}:{}-{}", r.partition, r.start, r.end))
-            .collect();
-        if share.is_empty() {
+        let Some(share) = share(jobs, i, n) else {
             continue;
-        }
+        };
         let mut cmd = Command::new(std::env::current_exe()?);
         // As the image sets it (images/Dockerfile): both modes, unless the caller set it.
         if std::env::var_os("MALLOC_ARENA_MAX").is_none() {
@@ -474,12 +447,15 @@ fn run_group(
         cmd.arg("--mode")
             .arg(mode.to_possible_value().expect("not skipped").get_name())
             .args(["--bootstrap", bootstrap, "--topic", topic])
-            .arg(format!("--ranges={}", share.join(",")))
+            .arg(format!("--ranges={share}"))
             .arg(format!("--job-records={}", sc.job_records))
             .arg("--out-dir")
             .arg(dir.path());
         if let Some(level) = args.zstd_level {
             cmd.arg(format!("--zstd-level={level}"));
+        }
+        if let Some(jobs) = args.concurrent_jobs {
+            cmd.arg(format!("--concurrent-jobs={jobs}"));
         }
         if let Some(s3) = s3 {
             s3.point(&mut cmd);
@@ -549,17 +525,7 @@ fn child(mode: Mode, args: &Args) -> anyhow::Result<()> {
     let bootstrap = args.bootstrap.as_deref().context("--bootstrap")?;
     let topic = args.topic.as_deref().context("--topic")?;
     let step = args.job_records.context("--job-records")?.max(1);
-    let mut ranges = Vec::new();
-    for range in &args.ranges {
-        let (partition, rest) = range.split_once(':').context("--ranges")?;
-        let (start, end) = rest.split_once('-').context("--ranges")?;
-        ranges.push(Range {
-            partition: partition.parse()?,
-            start: start.parse()?,
-            end: end.parse()?,
-        });
-    }
-    let jobs = split_jobs(&ranges, step);
+    let jobs = split_jobs(&args.ranges, step);
     let out_dir = args.out_dir.as_deref().context("--out-dir")?;
     let out_url = match &args.out_url {
         Some(url) => url.clone(),
@@ -574,7 +540,10 @@ fn child(mode: Mode, args: &Args) -> anyhow::Result<()> {
             let upload = args.out_url.as_deref();
             consume_raw(bootstrap, topic, &jobs, upload)?
         }
-        Mode::Builder => build_blocks(bootstrap, topic, &jobs, &out_url, args.zstd_level)?,
+        Mode::Builder => {
+            let at_once = args.concurrent_jobs.unwrap_or(DEFAULT_CONCURRENT_JOBS);
+            build_blocks(bootstrap, topic, &jobs, &out_url, args.zstd_level, at_once)?
+        }
     };
     // `seconds` runs from the first job's start to the last one's end.
     measured.finished_unix = unix_seconds();
@@ -586,48 +555,47 @@ fn child(mode: Mode, args: &Args) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Every job through the builder library, `at_once` at a time as the builder's slots.
 fn build_blocks(
     bootstrap: &str,
     topic: &str,
     jobs: &[Range],
     out_url: &str,
     zstd_level: Option<i32>,
+    at_once: u8,
 ) -> anyhow::Result<Measured> {
     let settings = BuildSettings {
         reader: ReaderConfig::new(bootstrap),
         upload: UploadSettings::default(),
     };
-    let runtime = tokio::runtime::Runtime::new()?;
-    let cancel = Arc::new(AtomicBool::new(false));
-    let mut measured = Measured::default();
+    let spec = |job: &Range| BlockJobSpec {
+        pipeline: "bench".into(),
+        topic: topic.into(),
+        partition: job.partition,
+        start_offset: job.start,
+        end_offset: job.end,
+        bootstrap_servers: bootstrap.into(),
+        kafka_cluster_id: None,
+        kafka_topic_id: None,
+        lease_duration_seconds: 60,
+        output: JobOutputSpec {
+            url: out_url.to_owned(),
+            format: BlockFormat::Parquet,
+            compression: Compression::Zstd,
+            compression_level: zstd_level,
+            row_group_size: None,
+            max_record_bytes: None,
+        },
+    };
     let started = Instant::now();
-    for job in jobs {
-        let spec = BlockJobSpec {
-            pipeline: "bench".into(),
-            topic: topic.into(),
-            partition: job.partition,
-            start_offset: job.start,
-            end_offset: job.end,
-            bootstrap_servers: bootstrap.into(),
-            kafka_cluster_id: None,
-            kafka_topic_id: None,
-            lease_duration_seconds: 60,
-            output: JobOutputSpec {
-                url: out_url.to_owned(),
-                format: BlockFormat::Parquet,
-                compression: Compression::Zstd,
-                compression_level: zstd_level,
-                row_group_size: None,
-                max_record_bytes: None,
-            },
-        };
-        let built = runtime.block_on(build_block(&spec, &settings, cancel.clone()))?;
-        measured.records += built.output.records as u64;
-        measured.bytes_in += built.read_bytes;
-        measured.bytes_out += built.output.bytes as u64;
-    }
-    measured.seconds = started.elapsed().as_secs_f64();
-    Ok(measured)
+    let built = build_ranges(jobs, spec, &settings, at_once)?;
+    Ok(Measured {
+        records: built.records,
+        bytes_in: built.bytes_in,
+        bytes_out: built.bytes_out,
+        seconds: started.elapsed().as_secs_f64(),
+        ..Measured::default()
+    })
 }
 
 /// The least a reader of the range must do: one consumer per job, as the builder has. With

@@ -29,18 +29,19 @@
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
-use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, ensure};
 use blocksmith_builder::reader::ReaderConfig;
-use blocksmith_builder::runner::{BuildSettings, build_block};
+use blocksmith_builder::runner::BuildSettings;
 use blocksmith_builder::store::UploadSettings;
+use blocksmith_builder::worker::DEFAULT_CONCURRENT_JOBS;
 use blocksmith_crds::domain::{LABEL_PIPELINE, default_consumer_group};
 use blocksmith_crds::pipeline::{BlockFormat, Compression};
 use blocksmith_crds::{BlockJob, BlockJobSpec, BlockPipeline, JobOutputSpec, JobPhase};
 use blocksmith_e2e::Testbed;
+use blocksmith_e2e::bench::{Range, build_ranges, share};
 use blocksmith_e2e::broker::PrivateBroker;
 use blocksmith_e2e::cluster::{apply_pipeline, jobs};
 use blocksmith_e2e::datagen::{DataSpec, Produced, ValueSizes};
@@ -100,17 +101,13 @@ struct Args {
     cluster_id: Option<String>,
     /// `partition:start-end,...`, one job each.
     #[arg(long, hide = true, value_delimiter = ',')]
-    ranges: Vec<String>,
+    ranges: Vec<Range>,
     #[arg(long, hide = true)]
     out_url: Option<String>,
-}
-
-/// One job: `[start, end)` of a partition.
-#[derive(Clone, Copy, Debug)]
-struct Range {
-    partition: i32,
-    start: i64,
-    end: i64,
+    /// Jobs a builder-only child builds at once: the builders' `--concurrent-jobs`, which the
+    /// system run's builders read from the same variable.
+    #[arg(long, hide = true, env = "BLOCKSMITH_CONCURRENT_JOBS", default_value_t = DEFAULT_CONCURRENT_JOBS)]
+    concurrent_jobs: u8,
 }
 
 /// What a builder-only child measured.
@@ -724,21 +721,14 @@ fn builder_only_run(bench: &Bench, n: usize, repeat: usize) -> anyhow::Result<Ru
     let s30 = cpu_seconds(bench.s3.proc.pid())?;
     let mut children = Vec::new();
     for i in 0..n {
-        let share: Vec<_> = bench
-            .ranges
-            .iter()
-            .skip(i)
-            .step_by(n)
-            .map(|r| format!("{}:{}-{}", r.partition, r.start, r.end))
-            .collect();
-        if share.is_empty() {
+        let Some(share) = share(&bench.ranges, i, n) else {
             continue;
-        }
+        };
         let mut cmd = Command::new(std::env::current_exe()?);
         cmd.arg("--child")
             .args(["--bootstrap", &tb.kafka_bootstrap, "--topic", &bench.topic])
             .args(["--cluster-id", &bench.cluster_id])
-            .arg(format!("--ranges={}", share.join(",")))
+            .arg(format!("--ranges={share}"))
             .arg(format!("--out-url=s3://blocksmith/{prefix}"))
             .env("AWS_ENDPOINT", bench.s3.endpoint());
         children.push(
@@ -791,62 +781,48 @@ fn builder_only_run(bench: &Bench, n: usize, repeat: usize) -> anyhow::Result<Ru
     })
 }
 
-/// A builder-only child: `build_block` for each range, one after another, as one builder
-/// worker builds the jobs it claims.
+/// A builder-only child: `build_block` for each range, as one builder builds the jobs it
+/// claims (`--concurrent-jobs` at a time).
 fn child(args: &Args) -> anyhow::Result<()> {
     let bootstrap = args.bootstrap.as_deref().context("--bootstrap")?;
     let topic = args.topic.as_deref().context("--topic")?;
     let url = args.out_url.as_deref().context("--out-url")?;
-    let mut ranges = Vec::new();
-    for range in &args.ranges {
-        let (partition, rest) = range.split_once(':').context("--ranges")?;
-        let (start, end) = rest.split_once('-').context("--ranges")?;
-        ranges.push(Range {
-            partition: partition.parse()?,
-            start: start.parse()?,
-            end: end.parse()?,
-        });
-    }
     let settings = BuildSettings {
         reader: ReaderConfig::new(bootstrap),
         upload: UploadSettings::default(),
     };
-    let runtime = tokio::runtime::Runtime::new()?;
-    let cancel = Arc::new(AtomicBool::new(false));
-    let mut measured = Child::default();
+    // As the operator plans it, with the pipeline's defaults.
+    let spec = |job: &Range| BlockJobSpec {
+        pipeline: PIPELINE.into(),
+        topic: topic.into(),
+        partition: job.partition,
+        start_offset: job.start,
+        end_offset: job.end,
+        bootstrap_servers: bootstrap.into(),
+        kafka_cluster_id: args.cluster_id.clone(),
+        kafka_topic_id: None,
+        lease_duration_seconds: 30,
+        output: JobOutputSpec {
+            url: url.into(),
+            format: BlockFormat::Parquet,
+            compression: Compression::Zstd,
+            compression_level: None,
+            row_group_size: None,
+            max_record_bytes: None,
+        },
+    };
     let started = Instant::now();
-    for job in &ranges {
-        // As the operator plans it, with the pipeline's defaults.
-        let spec = BlockJobSpec {
-            pipeline: PIPELINE.into(),
-            topic: topic.into(),
-            partition: job.partition,
-            start_offset: job.start,
-            end_offset: job.end,
-            bootstrap_servers: bootstrap.into(),
-            kafka_cluster_id: args.cluster_id.clone(),
-            kafka_topic_id: None,
-            lease_duration_seconds: 30,
-            output: JobOutputSpec {
-                url: url.into(),
-                format: BlockFormat::Parquet,
-                compression: Compression::Zstd,
-                compression_level: None,
-                row_group_size: None,
-                max_record_bytes: None,
-            },
-        };
-        let built = runtime
-            .block_on(build_block(&spec, &settings, cancel.clone()))
-            .map_err(|e| anyhow::anyhow!("{topic}[{}]: {e}", job.partition))?;
-        measured.records += built.output.records as u64;
-        measured.bytes_in += built.read_bytes;
-        measured.bytes_out += built.output.bytes as u64;
-    }
-    measured.seconds = started.elapsed().as_secs_f64();
+    let built = build_ranges(&args.ranges, spec, &settings, args.concurrent_jobs)?;
+    let mut measured = Child {
+        records: built.records,
+        bytes_in: built.bytes_in,
+        bytes_out: built.bytes_out,
+        seconds: started.elapsed().as_secs_f64(),
+        ..Child::default()
+    };
     measured.finished_unix = unix_seconds();
     measured.started_unix = measured.finished_unix - measured.seconds;
-    measured.jobs = ranges.len();
+    measured.jobs = args.ranges.len();
     measured.cpu_seconds = cpu_seconds("self")?;
     println!("{}", serde_json::to_string(&measured)?);
     Ok(())

@@ -518,20 +518,24 @@ async fn deleting_a_pipeline_mid_run_collects_its_jobs_and_leaves_builders_idle_
         .delete("p", &DeleteParams::background())
         .await
         .expect("delete pipeline");
-    // b0, frozen with its lease live, may still write its block: its job stays (its range
-    // kept from any pipeline re-created under the name) while the others go.
+    // b0, frozen with its leases live, may still write its blocks: its jobs (one per slot
+    // that held one) stay, their ranges kept from any pipeline re-created under the name,
+    // while the others go.
     wait_for(
         "the jobs but b0's garbage-collected",
         Duration::from_secs(60),
         || async {
             let left = jobs(&tb, &ns, "p").await;
-            (left.len() == 1 && left[0].is_terminating() && lease_holder(&left[0]) == Some("b0"))
-                .then_some(())
+            (!left.is_empty()
+                && left
+                    .iter()
+                    .all(|j| j.is_terminating() && lease_holder(j) == Some("b0")))
+            .then_some(())
         },
     )
     .await;
     builders[0].signal("CONT");
-    // b0 notices at its next renewal, stops and gives the job back; then it goes too.
+    // b0 notices at its next renewals, stops and gives the jobs back; then they go too.
     wait_for(
         "the jobs garbage-collected",
         Duration::from_secs(60),

@@ -122,6 +122,36 @@ async fn a_killed_builder_loses_its_job_to_another_and_nothing_is_lost() {
     }
 }
 
+/// A builder builds two jobs at once by default (`--concurrent-jobs 2`), each under a lease
+/// of its own: with jobs slowed to seconds, one builder holds two at the same moment, and
+/// every record is still written once.
+#[tokio::test]
+async fn one_builder_builds_two_jobs_at_once_each_under_its_own_lease() {
+    let s = Scenario::new("bld-slots")
+        .private_broker()
+        .partitions(2)
+        .records(8_000)
+        .value_size(200)
+        .jobs(json!({"maxRecords": 1000}))
+        .operator()
+        .await;
+    s.broker().set_round_trip_time(Duration::from_millis(300));
+    let _solo = s.spawn_builder("solo");
+    let held = wait_for("solo holding two jobs", Duration::from_secs(60), || async {
+        let held: Vec<BlockJob> = s
+            .jobs()
+            .await
+            .into_iter()
+            .filter(|j| running_on(j, "solo"))
+            .collect();
+        (held.len() >= 2).then_some(held)
+    })
+    .await;
+    assert_eq!(held.len(), 2, "no more than its two slots");
+    s.broker().set_round_trip_time(Duration::ZERO);
+    s.wait_committed_then_audit(Duration::from_secs(300)).await;
+}
+
 #[tokio::test]
 async fn two_builders_racing_for_fifty_jobs_complete_each_once() {
     let s = Scenario::new("bld-race")

@@ -1081,14 +1081,18 @@ async fn builders_get_no_hpa_unless_the_operator_serves_their_metric() {
 /// restarted, reconciled this pipeline twice in all: once to plan, once at the end.
 #[tokio::test]
 async fn commits_follow_finished_jobs_while_others_keep_finishing() {
-    let s = Scenario::new("op-steady")
+    // A broker of its own with a 50 ms round trip: a job takes a few tenths of a second
+    // however many the builder builds at once, so the run lasts long enough to watch.
+    let mut s = Scenario::new("op-steady")
+        .private_broker()
         .partitions(16)
         .records(3_200)
         .value_size(100)
         .jobs(json!({"maxRecords": 50, "maxInFlightPerPartition": 4}))
         .operator()
-        .builders(1)
         .await;
+    s.broker().set_round_trip_time(Duration::from_millis(50));
+    s.builders = s.spawn_builders(1);
     let mut committed_early = false;
     let mut most_unfinished = 0;
     let deadline = Instant::now() + Duration::from_secs(180);
