@@ -64,7 +64,13 @@ async fn a_stale_builder_finishing_its_upload_never_replaces_a_committed_blocks_
     // Slow reads (seconds a job) leave time to freeze the object store between a builder's
     // check for an existing manifest and its upload.
     s.broker().set_round_trip_time(Duration::from_millis(500));
-    let stale = s.spawn_builder_with("stale", held_up.point());
+    // One job slot: the choreography below freezes one upload in flight, found by the
+    // bytes waiting at the front end's port.
+    let point = held_up.point();
+    let stale = s.spawn_builder_with("stale", move |cmd| {
+        point(cmd);
+        cmd.env("BLOCKSMITH_CONCURRENT_JOBS", "1");
+    });
     let job = wait_for_a_job_on(&s.tb, &s.ns, &s.name, "stale").await;
     // Its check for an existing manifest is its first request to the store, on a connection
     // it keeps for the upload; the read that follows takes seconds.
