@@ -331,13 +331,18 @@ async fn a_topic_deleted_and_created_again_halts_the_pipeline_until_it_moves_to_
     .await;
 
     // The topic is replaced: the blocks and commits so far are of topic OLD_ID, and the
-    // new log grows past the old commit.
+    // new log grows past the old commit. The operator is stopped meanwhile: it writes the
+    // whole status, and a reconcile in flight (the history's deletion starts some) would
+    // write the live id back over the edit.
+    let mut operator = s.operator.take().expect("the scenario's operator");
+    operator.proc.terminate(Duration::from_secs(10));
     let pipelines: Api<BlockPipeline> = Api::namespaced(s.tb.client.clone(), &s.ns);
     let old_topic = json!({"status": {"topic": {"id": OLD_ID}}});
     pipelines
         .patch_status(&s.name, &PatchParams::default(), &Patch::Merge(&old_topic))
         .await
         .unwrap();
+    s.operator = Some(s.spawn_operator("op"));
     let more = produce_data(
         &s.tb,
         DataSpec {
