@@ -169,13 +169,11 @@ impl JobStore {
 
     /// Removes the operator's finalizer from `job`, if it is still the version read.
     pub async fn release(&self, job: &BlockJob) -> kube::Result<BlockJob> {
-        let kept: Vec<&String> = job
-            .finalizers()
-            .iter()
-            .filter(|f| *f != FINALIZER_KEEP_RANGE)
-            .collect();
         let patch = json!({
-            "metadata": { "resourceVersion": job.resource_version(), "finalizers": kept },
+            "metadata": {
+                "resourceVersion": job.resource_version(),
+                "finalizers": kept_finalizers(job),
+            },
         });
         self.metrics.api_write("release_job");
         self.api
@@ -183,6 +181,26 @@ impl JobStore {
                 &job.name_any(),
                 &PatchParams::default(),
                 &Patch::Merge(patch),
+            )
+            .await
+    }
+
+    /// Labels a `Succeeded` job so, and releases its finalizer when `release` (its range is
+    /// committed): one write, if it is still the version read (see [`crate::lifecycle::finish`]).
+    pub async fn finish(&self, job: &BlockJob, release: bool) -> kube::Result<BlockJob> {
+        let mut metadata = json!({
+            "resourceVersion": job.resource_version(),
+            "labels": BTreeMap::from([(LABEL_PHASE, JobPhase::Succeeded.as_str())]),
+        });
+        if release {
+            metadata["finalizers"] = json!(kept_finalizers(job));
+        }
+        self.metrics.api_write("finish_job");
+        self.api
+            .patch(
+                &job.name_any(),
+                &PatchParams::default(),
+                &Patch::Merge(json!({ "metadata": metadata })),
             )
             .await
     }
@@ -270,6 +288,14 @@ pub fn job_spec(bp: &BlockPipeline, planned: &PlannedJob, ids: &KafkaIds) -> Blo
             max_record_bytes: o.max_record_bytes,
         },
     }
+}
+
+/// The job's finalizers but the operator's.
+fn kept_finalizers(job: &BlockJob) -> Vec<&String> {
+    job.finalizers()
+        .iter()
+        .filter(|f| *f != FINALIZER_KEEP_RANGE)
+        .collect()
 }
 
 /// The phase label currently on a job, if any.

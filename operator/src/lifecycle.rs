@@ -10,6 +10,8 @@ use blocksmith_crds::{BlockJob, BlockJobStatus, JobPhase};
 use jiff::{SignedDuration, Timestamp};
 use kube::ResourceExt;
 
+use crate::jobs::phase_label;
+
 /// The operator's next step for one job.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum JobAction {
@@ -361,6 +363,50 @@ pub fn pipeline_uid(job: &BlockJob) -> Option<&str> {
         .map(|o| o.uid.as_str())
 }
 
+/// The phase label a job should be given now, if it needs one (the truth is
+/// `status.phase`; the label lets `kubectl` and the builders' watch select by phase). Not
+/// `Succeeded`: that label comes with the finalizer's release ([`finish`]). Not `Running`
+/// before the builder has renewed its lease once: a job that lasts is labelled within a
+/// renewal interval, and a short one costs no label write, nor its builder's report a
+/// compare-and-swap conflict with that write.
+pub fn label_due(job: &BlockJob) -> Option<JobPhase> {
+    let phase = job.phase();
+    let labelled = phase_label(job) == Some(phase.as_str());
+    let renewed = || {
+        let lease = job.status.as_ref().and_then(|s| s.lease.as_ref());
+        lease.is_some_and(|l| {
+            l.renew_time.as_ref().map(|t| t.0) > l.acquire_time.as_ref().map(|t| t.0)
+        })
+    };
+    match phase {
+        _ if labelled => None,
+        JobPhase::Succeeded => None,
+        JobPhase::Running if !renewed() => None,
+        _ => Some(phase),
+    }
+}
+
+/// The one write that finishes a `Succeeded` job's metadata: the `Succeeded` phase label
+/// (which takes the job out of the builders' watch) and, once its range is committed, the
+/// release of its [`FINALIZER_KEEP_RANGE`](blocksmith_crds::domain::FINALIZER_KEEP_RANGE)
+/// (a committed range is never given back, see [`on_deletion`]), so that deleting it later
+/// is one write. A job usually succeeds and is committed in the same pass: one write then
+/// does both.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Finish {
+    pub release: bool,
+}
+
+/// Whether `job` needs a [`Finish`] write, with its partition's `committed` offset.
+pub fn finish(job: &BlockJob, committed: Option<i64>) -> Option<Finish> {
+    if job.phase() != JobPhase::Succeeded {
+        return None;
+    }
+    let labelled = phase_label(job) == Some(JobPhase::Succeeded.as_str());
+    let release = job.keeps_range() && committed.is_some_and(|c| job.spec.end_offset <= c);
+    (!labelled || release).then_some(Finish { release })
+}
+
 /// Names of succeeded jobs to delete, sorted. Only jobs whose whole range is committed
 /// (`end <= committed` of their partition) are eligible: the others still hold back or
 /// explain the commit. Eligible jobs are deleted once `ttl` has passed since they
@@ -395,6 +441,7 @@ mod tests {
     use super::*;
     use crate::testing::t;
     use blocksmith_crds::JobLease;
+    use blocksmith_crds::domain::LABEL_PHASE;
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
     fn status(phase: JobPhase, attempt: i32) -> BlockJobStatus {
@@ -421,6 +468,80 @@ mod tests {
         BlockJobStatus {
             not_before: Some(Time(t(not_before))),
             ..status(JobPhase::Pending, 2)
+        }
+    }
+
+    #[test]
+    fn a_job_is_labelled_running_only_once_its_lease_was_renewed() {
+        let labelled = |mut job: BlockJob, label: &str| {
+            job.metadata.labels = Some([(LABEL_PHASE.to_string(), label.to_string())].into());
+            job
+        };
+        let job = |status: BlockJobStatus| crate::testing::job_with(0, 0, 10, status);
+        // Claimed: acquired and renewed at the same instant.
+        let claimed = job(running(1, 0, 30));
+        assert_eq!(label_due(&labelled(claimed.clone(), "Pending")), None);
+        let renewed = job(running(1, 10, 30));
+        assert_eq!(
+            label_due(&labelled(renewed.clone(), "Pending")),
+            Some(JobPhase::Running)
+        );
+        assert_eq!(label_due(&labelled(renewed, "Running")), None);
+        // Back to `Pending` or `Failed` (a reset): labelled so at once.
+        let reset = job(pending_until(20));
+        assert_eq!(
+            label_due(&labelled(reset.clone(), "Running")),
+            Some(JobPhase::Pending)
+        );
+        assert_eq!(label_due(&labelled(reset, "Pending")), None);
+        let failed = job(status(JobPhase::Failed, 3));
+        assert_eq!(
+            label_due(&labelled(failed.clone(), "Running")),
+            Some(JobPhase::Failed)
+        );
+        assert_eq!(
+            label_due(&failed),
+            Some(JobPhase::Failed),
+            "no label at all"
+        );
+        // `Succeeded` is [`finish`]'s.
+        let succeeded = job(status(JobPhase::Succeeded, 1));
+        assert_eq!(label_due(&labelled(succeeded, "Running")), None);
+    }
+
+    #[test]
+    fn a_succeeded_job_is_labelled_and_released_in_one_write_once_committed() {
+        use blocksmith_crds::domain::FINALIZER_KEEP_RANGE;
+        let job = |phase: JobPhase, label: &str, finalizer: bool| {
+            let mut job = crate::testing::job_with(0, 1000, 2000, status(phase, 1));
+            job.metadata.labels = Some([(LABEL_PHASE.to_string(), label.to_string())].into());
+            if finalizer {
+                job.metadata.finalizers = Some(vec![FINALIZER_KEEP_RANGE.into()]);
+            }
+            job
+        };
+        let succeeded = job(JobPhase::Succeeded, "Running", true);
+        assert_eq!(finish(&succeeded, None), Some(Finish { release: false }));
+        assert_eq!(
+            finish(&succeeded, Some(1999)),
+            Some(Finish { release: false })
+        );
+        assert_eq!(
+            finish(&succeeded, Some(2000)),
+            Some(Finish { release: true })
+        );
+        // Labelled already: only the release is left, once committed.
+        let labelled = job(JobPhase::Succeeded, "Succeeded", true);
+        assert_eq!(finish(&labelled, Some(1000)), None);
+        assert_eq!(
+            finish(&labelled, Some(2500)),
+            Some(Finish { release: true })
+        );
+        let finished = job(JobPhase::Succeeded, "Succeeded", false);
+        assert_eq!(finish(&finished, Some(2500)), None);
+        // Not succeeded: labelled as it goes (`tend_job`), never released here.
+        for phase in [JobPhase::Pending, JobPhase::Running, JobPhase::Failed] {
+            assert_eq!(finish(&job(phase, "Pending", true), Some(2500)), None);
         }
     }
 

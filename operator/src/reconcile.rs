@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use blocksmith_crds::Reason;
 use blocksmith_crds::{BlockJob, BlockPipeline, BlockPipelineStatus, JobPhase};
 use futures::future::BoxFuture;
+use futures::{StreamExt, stream};
 use jiff::Timestamp;
 use k8s_openapi::api::core::v1::{Pod, Secret};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
@@ -30,8 +31,8 @@ use crate::conditions::{Observed, Problem};
 use crate::jobs::{self, JobStore, KafkaIds};
 use crate::kafka::{self, KafkaError};
 use crate::lifecycle::{
-    Deleted, FinishedJob, JobAction, JobCounts, Reset, Source, held_until, job_action,
-    jobs_to_delete, next_wakeup, on_deletion, pipeline_uid, reset,
+    Deleted, FinishedJob, JobAction, JobCounts, Reset, Source, finish, held_until, job_action,
+    jobs_to_delete, label_due, next_wakeup, on_deletion, pipeline_uid, reset,
 };
 use crate::metrics::{RECONCILE_HEARTBEAT, reconcile_deadline};
 use crate::offsets::KafkaRead;
@@ -184,6 +185,10 @@ impl From<kube::Error> for Halt {
 }
 
 /// One reconcile of one pipeline: what it acts on and what it has found so far.
+/// Job writes a pass has in flight at once: one round trip each, and a pass may have a
+/// write for every job that finished since the last.
+const CONCURRENT_JOB_WRITES: usize = 8;
+
 struct Pass<'a> {
     bp: &'a BlockPipeline,
     ctx: &'a Context,
@@ -285,6 +290,7 @@ impl<'a> Pass<'a> {
                 committed = kafka.committed();
             }
         }
+        let jobs = self.finish_succeeded_jobs(jobs, &committed).await?;
         self.mark_busy_builders(&jobs).await?;
         self.clean_up_history(&jobs, &committed).await?;
         self.count(&jobs);
@@ -514,10 +520,9 @@ impl<'a> Pass<'a> {
                 }
             }
         };
-        let phase = job.phase();
-        if jobs::phase_label(&job) == Some(phase.as_str()) {
+        let Some(phase) = label_due(&job) else {
             return Ok(Some(job));
-        }
+        };
         let desired = jobs::desired_job(self.bp, job.spec.clone(), phase);
         match self.store.relabel(&job, &desired).await {
             Ok(j) => Ok(Some(j)),
@@ -526,6 +531,42 @@ impl<'a> Pass<'a> {
             Err(e) if is_api_error(&e, &[409, 404, 422]) => Ok(None),
             Err(e) => Err(e),
         }
+    }
+
+    /// Labels the `Succeeded` jobs so, releasing the finalizers of those whose range is
+    /// `committed` in the same write ([`finish`]); a few writes at a time. Returns the jobs
+    /// as they now are.
+    async fn finish_succeeded_jobs(
+        &mut self,
+        jobs: Vec<BlockJob>,
+        committed: &BTreeMap<i32, i64>,
+    ) -> Result<Vec<BlockJob>, kube::Error> {
+        let store = &self.store;
+        // Each job as it now is, and whether it changed under us (the next pass looks again).
+        let finished: Vec<kube::Result<(Option<BlockJob>, bool)>> = stream::iter(jobs)
+            .map(|job| async move {
+                let Some(f) = finish(&job, committed.get(&job.spec.partition).copied()) else {
+                    return Ok((Some(job), false));
+                };
+                match store.finish(&job, f.release).await {
+                    Ok(j) => Ok((Some(j), false)),
+                    Err(e) if is_api_error(&e, &[409]) => Ok((Some(job), true)),
+                    Err(e) if is_api_error(&e, &[404]) => Ok((None, true)),
+                    Err(e) => Err(e),
+                }
+            })
+            .buffered(CONCURRENT_JOB_WRITES)
+            .collect()
+            .await;
+        let mut jobs = Vec::with_capacity(finished.len());
+        for result in finished {
+            let (job, changed) = result?;
+            jobs.extend(job);
+            if changed {
+                self.wake_at(self.now);
+            }
+        }
+        Ok(jobs)
     }
 
     /// Reads the pipeline's offsets. A failure to reach Kafka is a problem of the pipeline,
@@ -861,12 +902,18 @@ impl<'a> Pass<'a> {
         let ttl = Duration::from_secs(spec.ttl_seconds_after_succeeded.max(0) as u64);
         let limit = spec.successful_jobs_history_limit.max(0) as usize;
         let by_name: HashMap<String, &BlockJob> = jobs.iter().map(|j| (j.name_any(), j)).collect();
+        let mut deletes = Vec::new();
         for name in jobs_to_delete(&finished, committed, ttl, limit, self.now) {
             if let Some(job) = by_name.get(&name) {
-                self.store.delete(job).await?;
+                deletes.push(self.store.delete(job));
             }
         }
-        Ok(())
+        stream::iter(deletes)
+            .buffer_unordered(CONCURRENT_JOB_WRITES)
+            .collect::<Vec<_>>()
+            .await
+            .into_iter()
+            .collect()
     }
 
     /// The queue, job and lag figures of the status and the metrics.

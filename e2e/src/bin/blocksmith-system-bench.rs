@@ -47,7 +47,7 @@ use blocksmith_e2e::cluster::{apply_pipeline, jobs};
 use blocksmith_e2e::datagen::{DataSpec, Produced, ValueSizes};
 use blocksmith_e2e::host::{cpu_seconds, load_average, round2, unix_seconds};
 use blocksmith_e2e::kafka::{high_watermarks, produce_data_to, watermarks};
-use blocksmith_e2e::metrics::counter_sum;
+use blocksmith_e2e::metrics::{OPERATOR_JOB_WRITE_KINDS, counter_sum};
 use blocksmith_e2e::process::Proc;
 use blocksmith_e2e::procs::{PrivateS3, free_port};
 use clap::Parser;
@@ -148,6 +148,8 @@ struct Run {
     operator_cpu_seconds: f64,
     broker_cpu_seconds: f64,
     s3_cpu_seconds: f64,
+    /// The testbed cluster's processes ([`cluster_cpu_seconds`]).
+    cluster_cpu_seconds: f64,
     /// 1-minute load average just before the run.
     load_before: f64,
     /// Builder-only: each process's own wall time.
@@ -466,7 +468,7 @@ async fn system_run(bench: &Bench, n: usize, args: &Args) -> anyhow::Result<Run>
     let first = |f: fn(&Seen) -> Option<Instant>| since(seen.iter().filter_map(f).min());
     let last = |f: fn(&Seen) -> Option<Instant>| since(seen.iter().filter_map(f).max());
     let d = |k: &str| after.get(k) - before.get(k);
-    let kinds = ["create_job", "label_job", "reset_job", "delete_job"];
+    let kinds = OPERATOR_JOB_WRITE_KINDS;
     let per_job = |x: f64| x / jobs_n as f64;
     let last_succeeded = last(|s| s.succeeded);
     let detail = SystemDetail {
@@ -502,6 +504,7 @@ async fn system_run(bench: &Bench, n: usize, args: &Args) -> anyhow::Result<Run>
         operator_cpu_seconds: cpu1.operator - cpu0.operator,
         broker_cpu_seconds: cpu1.broker - cpu0.broker,
         s3_cpu_seconds: cpu1.s3 - cpu0.s3,
+        cluster_cpu_seconds: cpu1.cluster - cpu0.cluster,
         load_before,
         process_seconds: Vec::new(),
         system: Some(detail),
@@ -601,6 +604,7 @@ struct Cpu {
     builders: f64,
     broker: f64,
     s3: f64,
+    cluster: f64,
 }
 
 impl Cpu {
@@ -613,8 +617,31 @@ impl Cpu {
                 .sum::<anyhow::Result<f64>>()?,
             broker: cpu_seconds(bench.broker.proc.pid())?,
             s3: cpu_seconds(bench.s3.proc.pid())?,
+            cluster: cluster_cpu_seconds(&bench.tb)?,
         })
     }
+}
+
+/// CPU seconds of the testbed's cluster: the API server and etcd, which every API write goes
+/// through, and the rest of the control plane and the node, which run whatever the load.
+fn cluster_cpu_seconds(tb: &Testbed) -> anyhow::Result<f64> {
+    const CLUSTER: [&str; 7] = [
+        "kube-apiserver",
+        "etcd",
+        "kube-controller-manager",
+        "kube-scheduler",
+        "kubelet",
+        "containerd",
+        "kube-proxy",
+    ];
+    let mut total = 0.0;
+    for name in CLUSTER {
+        let Ok(pid) = std::fs::read_to_string(tb.dir.join("pids").join(name)) else {
+            continue;
+        };
+        total += cpu_seconds(pid.trim())?;
+    }
+    Ok(total)
 }
 
 /// The counters a system run reads from the operator's and builders' `/metrics`.
@@ -624,13 +651,10 @@ impl Scrape {
     fn read(operator: &Served, builders: &[Served]) -> Scrape {
         let op = blocksmith_e2e::metrics::http_get(operator.port, "/metrics");
         let mut m = HashMap::new();
-        for kind in [
-            "create_job",
-            "label_job",
-            "reset_job",
-            "delete_job",
-            "pipeline_status",
-        ] {
+        for kind in OPERATOR_JOB_WRITE_KINDS
+            .into_iter()
+            .chain(["pipeline_status"])
+        {
             let label = format!("kind=\"{kind}\"");
             m.insert(
                 kind,
@@ -719,6 +743,7 @@ fn builder_only_run(bench: &Bench, n: usize, repeat: usize) -> anyhow::Result<Ru
     let load_before = load_average()?;
     let broker0 = cpu_seconds(bench.broker.proc.pid())?;
     let s30 = cpu_seconds(bench.s3.proc.pid())?;
+    let cluster0 = cluster_cpu_seconds(tb)?;
     let mut children = Vec::new();
     for i in 0..n {
         let Some(share) = share(&bench.ranges, i, n) else {
@@ -748,6 +773,7 @@ fn builder_only_run(bench: &Bench, n: usize, repeat: usize) -> anyhow::Result<Ru
     }
     let broker_cpu_seconds = cpu_seconds(bench.broker.proc.pid())? - broker0;
     let s3_cpu_seconds = cpu_seconds(bench.s3.proc.pid())? - s30;
+    let cluster_cpu_seconds = cluster_cpu_seconds(tb)? - cluster0;
     let started = processes
         .iter()
         .map(|m| m.started_unix)
@@ -775,6 +801,7 @@ fn builder_only_run(bench: &Bench, n: usize, repeat: usize) -> anyhow::Result<Ru
         operator_cpu_seconds: 0.0,
         broker_cpu_seconds,
         s3_cpu_seconds,
+        cluster_cpu_seconds,
         load_before,
         process_seconds: processes.iter().map(|m| round2(m.seconds)).collect(),
         system: None,
@@ -857,7 +884,7 @@ fn report(bench: &Bench, counts: &[usize], runs: &[[Vec<Run>; 2]], args: &Args, 
          job start to last finish. Both write to s3:// of the same s3s-fs server and are \
          audited exactly. Median of {} runs by wall time; system/builder-only = ratio of \
          records/s at the same N (the orchestration tax). CPU s = the N builders' (+ the \
-         operator's) user + system time in the window; broker and S3 CPU s are the servers'.\n",
+         operator's) user + system time in the window; broker and S3 CPU s are the servers'; cluster CPU s is the testbed's API server, etcd, the rest of the control plane and the node.\n",
         args.repeat.max(1)
     );
     println!(
@@ -868,9 +895,10 @@ fn report(bench: &Bench, counts: &[usize], runs: &[[Vec<Run>; 2]], args: &Args, 
     );
     println!(
         "| N | mode | records | jobs | wall s | records/s | system/builder-only | CPU s | \
-         operator CPU s | broker CPU s | S3 CPU s | operator writes/job | builder writes/job |"
+         operator CPU s | broker CPU s | S3 CPU s | cluster CPU s | operator writes/job | \
+         builder writes/job |"
     );
-    println!("|--:|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|");
+    println!("|--:|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|");
     for (n, [system, alone]) in counts.iter().zip(runs) {
         let ratio = median(system).rate() / median(alone).rate();
         for r in [median(system), median(alone)] {
@@ -884,7 +912,7 @@ fn report(bench: &Bench, counts: &[usize], runs: &[[Vec<Run>; 2]], args: &Args, 
             };
             println!(
                 "| {n} | {} | {} | {} | {:.2} | {:.0} | {ratio} | {:.2} | {} | {:.2} | {:.2} \
-                 | {op_w} | {b_w} |",
+                 | {:.2} | {op_w} | {b_w} |",
                 r.mode,
                 r.records,
                 r.jobs,
@@ -897,6 +925,7 @@ fn report(bench: &Bench, counts: &[usize], runs: &[[Vec<Run>; 2]], args: &Args, 
                 },
                 r.broker_cpu_seconds,
                 r.s3_cpu_seconds,
+                r.cluster_cpu_seconds,
             );
         }
     }

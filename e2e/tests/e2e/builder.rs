@@ -3,6 +3,7 @@
 
 use std::time::Duration;
 
+use blocksmith_crds::domain::LABEL_PHASE;
 use blocksmith_crds::{BlockJob, JobPhase};
 use blocksmith_e2e::process::Proc;
 use blocksmith_e2e::scenario::*;
@@ -150,6 +151,64 @@ async fn one_builder_builds_two_jobs_at_once_each_under_its_own_lease() {
     assert_eq!(held.len(), 2, "no more than its two slots");
     s.broker().set_round_trip_time(Duration::ZERO);
     s.wait_committed_then_audit(Duration::from_secs(300)).await;
+}
+
+/// The phase label follows `status.phase`, but `Running` only for a job whose builder
+/// renewed its lease (one that lasts); a finished job's label and the release of its
+/// finalizer come in one write once its range is committed.
+#[tokio::test]
+async fn a_job_is_labelled_running_once_renewed_and_succeeded_without_its_finalizer_once_committed()
+{
+    let s = Scenario::new("bld-labels")
+        .records(1_000)
+        .jobs(json!({"maxRecords": 1000}))
+        .operator()
+        .await;
+    let job = s.wait_jobs(1).await.remove(0);
+    let phase_label = |job: &BlockJob| job.labels().get(LABEL_PHASE).cloned();
+    let fake = FakeBuilder::new(&s.tb, &s.ns, "fake");
+    let lease = |acquired: &str, renewed: &str| {
+        json!({"lease": {"holder": "fake", "acquireTime": acquired, "renewTime": renewed,
+                         "leaseDurationSeconds": 6}})
+    };
+    let acquired = now();
+    let claimed = fake
+        .report(&job, 1, "Running", lease(&acquired, &acquired))
+        .await
+        .unwrap();
+    // A pass that saw the claim (it counts the job running) leaves the label be.
+    wait_for(
+        "a pass after the claim",
+        Duration::from_secs(30),
+        || async { (s.get().await.status?.running_jobs == 1).then_some(()) },
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let seen = s.job(&job.metadata.name).await.unwrap();
+    assert_eq!(phase_label(&seen).as_deref(), Some("Pending"));
+    // Renewed: labelled `Running`.
+    let renewed = now();
+    assert_ne!(renewed, acquired);
+    fake.report(&claimed, 1, "Running", lease(&acquired, &renewed))
+        .await
+        .unwrap();
+    wait_for("the Running label", Duration::from_secs(30), || async {
+        let job = s.job(&job.metadata.name).await?;
+        (phase_label(&job).as_deref() == Some("Running")).then_some(())
+    })
+    .await;
+    // The fake's lease runs out; a builder builds the job again and its range is committed.
+    let _b = s.spawn_builder("b");
+    s.wait_committed_then_audit(Duration::from_secs(120)).await;
+    wait_for(
+        "the job labelled Succeeded and released",
+        Duration::from_secs(30),
+        || async {
+            let job = s.job(&job.metadata.name).await?;
+            (phase_label(&job).as_deref() == Some("Succeeded") && !job.keeps_range()).then_some(())
+        },
+    )
+    .await;
 }
 
 #[tokio::test]
@@ -349,16 +408,14 @@ async fn api_writes_per_job_lifecycle_are_counted() {
     .await;
     let op_metrics = http_get(s.operator.as_ref().unwrap().metrics_port, "/metrics");
     let b_metrics = http_get(builder_port, "/metrics");
-    let op_job_writes = ["create_job", "label_job", "reset_job", "delete_job"]
-        .iter()
-        .map(|k| {
-            counter_sum(
-                &op_metrics,
-                "blocksmith_api_writes_total",
-                Some(&format!("kind=\"{k}\"")),
-            )
-        })
-        .sum::<f64>();
+    let op_writes = |kind: &str| {
+        counter_sum(
+            &op_metrics,
+            "blocksmith_api_writes_total",
+            Some(&format!("kind=\"{kind}\"")),
+        )
+    };
+    let op_job_writes = OPERATOR_JOB_WRITE_KINDS.map(op_writes).iter().sum::<f64>();
     let status_writes = counter_sum(
         &op_metrics,
         "blocksmith_api_writes_total",
@@ -366,11 +423,22 @@ async fn api_writes_per_job_lifecycle_are_counted() {
     );
     let builder_writes = counter_sum(&b_metrics, "blocksmith_builder_api_writes_total", None);
     println!(
-        "API writes per job: operator {:.2} (create, phase labels, delete), builder {:.2} (claim, renewals, report); pipeline status writes for {jobs_total} jobs: {status_writes}",
+        "API writes per job: operator {:.2} (create, phase labels, delete), builder {:.2} (claim, renewals, report); pipeline status writes for {jobs_total} jobs: {status_writes}; operator writes by kind: {:?}",
         op_job_writes / jobs_total,
-        builder_writes / jobs_total
+        builder_writes / jobs_total,
+        OPERATOR_JOB_WRITE_KINDS.map(|k| (k, op_writes(k)))
     );
-    // create + Running label + Succeeded label + delete
+    // Every job's finalizer goes with a `Succeeded` label write once its range is committed
+    // (a job that succeeded before the one ahead of it is labelled first, released after),
+    // never in a write of its own before the delete.
+    assert_eq!(op_writes("release_job"), 0.0);
+    assert!(op_writes("finish_job") >= jobs_total);
+    // A `Running` label only for a job whose lease was renewed: each one follows a renewal.
+    assert!(
+        op_writes("label_job") <= builder_writes - 2.0 * jobs_total,
+        "Running labels without renewals"
+    );
+    // create + Running label + Succeeded label and release + delete
     assert!(
         op_job_writes / jobs_total <= 4.0,
         "operator writes per job: {}",
