@@ -184,11 +184,11 @@ impl From<kube::Error> for Halt {
     }
 }
 
-/// One reconcile of one pipeline: what it acts on and what it has found so far.
 /// Job writes a pass has in flight at once: one round trip each, and a pass may have a
 /// write for every job that finished since the last.
 const CONCURRENT_JOB_WRITES: usize = 8;
 
+/// One reconcile of one pipeline: what it acts on and what it has found so far.
 struct Pass<'a> {
     bp: &'a BlockPipeline,
     ctx: &'a Context,
