@@ -1,6 +1,5 @@
 //! Reading the binaries' Prometheus endpoints.
 
-/// A plain HTTP GET on loopback (metrics endpoints); returns the body.
 /// The `kind`s of `blocksmith_api_writes_total` that write BlockJobs: an operator's writes
 /// per job are their sum over the jobs.
 pub const OPERATOR_JOB_WRITE_KINDS: [&str; 6] = [
@@ -12,6 +11,7 @@ pub const OPERATOR_JOB_WRITE_KINDS: [&str; 6] = [
     "delete_job",
 ];
 
+/// A plain HTTP GET on loopback (metrics endpoints); returns the body.
 pub fn http_get(port: u16, path: &str) -> String {
     http_get_with_headers(port, path).1
 }

@@ -13,10 +13,10 @@
 //!   with their default settings, waits until all are ready, applies a BlockPipeline writing
 //!   to `s3://` of the benchmark's S3 server, and times from the apply (the records were
 //!   produced before) to the moment the group's committed offsets cover every record (polled
-//!   every 20 ms once every job was seen `Succeeded`, every 250 ms before). Then waits for the lifecycle to end (the succeeded jobs deleted), reads the
-//!   processes' API-write counters, and audits the blocks exactly (`e2e/audit.py`: every
-//!   record once, with equal content) — a run that lost or duplicated anything stops the
-//!   benchmark.
+//!   every 20 ms once every job was seen `Succeeded`, every 250 ms before). Then waits for
+//!   the lifecycle to end (the succeeded jobs deleted), reads the processes' API-write
+//!   counters, and audits the blocks exactly (`e2e/audit.py`: every record once, with equal
+//!   content) — a run that lost or duplicated anything stops the benchmark.
 //! - **builder-only**: re-executes itself N times (`--child`), each process calling the
 //!   builder library's `build_block` for a disjoint share of the same job ranges (dealt
 //!   round-robin) into another prefix of the same S3 server; timed from the first process's
@@ -480,12 +480,11 @@ async fn system_run(bench: &Bench, n: usize, args: &Args) -> anyhow::Result<Run>
     let first = |f: fn(&Seen) -> Option<Instant>| since(seen.iter().filter_map(f).min());
     let last = |f: fn(&Seen) -> Option<Instant>| since(seen.iter().filter_map(f).max());
     let d = |k: &str| after.get(k) - before.get(k);
-    let kinds = OPERATOR_JOB_WRITE_KINDS;
     let per_job = |x: f64| x / jobs_n as f64;
     let last_succeeded = last(|s| s.succeeded);
     let detail = SystemDetail {
-        operator_job_writes_per_job: per_job(kinds.iter().map(|k| d(k)).sum()),
-        operator_writes_by_kind: kinds
+        operator_job_writes_per_job: per_job(OPERATOR_JOB_WRITE_KINDS.iter().map(|k| d(k)).sum()),
+        operator_writes_by_kind: OPERATOR_JOB_WRITE_KINDS
             .iter()
             .chain(&["pipeline_status"])
             .map(|k| (k.to_string(), d(k)))
@@ -900,7 +899,9 @@ fn report(bench: &Bench, counts: &[usize], runs: &[[Vec<Run>; 2]], args: &Args, 
          job start to last finish. Both write to s3:// of the same s3s-fs server and are \
          audited exactly. Median of {} runs by wall time; system/builder-only = ratio of \
          records/s at the same N (the orchestration tax). CPU s = the N builders' (+ the \
-         operator's) user + system time in the window; broker and S3 CPU s are the servers'; cluster CPU s is the testbed's API server, etcd, the rest of the control plane and the node.\n",
+         operator's) user + system time in the window; broker and S3 CPU s are the servers'; \
+         cluster CPU s is the testbed's API server, etcd, the rest of the control plane and \
+         the node.\n",
         args.repeat.max(1)
     );
     println!(

@@ -3,10 +3,10 @@
 
 use std::time::Duration;
 
-use blocksmith_crds::domain::LABEL_PHASE;
 use blocksmith_crds::{BlockJob, JobPhase};
 use blocksmith_e2e::process::Proc;
 use blocksmith_e2e::scenario::*;
+use blocksmith_operator::jobs::phase_label;
 use kube::ResourceExt;
 use kube::api::{Api, Patch, PatchParams};
 use serde_json::json;
@@ -165,7 +165,6 @@ async fn a_job_is_labelled_running_once_renewed_and_succeeded_without_its_finali
         .operator()
         .await;
     let job = s.wait_jobs(1).await.remove(0);
-    let phase_label = |job: &BlockJob| job.labels().get(LABEL_PHASE).cloned();
     let fake = FakeBuilder::new(&s.tb, &s.ns, "fake");
     let lease = |acquired: &str, renewed: &str| {
         json!({"lease": {"holder": "fake", "acquireTime": acquired, "renewTime": renewed,
@@ -185,7 +184,7 @@ async fn a_job_is_labelled_running_once_renewed_and_succeeded_without_its_finali
     .await;
     tokio::time::sleep(Duration::from_secs(1)).await;
     let seen = s.job(&job.metadata.name).await.unwrap();
-    assert_eq!(phase_label(&seen).as_deref(), Some("Pending"));
+    assert_eq!(phase_label(&seen), Some("Pending"));
     // Renewed: labelled `Running`.
     let renewed = now();
     assert_ne!(renewed, acquired);
@@ -194,7 +193,7 @@ async fn a_job_is_labelled_running_once_renewed_and_succeeded_without_its_finali
         .unwrap();
     wait_for("the Running label", Duration::from_secs(30), || async {
         let job = s.job(&job.metadata.name).await?;
-        (phase_label(&job).as_deref() == Some("Running")).then_some(())
+        (phase_label(&job) == Some("Running")).then_some(())
     })
     .await;
     // The fake's lease runs out; a builder builds the job again and its range is committed.
@@ -205,7 +204,7 @@ async fn a_job_is_labelled_running_once_renewed_and_succeeded_without_its_finali
         Duration::from_secs(30),
         || async {
             let job = s.job(&job.metadata.name).await?;
-            (phase_label(&job).as_deref() == Some("Succeeded") && !job.keeps_range()).then_some(())
+            (phase_label(&job) == Some("Succeeded") && !job.keeps_range()).then_some(())
         },
     )
     .await;
