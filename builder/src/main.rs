@@ -4,7 +4,7 @@ use blocksmith_builder::lease::LeaseClient;
 use blocksmith_builder::metrics::Metrics;
 use blocksmith_builder::reader::ReaderConfig;
 use blocksmith_builder::runner::BuildSettings;
-use blocksmith_builder::store::UploadSettings;
+use blocksmith_builder::store::{OpenStores, UploadSettings};
 use blocksmith_builder::worker::{DEFAULT_CONCURRENT_JOBS, Worker};
 use clap::Parser;
 use tokio_util::sync::CancellationToken;
@@ -162,6 +162,7 @@ async fn main() -> anyhow::Result<()> {
                 part_size: args.part_size,
                 parts_in_flight: args.parts_in_flight.max(1),
             },
+            stores: OpenStores::default(),
         },
         metrics,
         shutdown,

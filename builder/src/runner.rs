@@ -14,7 +14,7 @@ use crate::block::{BlockError, BlockOptions, BlockWriter};
 use crate::manifest::{Manifest, OtherSource};
 use crate::reader::{ReadError, ReaderConfig, read_range};
 use crate::record::{RecordTooLarge, check_size, record_limit};
-use crate::store::{BlockStore, ManifestPut, StoreError, UploadSettings};
+use crate::store::{BlockStore, ManifestPut, OpenStores, StoreError, UploadSettings};
 
 #[derive(Debug, thiserror::Error)]
 pub enum BuildError {
@@ -51,6 +51,8 @@ pub struct BuildSettings {
     /// Client properties for Kafka (security, SASL); the bootstrap servers come from the job.
     pub reader: ReaderConfig,
     pub upload: UploadSettings,
+    /// The outputs earlier jobs wrote to, kept open for the next jobs.
+    pub stores: OpenStores,
 }
 
 /// What a successful build wrote.
@@ -66,7 +68,10 @@ pub async fn build_block(
     settings: &BuildSettings,
     cancel: Arc<AtomicBool>,
 ) -> Result<Built, BuildError> {
-    let store = BlockStore::from_url(&job.output.url)?.with_upload(settings.upload);
+    let store = settings
+        .stores
+        .open(&job.output.url)?
+        .with_upload(settings.upload);
     let folder = partition_folder(&job.topic, job.partition);
     let manifest_at = manifest_key(&job.topic, job.partition, job.start_offset, job.end_offset);
 

@@ -1,9 +1,10 @@
 //! Object storage for blocks: data objects and their create-only manifests, addressed by keys
 //! relative to the pipeline's output URL.
 
+use std::collections::HashMap;
 use std::error::Error as StdError;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use blocksmith_crds::domain::{blocks_from_key, manifest_range, partition_folder};
@@ -222,6 +223,34 @@ fn backend_is_transient(err: &object_store::Error) -> bool {
 fn http_status(message: &str) -> Option<u16> {
     let rest = &message[message.find("status code: ")? + "status code: ".len()..];
     rest.get(..3)?.parse().ok()
+}
+
+/// Remote stores opened for earlier jobs, by output URL: jobs writing to the same output share
+/// one client and its connections instead of each opening its own (a TCP, and in production
+/// a TLS, handshake per job). Local directories are opened afresh, so that each job checks
+/// that its directory is still there. Clones share the stores.
+#[derive(Clone, Debug, Default)]
+pub struct OpenStores(Arc<Mutex<HashMap<String, BlockStore>>>);
+
+/// More distinct outputs than this in one builder's life start the cache over.
+const MAX_OPEN_STORES: usize = 64;
+
+impl OpenStores {
+    /// The store for `url`, as [`BlockStore::from_url`] opens it.
+    pub fn open(&self, url: &str) -> Result<BlockStore, StoreError> {
+        if let Some(store) = self.0.lock().unwrap().get(url) {
+            return Ok(store.clone());
+        }
+        let store = BlockStore::from_url(url)?;
+        if store.local_root.is_none() {
+            let mut open = self.0.lock().unwrap();
+            if open.len() >= MAX_OPEN_STORES {
+                open.clear();
+            }
+            open.insert(url.to_owned(), store.clone());
+        }
+        Ok(store)
+    }
 }
 
 /// One output location: a bucket (or directory) plus a key prefix.
@@ -846,6 +875,28 @@ mod tests {
             .await
             .unwrap_err();
         assert!(matches!(err, StoreError::CorruptManifest { .. }), "{err}");
+    }
+
+    #[test]
+    fn a_remote_store_is_opened_once_and_a_local_one_for_every_job() {
+        let stores = OpenStores::default();
+        let a = stores.open("s3://bucket/a/").unwrap();
+        let again = stores.open("s3://bucket/a/").unwrap();
+        assert!(
+            Arc::ptr_eq(&a.store, &again.store),
+            "one client for one output"
+        );
+        let b = stores.open("s3://bucket/b/").unwrap();
+        assert!(!Arc::ptr_eq(&a.store, &b.store));
+
+        let dir = tempfile::tempdir().unwrap();
+        let url = file_url(dir.path());
+        stores.open(&url).unwrap();
+        drop(dir);
+        assert!(
+            matches!(stores.open(&url), Err(StoreError::LocalRoot { .. })),
+            "a directory gone since the last job is noticed"
+        );
     }
 
     #[test]

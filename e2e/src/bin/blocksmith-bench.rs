@@ -29,7 +29,7 @@ use anyhow::{Context, bail, ensure};
 use blocksmith_builder::headers::raw_headers;
 use blocksmith_builder::reader::ReaderConfig;
 use blocksmith_builder::runner::BuildSettings;
-use blocksmith_builder::store::{BlockStore, UploadSettings};
+use blocksmith_builder::store::{BlockStore, OpenStores, UploadSettings};
 use blocksmith_builder::worker::DEFAULT_CONCURRENT_JOBS;
 use blocksmith_crds::domain::partition_folder;
 use blocksmith_crds::pipeline::{BlockFormat, Compression};
@@ -567,6 +567,7 @@ fn build_blocks(
     let settings = BuildSettings {
         reader: ReaderConfig::new(bootstrap),
         upload: UploadSettings::default(),
+        stores: OpenStores::default(),
     };
     let spec = |job: &Range| BlockJobSpec {
         pipeline: "bench".into(),

@@ -35,7 +35,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, ensure};
 use blocksmith_builder::reader::ReaderConfig;
 use blocksmith_builder::runner::BuildSettings;
-use blocksmith_builder::store::UploadSettings;
+use blocksmith_builder::store::{OpenStores, UploadSettings};
 use blocksmith_builder::worker::DEFAULT_CONCURRENT_JOBS;
 use blocksmith_crds::domain::{LABEL_PIPELINE, default_consumer_group};
 use blocksmith_crds::pipeline::{BlockFormat, Compression};
@@ -832,6 +832,7 @@ fn child(args: &Args) -> anyhow::Result<()> {
     let settings = BuildSettings {
         reader: ReaderConfig::new(bootstrap),
         upload: UploadSettings::default(),
+        stores: OpenStores::default(),
     };
     // As the operator plans it, with the pipeline's defaults.
     let spec = |job: &Range| BlockJobSpec {

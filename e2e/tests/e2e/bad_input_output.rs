@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use blocksmith_builder::reader::ReaderConfig;
 use blocksmith_builder::runner::{BuildSettings, build_block};
-use blocksmith_builder::store::UploadSettings;
+use blocksmith_builder::store::{OpenStores, UploadSettings};
 use blocksmith_crds::domain::{default_consumer_group, job_name, replacement_name};
 use blocksmith_crds::{BlockJob, BlockPipeline, JobPhase};
 use blocksmith_e2e::broker::PrivateBroker;
@@ -991,6 +991,7 @@ async fn a_pipeline_recreated_while_a_builder_still_writes_its_job_writes_each_o
     let settings = BuildSettings {
         reader: ReaderConfig::new(held.spec.bootstrap_servers.clone()),
         upload: UploadSettings::default(),
+        stores: OpenStores::default(),
     };
     build_block(&held.spec, &settings, Arc::new(AtomicBool::new(false)))
         .await
