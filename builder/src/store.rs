@@ -225,29 +225,41 @@ fn http_status(message: &str) -> Option<u16> {
     rest.get(..3)?.parse().ok()
 }
 
-/// Remote stores opened for earlier jobs, by output URL: jobs writing to the same output share
-/// one client and its connections instead of each opening its own (a TCP, and in production
-/// a TLS, handshake per job). Local directories are opened afresh, so that each job checks
-/// that its directory is still there. Clones share the stores.
+/// Remote stores opened for earlier jobs, by output URL and settings: jobs writing to the same
+/// output share one client and its connections instead of each opening its own (a TCP, and in
+/// production a TLS, handshake per job). Local directories are opened afresh, so that each job
+/// checks that its directory is still there. Clones share the stores.
 #[derive(Clone, Debug, Default)]
-pub struct OpenStores(Arc<Mutex<HashMap<String, BlockStore>>>);
+pub struct OpenStores(Arc<Mutex<HashMap<StoreKey, BlockStore>>>);
 
-/// More distinct outputs than this in one builder's life start the cache over.
+type StoreKey = (String, Vec<(String, String)>);
+
+/// More distinct outputs than this in one process's life start the cache over.
 const MAX_OPEN_STORES: usize = 64;
 
 impl OpenStores {
     /// The store for `url`, as [`BlockStore::from_url`] opens it.
     pub fn open(&self, url: &str) -> Result<BlockStore, StoreError> {
-        if let Some(store) = self.0.lock().unwrap().get(url) {
+        self.open_with(url, &[])
+    }
+
+    /// The store for `url` with `settings`, as [`BlockStore::from_url_with`] opens it.
+    pub fn open_with(
+        &self,
+        url: &str,
+        settings: &[(String, String)],
+    ) -> Result<BlockStore, StoreError> {
+        let key = (url.to_owned(), settings.to_vec());
+        if let Some(store) = self.0.lock().unwrap().get(&key) {
             return Ok(store.clone());
         }
-        let store = BlockStore::from_url(url)?;
+        let store = BlockStore::from_url_with(url, settings)?;
         if store.local_root.is_none() {
             let mut open = self.0.lock().unwrap();
             if open.len() >= MAX_OPEN_STORES {
                 open.clear();
             }
-            open.insert(url.to_owned(), store.clone());
+            open.insert(key, store.clone());
         }
         Ok(store)
     }
@@ -888,6 +900,15 @@ mod tests {
         );
         let b = stores.open("s3://bucket/b/").unwrap();
         assert!(!Arc::ptr_eq(&a.store, &b.store));
+        let rotated = [
+            ("aws_access_key_id".to_owned(), "id".to_owned()),
+            ("aws_secret_access_key".to_owned(), "new".to_owned()),
+        ];
+        let a_rotated = stores.open_with("s3://bucket/a/", &rotated).unwrap();
+        assert!(
+            !Arc::ptr_eq(&a.store, &a_rotated.store),
+            "other settings (rotated credentials) open another client"
+        );
 
         let dir = tempfile::tempdir().unwrap();
         let url = file_url(dir.path());

@@ -4,6 +4,7 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::Duration;
 
+use blocksmith_builder::store::OpenStores;
 use blocksmith_crds::BlockJob;
 use k8s_openapi::api::apps::v1::Deployment;
 use kube::api::DynamicObject;
@@ -65,6 +66,8 @@ pub struct Context {
     pub builders_applied: Mutex<HashMap<String, String>>,
     /// Succeeded jobs whose manifests the output has confirmed.
     pub confirmed_blocks: Confirmations,
+    /// The outputs read to confirm blocks, kept open between passes.
+    pub output_stores: OpenStores,
     /// What pipelines may name (images, ServiceAccounts, Secrets).
     pub policy: Policy,
     /// When each pipeline partition's records were first seen, by `namespace/pipeline`.
@@ -98,6 +101,7 @@ impl Context {
             builder_apis,
             builders_applied: Mutex::default(),
             confirmed_blocks: Confirmations::default(),
+            output_stores: OpenStores::default(),
             policy: Policy::default(),
             arrivals: Mutex::default(),
         }

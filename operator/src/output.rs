@@ -7,7 +7,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Mutex;
 
 use blocksmith_builder::manifest::Manifest;
-use blocksmith_builder::store::{BlockStore, StoreError};
+use blocksmith_builder::store::{BlockStore, OpenStores, StoreError};
 use blocksmith_crds::domain::manifest_key;
 use blocksmith_crds::{BlockJob, BlockJobSpec, BlockPipeline};
 use futures::StreamExt;
@@ -121,9 +121,14 @@ pub async fn settings(
 }
 
 /// The output at `url` (a job's: the pipeline's URL may have changed since the job was
-/// planned) as the builders see it, with `settings` over the operator's own environment.
-pub fn open(url: &str, settings: &[(String, String)]) -> Result<BlockStore, OutputError> {
-    Ok(BlockStore::from_url_with(url, settings)?)
+/// planned) as the builders see it, with `settings` over the operator's own environment;
+/// opened once in `stores` for all the passes that read it with the same settings.
+pub fn open(
+    stores: &OpenStores,
+    url: &str,
+    settings: &[(String, String)],
+) -> Result<BlockStore, OutputError> {
+    Ok(stores.open_with(url, settings)?)
 }
 
 /// Manifests read at once by [`evidence_all`]: a read is one round trip to the store.
@@ -148,19 +153,20 @@ pub async fn evidence_all(
 /// What the output holds for each of `jobs`, in their order, read where each job wrote (its
 /// own `output.url`: the pipeline's may have changed since it was planned).
 pub async fn evidence_of(
+    stores: &OpenStores,
     jobs: &[&BlockJob],
     settings: &[(String, String)],
 ) -> Result<Vec<Result<Evidence, StoreError>>, OutputError> {
-    let mut stores: HashMap<&str, BlockStore> = HashMap::new();
+    let mut opened: HashMap<&str, BlockStore> = HashMap::new();
     for job in jobs {
         let url = job.spec.output.url.as_str();
-        if !stores.contains_key(url) {
-            stores.insert(url, open(url, settings)?);
+        if !opened.contains_key(url) {
+            opened.insert(url, open(stores, url, settings)?);
         }
     }
     let reads: Vec<(&BlockStore, &BlockJobSpec)> = jobs
         .iter()
-        .map(|j| (&stores[j.spec.output.url.as_str()], &j.spec))
+        .map(|j| (&opened[j.spec.output.url.as_str()], &j.spec))
         .collect();
     Ok(evidence_all(&reads).await)
 }
@@ -170,13 +176,14 @@ pub async fn evidence_of(
 /// have): a block of another topic or Kafka cluster under the same keys is not one. An
 /// output location that does not exist (a local root, a bucket) holds none.
 pub async fn written_blocks(
+    stores: &OpenStores,
     url: &str,
     settings: &[(String, String)],
     topic: &str,
     reads: &BTreeMap<i32, i64>,
     spec_of: impl Fn(i32, i64, i64) -> BlockJobSpec,
 ) -> Result<WrittenBlocks, OutputError> {
-    let store = match open(url, settings) {
+    let store = match open(stores, url, settings) {
         Err(OutputError::Store(StoreError::LocalRoot { .. })) => return Ok(WrittenBlocks::new()),
         opened => opened?,
     };
@@ -282,7 +289,9 @@ mod tests {
             std::fs::create_dir_all(path.parent().unwrap()).unwrap();
             std::fs::write(&path, manifest_of(&j.spec).to_bytes()).unwrap();
         }
-        let found = evidence_of(&[&first, &second], &[]).await.unwrap();
+        let found = evidence_of(&OpenStores::default(), &[&first, &second], &[])
+            .await
+            .unwrap();
         assert_eq!(found.len(), 2);
         for f in found {
             assert_eq!(f.unwrap(), Evidence::Confirmed);

@@ -619,7 +619,7 @@ impl<'a> Pass<'a> {
         let checked: Vec<&BlockJob> = jobs.iter().filter(|j| to_check(j)).collect();
         let read = async {
             let settings = output::settings(&ctx.client, self.bp).await?;
-            output::evidence_of(&checked, &settings).await
+            output::evidence_of(&ctx.output_stores, &checked, &settings).await
         };
         let found = match read.await {
             Ok(found) => found,
@@ -773,7 +773,8 @@ impl<'a> Pass<'a> {
             jobs::job_spec(self.bp, &range, ids)
         };
         let (url, topic) = (&self.bp.spec.output.url, &self.bp.spec.kafka.topic);
-        let written = output::written_blocks(url, &settings, topic, reads, spec_of).await?;
+        let stores = &self.ctx.output_stores;
+        let written = output::written_blocks(stores, url, &settings, topic, reads, spec_of).await?;
         for (partition, blocks) in written.iter().filter(|(_, b)| !b.is_empty()) {
             info!(namespace = %self.ns, pipeline = %self.name, partition, blocks = blocks.len(), "planning around blocks already in the output");
         }
