@@ -25,7 +25,7 @@ use serde::{Deserialize, Serialize};
     derive = "PartialEq",
     printcolumn = r#"{"name":"Topic","type":"string","jsonPath":".spec.kafka.topic"}"#,
     printcolumn = r#"{"name":"Lag","type":"integer","jsonPath":".status.lag"}"#,
-    printcolumn = r#"{"name":"Oldest","type":"integer","description":"seconds since the oldest uncommitted record arrived","jsonPath":".status.oldestUncommittedSeconds"}"#,
+    printcolumn = r#"{"name":"Oldest","type":"date","description":"how long the oldest uncommitted record has waited (empty when caught up)","jsonPath":".status.oldestUncommittedTime"}"#,
     printcolumn = r#"{"name":"Queue","type":"integer","jsonPath":".status.queueDepth"}"#,
     printcolumn = r#"{"name":"Running","type":"integer","jsonPath":".status.runningJobs"}"#,
     printcolumn = r#"{"name":"Failed","type":"integer","jsonPath":".status.failedJobs"}"#,
@@ -427,10 +427,11 @@ pub struct BlockPipelineStatus {
     pub queue_depth: i64,
     #[serde(default)]
     pub running_jobs: i64,
-    /// Seconds since the operator first saw the pipeline's oldest record not yet committed
-    /// (written in a block and its offset committed) in the log; 0 when caught up.
-    #[serde(default)]
-    pub oldest_uncommitted_seconds: i64,
+    /// When the operator first saw the pipeline's oldest record not yet committed (written
+    /// in a block and its offset committed) in the log; absent when caught up. A time rather
+    /// than an age, which would change on every look.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub oldest_uncommitted_time: Option<Time>,
     /// Jobs that exhausted their retries; each one holds back its partition's commit.
     #[serde(default)]
     pub failed_jobs: i64,

@@ -5,13 +5,12 @@
 //! by the operator itself: each time it sees a partition's log end move, it notes the new end
 //! and the time. The record at offset `o` arrived no later than the first note whose end is
 //! past `o`, so the age of the oldest uncommitted record is the time since the first note past
-//! the committed offset (at most a poll interval short). Notes are kept in memory: after the
-//! operator restarts, ages count from its first poll.
-
-use std::collections::VecDeque;
-use std::time::Duration;
+//! the committed offset (at most a poll interval short). The status holds that time, not the
+//! age, so that a pipeline where nothing changes has nothing to rewrite. Notes are kept in
+//! memory: after the operator restarts, ages count from its first poll.
 
 use jiff::Timestamp;
+use std::collections::VecDeque;
 
 /// Notes kept per partition; beyond this, neighbouring notes merge into the earlier time,
 /// which can only overstate an age.
@@ -42,15 +41,13 @@ impl Arrivals {
         }
     }
 
-    /// The age at `now` of the record at offset `committed` (the oldest not committed), or
-    /// zero when every record seen is committed. Forgets the notes it no longer needs.
-    pub fn oldest_uncommitted_age(&mut self, committed: i64, now: Timestamp) -> Duration {
+    /// When the record at offset `committed` (the oldest not committed) was first seen, or
+    /// `None` when every record seen is committed. Forgets the notes it no longer needs.
+    pub fn oldest_uncommitted_arrival(&mut self, committed: i64) -> Option<Timestamp> {
         while self.notes.front().is_some_and(|&(end, _)| end <= committed) {
             self.notes.pop_front();
         }
-        self.notes.front().map_or(Duration::ZERO, |&(_, seen)| {
-            Duration::try_from(now.duration_since(seen)).unwrap_or(Duration::ZERO)
-        })
+        self.notes.front().map(|&(_, seen)| seen)
     }
 }
 
@@ -63,35 +60,32 @@ mod tests {
     }
 
     #[test]
-    fn the_oldest_uncommitted_record_is_as_old_as_the_first_sight_past_the_commit() {
+    fn the_oldest_uncommitted_record_arrived_at_the_first_sight_past_the_commit() {
         let mut a = Arrivals::default();
         a.observe(100, at(0));
         a.observe(100, at(5)); // nothing new
         a.observe(250, at(10));
         a.observe(400, at(20));
         // Offsets 0..100 were there at 0 s.
-        assert_eq!(a.oldest_uncommitted_age(0, at(30)), Duration::from_secs(30));
-        assert_eq!(
-            a.oldest_uncommitted_age(99, at(30)),
-            Duration::from_secs(30)
-        );
+        assert_eq!(a.oldest_uncommitted_arrival(0), Some(at(0)));
+        assert_eq!(a.oldest_uncommitted_arrival(99), Some(at(0)));
         // 100..250 arrived by 10 s, 250..400 by 20 s.
-        assert_eq!(
-            a.oldest_uncommitted_age(100, at(30)),
-            Duration::from_secs(20)
-        );
-        assert_eq!(
-            a.oldest_uncommitted_age(300, at(30)),
-            Duration::from_secs(10)
-        );
+        assert_eq!(a.oldest_uncommitted_arrival(100), Some(at(10)));
+        assert_eq!(a.oldest_uncommitted_arrival(300), Some(at(20)));
         // All committed: nothing is waiting.
-        assert_eq!(a.oldest_uncommitted_age(400, at(30)), Duration::ZERO);
+        assert_eq!(a.oldest_uncommitted_arrival(400), None);
         // Then more arrives.
         a.observe(450, at(40));
-        assert_eq!(
-            a.oldest_uncommitted_age(400, at(45)),
-            Duration::from_secs(5)
-        );
+        assert_eq!(a.oldest_uncommitted_arrival(400), Some(at(40)));
+    }
+
+    #[test]
+    fn the_arrival_stays_put_while_the_log_grows_and_nothing_is_committed() {
+        let mut a = Arrivals::default();
+        for i in 0..100 {
+            a.observe(10 * (i + 1), at(i));
+            assert_eq!(a.oldest_uncommitted_arrival(0), Some(at(0)));
+        }
     }
 
     #[test]
@@ -99,7 +93,7 @@ mod tests {
         let mut a = Arrivals::default();
         a.observe(1000, at(0));
         a.observe(300, at(50));
-        assert_eq!(a.oldest_uncommitted_age(0, at(60)), Duration::from_secs(10));
+        assert_eq!(a.oldest_uncommitted_arrival(0), Some(at(50)));
     }
 
     #[test]
@@ -110,13 +104,13 @@ mod tests {
         }
         assert!(a.notes.len() <= MAX_NOTES);
         // The exact first sight of each offset is i s for offsets [10 i, 10 (i + 1)).
-        for (offset, exact) in [(0, 999), (5000, 499), (9000, 99), (9990, 0)] {
-            let age = a.clone().oldest_uncommitted_age(offset, at(999)).as_secs();
-            assert!(age >= exact, "offset {offset}: {age} < {exact}");
+        for (offset, exact) in [(0, 0), (5000, 500), (9000, 900), (9990, 999)] {
+            let seen = a.clone().oldest_uncommitted_arrival(offset).unwrap();
+            assert!(
+                seen <= at(exact),
+                "offset {offset}: seen {seen} after {exact} s"
+            );
         }
-        assert_eq!(
-            a.clone().oldest_uncommitted_age(0, at(999)),
-            Duration::from_secs(999)
-        );
+        assert_eq!(a.clone().oldest_uncommitted_arrival(0), Some(at(0)));
     }
 }

@@ -20,7 +20,7 @@ use kube::ResourceExt;
 use kube::api::{Api, DynamicObject};
 use kube::runtime::controller::Action;
 use kube::runtime::reflector::ObjectRef;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 pub use crate::context::{Caches, Context, Error};
 
@@ -62,6 +62,7 @@ pub async fn reconcile(bp: Arc<BlockPipeline>, ctx: Arc<Context>) -> Result<Acti
     let result = Pass::new(&bp, &ctx).run().await;
     ctx.metrics
         .observe_reconcile(started.elapsed().as_secs_f64());
+    debug!(took = ?started.elapsed(), next = ?result, "reconciled");
     result
 }
 
@@ -801,6 +802,7 @@ impl<'a> Pass<'a> {
             }
             Ok(_) => {}
         }
+        self.status.last_commit_time = Some(Time(self.now));
         info!(namespace = %self.ns, pipeline = %self.name, start = ?starts, "committed start offsets");
         // The skip is durable now: tell the user once, as the next plan starts at `to`.
         let mut events = Vec::new();
@@ -943,23 +945,29 @@ impl<'a> Pass<'a> {
                 .metrics
                 .partition(ns, name, p.partition, p.committed_offset, p.lag);
         }
-        self.status.oldest_uncommitted_seconds = self.oldest_uncommitted_age().as_secs() as i64;
-        self.ctx
-            .metrics
-            .oldest_uncommitted_age(ns, name, self.status.oldest_uncommitted_seconds);
+        let arrival = self.oldest_uncommitted_arrival();
+        let age = arrival.map_or(0, |t| self.now.duration_since(t).as_secs().max(0));
+        // Whole seconds, as the API keeps it: a fraction would make every status look new.
+        self.status.oldest_uncommitted_time = arrival
+            .and_then(|t| Timestamp::from_second(t.as_second()).ok())
+            .map(Time);
+        self.ctx.metrics.oldest_uncommitted_age(ns, name, age);
     }
 
-    /// How long the oldest uncommitted record of any partition has waited (see
+    /// When the oldest uncommitted record of any partition arrived (see
     /// [`crate::freshness`]), from the log ends and commits of this pass.
-    fn oldest_uncommitted_age(&self) -> Duration {
+    fn oldest_uncommitted_arrival(&self) -> Option<Timestamp> {
         let mut arrivals = self.ctx.arrivals.lock().expect("arrivals lock");
         let partitions = arrivals.entry(self.key()).or_default();
-        let mut oldest = Duration::ZERO;
+        let mut oldest: Option<Timestamp> = None;
         for p in &self.status.partitions {
             let a = partitions.entry(p.partition).or_default();
             a.observe(p.high_watermark, self.now);
-            if let Some(committed) = p.committed_offset {
-                oldest = oldest.max(a.oldest_uncommitted_age(committed, self.now));
+            if let Some(seen) = p
+                .committed_offset
+                .and_then(|committed| a.oldest_uncommitted_arrival(committed))
+            {
+                oldest = Some(oldest.map_or(seen, |o| o.min(seen)));
             }
         }
         oldest
