@@ -7,6 +7,9 @@
 //!   e2e/testbed up /tmp/tb && source /tmp/tb/env
 //!   cargo build --release -p blocksmith-operator -p blocksmith-e2e --bin blocksmith-operator --bin blocksmith-scale
 //!   $CARGO_TARGET_DIR/release/blocksmith-scale
+//!
+//! The operator logs to `$TMPDIR/blocksmith-scale-<namespace>.log` at `BLOCKSMITH_SCALE_LOG`
+//! (a `RUST_LOG` filter; default `warn`).
 
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -210,15 +213,31 @@ async fn run_scale(
         etcd_prefix(&format!("/registry/blocksmith.io/blockjobs/{ns}/"))?;
     let etcd_db_mib = etcd_metric("etcd_mvcc_db_total_size_in_bytes")? / (1 << 20) as f64;
 
-    operator.stop();
-    // Cleanup only: a DELETE of 10,000 jobs can outlast the apiserver's request timeout, and
-    // the namespace controller deletes what is left with the namespace.
-    if let Err(e) = jobs
-        .delete_collection(&DeleteParams::default(), &ListParams::default())
-        .await
+    // Cleanup, with the operator still running: it lets go of the jobs (their finalizer
+    // `blocksmith.io/keep-range`) once their pipeline is gone. Stopped first, it would leave
+    // the namespace terminating for good, and the namespace controller retrying it would
+    // load the API server under the next scale's measurement. The pipeline goes before the
+    // namespace, whose deletion would take the operator's leader lease with it.
+    pipelines.delete("scale", &DeleteParams::default()).await?;
+    let deadline = Instant::now() + Duration::from_secs(600);
+    while !jobs
+        .list_metadata(&ListParams::default().limit(1))
+        .await?
+        .items
+        .is_empty()
     {
-        eprintln!("deleting the jobs (the namespace deletion will finish it): {e}");
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "jobs of {ns} still there 10 min after their pipeline's deletion"
+        );
+        anyhow::ensure!(
+            operator.running(),
+            "the operator exited while the jobs were deleted; see {}",
+            operator.log.display()
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
     }
+    operator.stop();
     namespaces.delete(&ns, &DeleteParams::default()).await?;
 
     Ok(Row {
@@ -252,7 +271,10 @@ impl Operator {
         let child = Command::new(bin)
             .args(["--namespace", ns, "--lease-namespace", ns])
             .args(["--metrics-addr", &format!("127.0.0.1:{metrics_port}")])
-            .env("RUST_LOG", "warn")
+            .env(
+                "RUST_LOG",
+                std::env::var("BLOCKSMITH_SCALE_LOG").unwrap_or_else(|_| "warn".into()),
+            )
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log)?)
