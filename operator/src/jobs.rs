@@ -56,12 +56,18 @@ impl JobStore {
     /// The pipeline's jobs as the watch cache has them (no API request: a LIST of 10,000
     /// jobs takes seconds).
     pub fn cached(&self) -> Vec<BlockJob> {
+        self.cached_where(|_| true)
+    }
+
+    /// The cached jobs of the pipeline that `keep` keeps; only those are copied.
+    pub fn cached_where(&self, keep: impl Fn(&BlockJob) -> bool) -> Vec<BlockJob> {
         self.cache
             .state()
             .iter()
             .filter(|j| {
                 j.metadata.namespace.as_deref() == Some(self.namespace.as_str())
                     && j.labels().get(LABEL_PIPELINE) == Some(&self.pipeline)
+                    && keep(j)
             })
             .map(|j| BlockJob::clone(j))
             .collect()

@@ -103,11 +103,8 @@ fn release_jobs_of_deleted_pipeline<'a>(
             pipeline,
             ctx.metrics.clone(),
         );
-        let kept: Vec<BlockJob> = store
-            .cached()
-            .into_iter()
-            .filter(|j| j.is_terminating() && j.keeps_range())
-            .collect();
+        // Called on every event of the deleted pipeline's jobs: copies only the few it needs.
+        let kept = store.cached_where(|j| j.is_terminating() && j.keeps_range());
         if kept.is_empty() {
             return;
         }
