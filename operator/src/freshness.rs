@@ -9,8 +9,9 @@
 //! age, so that a pipeline where nothing changes has nothing to rewrite. Notes are kept in
 //! memory: after the operator restarts, ages count from its first poll.
 
-use jiff::Timestamp;
 use std::collections::VecDeque;
+
+use jiff::Timestamp;
 
 /// Notes kept per partition; beyond this, neighbouring notes merge into the earlier time,
 /// which can only overstate an age.
