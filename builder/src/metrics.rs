@@ -50,7 +50,7 @@ impl Families for BuilderMetrics {
                 r,
                 "job_duration_seconds",
                 "Time from claim to report",
-                Histogram::new(exponential_buckets(0.05, 2.0, 14)),
+                Histogram::new(exponential_buckets(0.01, 2.0, 16)),
             ),
         }
     }
@@ -70,11 +70,14 @@ impl BuilderMetrics {
     pub fn lease_lost(&self) {
         self.lease_losses.inc();
     }
-    pub fn built(&self, records: i64, bytes: i64, read_bytes: u64, took: Duration) {
+    pub fn built(&self, records: i64, bytes: i64, read_bytes: u64) {
         self.jobs_succeeded.inc();
         self.records_written.inc_by(records.max(0) as u64);
         self.bytes_written.inc_by(bytes.max(0) as u64);
         self.bytes_read.inc_by(read_bytes);
+    }
+    /// A job's outcome was reported `took` after its claim.
+    pub fn reported(&self, took: Duration) {
         self.job_seconds.observe(took.as_secs_f64());
     }
     pub fn failed(&self, e: &BuildError) {

@@ -307,12 +307,8 @@ impl Worker {
         }
         let report = match result {
             Ok(built) => {
-                self.metrics.built(
-                    built.output.records,
-                    built.output.bytes,
-                    built.read_bytes,
-                    started.elapsed(),
-                );
+                self.metrics
+                    .built(built.output.records, built.output.bytes, built.read_bytes);
                 self.lease
                     .complete(&self.client, &mut held, &built.output)
                     .await
@@ -331,7 +327,11 @@ impl Worker {
             }
         };
         match report {
-            Ok(()) => info!(seconds = started.elapsed().as_secs_f64(), "reported"),
+            Ok(()) => {
+                let took = started.elapsed();
+                self.metrics.reported(took);
+                info!(seconds = took.as_secs_f64(), "reported");
+            }
             Err(LeaseError::Lost { reason, .. }) => {
                 self.metrics.lease_lost();
                 warn!(%reason, "report rejected: the lease was taken away");

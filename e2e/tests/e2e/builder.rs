@@ -457,6 +457,27 @@ async fn api_writes_per_job_lifecycle_are_counted() {
         builder_writes / jobs_total >= 2.0,
         "the counter counts: {b_metrics}"
     );
+
+    // `job_duration_seconds` is claim → report: each observation is the time the builder
+    // logged with its report, so the histogram includes the report write.
+    let reported: Vec<f64> = s.builders[0]
+        .log_text()
+        .lines()
+        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+        .filter(|event| event["message"] == "reported")
+        .filter_map(|event| event["seconds"].as_f64())
+        .collect();
+    assert_eq!(reported.len() as f64, jobs_total, "one report per job");
+    let observed = counter_sum(
+        &b_metrics,
+        "blocksmith_builder_job_duration_seconds_sum",
+        None,
+    );
+    let logged: f64 = reported.iter().sum();
+    assert!(
+        (observed - logged).abs() < 1e-6,
+        "job_duration_seconds sums {observed} s, the reports' logged times {logged} s"
+    );
 }
 
 #[tokio::test]
