@@ -36,7 +36,9 @@ use blocksmith_crds::pipeline::{BlockFormat, Compression};
 use blocksmith_crds::{BlockJobSpec, JobOutputSpec};
 use blocksmith_e2e::bench::{Range, build_ranges, share, split_jobs};
 use blocksmith_e2e::datagen::{DataSpec, ValueSizes, produce};
-use blocksmith_e2e::host::{cpu_seconds, load_average, peak_rss_kib, round2, unix_seconds};
+use blocksmith_e2e::host::{
+    Load, MachineCpu, cpu_seconds, load_average, peak_rss_kib, round2, unix_seconds,
+};
 use clap::{Parser, ValueEnum};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message;
@@ -247,6 +249,7 @@ fn parent(args: &Args) -> anyhow::Result<()> {
     counts.sort_unstable();
     counts.dedup();
     let load_start = load_average()?;
+    let cpu_start = MachineCpu::read()?;
     // Kept alive until every child has finished.
     let cluster = MockCluster::new(1)?;
     let bootstrap = cluster.bootstrap_servers();
@@ -316,15 +319,10 @@ fn parent(args: &Args) -> anyhow::Result<()> {
         start: load_start,
         max: max_load,
         end: load_average()?,
+        stolen: MachineCpu::read()?.stolen_since(&cpu_start),
     };
     report(&rows, args, &load);
     Ok(())
-}
-
-struct Load {
-    start: f64,
-    max: f64,
-    end: f64,
 }
 
 /// Every partition's whole log, checking that the mock broker dropped nothing.
@@ -713,9 +711,8 @@ fn report(rows: &[Row], args: &Args, load: &Load) {
         "This machine has {cores} cores, shared by the N processes and the mock broker (and \
          anything else running): CPU-bound work cannot scale beyond ~{cores}× here, and \
          N > {cores} adds no CPU; a mode that waits (fsync, fetch latency) can gain more by \
-         overlapping its waits. Load average (1 min): \
-         {:.1} at the start, {:.1} at most before a run, {:.1} at the end.\n",
-        load.start, load.max, load.end
+         overlapping its waits. {}\n",
+        load.describe()
     );
     println!(
         "| scenario | N | mode | records | jobs | MB in | MB out | wall s | records/s | MB/s in \
@@ -821,7 +818,7 @@ fn report(rows: &[Row], args: &Args, load: &Load) {
                 "dir": args.dir,
                 "output": format!("{:?}", args.output),
                 "cores": cores,
-                "loadAverage": [load.start, load.max, load.end],
+                "load": load.to_json(),
                 "runs": counts,
             })
         })

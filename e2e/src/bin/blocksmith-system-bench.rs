@@ -45,7 +45,7 @@ use blocksmith_e2e::bench::{Range, build_ranges, share};
 use blocksmith_e2e::broker::PrivateBroker;
 use blocksmith_e2e::cluster::{apply_pipeline, jobs};
 use blocksmith_e2e::datagen::{DataSpec, Produced, ValueSizes};
-use blocksmith_e2e::host::{cpu_seconds, load_average, round2, unix_seconds};
+use blocksmith_e2e::host::{Load, MachineCpu, cpu_seconds, load_average, round2, unix_seconds};
 use blocksmith_e2e::kafka::{high_watermarks, produce_data_to, watermarks};
 use blocksmith_e2e::metrics::{OPERATOR_JOB_WRITE_KINDS, counter_sum};
 use blocksmith_e2e::process::Proc;
@@ -223,6 +223,7 @@ async fn parent(args: &Args) -> anyhow::Result<()> {
     counts.sort_unstable();
     counts.dedup();
     let load_start = load_average()?;
+    let cpu_start = MachineCpu::read()?;
     let mut tb = Testbed::get().await;
     // blocksmith-operator, -builder and -broker next to this binary (target/release), unless
     // BLOCKSMITH_BIN_DIR names a copy.
@@ -319,7 +320,12 @@ async fn parent(args: &Args) -> anyhow::Result<()> {
             runs.sort_by(|a, b| a.seconds.total_cmp(&b.seconds));
         }
     }
-    let load = [load_start, max_load, load_average()?];
+    let load = Load {
+        start: load_start,
+        max: max_load,
+        end: load_average()?,
+        stolen: MachineCpu::read()?.stolen_since(&cpu_start),
+    };
     report(&bench, &counts, &runs, args, load);
     let _ = std::fs::remove_dir_all(&bench.s3.root);
     let _ = std::fs::remove_file(&bench.expected_csv);
@@ -880,7 +886,7 @@ fn seconds(runs: &[Run]) -> Vec<f64> {
     runs.iter().map(|r| round2(r.seconds)).collect()
 }
 
-fn report(bench: &Bench, counts: &[usize], runs: &[[Vec<Run>; 2]], args: &Args, load: [f64; 3]) {
+fn report(bench: &Bench, counts: &[usize], runs: &[[Vec<Run>; 2]], args: &Args, load: Load) {
     let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
     let sc = format!(
         "{} records of {} B values over {} partitions, jobs of {} records (one per partition, \
@@ -907,9 +913,8 @@ fn report(bench: &Bench, counts: &[usize], runs: &[[Vec<Run>; 2]], args: &Args, 
     );
     println!(
         "This machine has {cores} cores, shared by the builders, operator, broker, S3 server, \
-         API server and etcd (and anything else running). Load average (1 min): {:.1} at the \
-         start, {:.1} at most before a run, {:.1} at the end.\n",
-        load[0], load[1], load[2]
+         API server and etcd (and anything else running). {}\n",
+        load.describe()
     );
     println!(
         "| N | mode | records | jobs | wall s | records/s | system/builder-only | CPU s | \
@@ -1029,7 +1034,7 @@ fn report(bench: &Bench, counts: &[usize], runs: &[[Vec<Run>; 2]], args: &Args, 
             "partitions": args.partitions,
             "jobRecords": bench.job_records,
             "cores": cores,
-            "loadAverage": load,
+            "load": load.to_json(),
             "runs": json,
         }})
     );
