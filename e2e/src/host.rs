@@ -17,13 +17,13 @@ pub fn load_average() -> anyhow::Result<f64> {
 /// The machine's CPU time so far (all cores, in ticks) and the part of it the hypervisor
 /// gave to other guests (`steal`), from the first line of `/proc/stat`.
 #[derive(Clone, Copy, Debug)]
-pub struct MachineCpu {
+struct MachineCpu {
     total: u64,
     stolen: u64,
 }
 
 impl MachineCpu {
-    pub fn read() -> anyhow::Result<MachineCpu> {
+    fn read() -> anyhow::Result<MachineCpu> {
         let stat = std::fs::read_to_string("/proc/stat")?;
         let line = stat.lines().next().context("/proc/stat")?;
         parse_cpu_line(line).with_context(|| format!("/proc/stat: {line}"))
@@ -32,7 +32,7 @@ impl MachineCpu {
     /// The share of the machine's CPU time since `before` that was stolen: the benchmarks'
     /// processes were ready to run and another guest ran instead. Ratios measured in one run
     /// hold up only while this stays small.
-    pub fn stolen_since(&self, before: &MachineCpu) -> f64 {
+    fn stolen_since(&self, before: &MachineCpu) -> f64 {
         let total = self.total.saturating_sub(before.total);
         if total == 0 {
             return 0.0;
@@ -56,6 +56,39 @@ fn parse_cpu_line(line: &str) -> Option<MachineCpu> {
         total: ticks.iter().sum(),
         stolen: ticks[7],
     })
+}
+
+/// Watches the machine over a benchmark: started before the first run, told each run's
+/// load, finished after the last.
+pub struct LoadWatch {
+    start: f64,
+    max: f64,
+    cpu: MachineCpu,
+}
+
+impl LoadWatch {
+    pub fn start() -> anyhow::Result<LoadWatch> {
+        let start = load_average()?;
+        Ok(LoadWatch {
+            start,
+            max: start,
+            cpu: MachineCpu::read()?,
+        })
+    }
+
+    /// The load just before a run.
+    pub fn saw(&mut self, load_before: f64) {
+        self.max = self.max.max(load_before);
+    }
+
+    pub fn finish(self) -> anyhow::Result<Load> {
+        Ok(Load {
+            start: self.start,
+            max: self.max,
+            end: load_average()?,
+            stolen: MachineCpu::read()?.stolen_since(&self.cpu),
+        })
+    }
 }
 
 /// What else the machine was doing over a benchmark: its load before, during and after,

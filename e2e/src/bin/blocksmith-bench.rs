@@ -37,7 +37,7 @@ use blocksmith_crds::{BlockJobSpec, JobOutputSpec};
 use blocksmith_e2e::bench::{Range, build_ranges, share, split_jobs};
 use blocksmith_e2e::datagen::{DataSpec, ValueSizes, produce};
 use blocksmith_e2e::host::{
-    Load, MachineCpu, cpu_seconds, load_average, peak_rss_kib, round2, unix_seconds,
+    Load, LoadWatch, cpu_seconds, load_average, peak_rss_kib, round2, unix_seconds,
 };
 use clap::{Parser, ValueEnum};
 use rdkafka::consumer::{BaseConsumer, Consumer};
@@ -248,8 +248,7 @@ fn parent(args: &Args) -> anyhow::Result<()> {
     let mut counts: Vec<usize> = args.builders.iter().map(|&n| n.max(1)).collect();
     counts.sort_unstable();
     counts.dedup();
-    let load_start = load_average()?;
-    let cpu_start = MachineCpu::read()?;
+    let mut load = LoadWatch::start()?;
     // Kept alive until every child has finished.
     let cluster = MockCluster::new(1)?;
     let bootstrap = cluster.bootstrap_servers();
@@ -258,7 +257,6 @@ fn parent(args: &Args) -> anyhow::Result<()> {
         Output::File => None,
     };
     let mut rows = Vec::new();
-    let mut max_load = load_start;
     for sc in scenarios(args) {
         let topic = format!("bench-{}", sc.name);
         cluster.create_topic(&topic, sc.partitions, 1)?;
@@ -289,7 +287,7 @@ fn parent(args: &Args) -> anyhow::Result<()> {
                 for (mode, runs) in [Mode::Raw, Mode::Builder].into_iter().zip(runs) {
                     let run =
                         run_group(mode, n, &bootstrap, &topic, &jobs, &sc, args, s3.as_ref())?;
-                    max_load = max_load.max(run.load_before);
+                    load.saw(run.load_before);
                     runs.push(run);
                 }
             }
@@ -315,13 +313,7 @@ fn parent(args: &Args) -> anyhow::Result<()> {
             counts: counts.iter().copied().zip(runs).collect(),
         });
     }
-    let load = Load {
-        start: load_start,
-        max: max_load,
-        end: load_average()?,
-        stolen: MachineCpu::read()?.stolen_since(&cpu_start),
-    };
-    report(&rows, args, &load);
+    report(&rows, args, &load.finish()?);
     Ok(())
 }
 

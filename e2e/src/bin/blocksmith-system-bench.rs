@@ -45,7 +45,7 @@ use blocksmith_e2e::bench::{Range, build_ranges, share};
 use blocksmith_e2e::broker::PrivateBroker;
 use blocksmith_e2e::cluster::{apply_pipeline, jobs};
 use blocksmith_e2e::datagen::{DataSpec, Produced, ValueSizes};
-use blocksmith_e2e::host::{Load, MachineCpu, cpu_seconds, load_average, round2, unix_seconds};
+use blocksmith_e2e::host::{Load, LoadWatch, cpu_seconds, load_average, round2, unix_seconds};
 use blocksmith_e2e::kafka::{high_watermarks, produce_data_to, watermarks};
 use blocksmith_e2e::metrics::{OPERATOR_JOB_WRITE_KINDS, counter_sum};
 use blocksmith_e2e::process::Proc;
@@ -222,8 +222,7 @@ async fn parent(args: &Args) -> anyhow::Result<()> {
     let mut counts: Vec<usize> = args.builders.iter().map(|&n| n.max(1)).collect();
     counts.sort_unstable();
     counts.dedup();
-    let load_start = load_average()?;
-    let cpu_start = MachineCpu::read()?;
+    let mut load = LoadWatch::start()?;
     let mut tb = Testbed::get().await;
     // blocksmith-operator, -builder and -broker next to this binary (target/release), unless
     // BLOCKSMITH_BIN_DIR names a copy.
@@ -294,13 +293,12 @@ async fn parent(args: &Args) -> anyhow::Result<()> {
         expected_csv,
     };
     let mut runs: Vec<[Vec<Run>; 2]> = counts.iter().map(|_| Default::default()).collect();
-    let mut max_load = load_start;
     for i in 0..args.repeat.max(1) {
         for (&n, runs) in counts.iter().zip(&mut runs) {
             let system = system_run(&bench, n, args).await?;
             let alone = builder_only_run(&bench, n, i)?;
             for run in [system, alone] {
-                max_load = max_load.max(run.load_before);
+                load.saw(run.load_before);
                 eprintln!(
                     "{} N={n}: {} records, {} jobs in {:.2} s = {:.0} records/s (load {:.1})",
                     run.mode,
@@ -320,13 +318,7 @@ async fn parent(args: &Args) -> anyhow::Result<()> {
             runs.sort_by(|a, b| a.seconds.total_cmp(&b.seconds));
         }
     }
-    let load = Load {
-        start: load_start,
-        max: max_load,
-        end: load_average()?,
-        stolen: MachineCpu::read()?.stolen_since(&cpu_start),
-    };
-    report(&bench, &counts, &runs, args, load);
+    report(&bench, &counts, &runs, args, load.finish()?);
     let _ = std::fs::remove_dir_all(&bench.s3.root);
     let _ = std::fs::remove_file(&bench.expected_csv);
     let _ = std::fs::remove_file(
