@@ -7,6 +7,8 @@ pub struct Proc {
     pub name: String,
     child: Child,
     pub log: PathBuf,
+    /// Whether the test stopped it ([`Proc::kill`], [`Proc::terminate`]).
+    stopped_by_test: bool,
 }
 
 impl Proc {
@@ -32,6 +34,7 @@ impl Proc {
             name: name.into(),
             child,
             log,
+            stopped_by_test: false,
         })
     }
 
@@ -41,12 +44,14 @@ impl Proc {
 
     /// SIGKILL: the process gets no chance to clean up (a crashed pod).
     pub fn kill(&mut self) {
+        self.stopped_by_test = true;
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
 
     /// SIGTERM, as Kubernetes sends on pod deletion; returns the exit status.
     pub fn terminate(&mut self, grace: std::time::Duration) -> Option<std::process::ExitStatus> {
+        self.stopped_by_test = true;
         let _ = Command::new("kill")
             .arg("-TERM")
             .arg(self.pid().to_string())
@@ -85,6 +90,23 @@ fn pid_file(testbed: &str, pid: u32) -> PathBuf {
 
 impl Drop for Proc {
     fn drop(&mut self) {
+        // A failing test's message is about what it waited for; a process that had died on
+        // its own (an operator that lost its lease, say) is often why.
+        if std::thread::panicking()
+            && !self.stopped_by_test
+            && let Ok(Some(status)) = self.child.try_wait()
+        {
+            let text = self.log_text();
+            let tail: Vec<&str> = text.lines().rev().take(3).collect();
+            eprintln!(
+                "{} had exited on its own ({status}) before the test failed; the end of {}:",
+                self.name,
+                self.log.display()
+            );
+            for line in tail.iter().rev() {
+                eprintln!("  {}", line.chars().take(400).collect::<String>());
+            }
+        }
         self.kill();
         if let Ok(dir) = std::env::var("BLOCKSMITH_TESTBED") {
             let _ = std::fs::remove_file(pid_file(&dir, self.pid()));

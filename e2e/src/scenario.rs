@@ -192,6 +192,7 @@ impl Scenario {
             apply_pipeline(&tb, &ns, &bp).await;
         }
         let mut run = Run {
+            shown_on_failure: ShowOnFailure { ns: ns.clone() },
             group: default_consumer_group(&ns, &self.name),
             partitions: self.partitions,
             tb,
@@ -219,6 +220,8 @@ impl Scenario {
 /// A started scenario: where its pipeline reads and writes, and its processes (killed when
 /// it is dropped).
 pub struct Run {
+    /// First, so that it shows the jobs before the processes are killed.
+    pub shown_on_failure: ShowOnFailure,
     pub tb: Testbed,
     pub ns: String,
     pub topic: String,
@@ -364,5 +367,32 @@ impl Run {
             timeout,
         )
         .await
+    }
+}
+
+/// Shows, when a test fails, the jobs and the pipeline as they stand (what `kubectl get
+/// bp,bj` shows a user): the test's message says what it waited for, this how far things got.
+pub struct ShowOnFailure {
+    ns: String,
+}
+
+impl Drop for ShowOnFailure {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            return;
+        }
+        let shown = Command::new("kubectl")
+            .args(["get", "blockpipelines,blockjobs", "-n", &self.ns])
+            .output();
+        let Ok(out) = shown else { return };
+        let text = String::from_utf8_lossy(&out.stdout);
+        let lines: Vec<&str> = text.lines().collect();
+        eprintln!("{}: `kubectl get bp,bj` as the test failed:", self.ns);
+        for line in lines.iter().take(40) {
+            eprintln!("  {line}");
+        }
+        if lines.len() > 40 {
+            eprintln!("  ... {} more", lines.len() - 40);
+        }
     }
 }
