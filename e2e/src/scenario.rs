@@ -383,6 +383,8 @@ impl Drop for ShowOnFailure {
         }
         let shown = Command::new("kubectl")
             .args(["get", "blockpipelines,blockjobs", "-n", &self.ns])
+            // A test may fail because the API server hangs: then so would this, forever.
+            .arg("--request-timeout=10s")
             .output();
         let Ok(out) = shown else { return };
         let text = String::from_utf8_lossy(&out.stdout);
