@@ -634,10 +634,20 @@ async fn the_chart_runs_blocksmith_as_pods_that_scale_fail_over_and_write_every_
                 .iter()
                 .map(|p| Some((p.name_any(), container_end(p)?)))
                 .collect();
-            (live.len() == 1).then_some(ends?)
+            // What the kubelet reported of each, for a failure to explain itself.
+            let statuses: BTreeMap<String, serde_json::Value> = gone
+                .iter()
+                .map(|p| {
+                    let status = p.status.as_ref();
+                    let containers = status.and_then(|s| s.container_statuses.as_ref());
+                    (p.name_any(), json!({"phase": status.and_then(|s| s.phase.as_ref()), "containers": containers}))
+                })
+                .collect();
+            (live.len() == 1).then_some((ends?, statuses))
         },
     )
     .await;
+    let (scaled, statuses) = scaled;
     println!(
         "builder pods at the end: {scaled:?}; seen: {:?}",
         builder_pod_log.lock().unwrap()
@@ -651,7 +661,7 @@ async fn the_chart_runs_blocksmith_as_pods_that_scale_fail_over_and_write_every_
     // leaves no exit code.)
     assert!(
         !scaled_down.is_empty(),
-        "builder pods were scaled down: {exits:?}"
+        "builder pods were scaled down: {exits:?}; their statuses: {statuses:#?}"
     );
     assert!(
         scaled_down.values().all(|code| **code == 0),
